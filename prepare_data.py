@@ -1,0 +1,729 @@
+"""
+Turn a text corpus into a data directory that training can memory-map:
+
+    train.bin, val.bin              token ids, headerless uint16 (uint32 if vocab_size > 65536);
+                                    documents back to back, each followed by <|endofdoc|>
+    train_docs.npy, val_docs.npy    int64 start offset of every document in its .bin
+    tokenizer.tiktoken              the BPE ranks (--tokenizer=bpe only), tiktoken's file format
+    meta.json                       what is needed to read all of the above; written last
+
+    python prepare_data.py                                    # offline: stdlib/torch/numpy docstrings
+    python prepare_data.py --dataset=minipile                 # Hugging Face hub (needs internet)
+    python prepare_data.py --dataset=notes.txt --vocab_size=4096
+    python prepare_data.py --dataset=pydocs --tokenizer=gpt2  # a tiktoken vocabulary (downloaded once)
+
+Corpora: 'pydocs'; 'minipile' (= JeanKaddour/minipile) or any hub name 'owner/name' (column
+text_column of split); or a local path: a .txt file (documents are separated by one or more blank
+lines), a .jsonl/.json/.parquet file (column text_column), or a directory of such files.
+
+The split into train/val is by whole documents, decided per document from (seed, index), and every
+output is a pure function of the inputs (two runs give byte-identical files). Memory stays bounded:
+the corpus is read once and parked on disk (as length-prefixed UTF-8 in the temporary directory),
+then BPE is trained from the train part and the encoding pass appends chunk after chunk to the .bin.
+"""
+import ast
+import base64
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+
+import numpy as np
+import tiktoken
+
+# ----------------------------------------------------------------------------------------------
+# defaults (overridable by a config file and --key=value, see configurator.py)
+dataset = 'pydocs'               # 'pydocs' | 'minipile' | a hub name 'owner/name' | a local file or directory
+text_column = 'text'             # column holding the text (hub, .jsonl/.json, .parquet)
+split = 'train'                  # hub split to read
+tokenizer = 'bpe'                # 'bpe' (trained here on the train split) | a tiktoken encoding, e.g. 'gpt2'
+vocab_size = 8192                # bpe only: total size, including the 5 special tokens
+out_dir = ''                     # '' -> data/<dataset name>, e.g. data/pydocs (for a path: its stem)
+val_fraction = 0.01              # share of documents in val (at least 1 in val, at least 1 in train)
+seed = 1337                      # decides which documents go to val
+max_docs = 0                     # 0 = all; else only the first max_docs documents (quick runs)
+num_threads = 2                  # encoding threads (and pydocs parser processes)
+bpe_max_chars = 1_000_000_000    # BPE is trained on (about) the first this many characters of the train split
+hub_streaming = True             # stream hub datasets instead of downloading them whole first
+# ----------------------------------------------------------------------------------------------
+
+_FORMAT_VERSION = 1
+# ids n_base .. n_base+4, right after the base vocabulary; keys are the names used in meta.json
+_SPECIALS = {'eod': '<|endofdoc|>', 'pad': '<|pad|>', 'mask': '<|mask|>', 'cls': '<|cls|>', 'sep': '<|sep|>'}
+# GPT-4's split pattern with digit runs of at most 2 (as nanochat): fewer number tokens in a small vocab
+_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+_RANKS_FILE = 'tokenizer.tiktoken'
+_SPLITS = ('train', 'val')
+_DATA_FILES = {'meta.json', _RANKS_FILE} | {f'{s}.bin' for s in _SPLITS} | {f'{s}_docs.npy' for s in _SPLITS}
+_LOCAL_SUFFIXES = ('.txt', '.jsonl', '.json', '.parquet')
+_PYDOCS_SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'testing'}
+_PYDOCS_MIN_WORDS, _PYDOCS_MIN_CHARS = 4, 24  # "Return self." and friends are noise, not prose
+_PART_CHARS = 256_000  # text per unit of encoding work (~20 ms)
+
+
+class DataError(ValueError):
+    """A data directory or corpus that cannot be used; the message says how to fix it."""
+
+
+def _remedy(data_dir, dataset=None):
+    """The command that (re)creates data_dir; dataset is meta's, else guessed from the name."""
+    if dataset is None:
+        guess = os.path.basename(os.path.normpath(data_dir))
+        dataset = guess if guess in ('pydocs', 'minipile') else '<corpus>'
+    return f"create it with: python prepare_data.py --dataset={dataset} --out_dir={data_dir}"
+
+
+def _first_line(e, limit=200):
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+# ----------------------------------------------------------------------------------------------
+# corpus readers: each yields the documents (str) in a deterministic order
+
+def read_pydocs(num_workers=2):
+    """Module, class and function docstrings of the Python standard library, torch and numpy.
+
+    About 9 MB of technical English that every machine with this repo's venv has, so the whole
+    pipeline runs offline. Files are parsed with ast (never imported) in sorted order, on
+    num_workers processes (parsing is the slow part); tiny docstrings and exact repeats are dropped."""
+    paths = [os.path.join(root, rel) for root in _pydocs_roots() for rel in _python_files(root)]
+    seen = set()
+    if num_workers > 1 and sys.platform == 'linux':
+        # fork, not spawn: spawn re-runs the caller's main script in each worker, which breaks any
+        # script that calls prepare() without an `if __name__ == '__main__'` guard
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context('fork'))
+        per_file = pool.map(_file_docstrings, paths, chunksize=16)
+    else:
+        pool, per_file = None, map(_file_docstrings, paths)
+    try:
+        for docs in per_file:
+            for doc in docs:
+                key = hashlib.blake2b(doc.encode('utf-8', 'replace'), digest_size=16).digest()
+                if key not in seen:
+                    seen.add(key)
+                    yield doc
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)  # stopped early (max_docs): skip the files not yet parsed
+
+
+def _file_docstrings(path):
+    """The docstrings of one .py file worth keeping as documents; [] if it does not parse."""
+    try:
+        with open(path, 'rb') as f:
+            source = f.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # SyntaxWarnings about escapes in old code
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OSError):
+        return []
+    return [doc for doc in _docstrings(tree)
+            if len(doc) >= _PYDOCS_MIN_CHARS and len(doc.split()) >= _PYDOCS_MIN_WORDS]
+
+
+def _pydocs_roots():
+    import importlib.util
+    roots = [sysconfig.get_paths()['stdlib']]
+    for name in ('torch', 'numpy'):
+        spec = importlib.util.find_spec(name)  # locates the package without importing it
+        if spec is not None and spec.submodule_search_locations:
+            roots.append(sorted(spec.submodule_search_locations)[0])
+    return roots
+
+
+def _python_files(root):
+    """All .py files under root (relative paths, sorted), minus tests and nested site-packages."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _PYDOCS_SKIP_DIRS]
+        rel = os.path.relpath(dirpath, root)
+        files.extend(os.path.normpath(os.path.join(rel, f)) for f in filenames if f.endswith('.py'))
+    return sorted(files)
+
+
+def _docstrings(node):
+    """Docstrings in source order. Visits statements only: several times faster than ast.walk."""
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            yield doc.strip()
+    for field in ('body', 'handlers', 'orelse', 'finalbody'):
+        for child in getattr(node, field, ()):
+            if hasattr(child, 'body'):  # defs and compound statements (if/try/with/for...)
+                yield from _docstrings(child)
+
+
+def read_txt(path):
+    """Documents of a text file: separated by one or more blank (whitespace-only) lines.
+
+    Read line by line so memory is bounded by the longest document; bad UTF-8 becomes U+FFFD."""
+    lines = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield ''.join(lines).rstrip('\n')
+                lines = []
+    if lines:
+        yield ''.join(lines).rstrip('\n')
+
+
+def _read_table(path, text_column):
+    """A .jsonl/.json/.parquet file through the datasets library (streamed: no cache copy)."""
+    import datasets
+    builder = 'parquet' if path.endswith('.parquet') else 'json'
+    ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split='train', streaming=True)
+    yield from _texts_of(ds, text_column, path)
+
+
+def _read_hub(name, split, text_column, streaming):
+    """A Hugging Face hub dataset. Offline this fails (after datasets' retries): say so in one line."""
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=streaming)
+        docs = _texts_of(ds, text_column, f"{name} (split {split})")
+        first = next(docs, None)  # streaming datasets only connect on the first read
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - connection, auth, missing repo or split: same advice
+        raise SystemExit(f"could not load the hub dataset '{name}' ({_first_line(e)}) and there is no local file of "
+                         f"that name; offline? use --dataset=pydocs "
+                         f"or a local .txt/.jsonl/.parquet file or directory, e.g. --dataset=corpus.txt")
+    if first is not None:
+        yield first
+        yield from docs
+
+
+def _texts_of(ds, text_column, what):
+    """The text_column of a datasets Dataset or IterableDataset, batch by batch (fast)."""
+    def missing(columns):
+        return DataError(f"{what}: no column '{text_column}'; available columns: {', '.join(columns)} "
+                         f"(choose one with --text_column=...)")
+    if ds.column_names is not None and text_column not in ds.column_names:  # None: streaming, not known yet
+        raise missing(ds.column_names)
+    for batch in ds.iter(batch_size=1024):
+        if text_column not in batch:
+            raise missing(list(batch))
+        for text in batch[text_column]:
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{what}: column '{text_column}' holds {type(text).__name__}, not text; "
+                                f"set --text_column to the column with the text")
+            yield text
+
+
+def _read_local(path, text_column):
+    if os.path.isdir(path):
+        files = sorted(os.path.relpath(os.path.join(d, f), path)
+                       for d, _, fs in os.walk(path) for f in fs if f.endswith(_LOCAL_SUFFIXES))
+        if not files:
+            raise DataError(f"{path}: no {'/'.join(_LOCAL_SUFFIXES)} files in this directory")
+        for rel in files:
+            yield from _read_local(os.path.join(path, rel), text_column)
+    elif path.endswith('.txt'):
+        yield from read_txt(path)
+    elif path.endswith(_LOCAL_SUFFIXES):
+        yield from _read_table(path, text_column)
+    else:
+        raise DataError(f"{path}: unknown file type; use {', '.join(_LOCAL_SUFFIXES)} or a directory of them")
+
+
+def open_corpus(dataset, text_column='text', split='train', hub_streaming=True, num_workers=2):
+    """(kind, name, documents iterator) for the dataset setting; name is the default out_dir's."""
+    if dataset == 'pydocs':
+        return 'pydocs', 'pydocs', read_pydocs(num_workers)
+    if os.path.exists(dataset):
+        stem = os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0]
+        return 'local', stem, _read_local(dataset, text_column)
+    if dataset.endswith(_LOCAL_SUFFIXES) or dataset.startswith(('.', '/', '~')) or dataset.count('/') > 1:
+        raise DataError(f"{dataset}: no such file or directory")
+    hub_name = 'JeanKaddour/minipile' if dataset == 'minipile' else dataset
+    return 'hub', hub_name.split('/')[-1], _read_hub(hub_name, split, text_column, hub_streaming)
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+class Tokenizer:
+    """A tiktoken Encoding (base vocabulary + our 5 special tokens): what training, eval and sampling
+    use. Plain text is always encoded as ordinary text, so '<|mask|>' typed in a document is just
+    characters, never the mask id."""
+
+    def __init__(self, enc, recipe):
+        self.enc = enc
+        self.recipe = recipe
+        self.vocab_size = enc.n_vocab
+        ids = {key: enc.encode_single_token(tok) for key, tok in _SPECIALS.items()}
+        self.eod_id, self.pad_id, self.mask_id, self.cls_id, self.sep_id = (ids[k] for k in _SPECIALS)
+        self.special_ids = list(ids.values())
+
+    def __repr__(self):
+        return f"Tokenizer({self.enc.name!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts, num_threads=2):
+        """Ordinary encoding of many texts on num_threads threads (tiktoken releases the GIL)."""
+        pieces = _thread_map(lambda part: [self.enc.encode_ordinary(t) for t in part], list(texts), num_threads)
+        return [ids for piece in pieces for ids in piece]
+
+    def decode(self, ids):
+        """Text of a list / 1-D tensor / ndarray of ids; specials render as their names ('<|mask|>'),
+        ids outside the vocabulary (a model's padded rows) as '<|unk:ID|>'."""
+        ids = ids.tolist() if hasattr(ids, 'tolist') else list(ids)
+        try:
+            return self.enc.decode(ids)
+        except (KeyError, OverflowError):
+            pass
+        out, run = [], []
+        for i in ids:
+            try:
+                self.enc.decode_single_token_bytes(i)
+                run.append(i)
+            except (KeyError, OverflowError):
+                out += [self.enc.decode(run), f'<|unk:{i}|>']
+                run = []
+        return ''.join(out) + self.enc.decode(run)
+
+
+def _thread_map(fn, items, num_threads):
+    """fn over ~4*num_threads contiguous slices of items, results in order. Slices rather than
+    single items: one future per document costs more than encoding it."""
+    n = max(1, min(len(items), 4 * num_threads))
+    bounds = [len(items) * k // n for k in range(n + 1)]
+    parts = [items[a:b] for a, b in zip(bounds, bounds[1:])]
+    if num_threads <= 1:
+        return [fn(p) for p in parts]
+    with ThreadPoolExecutor(num_threads) as ex:
+        return list(ex.map(fn, parts))
+
+
+def _named_encoding(name):
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # noqa: BLE001 - unknown name, or no network to download the vocabulary
+        raise SystemExit(f"could not load the tiktoken encoding '{name}' ({type(e).__name__}: {_first_line(e)}); its "
+                         f"vocabulary is downloaded on first use, which fails offline: use --tokenizer=bpe to "
+                         f"train a tokenizer on the corpus instead")
+
+
+def _with_specials(name, pattern, ranks, base_specials, n_base):
+    specials = {**base_specials, **{tok: n_base + i for i, tok in enumerate(_SPECIALS.values())}}
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def train_bpe(texts, n_base, pattern=_SPLIT_PATTERN):
+    """Byte-level BPE with n_base tokens (256 bytes + merges) trained with rustbpe from an iterator
+    of texts; returns the mergeable ranks {token bytes: id}. A small corpus may yield fewer merges."""
+    import rustbpe
+    tok = rustbpe.Tokenizer()
+    tok.train_from_iterator(texts, n_base, pattern=pattern)
+    return {bytes(token): rank for token, rank in tok.get_mergeable_ranks()}
+
+
+def save_ranks(ranks, path):
+    """tiktoken's ranks file: one line per token, base64 of its bytes, a space, its rank."""
+    with open(path, 'w', encoding='ascii') as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
+
+
+def load_ranks(path):
+    """Inverse of save_ranks. (tiktoken.load.load_tiktoken_bpe would cache by path under /tmp,
+    and so could return stale ranks after the data directory is prepared again.)"""
+    ranks = {}
+    with open(path, 'rb') as f:
+        for line in f:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _sha256_file(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def tokenizer_from_recipe(recipe, data_dir=None):
+    """Rebuild the Tokenizer from meta['tokenizer'] (which a checkpoint stores too). A bpe recipe
+    needs the data directory holding its ranks file, whose sha256 must match the recipe's."""
+    if recipe['kind'] == 'bpe':
+        if data_dir is None:
+            raise DataError("a bpe tokenizer needs the data directory that holds its ranks file")
+        path = os.path.join(data_dir, recipe['file'])
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing; {_remedy(data_dir)}")
+        if recipe.get('file_sha256') and _sha256_file(path) != recipe['file_sha256']:
+            raise DataError(f"{path} is not the tokenizer this recipe was trained with (sha256 differs): "
+                            f"was {data_dir} prepared again since? Use the data directory of the checkpoint")
+        ranks, base_specials = load_ranks(path), {}
+    elif recipe['kind'] == 'tiktoken':
+        base = _named_encoding(recipe['name'])
+        ranks, base_specials = base._mergeable_ranks, base._special_tokens  # tiktoken's documented extension path
+        if base.n_vocab != recipe['n_base'] or base._pat_str != recipe['pattern']:
+            raise DataError(f"tiktoken's '{recipe['name']}' differs from the one the data was prepared with "
+                            f"({base.n_vocab} vs {recipe['n_base']} tokens); prepare the data again")
+    else:
+        raise DataError(f"unknown tokenizer kind {recipe['kind']!r} (a newer prepare_data.py?)")
+    enc = _with_specials(recipe['name'], recipe['pattern'], ranks, base_specials, recipe['n_base'])
+    want = recipe.get('special_tokens')
+    if want is not None and want != {t: enc.encode_single_token(t) for t in want}:
+        raise DataError(f"special token ids of the recipe do not match {recipe['name']}")
+    return Tokenizer(enc, recipe)
+
+
+def load_tokenizer(data_dir):
+    """The Tokenizer of a prepared data directory."""
+    return tokenizer_from_recipe(load_meta(data_dir)['tokenizer'], data_dir)
+
+
+def token_dtype(vocab_size):
+    """Smallest unsigned dtype that holds every id < vocab_size (uint16 up to 65536 tokens)."""
+    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
+
+
+# ----------------------------------------------------------------------------------------------
+# the data directory: reading and validation
+
+def load_meta(data_dir):
+    """meta.json of a prepared data directory, after checking that its files are all there and
+    have the sizes meta.json promises. Raises DataError with the fix in the message."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir} does not exist; {_remedy(data_dir)}")
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        raise DataError(f"{data_dir} has no meta.json (not a prepared data directory, or preparing it did not "
+                        f"finish); {_remedy(data_dir)}")
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is unreadable ({e}); {_remedy(data_dir)}")
+    remedy = _remedy(data_dir, meta.get('source', {}).get('dataset') if isinstance(meta, dict) else None)
+    if not isinstance(meta, dict) or meta.get('format_version') != _FORMAT_VERSION:
+        version = meta.get('format_version') if isinstance(meta, dict) else None
+        raise DataError(f"{data_dir} has format_version {version!r}, this code reads {_FORMAT_VERSION}; "
+                        f"prepare it again: {remedy}")
+    for s in _SPLITS:
+        _check_split(data_dir, meta, s, remedy)
+    recipe = meta['tokenizer']
+    if recipe.get('file') and not os.path.isfile(os.path.join(data_dir, recipe['file'])):
+        raise DataError(f"{data_dir}: {recipe['file']} is missing; {remedy}")
+    return meta
+
+
+def _check_split(data_dir, meta, split, remedy):
+    info = meta['splits'][split]
+    bin_path = os.path.join(data_dir, f'{split}.bin')
+    docs_path = os.path.join(data_dir, f'{split}_docs.npy')
+    if not os.path.isfile(bin_path):
+        raise DataError(f"{bin_path} is missing; {remedy}")
+    want = info['tokens'] * np.dtype(meta['dtype']).itemsize
+    have = os.path.getsize(bin_path)
+    if have != want:
+        raise DataError(f"{bin_path} has {have} bytes but meta.json says {info['tokens']} {meta['dtype']} tokens "
+                        f"({want} bytes): truncated or corrupt; {remedy}")
+    if not os.path.isfile(docs_path):
+        raise DataError(f"{docs_path} is missing; {remedy}")
+
+
+def open_split(data_dir, split, meta=None):
+    """(tokens, doc_starts) of one split: a read-only np.memmap of the token ids and the int64 start
+    offset of each document (also memory-mapped, so re-opening per batch is cheap)."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, not {split!r}")
+    if meta is None:
+        meta = load_meta(data_dir)
+    else:
+        _check_split(data_dir, meta, split, _remedy(data_dir, meta['source'].get('dataset')))
+    tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r',
+                       shape=(meta['splits'][split]['tokens'],))
+    doc_starts = np.load(os.path.join(data_dir, f'{split}_docs.npy'), mmap_mode='r')
+    if len(doc_starts) != meta['splits'][split]['docs']:
+        raise DataError(f"{data_dir}/{split}_docs.npy has {len(doc_starts)} documents, meta.json says "
+                        f"{meta['splits'][split]['docs']}; {_remedy(data_dir, meta['source'].get('dataset'))}")
+    return tokens, doc_starts
+
+
+# ----------------------------------------------------------------------------------------------
+# preparing a data directory
+
+def _in_val(seed, index, val_fraction):
+    """A coin flip per (seed, document index): reproducible, and needs no look-ahead (streaming)."""
+    h = hashlib.blake2b(f'{seed}:{index}'.encode(), digest_size=8).digest()
+    return int.from_bytes(h, 'little') < val_fraction * 2 ** 64
+
+
+def _spool_corpus(docs, tmp, val_fraction, seed):
+    """Reading pass: write every non-empty document to its split's spool file (8-byte length, UTF-8).
+    Returns per-split doc and char counts, and the sha256 of all documents in corpus order."""
+    from tqdm import tqdm
+    sha = hashlib.sha256()
+    stats = {s: {'docs': 0, 'chars': 0} for s in _SPLITS}
+    last = {}  # split -> (offset, chars) of its last record, to move one if a split stays empty
+    files = {s: open(os.path.join(tmp, f'{s}.spool'), 'w+b') for s in _SPLITS}
+    try:
+        index = 0
+        for doc in tqdm(docs, desc='reading corpus', unit=' docs', mininterval=1.0):
+            if not doc:
+                continue
+            data = doc.encode('utf-8', 'replace')  # 'replace': lone surrogates from JSON
+            record = len(data).to_bytes(8, 'little') + data
+            sha.update(record)
+            s = 'val' if _in_val(seed, index, val_fraction) else 'train'
+            last[s] = (files[s].tell(), len(doc))
+            files[s].write(record)
+            stats[s]['docs'] += 1
+            stats[s]['chars'] += len(doc)
+            index += 1
+        if index < 2:
+            raise DataError(f"the corpus has {index} non-empty document{'s' * (index != 1)}; need at least 2 "
+                            f"(one for train, one for val)")
+        for src, dst in (('train', 'val'), ('val', 'train')):
+            if stats[dst]['docs'] == 0:  # all landed in src: move src's last document (the corpus's last)
+                offset, chars = last[src]
+                files[src].seek(offset)
+                files[dst].write(files[src].read())
+                files[src].truncate(offset)
+                stats[src]['docs'] -= 1
+                stats[src]['chars'] -= chars
+                stats[dst]['docs'] += 1
+                stats[dst]['chars'] += chars
+    finally:
+        for f in files.values():
+            f.close()
+    return stats, sha.hexdigest()
+
+
+def _spooled_docs(path, max_chars=None):
+    """Documents back from a spool file, optionally stopping after max_chars characters."""
+    chars = 0
+    with open(path, 'rb') as f:
+        while (header := f.read(8)) and (max_chars is None or chars < max_chars):
+            doc = f.read(int.from_bytes(header, 'little')).decode('utf-8')
+            chars += len(doc)
+            yield doc
+
+
+def _parts(docs, part_chars):
+    """Group documents into lists of about part_chars characters: one unit of thread work."""
+    part, chars = [], 0
+    for doc in docs:
+        part.append(doc)
+        chars += len(doc)
+        if chars >= part_chars:
+            yield part
+            part, chars = [], 0
+    if part:
+        yield part
+
+
+def _encode_split(tok, spool, bin_path, docs_path, n_docs, dtype, executor, num_threads, bar):
+    """Encoding pass for one split: parts of the corpus are encoded on the executor's threads and
+    appended to the .bin in order, with a few parts in flight, so memory stays bounded and the
+    threads never wait for each other. Returns the number of tokens written."""
+    eod = tok.eod_id
+
+    def encode_part(part):
+        ids, lengths = [], []
+        for doc in part:
+            doc_ids = tok.enc.encode_ordinary(doc)  # releases the GIL: threads run in parallel
+            ids += doc_ids
+            ids.append(eod)
+            lengths.append(len(doc_ids) + 1)
+        return np.array(ids, dtype=dtype), np.array(lengths, dtype=np.int64)
+
+    starts = np.lib.format.open_memmap(docs_path, mode='w+', dtype=np.int64, shape=(n_docs,))
+    n_tokens = i = 0
+    with open(bin_path, 'wb') as out:
+        def write(result):
+            nonlocal n_tokens, i
+            ids, lengths = result
+            out.write(ids.tobytes())
+            starts[i:i + len(lengths)] = n_tokens + np.cumsum(lengths) - lengths
+            n_tokens += len(ids)
+            i += len(lengths)
+            bar.update(len(lengths))
+
+        pending = deque()
+        for part in _parts(_spooled_docs(spool), _PART_CHARS):
+            pending.append(executor.submit(encode_part, part))
+            if len(pending) > 2 * num_threads:
+                write(pending.popleft().result())
+        while pending:
+            write(pending.popleft().result())
+    assert i == n_docs, (i, n_docs)
+    starts.flush()
+    del starts  # close the memmap before the directory is renamed
+    return n_tokens
+
+
+def _default_out_dir(name):
+    return os.path.join('data', name)
+
+
+def _check_replaceable(out_dir):
+    """Only ever replace a directory that holds nothing but what this script writes."""
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise DataError(f"out_dir {out_dir} exists and is not a directory; choose another --out_dir")
+        foreign = sorted(set(os.listdir(out_dir)) - _DATA_FILES)
+        if foreign:
+            raise DataError(f"out_dir {out_dir} holds files prepare_data.py did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); choose another --out_dir or empty it")
+
+
+def _make_tokenizer(tokenizer, base_enc, vocab_size, name, tmp, bpe_max_chars):
+    """The Tokenizer for prepare(): a BPE trained on tmp/train.spool (ranks saved to tmp), or the
+    named tiktoken encoding base_enc; both with the special tokens on top."""
+    n_special = len(_SPECIALS)
+    if tokenizer == 'bpe':
+        t0 = time.time()
+        ranks = train_bpe(_spooled_docs(os.path.join(tmp, 'train.spool'), int(bpe_max_chars)), vocab_size - n_special)
+        n_base = len(ranks)
+        if n_base + n_special < vocab_size:
+            print(f"note: the corpus only supports {n_base - 256} merges: vocab_size is {n_base + n_special}, "
+                  f"not {vocab_size}")
+        save_ranks(ranks, os.path.join(tmp, _RANKS_FILE))
+        recipe = {'kind': 'bpe', 'name': f'{name}_bpe{n_base + n_special}', 'pattern': _SPLIT_PATTERN,
+                  'file': _RANKS_FILE, 'file_sha256': _sha256_file(os.path.join(tmp, _RANKS_FILE)), 'n_base': n_base}
+        enc = _with_specials(recipe['name'], _SPLIT_PATTERN, ranks, {}, n_base)
+        print(f"trained BPE: {n_base} base tokens + {n_special} special in {time.time() - t0:.1f}s")
+    else:
+        recipe = {'kind': 'tiktoken', 'name': tokenizer, 'pattern': base_enc._pat_str, 'file': None,
+                  'n_base': base_enc.n_vocab}
+        enc = _with_specials(tokenizer, base_enc._pat_str, base_enc._mergeable_ranks, base_enc._special_tokens,
+                             base_enc.n_vocab)
+    recipe['special_tokens'] = {t: enc.encode_single_token(t) for t in _SPECIALS.values()}
+    return Tokenizer(enc, recipe)
+
+
+def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe', vocab_size=8192, out_dir='',
+            val_fraction=0.01, seed=1337, max_docs=0, num_threads=2, bpe_max_chars=1_000_000_000,
+            hub_streaming=True):
+    """Write the data directory for a corpus (see the module docstring); returns its path.
+
+    Everything is built in a temporary sibling directory that is renamed into place at the end
+    (meta.json last), so an interrupted run never leaves a directory that looks valid."""
+    t_start = time.time()
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    n_special = len(_SPECIALS)
+    if tokenizer == 'bpe' and vocab_size < 256 + n_special:
+        raise DataError(f"vocab_size={vocab_size} is too small for a byte-level BPE: need at least "
+                        f"{256 + n_special} (256 bytes + {n_special} special tokens)")
+    base_enc = None if tokenizer == 'bpe' else _named_encoding(tokenizer)  # fail fast, before reading
+    kind, name, source_docs = open_corpus(dataset, text_column, split, hub_streaming, num_threads)
+    out_dir = out_dir or _default_out_dir(name)
+    _check_replaceable(out_dir)
+
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f'.{base}.tmp{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        # 1. read the corpus once, splitting it into train/val spools
+        try:
+            docs = islice(source_docs, max_docs) if max_docs > 0 else source_docs
+            stats, fingerprint = _spool_corpus(docs, tmp, val_fraction, seed)
+        finally:
+            source_docs.close()  # stops pydocs' parser processes when max_docs cut the reading short
+        total_chars = sum(s['chars'] for s in stats.values())
+        print(f"corpus: {stats['train']['docs'] + stats['val']['docs']:,} documents, {total_chars / 1e6:.1f}M "
+              f"characters ({stats['train']['docs']:,} train / {stats['val']['docs']:,} val) "
+              f"in {time.time() - t_start:.1f}s")
+
+        # 2. the tokenizer
+        t0 = time.time()
+        tok = _make_tokenizer(tokenizer, base_enc, vocab_size, name, tmp, bpe_max_chars)
+        dtype = token_dtype(tok.vocab_size)
+        t_tok = time.time() - t0
+
+        # 3. encode both splits into .bin + doc offsets
+        from tqdm import tqdm
+        t0 = time.time()
+        n_docs = stats['train']['docs'] + stats['val']['docs']
+        with ThreadPoolExecutor(num_threads) as executor, \
+                tqdm(total=n_docs, desc='encoding', unit=' docs', mininterval=1.0) as bar:
+            for s in _SPLITS:
+                stats[s]['tokens'] = _encode_split(
+                    tok, os.path.join(tmp, f'{s}.spool'), os.path.join(tmp, f'{s}.bin'),
+                    os.path.join(tmp, f'{s}_docs.npy'), stats[s]['docs'], dtype, executor, num_threads, bar)
+                os.remove(os.path.join(tmp, f'{s}.spool'))
+        t_encode = time.time() - t0
+
+        # 4. meta.json last, then move the finished directory into place
+        source = {'dataset': dataset, 'kind': kind, 'docs': n_docs, 'chars': total_chars,
+                  'fingerprint': fingerprint, 'max_docs': max_docs}
+        if kind != 'pydocs':
+            source['text_column'] = text_column
+        if kind == 'hub':
+            source['split'] = split
+        meta = {
+            'format_version': _FORMAT_VERSION,
+            'tokenizer': tok.recipe,
+            'vocab_size': tok.vocab_size,
+            'special_tokens': {key: tok.enc.encode_single_token(t) for key, t in _SPECIALS.items()},
+            'dtype': dtype.name,
+            'splits': {s: {'tokens': stats[s]['tokens'], 'docs': stats[s]['docs'], 'chars': stats[s]['chars']}
+                       for s in _SPLITS},
+            'source': source,
+            'val_fraction': val_fraction,
+            'seed': seed,
+            'bpe_max_chars': int(bpe_max_chars) if tokenizer == 'bpe' else None,
+        }
+        with open(os.path.join(tmp, 'meta.json'), 'w', encoding='utf-8') as f:
+            json.dump(meta, f, indent=2)
+            f.write('\n')
+        _install(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    n_tokens = stats['train']['tokens'] + stats['val']['tokens']
+    print(f"wrote {out_dir}: vocab_size {tok.vocab_size} ({dtype.name}); "
+          f"train {stats['train']['tokens']:,} tokens / {stats['train']['docs']:,} docs, "
+          f"val {stats['val']['tokens']:,} tokens / {stats['val']['docs']:,} docs")
+    print(f"time: {time.time() - t_start:.1f}s total, tokenizer {t_tok:.1f}s, encoding {t_encode:.1f}s "
+          f"({n_tokens / max(t_encode, 1e-9) / 1e6:.2f}M tokens/s on {num_threads} threads)")
+    return out_dir
+
+
+def _install(tmp, out_dir):
+    """Swap the finished temporary directory in for out_dir (an old data directory is removed)."""
+    _check_replaceable(out_dir)
+    if os.path.exists(out_dir):
+        old = tmp + '.old'
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    config_keys = list(inspect.signature(prepare).parameters)  # the config globals above
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    config = {k: globals()[k] for k in config_keys}
+    try:
+        prepare(**config)
+    except DataError as e:
+        sys.exit(f"prepare_data.py: {e}")
