@@ -1,0 +1,26 @@
+# The original project's L6 runs (origin_spec §9): H512, C128, 8 heads, FFN 2048, block 512,
+# effective batch 512 sequences, bf16. Meant for GPUs:
+#   torchrun --standalone --nproc_per_node=8 train_diffusion.py config/h512l6.py
+# On fewer GPUs the global batch stays 512: gradient_accumulation_steps is divided by the world size.
+dataset = 'data/minipile'            # python prepare_data.py --dataset=minipile (needs the HF hub)
+n_layer = 6
+n_head = 8
+n_embd = 512
+n_concepts = 128
+ffn_size = 2048
+block_size = 512
+batch_size = 64                      # per GPU
+gradient_accumulation_steps = 8      # global: 64 x 8 = 512 sequences per step
+max_iters = 40000                    # ~20 epochs of Minipile's first 512 tokens per document (origin)
+lr_decay_iters = 40000
+warmup_iters = 2000
+learning_rate = 3e-4                 # the original's stable value for L6 and diffusion (5e-4 blew up diffusion v1)
+min_lr = 3e-5
+weight_decay = 0.01
+grad_clip = 1.0
+dropout = 0.1
+eval_interval = 2000
+eval_iters = 50
+log_interval = 50
+dtype = 'bfloat16'
+compile = True

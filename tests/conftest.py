@@ -1,0 +1,40 @@
+"""Shared fixtures: a small real corpus (pydocs, offline) prepared once per test session, and a
+helper that runs a stage script the way a user does."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# the tiny shape used by script tests: small enough for a few seconds per run on 2 cores
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--n_concepts=8', '--ffn_size=64', '--block_size=64',
+        '--batch_size=8', '--eval_iters=2', '--log_interval=1', '--device=cpu', '--dtype=float32',
+        '--warmup_iters=2', '--learning_rate=3e-3', '--min_lr=3e-4']
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+    """~280k tokens of Python docstrings with a 1024-token BPE."""
+    import prepare_data
+    out = str(tmp_path_factory.mktemp('data') / 'pydocs_small')
+    prepare_data.prepare(dataset='pydocs', max_docs=3000, vocab_size=1024, out_dir=out, val_fraction=0.05)
+    return out
+
+
+def run_script(script, *args, env=None, check=True, timeout=600):
+    """Run ROOT/script with args as a subprocess; return CompletedProcess (stdout+stderr text)."""
+    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **(env or {})}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=full_env,
+                         capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]

@@ -1,0 +1,158 @@
+"""model.py: the encoder variants, the MLM decoders, sparse decoding, padding, and cost in N."""
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ConceptConfig, ConceptMLM, gather_positions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = list(itertools.product(['weighted', 'perceiver', 'posonly'], [False, True], [0, 3]))
+
+
+def tiny_cfg(**kw):
+    base = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32, n_concepts=8, ffn_size=64,
+                n_dec_layer=1, pad_id=96, mask_id=95)
+    base.update(kw)
+    return ConceptConfig(**base)
+
+
+def random_batch(B=4, N=40, vocab=95, p=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(vocab, (B, N), generator=g)
+    targets = torch.where(torch.rand(B, N, generator=g) < p, idx, -100)
+    return idx, targets
+
+
+@pytest.mark.parametrize('decoder,bixt,recursive', VARIANTS)
+def test_sparse_loss_equals_dense_cross_entropy(decoder, bixt, recursive):
+    torch.manual_seed(0)
+    model = ConceptMLM(tiny_cfg(decoder=decoder, bixt=bixt, recursive_iters=recursive)).eval()
+    idx, targets = random_batch()
+    _, sparse_loss, stats = model(idx, targets)
+    logits, _, _ = model(idx)  # (B, N, V) at every position
+    dense_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert stats['n_pred'] == int((targets != -100).sum())
+    torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('decoder,bixt,recursive', VARIANTS)
+def test_every_variant_learns(decoder, bixt, recursive):
+    """forward + backward, and the loss falls when fitting a small fixed batch."""
+    torch.manual_seed(0)
+    model = ConceptMLM(tiny_cfg(decoder=decoder, bixt=bixt, recursive_iters=recursive))
+    idx, targets = random_batch(B=8, N=32, vocab=20, p=0.25)
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), 'cpu')
+    losses = []
+    for _ in range(60):
+        _, loss, _ = model(idx, targets)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if 'wpe' not in n and 'mix' not in n)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize('bixt,recursive', [(False, 0), (True, 0), (False, 2)])
+def test_padding_changes_nothing(bixt, recursive):
+    """Appending masked padding of any content leaves the concepts and the loss unchanged."""
+    torch.manual_seed(0)
+    model = ConceptMLM(tiny_cfg(bixt=bixt, recursive_iters=recursive)).eval()
+    idx, targets = random_batch(B=3, N=30)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    pad = torch.randint(95, (3, 17))
+    idx_p = torch.cat([idx, pad], 1)
+    mask_p = torch.cat([mask, torch.zeros_like(pad, dtype=torch.bool)], 1)
+    targets_p = torch.cat([targets, torch.full_like(pad, -100)], 1)
+    torch.testing.assert_close(model.encoder(idx, mask), model.encoder(idx_p, mask_p), rtol=1e-5, atol=1e-5)
+    _, loss, _ = model(idx, targets, mask)
+    _, loss_p, _ = model(idx_p, targets_p, mask_p)
+    torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_tokens_are_invisible():
+    """A token hidden by attn_mask cannot influence the concepts, whatever its id."""
+    torch.manual_seed(0)
+    for bixt in (False, True):
+        model = ConceptMLM(tiny_cfg(bixt=bixt)).eval()
+        idx, _ = random_batch(B=2, N=20)
+        mask = torch.ones_like(idx, dtype=torch.bool)
+        mask[:, 5] = False
+        other = idx.clone()
+        other[:, 5] = (idx[:, 5] + 1) % 95
+        torch.testing.assert_close(model.encoder(idx, mask), model.encoder(other, mask))
+        assert not torch.allclose(model.encoder(idx), model.encoder(other))
+
+
+def test_recursive_iterations_overridable_and_shared():
+    model = ConceptMLM(tiny_cfg(recursive_iters=3))
+    assert len(model.encoder.layers) == 1
+    idx, _ = random_batch(B=2, N=16)
+    assert not torch.allclose(model.encoder(idx, n_iters=1), model.encoder(idx, n_iters=5))
+
+
+def test_gather_positions_layout():
+    select = torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    pos, valid = gather_positions(select)
+    assert pos.tolist()[0] == [1, 3, 4] and pos.tolist()[1][0] == 0
+    assert valid.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_no_targets_gives_zero_loss_with_graph():
+    model = ConceptMLM(tiny_cfg())
+    idx, _ = random_batch(B=2, N=10)
+    _, loss, stats = model(idx, torch.full_like(idx, -100))
+    assert loss.item() == 0.0 and loss.requires_grad and stats['n_pred'] == 0
+
+
+def test_unknown_decoder_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown decoder 'perciever'.*weighted, perceiver, posonly"):
+        ConceptMLM(tiny_cfg(decoder='perciever'))
+
+
+def test_tied_lm_head_and_weight_decay_groups():
+    model = ConceptMLM(tiny_cfg())
+    assert model.lm_head.weight is model.encoder.wte.weight
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decay, no_decay = opt.param_groups
+    assert decay['weight_decay'] == 0.1 and all(p.dim() >= 2 for p in decay['params'])
+    assert no_decay['weight_decay'] == 0.0 and all(p.dim() < 2 for p in no_decay['params'])
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g['params'])
+    assert n_opt == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize('bixt', [False, True])
+def test_flops_are_linear_in_sequence_length(bixt):
+    model = ConceptMLM(tiny_cfg(bixt=bixt))
+    f = [model.encoder_flops(n) for n in (1000, 2000, 3000)]
+    assert f[2] - f[1] == pytest.approx(f[1] - f[0])
+    assert model.estimate_flops(100, 15) == 3 * (model.encoder_flops(100) + model.decoder_flops(15))
+
+
+@pytest.mark.parametrize('bixt', [False, True])
+def test_32k_tokens_fit_in_linear_memory(bixt):
+    """One N x N float32 matrix at N=32,768 is 4 GiB; the whole forward must stay far below."""
+    code = f"""
+import resource, torch
+from model import ConceptConfig, ConceptMLM
+torch.manual_seed(0)
+cfg = ConceptConfig(vocab_size=512, block_size=32768, n_layer=2, n_head=4, n_embd=128, n_concepts=64,
+                    ffn_size=256, bixt={bixt})
+model = ConceptMLM(cfg).eval()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+idx = torch.randint(500, (1, 32768))
+targets = torch.where(torch.rand(1, 32768) < 0.15, idx, -100)
+with torch.no_grad():
+    _, loss, _ = model(idx, targets)
+assert torch.isfinite(loss)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak_mb = float(out.stdout.strip().splitlines()[-1])
+    assert peak_mb < 1024, f"forward over 32k tokens grew RSS by {peak_mb:.0f} MB"

@@ -1,0 +1,129 @@
+"""train_mlm.py end to end: logs, checkpoints, learning, exact resume, DDP, clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, read_log, run_script
+
+
+def load_mlm_noise(mask_prob=0.15):
+    """The masking function exactly as train_mlm.py defines it, with its globals supplied."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, 'train_mlm.py')).read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == 'mlm_noise')
+    special = {'eod': 1000, 'pad': 1001, 'mask': 1002, 'cls': 1003, 'sep': 1004}
+    ns = {'torch': torch, 'mask_prob': mask_prob, 'special': special, 'n_regular': 1000,
+          'special_ids': torch.tensor(sorted(special.values()))}
+    exec(compile(ast.Module([fn], []), 'train_mlm.py', 'exec'), ns)
+    return ns['mlm_noise'], special
+
+
+def test_mlm_masking_rules():
+    """15% of real tokens picked; of those 80% [MASK], 10% random, 10% kept; never a special."""
+    mlm_noise, special = load_mlm_noise()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(1000, (64, 512), generator=g)
+    idx[:, ::7] = special['eod']
+    idx[:, -50:] = special['pad']
+    inputs, targets = mlm_noise(idx, g)
+    real = idx < 1000
+    picked = targets != -100
+    assert not picked[~real].any() and torch.equal(inputs[~real], idx[~real])
+    assert torch.equal(targets[picked], idx[picked])
+    frac = picked.sum() / real.sum()
+    assert abs(frac - 0.15) < 0.01
+    as_mask = (inputs == special['mask'])[picked].float().mean()
+    kept = (inputs == idx)[picked].float().mean()
+    assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1 - 0.1 / 1000) < 0.02
+    assert (inputs[picked & (inputs != special['mask'])] < 1000).all()  # random ids are ordinary tokens
+    assert not torch.equal(mlm_noise(idx, torch.Generator().manual_seed(1))[1], targets)
+
+
+def test_smoke_logs_and_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / 'run')
+    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=4',
+               '--eval_interval=2')
+    records = read_log(out)
+    assert [r['iter'] for r in records] == [0, 2, 4]
+    for key in ('iter', 'train_loss', 'val_loss', 'val_accuracy', 'lr', 'tokens_seen', 'elapsed_s'):
+        assert key in records[-1]
+    assert records[-1]['tokens_seen'] == 4 * 8 * 64
+    run = json.load(open(os.path.join(out, 'run.json')))
+    assert run['config']['max_iters'] == 4 and 'git_commit' in run and run['torch'] == torch.__version__
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter_num'] == 4 and ckpt['model_args']['vocab_size'] == 1024
+    assert ckpt['tokenizer']['kind'] == 'bpe'
+    assert not any(name.endswith('.tmp') or '.tmp.' in name for name in os.listdir(out))
+
+
+@pytest.mark.parametrize('variant', [['--decoder=perceiver'], ['--decoder=posonly'], ['--decoder=weighted'],
+                                     ['--bixt=True'], ['--recursive_iters=2']])
+def test_loss_falls_on_real_text(data_dir, tmp_path, variant):
+    out = str(tmp_path / 'run')
+    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=60',
+               '--eval_interval=60', *variant)
+    first, last = read_log(out)
+    assert last['val_loss'] < first['val_loss'] - 0.5, (first, last)
+
+
+def final_weights(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    """N iterations + resume + N iterations == 2N uninterrupted, bit for bit (CPU, float32)."""
+    common = [*TINY, f'--dataset={data_dir}', '--lr_decay_iters=8', '--eval_interval=3', '--dropout=0.1']
+    straight, halves = str(tmp_path / 'straight'), str(tmp_path / 'halves')
+    run_script('train_mlm.py', *common, f'--out_dir={straight}', '--max_iters=8')
+    run_script('train_mlm.py', *common, f'--out_dir={halves}', '--max_iters=4')
+    out = run_script('train_mlm.py', *common, f'--out_dir={halves}', '--max_iters=8', '--init_from=resume')
+    assert 'resumed from' in out.stdout
+    a, b = final_weights(straight), final_weights(halves)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert read_log(halves)[-1]['val_loss'] == read_log(straight)[-1]['val_loss']
+
+
+def test_ddp_two_processes_match_gradient_accumulation(data_dir, tmp_path):
+    """2 gloo processes x accumulation 1 == 1 process x accumulation 2 (same data, same noise)."""
+    common = [*TINY, f'--dataset={data_dir}', '--max_iters=3', '--eval_interval=3', '--gradient_accumulation_steps=2']
+    single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
+    run_script('train_mlm.py', *common, f'--out_dir={single}')
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'train_mlm.py'), *common, f'--out_dir={ddp}']
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count('tokens per iteration') == 1  # rank 0 prints, once
+    a, b = final_weights(single), final_weights(ddp)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_unknown_decoder_is_one_clear_line(data_dir, tmp_path):
+    out = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--max_iters=1',
+                     '--decoder=perciever', check=False)
+    assert out.returncode != 0
+    assert "unknown decoder 'perciever'" in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_checkpoint_from_another_vocabulary_is_refused(data_dir, tmp_path):
+    import prepare_data
+    other = str(tmp_path / 'other')
+    prepare_data.prepare(dataset='pydocs', max_docs=500, vocab_size=600, out_dir=other)
+    run_dir = str(tmp_path / 'run')
+    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={run_dir}', '--max_iters=1',
+               '--eval_interval=1')
+    out = run_script('train_mlm.py', *TINY, f'--dataset={other}', f'--out_dir={run_dir}', '--max_iters=2',
+                     '--init_from=resume', check=False)
+    assert out.returncode != 0 and 'vocab_size 1024' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_missing_dataset_is_one_clear_line(tmp_path):
+    out = run_script('train_mlm.py', *TINY, f'--dataset={tmp_path}/nope', f'--out_dir={tmp_path}', check=False)
+    assert out.returncode != 0 and 'prepare_data.py' in out.stderr and 'Traceback' not in out.stderr

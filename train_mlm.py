@@ -1,0 +1,252 @@
+"""
+Masked language modelling (BERT-style) for the Concept Encoder: mask 15% of the tokens, encode the
+corrupted text into C concepts, and decode the concepts back at the masked positions only.
+
+    python train_mlm.py config/tiny.py                              # CPU, a couple of minutes
+    python train_mlm.py config/tiny.py --decoder=posonly --bixt=True
+    torchrun --standalone --nproc_per_node=8 train_mlm.py config/h512l2.py
+
+Every setting below can be overridden by a config file and then --key=value (configurator.py).
+"""
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import runtime
+from model import ConceptConfig, ConceptMLM
+
+# ----------------------------------------------------------------------------------------------
+# defaults
+# I/O
+out_dir = ''                     # '' -> out/<config name>_mlm, e.g. out/tiny_mlm
+dataset = 'data/pydocs'          # a directory written by prepare_data.py
+init_from = 'scratch'            # 'scratch' | 'resume' (from out_dir/ckpt.pt) | path of a checkpoint to warm-start from
+eval_interval = 250
+eval_iters = 20                  # validation batches per evaluation (fixed windows, fixed noise)
+log_interval = 10
+always_save_checkpoint = True    # else only when val_loss improves
+# data
+batch_size = 32                  # micro-batch per process
+block_size = 256                 # tokens per window
+gradient_accumulation_steps = 1  # global: divided by the number of processes
+doc_aligned = True               # windows start at a document start
+# model
+n_layer = 2
+n_head = 8
+n_embd = 512
+n_concepts = 128
+ffn_size = 1024
+dropout = 0.0
+bias = False
+decoder = 'perceiver'            # 'weighted' | 'perceiver' | 'posonly'
+n_dec_layer = 1
+bixt = False                     # bidirectional cross-attention: tokens are updated by the concepts
+recursive_iters = 0              # >0: one shared encoder layer applied this many times
+tie_weights = True               # lm_head shares the token embedding
+# MLM noise
+mask_prob = 0.15                 # of the real tokens; of those 80% -> [MASK], 10% random, 10% kept
+# optimizer (AdamW) and schedule (warmup, cosine to min_lr)
+learning_rate = 5e-4
+max_iters = 2000
+weight_decay = 0.01
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0                  # 0 disables clipping
+warmup_iters = 100
+lr_decay_iters = 0               # 0: equal to max_iters
+min_lr = 5e-5
+max_nonfinite_steps = 10         # consecutive skipped (non-finite) steps before the run stops
+# system
+device = 'auto'                  # 'auto' | 'cpu' | 'cuda' | 'mps'
+dtype = 'bfloat16'               # 'float32' | 'bfloat16' | 'float16' (autocast; bf16 helps on CPU too)
+compile = False                  # torch.compile the encoder (static shapes) and decoder (dynamic)
+seed = 1337
+wandb_log = False
+wandb_project = 'concept-encoder'
+wandb_run_name = ''
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+# ----------------------------------------------------------------------------------------------
+# setup
+
+runtime.one_line_errors()
+rt = runtime.setup_runtime(device, dtype, seed)
+if gradient_accumulation_steps % rt.world_size:
+    raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by "
+                     f"the number of processes ({rt.world_size})")
+accum = gradient_accumulation_steps // rt.world_size
+lr_decay_iters = lr_decay_iters or max_iters
+out_dir = out_dir or runtime.default_out_dir('mlm')
+tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
+rt.print0(f"tokens per iteration: {tokens_per_iter:,} ({batch_size} x {block_size} x {gradient_accumulation_steps})")
+
+# ----------------------------------------------------------------------------------------------
+# data and the MLM noise
+
+data_dir = runtime.resolve_data_dir(dataset)
+train_windows = runtime.TokenWindows(data_dir, 'train', block_size, batch_size, doc_aligned, seed,
+                                     rt.rank, rt.world_size, accum, rt.device)
+meta = train_windows.meta
+special = meta['special_tokens']
+val_batches = runtime.fixed_batches(data_dir, 'val', block_size, batch_size, eval_iters, doc_aligned,
+                                    seed, rt.rank, rt.device)
+special_ids = torch.tensor(sorted(special.values()), device=rt.device)
+n_regular = min(special.values())  # ids below this are ordinary tokens (the specials sit on top)
+
+
+def mlm_noise(idx, generator):
+    """BERT masking (Devlin et al. 2019): pick mask_prob of the real tokens; of those 80% become
+    [MASK], 10% a random ordinary token, 10% stay. Specials and padding are never picked.
+    Returns (inputs, targets) with targets = IGNORE_INDEX (-100) where there is no loss."""
+    u = torch.rand(idx.shape, generator=generator, device=idx.device)
+    picked = (u < mask_prob) & ~torch.isin(idx, special_ids)
+    action = torch.rand(idx.shape, generator=generator, device=idx.device)
+    random_ids = torch.randint(n_regular, idx.shape, generator=generator, device=idx.device)
+    inputs = torch.where(picked & (action < 0.8), special['mask'], idx)
+    inputs = torch.where(picked & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+    targets = torch.where(picked, idx, -100)
+    return inputs, targets
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'decoder',
+              'n_dec_layer', 'bixt', 'recursive_iters', 'tie_weights', 'block_size']
+model_args = {k: globals()[k] for k in model_keys}
+model_args.update(vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
+                  eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
+iter_num, best_val_loss, ckpt = 0, float('inf'), None
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume':
+    ckpt = runtime.load_checkpoint(ckpt_path, map_location=rt.device)
+    runtime.check_vocab(ckpt['model_args'], meta, ckpt_path, data_dir)
+    model_args = ckpt['model_args']  # the architecture comes from the checkpoint
+model = ConceptMLM(ConceptConfig(**model_args))
+if init_from == 'resume':
+    model.load_state_dict(ckpt['model'])
+    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    train_windows.load_state_dict(ckpt['sampler'])
+    rt.print0(f"resumed from {ckpt_path} at iter {iter_num}")
+elif init_from != 'scratch':
+    warm, _, _ = runtime.warm_start(model, init_from, rt.print0)
+    runtime.check_vocab(warm['model_args'], meta, init_from, data_dir)
+model.to(rt.device)
+rt.print0(f"ConceptMLM: {model.get_num_params() / 1e6:.2f}M parameters, decoder={decoder}, bixt={bixt}, "
+          f"recursive_iters={recursive_iters}")
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt['optimizer'])
+scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
+if ckpt is not None:
+    runtime.set_rng_state(ckpt['rng'])
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+ckpt = None  # free memory
+
+raw_model = model
+if compile:
+    model.encoder.compile()               # fixed [B, N] shapes
+    model.decoder.compile(dynamic=True)   # M, the number of masked positions, varies per batch
+if rt.ddp:
+    model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+
+
+@torch.no_grad()
+def evaluate():
+    """Masked-token loss and accuracy on the fixed validation windows, averaged over ranks."""
+    raw_model.eval()
+    loss_sum, n_pred, n_correct = 0.0, 0, 0
+    for idx, nseed in val_batches:
+        inputs, targets = mlm_noise(idx, runtime.noise_generator(nseed, idx.device))
+        with rt.autocast():
+            _, loss, stats = raw_model(inputs, targets)
+        loss_sum += loss.item()
+        n_pred += stats['n_pred']
+        n_correct += int(stats['n_correct'])
+    raw_model.train()
+    return (runtime.all_reduce_mean(loss_sum / len(val_batches), rt),
+            runtime.all_reduce_mean(n_correct / max(1, n_pred), rt))
+
+
+def save(path_iter, val_loss):
+    runtime.save_checkpoint(ckpt_path, {
+        'stage': 'mlm', 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+        'model_args': model_args, 'config': config, 'iter_num': path_iter, 'best_val_loss': val_loss,
+        'rng': runtime.rng_state(), 'sampler': train_windows.state_dict(),
+        'tokenizer': meta['tokenizer'], 'special_tokens': special, 'data_dir': os.path.abspath(data_dir)})
+
+
+# ----------------------------------------------------------------------------------------------
+# training loop
+
+log = runtime.RunLog(rt, out_dir, config, 'train_mlm.py', wandb_log, wandb_project, wandb_run_name,
+                     resume=(init_from == 'resume'))
+peak = runtime.peak_flops(rt)
+train_loss, nonfinite_streak, tokens_seen = None, 0, iter_num * tokens_per_iter
+t_last, flops_since, tokens_since = time.time(), 0.0, 0
+while True:
+    lr = runtime.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        val_loss, val_accuracy = evaluate()
+        rt.print0(f"step {iter_num}: train loss {train_loss or float('nan'):.4f}, val loss {val_loss:.4f}, "
+                  f"val accuracy {val_accuracy:.4f}")
+        log.log_eval({'iter': iter_num, 'train_loss': train_loss, 'val_loss': val_loss,
+                      'val_accuracy': val_accuracy, 'lr': lr, 'tokens_seen': tokens_seen})
+        improved = val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss)
+        if rt.master and iter_num > 0 and (improved or always_save_checkpoint):
+            save(iter_num, best_val_loss)
+    if iter_num >= max_iters:
+        break
+
+    # one optimizer step over `accum` micro-batches
+    step_loss, n_pred_step = 0.0, 0
+    for micro, (idx, nseed) in enumerate(train_windows.next_step()):
+        inputs, targets = mlm_noise(idx, runtime.noise_generator(nseed, idx.device))
+        if rt.ddp:
+            model.require_backward_grad_sync = (micro == accum - 1)
+        with rt.autocast():
+            _, loss, stats = model(inputs, targets)
+        step_loss += loss.item() / accum
+        n_pred_step += stats['n_pred']
+        scaler.scale(loss / accum).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    finite = bool(torch.isfinite(grad_norm)) and step_loss == step_loss and abs(step_loss) != float('inf')
+    if rt.ddp:  # every rank must take the same decision
+        finite = runtime.all_reduce_mean(float(finite), rt) == 1.0
+    if finite:
+        scaler.step(optimizer)
+        nonfinite_streak = 0
+    else:
+        nonfinite_streak += 1
+        rt.print0(f"iter {iter_num}: non-finite loss or gradient, step skipped ({nonfinite_streak} in a row)")
+        if nonfinite_streak >= max_nonfinite_steps:
+            raise SystemExit(f"{nonfinite_streak} non-finite steps in a row; stopping. The last good checkpoint "
+                             f"is {ckpt_path}; try a lower learning_rate or dtype='float32'")
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    # accounting
+    train_loss = runtime.all_reduce_mean(step_loss, rt)
+    tokens_seen += tokens_per_iter
+    tokens_since += tokens_per_iter
+    flops_since += (raw_model.estimate_flops(block_size, 0) * batch_size * gradient_accumulation_steps
+                    + 3 * raw_model.decoder_flops(n_pred_step) * rt.world_size)
+    iter_num += 1
+    if iter_num % log_interval == 0:
+        dt = time.time() - t_last
+        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {float(grad_norm):.3f}, "
+                  f"{tokens_since / dt:,.0f} tok/s, mfu {runtime.format_mfu(flops_since / dt / rt.world_size, peak)}")
+        t_last, flops_since, tokens_since = time.time(), 0.0, 0
+
+log.finish()
+runtime.teardown(rt)
