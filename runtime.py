@@ -390,3 +390,77 @@ def default_out_dir(stage):
     configs = [a for a in sys.argv[1:] if not a.startswith('--')]
     name = os.path.splitext(os.path.basename(configs[-1]))[0] if configs else 'run'
     return os.path.join('out', f"{name}_{stage}")
+
+
+# ----------------------------------------------------------------------------------------------
+# model construction, the optimizer step and checkpoint contents, as every stage does them
+
+def build_model(model_class, config_class, model_args, init_from, ckpt_path, meta, data_dir, rt):
+    """init_from: 'scratch' | 'resume' (architecture and weights from ckpt_path) | the path of any
+    stage's checkpoint to warm-start from (matching tensors are copied, see warm_start).
+    Returns (model on rt.device, model_args actually used, the resume checkpoint or None)."""
+    ckpt = None
+    if init_from == 'resume':
+        ckpt = load_checkpoint(ckpt_path, map_location=rt.device)
+        check_vocab(ckpt['model_args'], meta, ckpt_path, data_dir)
+        model_args = ckpt['model_args']  # the architecture comes from the checkpoint
+    model = model_class(config_class(**model_args))
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        rt.print0(f"resumed from {ckpt_path} at iter {ckpt['iter_num']}")
+    elif init_from != 'scratch':
+        warm, _, _ = warm_start(model, init_from, rt.print0)
+        check_vocab(warm['model_args'], meta, init_from, data_dir)
+    return model.to(rt.device), model_args, ckpt
+
+
+def restore_training_state(ckpt, optimizer, scaler, sampler):
+    """Everything besides the weights that exact resume needs."""
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    sampler.load_state_dict(ckpt['sampler'])
+    set_rng_state(ckpt['rng'])
+    return ckpt['iter_num'], ckpt['best_val_loss']
+
+
+def checkpoint_state(stage, raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
+                     sampler, meta, data_dir):
+    """ckpt.pt's contents: tensors and plain Python values only (loads with weights_only=True).
+    The tokenizer recipe and data directory travel along, so eval_glue.py and sample.py need
+    only --ckpt."""
+    return {'stage': stage, 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+            'model_args': model_args, 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+            'rng': rng_state(), 'sampler': sampler.state_dict(), 'tokenizer': meta['tokenizer'],
+            'special_tokens': meta['special_tokens'], 'data_dir': os.path.abspath(data_dir)}
+
+
+class OptimizerStep:
+    """unscale -> clip -> step, skipping any step whose loss or gradient is not finite. All ranks
+    take the same decision; max_nonfinite skips in a row stop the run, leaving the last good
+    checkpoint untouched."""
+
+    def __init__(self, optimizer, scaler, grad_clip, max_nonfinite, ckpt_path, rt):
+        self.optimizer, self.scaler, self.grad_clip = optimizer, scaler, grad_clip
+        self.max_nonfinite, self.ckpt_path, self.rt = max_nonfinite, ckpt_path, rt
+        self.streak = 0
+
+    def __call__(self, params, loss_value, iter_num):
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float('inf'))
+        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+        if self.rt.ddp:
+            finite = all_reduce_mean(float(finite), self.rt) == 1.0
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.streak = 0
+        else:
+            self.streak += 1
+            self.rt.print0(f"iter {iter_num}: non-finite loss or gradient, step skipped ({self.streak} in a row)")
+            if self.streak >= self.max_nonfinite:
+                raise SystemExit(f"{self.streak} non-finite steps in a row; stopping. The last good checkpoint is "
+                                 f"{self.ckpt_path}; try a lower learning_rate or dtype='float32'")
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)

@@ -118,34 +118,19 @@ model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout'
 model_args = {k: globals()[k] for k in model_keys}
 model_args.update(vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
                   eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
-iter_num, best_val_loss, ckpt = 0, float('inf'), None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if init_from == 'resume':
-    ckpt = runtime.load_checkpoint(ckpt_path, map_location=rt.device)
-    runtime.check_vocab(ckpt['model_args'], meta, ckpt_path, data_dir)
-    model_args = ckpt['model_args']  # the architecture comes from the checkpoint
-model = ConceptMLM(ConceptConfig(**model_args))
-if init_from == 'resume':
-    model.load_state_dict(ckpt['model'])
-    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-    train_windows.load_state_dict(ckpt['sampler'])
-    rt.print0(f"resumed from {ckpt_path} at iter {iter_num}")
-elif init_from != 'scratch':
-    warm, _, _ = runtime.warm_start(model, init_from, rt.print0)
-    runtime.check_vocab(warm['model_args'], meta, init_from, data_dir)
-model.to(rt.device)
-rt.print0(f"ConceptMLM: {model.get_num_params() / 1e6:.2f}M parameters, decoder={decoder}, bixt={bixt}, "
-          f"recursive_iters={recursive_iters}")
+model, model_args, ckpt = runtime.build_model(ConceptMLM, ConceptConfig, model_args, init_from, ckpt_path,
+                                              meta, data_dir, rt)
+rt.print0(f"ConceptMLM: {model.get_num_params() / 1e6:.2f}M parameters, decoder={model.cfg.decoder}, "
+          f"bixt={model.cfg.bixt}, recursive_iters={model.cfg.recursive_iters}")
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
-if ckpt is not None:
-    optimizer.load_state_dict(ckpt['optimizer'])
 scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
+iter_num, best_val_loss = 0, float('inf')
 if ckpt is not None:
-    runtime.set_rng_state(ckpt['rng'])
-    if ckpt.get('scaler'):
-        scaler.load_state_dict(ckpt['scaler'])
+    iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows)
 ckpt = None  # free memory
+optimizer_step = runtime.OptimizerStep(optimizer, scaler, grad_clip, max_nonfinite_steps, ckpt_path, rt)
 
 raw_model = model
 if compile:
@@ -172,22 +157,13 @@ def evaluate():
             runtime.all_reduce_mean(n_correct / max(1, n_pred), rt))
 
 
-def save(path_iter, val_loss):
-    runtime.save_checkpoint(ckpt_path, {
-        'stage': 'mlm', 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-        'model_args': model_args, 'config': config, 'iter_num': path_iter, 'best_val_loss': val_loss,
-        'rng': runtime.rng_state(), 'sampler': train_windows.state_dict(),
-        'tokenizer': meta['tokenizer'], 'special_tokens': special, 'data_dir': os.path.abspath(data_dir)})
-
-
 # ----------------------------------------------------------------------------------------------
 # training loop
 
 log = runtime.RunLog(rt, out_dir, config, 'train_mlm.py', wandb_log, wandb_project, wandb_run_name,
                      resume=(init_from == 'resume'))
 peak = runtime.peak_flops(rt)
-train_loss, nonfinite_streak, tokens_seen = None, 0, iter_num * tokens_per_iter
+train_loss, tokens_seen = None, iter_num * tokens_per_iter
 t_last, flops_since, tokens_since = time.time(), 0.0, 0
 while True:
     lr = runtime.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
@@ -203,7 +179,9 @@ while True:
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         if rt.master and iter_num > 0 and (improved or always_save_checkpoint):
-            save(iter_num, best_val_loss)
+            runtime.save_checkpoint(ckpt_path, runtime.checkpoint_state(
+                'mlm', raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
+                train_windows, meta, data_dir))
     if iter_num >= max_iters:
         break
 
@@ -218,22 +196,7 @@ while True:
         step_loss += loss.item() / accum
         n_pred_step += stats['n_pred']
         scaler.scale(loss / accum).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-    finite = bool(torch.isfinite(grad_norm)) and step_loss == step_loss and abs(step_loss) != float('inf')
-    if rt.ddp:  # every rank must take the same decision
-        finite = runtime.all_reduce_mean(float(finite), rt) == 1.0
-    if finite:
-        scaler.step(optimizer)
-        nonfinite_streak = 0
-    else:
-        nonfinite_streak += 1
-        rt.print0(f"iter {iter_num}: non-finite loss or gradient, step skipped ({nonfinite_streak} in a row)")
-        if nonfinite_streak >= max_nonfinite_steps:
-            raise SystemExit(f"{nonfinite_streak} non-finite steps in a row; stopping. The last good checkpoint "
-                             f"is {ckpt_path}; try a lower learning_rate or dtype='float32'")
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(raw_model.parameters(), step_loss, iter_num)
 
     # accounting
     train_loss = runtime.all_reduce_mean(step_loss, rt)
@@ -244,7 +207,7 @@ while True:
     iter_num += 1
     if iter_num % log_interval == 0:
         dt = time.time() - t_last
-        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {float(grad_norm):.3f}, "
+        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
                   f"{tokens_since / dt:,.0f} tok/s, mfu {runtime.format_mfu(flops_since / dt / rt.world_size, peak)}")
         t_last, flops_since, tokens_since = time.time(), 0.0, 0
 

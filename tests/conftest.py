@@ -38,3 +38,14 @@ def run_script(script, *args, env=None, check=True, timeout=600):
 def read_log(out_dir):
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         return [json.loads(line) for line in f]
+
+
+def load_function(script, name, **script_globals):
+    """A function exactly as a stage script defines it at module level, with the script globals it
+    reads supplied by the test (the scripts themselves run top to bottom and cannot be imported)."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, script)).read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = dict(script_globals)
+    exec(compile(ast.Module([fn], []), script, 'exec'), namespace)
+    return namespace[name]

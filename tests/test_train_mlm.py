@@ -7,19 +7,14 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, read_log, run_script
+from conftest import ROOT, TINY, load_function, read_log, run_script
 
 
 def load_mlm_noise(mask_prob=0.15):
-    """The masking function exactly as train_mlm.py defines it, with its globals supplied."""
-    import ast
-    tree = ast.parse(open(os.path.join(ROOT, 'train_mlm.py')).read())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == 'mlm_noise')
     special = {'eod': 1000, 'pad': 1001, 'mask': 1002, 'cls': 1003, 'sep': 1004}
-    ns = {'torch': torch, 'mask_prob': mask_prob, 'special': special, 'n_regular': 1000,
-          'special_ids': torch.tensor(sorted(special.values()))}
-    exec(compile(ast.Module([fn], []), 'train_mlm.py', 'exec'), ns)
-    return ns['mlm_noise'], special
+    fn = load_function('train_mlm.py', 'mlm_noise', torch=torch, mask_prob=mask_prob, special=special,
+                       n_regular=1000, special_ids=torch.tensor(sorted(special.values())))
+    return fn, special
 
 
 def test_mlm_masking_rules():

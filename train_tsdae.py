@@ -1,0 +1,233 @@
+"""
+TSDAE (Wang et al. 2021) for the Concept Encoder: delete 60% of the tokens, encode what is left
+into C concepts, and rebuild every original token from the concepts alone with a position-only
+decoder. Unlike MLM there is no [MASK] token in the input and no input-embedding shortcut in the
+decoder, and every real position carries a loss.
+
+    python train_tsdae.py config/tiny.py                                   # CPU, from scratch
+    python train_tsdae.py config/tiny.py --init_from=out/tiny_mlm/ckpt.pt  # warm start from MLM
+    torchrun --standalone --nproc_per_node=8 train_tsdae.py config/h512l2.py
+
+Every setting below can be overridden by a config file and then --key=value (configurator.py).
+"""
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import runtime
+from model import ConceptConfig, ConceptMLM
+
+# ----------------------------------------------------------------------------------------------
+# defaults
+# I/O
+out_dir = ''                     # '' -> out/<config name>_tsdae, e.g. out/tiny_tsdae
+dataset = 'data/pydocs'          # a directory written by prepare_data.py
+init_from = 'scratch'            # 'scratch' | 'resume' (from out_dir/ckpt.pt) | path of a checkpoint to warm-start from
+eval_interval = 250
+eval_iters = 20                  # validation batches per evaluation (fixed windows, fixed deletions)
+log_interval = 10
+always_save_checkpoint = True    # else only when val_loss improves
+# data
+batch_size = 32                  # micro-batch per process
+block_size = 256                 # tokens per window
+gradient_accumulation_steps = 1  # global: divided by the number of processes
+doc_aligned = True               # windows start at a document start
+# model
+n_layer = 2
+n_head = 8
+n_embd = 512
+n_concepts = 128
+ffn_size = 1024
+dropout = 0.0
+bias = False
+decoder = 'posonly'              # 'posonly' | 'weighted' (a perceiver query would show the answer)
+n_dec_layer = 1
+bixt = False                     # bidirectional cross-attention: tokens are updated by the concepts
+recursive_iters = 0              # >0: one shared encoder layer applied this many times
+tie_weights = True               # lm_head shares the token embedding
+# TSDAE noise
+deletion_rate = 0.6              # share of the real, non-special tokens deleted (the TSDAE paper's best)
+deletion_mode = 'hide'           # 'hide': hidden from the encoder, positions kept | 'drop': removed, gaps closed
+# optimizer (AdamW) and schedule (warmup, cosine to min_lr)
+learning_rate = 5e-4
+max_iters = 2000
+weight_decay = 0.01
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0                  # 0 disables clipping
+warmup_iters = 100
+lr_decay_iters = 0               # 0: equal to max_iters
+min_lr = 5e-5
+max_nonfinite_steps = 10         # consecutive skipped (non-finite) steps before the run stops
+# system
+device = 'auto'                  # 'auto' | 'cpu' | 'cuda' | 'mps'
+dtype = 'bfloat16'               # 'float32' | 'bfloat16' | 'float16' (autocast; bf16 helps on CPU too)
+compile = False                  # torch.compile the encoder (static shapes) and decoder (dynamic)
+seed = 1337
+wandb_log = False
+wandb_project = 'concept-encoder'
+wandb_run_name = ''
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+# ----------------------------------------------------------------------------------------------
+# setup
+
+runtime.one_line_errors()
+rt = runtime.setup_runtime(device, dtype, seed)
+if gradient_accumulation_steps % rt.world_size:
+    raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by "
+                     f"the number of processes ({rt.world_size})")
+accum = gradient_accumulation_steps // rt.world_size
+lr_decay_iters = lr_decay_iters or max_iters
+out_dir = out_dir or runtime.default_out_dir('tsdae')
+tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
+rt.print0(f"tokens per iteration: {tokens_per_iter:,} ({batch_size} x {block_size} x {gradient_accumulation_steps})")
+
+# ----------------------------------------------------------------------------------------------
+# data and the TSDAE noise
+
+if deletion_mode not in ('hide', 'drop'):
+    raise SystemExit(f"deletion_mode must be 'hide' or 'drop', got {deletion_mode!r}")
+if decoder not in ('posonly', 'weighted'):
+    raise SystemExit(f"TSDAE rebuilds every token from the concepts: decoder must be 'posonly' or 'weighted' "
+                     f"(a '{decoder}' query contains the token it has to predict)")
+data_dir = runtime.resolve_data_dir(dataset)
+train_windows = runtime.TokenWindows(data_dir, 'train', block_size, batch_size, doc_aligned, seed,
+                                     rt.rank, rt.world_size, accum, rt.device)
+meta = train_windows.meta
+special = meta['special_tokens']
+val_batches = runtime.fixed_batches(data_dir, 'val', block_size, batch_size, eval_iters, doc_aligned,
+                                    seed, rt.rank, rt.device)
+special_ids = torch.tensor(sorted(special.values()), device=rt.device)
+
+
+def tsdae_noise(idx, generator, attn_mask=None):
+    """Delete deletion_rate of the real, non-special tokens of each row, keeping at least one.
+    Returns (encoder ids, encoder attn_mask, targets): targets are the original ids at every real
+    (non-padding) position, -100 at padding, so the loss never trains the model to emit padding
+    (the original project's TSDAE bug, origin_spec §11.3).
+    hide: ids and positions unchanged, deleted tokens masked out of the encoder's keys.
+    drop: deleted tokens removed and the rest shifted left (the paper's deletion); the decoder
+          still rebuilds the original positions."""
+    real = torch.ones_like(idx, dtype=torch.bool) if attn_mask is None else attn_mask
+    deletable = real & ~torch.isin(idx, special_ids)
+    u = torch.rand(idx.shape, generator=generator, device=idx.device)
+    deleted = (u < deletion_rate) & deletable
+    keep_one = torch.where(deletable, u, -1.0).argmax(1, keepdim=True)  # the deletable token least likely deleted
+    deleted.scatter_(1, keep_one, False)
+    visible = real & ~deleted
+    targets = torch.where(real, idx, -100)
+    if deletion_mode == 'hide':
+        return idx, visible, targets
+    order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)  # survivors first, in order
+    n_left = visible.sum(1, keepdim=True)
+    packed_mask = torch.arange(idx.shape[1], device=idx.device)[None, :] < n_left
+    packed = torch.where(packed_mask, torch.gather(idx, 1, order), special['pad'])
+    return packed, packed_mask, targets
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'decoder',
+              'n_dec_layer', 'bixt', 'recursive_iters', 'tie_weights', 'block_size']
+model_args = {k: globals()[k] for k in model_keys}
+model_args.update(vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
+                  eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+model, model_args, ckpt = runtime.build_model(ConceptMLM, ConceptConfig, model_args, init_from, ckpt_path,
+                                              meta, data_dir, rt)
+rt.print0(f"ConceptMLM (TSDAE): {model.get_num_params() / 1e6:.2f}M parameters, decoder={model.cfg.decoder}, "
+          f"bixt={model.cfg.bixt}, recursive_iters={model.cfg.recursive_iters}")
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
+iter_num, best_val_loss = 0, float('inf')
+if ckpt is not None:
+    iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows)
+ckpt = None  # free memory
+optimizer_step = runtime.OptimizerStep(optimizer, scaler, grad_clip, max_nonfinite_steps, ckpt_path, rt)
+
+raw_model = model
+if compile:
+    model.encoder.compile()               # fixed [B, N] shapes
+    model.decoder.compile(dynamic=True)   # M, the number of real positions, varies with padding
+if rt.ddp:
+    model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+
+
+@torch.no_grad()
+def evaluate():
+    """Reconstruction loss and accuracy on the fixed validation windows, averaged over ranks."""
+    raw_model.eval()
+    loss_sum, n_pred, n_correct = 0.0, 0, 0
+    for idx, nseed in val_batches:
+        inputs, visible, targets = tsdae_noise(idx, runtime.noise_generator(nseed, idx.device))
+        with rt.autocast():
+            _, loss, stats = raw_model(inputs, targets, visible)
+        loss_sum += loss.item()
+        n_pred += stats['n_pred']
+        n_correct += int(stats['n_correct'])
+    raw_model.train()
+    return (runtime.all_reduce_mean(loss_sum / len(val_batches), rt),
+            runtime.all_reduce_mean(n_correct / max(1, n_pred), rt))
+
+
+# ----------------------------------------------------------------------------------------------
+# training loop
+
+log = runtime.RunLog(rt, out_dir, config, 'train_tsdae.py', wandb_log, wandb_project, wandb_run_name,
+                     resume=(init_from == 'resume'))
+peak = runtime.peak_flops(rt)
+train_loss, tokens_seen = None, iter_num * tokens_per_iter
+t_last, flops_since, tokens_since = time.time(), 0.0, 0
+while True:
+    lr = runtime.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        val_loss, val_accuracy = evaluate()
+        rt.print0(f"step {iter_num}: train loss {train_loss or float('nan'):.4f}, val loss {val_loss:.4f}, "
+                  f"val accuracy {val_accuracy:.4f}")
+        log.log_eval({'iter': iter_num, 'train_loss': train_loss, 'val_loss': val_loss,
+                      'val_accuracy': val_accuracy, 'val_recon_accuracy': val_accuracy, 'lr': lr, 'tokens_seen': tokens_seen})
+        improved = val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss)
+        if rt.master and iter_num > 0 and (improved or always_save_checkpoint):
+            runtime.save_checkpoint(ckpt_path, runtime.checkpoint_state(
+                'tsdae', raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
+                train_windows, meta, data_dir))
+    if iter_num >= max_iters:
+        break
+
+    # one optimizer step over `accum` micro-batches
+    step_loss, n_pred_step = 0.0, 0
+    for micro, (idx, nseed) in enumerate(train_windows.next_step()):
+        inputs, visible, targets = tsdae_noise(idx, runtime.noise_generator(nseed, idx.device))
+        if rt.ddp:
+            model.require_backward_grad_sync = (micro == accum - 1)
+        with rt.autocast():
+            _, loss, stats = model(inputs, targets, visible)
+        step_loss += loss.item() / accum
+        n_pred_step += stats['n_pred']
+        scaler.scale(loss / accum).backward()
+    grad_norm = optimizer_step(raw_model.parameters(), step_loss, iter_num)
+
+    # accounting
+    train_loss = runtime.all_reduce_mean(step_loss, rt)
+    tokens_seen += tokens_per_iter
+    tokens_since += tokens_per_iter
+    flops_since += (raw_model.estimate_flops(block_size, 0) * batch_size * gradient_accumulation_steps
+                    + 3 * raw_model.decoder_flops(n_pred_step) * rt.world_size)
+    iter_num += 1
+    if iter_num % log_interval == 0:
+        dt = time.time() - t_last
+        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+                  f"{tokens_since / dt:,.0f} tok/s, mfu {runtime.format_mfu(flops_since / dt / rt.world_size, peak)}")
+        t_last, flops_since, tokens_since = time.time(), 0.0, 0
+
+log.finish()
+runtime.teardown(rt)
