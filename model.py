@@ -673,9 +673,10 @@ class ConceptDiffusion(ConceptLM):
         if block_len > 0:
             n_blocks = max(1, math.ceil(int(to_fill.sum(1).max()) / block_len))
         block_of = torch.where(to_fill, rank_in_fill // max(block_len, 1) if block_len > 0 else 0, -1)
-        steps_per_block = [steps // n_blocks + (1 if b < steps % n_blocks else 0) for b in range(n_blocks)]
+        # steps split evenly among the blocks, at least one each
+        steps_per_block = [max(1, steps // n_blocks + (1 if b < steps % n_blocks else 0)) for b in range(n_blocks)]
         for block, block_steps in enumerate(steps_per_block):
-            for s in range(max(block_steps, 1)):
+            for s in range(block_steps):
                 masked = x == self.cfg.mask_id
                 eligible = masked & (block_of == block)
                 if not eligible.any():

@@ -1,0 +1,170 @@
+"""Masked diffusion: AdaLN-Zero, the noise, the ELBO weights, generate(), and the stage end to end."""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, TINY, read_log, run_script
+from model import ConceptConfig, ConceptDiffusion, DiffusionLayer
+
+SPECIAL = dict(eod_id=96, pad_id=97, mask_id=98, cls_id=99, sep_id=95)
+
+
+def tiny_model(**kw):
+    base = dict(vocab_size=100, block_size=128, n_layer=2, n_head=2, n_embd=32, n_concepts=8, ffn_size=64,
+                n_dec_layer=2, **SPECIAL)
+    base.update(kw)
+    torch.manual_seed(0)
+    return ConceptDiffusion(ConceptConfig(**base))
+
+
+def text_batch(B=16, N=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(95, (B, N), generator=g)
+    idx[:, ::10] = SPECIAL['eod_id']
+    attn_mask = torch.ones_like(idx, dtype=torch.bool)
+    attn_mask[:, -20:] = False
+    idx[~attn_mask] = SPECIAL['pad_id']
+    return idx, attn_mask
+
+
+def test_adaln_zero_layers_start_as_identity():
+    model = tiny_model()
+    q, concepts, cond = torch.randn(3, 7, 32), torch.randn(3, 8, 32), torch.randn(3, 32)
+    for layer in model.decoder.layers:
+        assert isinstance(layer, DiffusionLayer)
+        torch.testing.assert_close(layer(q, concepts, cond), q)
+
+
+def test_noise_never_touches_padding_or_specials_and_follows_t():
+    model = tiny_model()
+    idx, attn_mask = text_batch(B=64, N=400)
+    t = torch.linspace(0.05, 1.0, 64)
+    noisy, masked, maskable = model.add_noise(idx, t, attn_mask, torch.Generator().manual_seed(0))
+    special = torch.isin(idx, torch.tensor(list(SPECIAL.values())))
+    assert not masked[~attn_mask].any() and not masked[special].any()
+    assert torch.equal(noisy[~masked], idx[~masked]) and (noisy[masked] == SPECIAL['mask_id']).all()
+    frac = masked.sum(1) / maskable.sum(1)
+    assert (frac - t).abs().max() < 0.12 and abs((frac - t).mean()) < 0.02
+    assert (masked.sum(1) >= 1).all()  # at least one target per sample, even at small t
+
+
+def test_stratified_t_covers_every_stratum():
+    model = tiny_model(t_min=0.2)
+    t = model.sample_t(10, torch.Generator().manual_seed(0), 'cpu')
+    u = (t - 0.2) / 0.8
+    assert ((u * 10).floor() == torch.arange(10)).all()
+
+
+def test_prefix_condition_keeps_a_clean_prefix():
+    model = tiny_model(condition='prefix')
+    idx, attn_mask = text_batch(B=32)
+    _, masked, maskable = model.add_noise(idx, torch.ones(32), attn_mask, torch.Generator().manual_seed(0))
+    first_masked = masked.float().argmax(1)
+    for row in range(32):  # everything maskable after the first masked position is masked at t=1
+        after = torch.arange(idx.shape[1]) >= first_masked[row]
+        assert torch.equal(masked[row] & after, maskable[row] & after)
+    assert (first_masked > 0).float().mean() > 0.8  # prefixes have random, mostly non-zero length
+
+
+def test_elbo_weighting_is_one_over_t_normalised_by_maskable_tokens():
+    model = tiny_model(label_smoothing=0.0)
+    idx, attn_mask = text_batch(B=4)
+    t = torch.tensor([0.3, 0.5, 0.7, 0.9])
+    _, loss, _ = model(idx, attn_mask, t=t, generator=torch.Generator().manual_seed(0))
+    # recompute by hand from the same noise
+    noisy, masked, maskable = model.add_noise(idx, t, attn_mask, torch.Generator().manual_seed(0))
+    logits, _, _ = None, None, None
+    concepts = model.encoder(noisy, attn_mask)
+    total = 0.0
+    for b in range(4):
+        pos = masked[b].nonzero().squeeze(1)
+        h = model.denoise(concepts[b:b + 1], noisy[b:b + 1], pos[None], t[b:b + 1])[0]
+        ce = F.cross_entropy(model.lm_head(h), idx[b, pos], reduction='sum')
+        total += ce / t[b]
+    torch.testing.assert_close(loss, total / maskable.sum(), rtol=1e-5, atol=1e-5)
+    unweighted = tiny_model(label_smoothing=0.0, elbo_weight=False)
+    _, loss_plain, stats = unweighted(idx, attn_mask, t=t, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss_plain, stats['ce'])
+
+
+def test_generate_fills_every_mask_keeps_given_tokens_and_padding_and_is_seeded():
+    model = tiny_model()
+    idx, attn_mask = text_batch(B=3, N=40)
+    x = idx.clone()
+    fill = (torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.6) & attn_mask
+    x[fill] = SPECIAL['mask_id']
+    x[:, :5] = idx[:, :5]  # a prompt
+    out = model.generate(x, steps=7, attn_mask=attn_mask, generator=torch.Generator().manual_seed(3))
+    assert not (out[attn_mask] == SPECIAL['mask_id']).any()
+    assert torch.equal(out[~fill], x[~fill])  # prompt, given tokens and padding unchanged
+    again = model.generate(x, steps=7, attn_mask=attn_mask, generator=torch.Generator().manual_seed(3))
+    other = model.generate(x, steps=7, attn_mask=attn_mask, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+@pytest.mark.parametrize('block_len,steps', [(0, 1), (0, 40), (8, 10), (5, 3)])
+def test_generate_schedules(block_len, steps):
+    model = tiny_model()
+    x = torch.full((2, 30), SPECIAL['mask_id'])
+    trajectory = []
+    out = model.generate(x, steps=steps, block_len=block_len, temperature=0.0, top_k=5,
+                         trajectory=trajectory, generator=torch.Generator().manual_seed(0))
+    assert not (out == SPECIAL['mask_id']).any()
+    assert not torch.isin(out, torch.tensor(list(SPECIAL.values()))).any()
+    n_masked = [int((frame == SPECIAL['mask_id']).sum()) for frame in trajectory]
+    assert n_masked == sorted(n_masked, reverse=True) and n_masked[-1] == 0
+    if block_len:  # semi-autoregressive: a block is filled only once every block left of it is complete
+        block = torch.arange(30) // block_len
+        for frame in trajectory:
+            filled = frame[0] != SPECIAL['mask_id']
+            if filled.any():
+                current = int(block[filled].max())
+                assert filled[block < current].all()
+
+
+def test_decoder_memory_is_linear_in_sequence_length():
+    """Denoise a 32k-token sequence with most positions masked: no N x N tensor may appear."""
+    code = """
+import resource, torch
+from model import ConceptConfig, ConceptDiffusion
+cfg = ConceptConfig(vocab_size=512, block_size=32768, n_layer=1, n_head=4, n_embd=64, n_concepts=32,
+                    ffn_size=128, n_dec_layer=2, mask_id=511, pad_id=510)
+model = ConceptDiffusion(cfg).eval()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    _, loss, _ = model(torch.randint(500, (1, 32768)), t=torch.tensor([0.9]))
+assert torch.isfinite(loss)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip().splitlines()[-1]) < 1024
+
+
+def test_stage_lowers_the_bound_and_samples(data_dir, tmp_path):
+    out_dir = str(tmp_path / 'diff')
+    run_script('train_diffusion.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out_dir}', '--max_iters=60',
+               '--eval_interval=30', '--bound_levels=4')
+    records = read_log(out_dir)
+    assert records[-1]['val_nll_bound'] < records[0]['val_nll_bound'] - 0.3
+    assert records[-1]['val_ppl_bound'] == pytest.approx(math.exp(records[-1]['val_nll_bound']))
+    out = run_script('sample.py', f'--ckpt={out_dir}/ckpt.pt', '--prompt=Return the', '--length=24', '--steps=6',
+                     '--num_samples=2', '--show_steps=True')
+    chunks = out.stdout.split('-' * 80 + '\n')  # trajectory, then one chunk per sample (text may hold newlines)
+    steps = re.findall(r'^step +\d+: (.*)$', chunks[0], flags=re.M)
+    assert len(steps) == 7 and '_' in steps[0] and steps[-1].startswith('Return the')
+    samples = [c for c in chunks[1:] if c]
+    assert len(samples) == 2 and all(s.startswith('Return the') and '<|mask|>' not in s for s in samples)
+
+
+def test_sample_refuses_a_non_diffusion_checkpoint(data_dir, tmp_path):
+    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--max_iters=1',
+               '--eval_interval=1')
+    out = run_script('sample.py', f'--ckpt={tmp_path}/ckpt.pt', check=False)
+    assert out.returncode != 0 and 'needs one from train_diffusion.py' in out.stderr

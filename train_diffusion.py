@@ -1,0 +1,212 @@
+"""
+Masked discrete diffusion (MDLM / LLaDA style) through the concept bottleneck: mask each token with
+probability t ~ U(t_min, 1), encode into C concepts, and denoise the masked positions with a
+cross-attention-only decoder conditioned on t by AdaLN-Zero. sample.py generates text from it.
+
+    python train_diffusion.py config/tiny.py                         # CPU, a few minutes
+    python train_diffusion.py config/tiny.py --condition=prefix --time_cond=False
+    torchrun --standalone --nproc_per_node=8 train_diffusion.py config/h512l2.py
+
+Every setting below can be overridden by a config file and then --key=value (configurator.py).
+"""
+import math
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import runtime
+from model import ConceptConfig, ConceptDiffusion
+
+# ----------------------------------------------------------------------------------------------
+# defaults
+# I/O
+out_dir = ''                     # '' -> out/<config name>_diffusion, e.g. out/tiny_diffusion
+dataset = 'data/pydocs'          # a directory written by prepare_data.py
+init_from = 'scratch'            # 'scratch' | 'resume' (from out_dir/ckpt.pt) | path of a checkpoint to warm-start from
+eval_interval = 250
+eval_iters = 20                  # validation batches per evaluation (fixed windows, fixed noise)
+log_interval = 10
+always_save_checkpoint = True    # else only when val_loss improves
+# data
+batch_size = 32                  # micro-batch per process
+block_size = 256                 # tokens per window
+gradient_accumulation_steps = 1  # global: divided by the number of processes
+doc_aligned = True               # windows start at a document start
+# model
+n_layer = 2
+n_head = 8
+n_embd = 512
+n_concepts = 128
+ffn_size = 1024
+dropout = 0.0
+bias = False
+n_dec_layer = 2                  # cross-attention + FFN layers of the denoiser (no token self-attention)
+bixt = False                     # bidirectional cross-attention: tokens are updated by the concepts
+recursive_iters = 0              # >0: one shared encoder layer applied this many times
+tie_weights = True               # lm_head shares the token embedding
+# diffusion
+condition = 'noisy'              # what the encoder sees: 'noisy' (= what sampling gives it) | 'clean' | 'prefix'
+time_cond = True                 # AdaLN-Zero conditioning on t; False: the decoder infers t (MDLM, LLaDA)
+t_min = 0.3                      # t ~ U(t_min, 1) in training (the original's final value)
+stratified_t = True              # one t per stratum of the batch: lower-variance loss (MDLM)
+label_smoothing = 0.1
+elbo_weight = True               # weight masked tokens by 1/t: the loss estimates the MDLM bound
+bound_levels = 8                 # t levels of the validation NLL bound (midpoint rule over (0, 1])
+# optimizer (AdamW) and schedule (warmup, cosine to min_lr)
+learning_rate = 5e-4
+max_iters = 2000
+weight_decay = 0.01
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0                  # 0 disables clipping
+warmup_iters = 100
+lr_decay_iters = 0               # 0: equal to max_iters
+min_lr = 5e-5
+max_nonfinite_steps = 10         # consecutive skipped (non-finite) steps before the run stops
+# system
+device = 'auto'                  # 'auto' | 'cpu' | 'cuda' | 'mps'
+dtype = 'bfloat16'               # 'float32' | 'bfloat16' | 'float16' (autocast; bf16 helps on CPU too)
+compile = False                  # torch.compile the encoder (static shapes) and decoder (dynamic)
+seed = 1337
+wandb_log = False
+wandb_project = 'concept-encoder'
+wandb_run_name = ''
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+# ----------------------------------------------------------------------------------------------
+# setup
+
+runtime.one_line_errors()
+rt = runtime.setup_runtime(device, dtype, seed)
+if gradient_accumulation_steps % rt.world_size:
+    raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by "
+                     f"the number of processes ({rt.world_size})")
+accum = gradient_accumulation_steps // rt.world_size
+lr_decay_iters = lr_decay_iters or max_iters
+out_dir = out_dir or runtime.default_out_dir('diffusion')
+tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
+rt.print0(f"tokens per iteration: {tokens_per_iter:,} ({batch_size} x {block_size} x {gradient_accumulation_steps})")
+
+# ----------------------------------------------------------------------------------------------
+# data (the diffusion noise lives in model.py: generate() and the NLL bound use it too)
+
+data_dir = runtime.resolve_data_dir(dataset)
+train_windows = runtime.TokenWindows(data_dir, 'train', block_size, batch_size, doc_aligned, seed,
+                                     rt.rank, rt.world_size, accum, rt.device)
+meta = train_windows.meta
+special = meta['special_tokens']
+val_batches = runtime.fixed_batches(data_dir, 'val', block_size, batch_size, eval_iters, doc_aligned,
+                                    seed, rt.rank, rt.device)
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'n_dec_layer', 'bixt',
+              'recursive_iters', 'tie_weights', 'block_size', 'condition', 'time_cond', 't_min', 'stratified_t',
+              'label_smoothing', 'elbo_weight']
+model_args = {k: globals()[k] for k in model_keys}
+model_args.update(decoder='diffusion', vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
+                  eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+model, model_args, ckpt = runtime.build_model(ConceptDiffusion, ConceptConfig, model_args, init_from, ckpt_path,
+                                              meta, data_dir, rt)
+rt.print0(f"ConceptDiffusion: {model.get_num_params() / 1e6:.2f}M parameters, condition={model.cfg.condition}, "
+          f"time_cond={model.cfg.time_cond}, bixt={model.cfg.bixt}, recursive_iters={model.cfg.recursive_iters}")
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
+iter_num, best_val_loss = 0, float('inf')
+if ckpt is not None:
+    iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows)
+ckpt = None  # free memory
+optimizer_step = runtime.OptimizerStep(optimizer, scaler, grad_clip, max_nonfinite_steps, ckpt_path, rt)
+
+raw_model = model
+if compile:
+    model.encoder.compile()               # fixed [B, N] shapes
+    model.decoder.compile(dynamic=True)   # M, the number of masked positions, varies per batch
+if rt.ddp:
+    model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+
+
+@torch.no_grad()
+def evaluate():
+    """On the fixed validation windows, averaged over ranks: the plain masked cross-entropy and
+    accuracy at t ~ U(t_min, 1) (no smoothing, no weighting), and the NLL bound in nats/token."""
+    raw_model.eval()
+    ce_sum, n_pred, n_correct, bound_sum, n_tokens = 0.0, 0, 0, 0.0, 0
+    for idx, nseed in val_batches:
+        with rt.autocast():
+            _, _, stats = raw_model(idx, generator=runtime.noise_generator(nseed, idx.device))
+            bound, tokens = raw_model.nll_bound(idx, n_grid=bound_levels,
+                                                generator=runtime.noise_generator(nseed + 1, idx.device))
+        ce_sum += stats['ce'].item()
+        n_pred += stats['n_pred']
+        n_correct += int(stats['n_correct'])
+        bound_sum += bound
+        n_tokens += tokens
+    raw_model.train()
+    return (runtime.all_reduce_mean(ce_sum / len(val_batches), rt),
+            runtime.all_reduce_mean(n_correct / max(1, n_pred), rt),
+            runtime.all_reduce_mean(bound_sum / max(1, n_tokens), rt))
+
+
+# ----------------------------------------------------------------------------------------------
+# training loop
+
+log = runtime.RunLog(rt, out_dir, config, 'train_diffusion.py', wandb_log, wandb_project, wandb_run_name,
+                     resume=(init_from == 'resume'))
+peak = runtime.peak_flops(rt)
+train_loss, tokens_seen = None, iter_num * tokens_per_iter
+t_last, flops_since, tokens_since = time.time(), 0.0, 0
+while True:
+    lr = runtime.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        val_loss, val_accuracy, val_nll_bound = evaluate()
+        rt.print0(f"step {iter_num}: train loss {train_loss or float('nan'):.4f}, val loss {val_loss:.4f}, "
+                  f"val accuracy {val_accuracy:.4f}, val nll bound {val_nll_bound:.4f} "
+                  f"(ppl <= {math.exp(min(val_nll_bound, 50)):.1f})")
+        log.log_eval({'iter': iter_num, 'train_loss': train_loss, 'val_loss': val_loss,
+                      'val_accuracy': val_accuracy, 'val_nll_bound': val_nll_bound,
+                      'val_ppl_bound': math.exp(min(val_nll_bound, 50)), 'lr': lr, 'tokens_seen': tokens_seen})
+        improved = val_nll_bound < best_val_loss  # the bound is the comparable number across settings
+        best_val_loss = min(best_val_loss, val_nll_bound)
+        if rt.master and iter_num > 0 and (improved or always_save_checkpoint):
+            runtime.save_checkpoint(ckpt_path, runtime.checkpoint_state(
+                'diffusion', raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
+                train_windows, meta, data_dir))
+    if iter_num >= max_iters:
+        break
+
+    # one optimizer step over `accum` micro-batches
+    step_loss, n_pred_step = 0.0, 0
+    for micro, (idx, nseed) in enumerate(train_windows.next_step()):
+        if rt.ddp:
+            model.require_backward_grad_sync = (micro == accum - 1)
+        with rt.autocast():
+            _, loss, stats = model(idx, generator=runtime.noise_generator(nseed, idx.device))
+        step_loss += loss.item() / accum
+        n_pred_step += stats['n_pred']
+        scaler.scale(loss / accum).backward()
+    grad_norm = optimizer_step(raw_model.parameters(), step_loss, iter_num)
+
+    # accounting
+    train_loss = runtime.all_reduce_mean(step_loss, rt)
+    tokens_seen += tokens_per_iter
+    tokens_since += tokens_per_iter
+    flops_since += (raw_model.estimate_flops(block_size, 0) * batch_size * gradient_accumulation_steps
+                    + 3 * raw_model.decoder_flops(n_pred_step) * rt.world_size)
+    iter_num += 1
+    if iter_num % log_interval == 0:
+        dt = time.time() - t_last
+        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+                  f"{tokens_since / dt:,.0f} tok/s, mfu {runtime.format_mfu(flops_since / dt / rt.world_size, peak)}")
+        t_last, flops_since, tokens_since = time.time(), 0.0, 0
+
+log.finish()
+runtime.teardown(rt)
