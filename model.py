@@ -51,6 +51,12 @@ class ConceptConfig:
     stratified_t: bool = True   # one t per stratum [i/B, (i+1)/B) of the batch (MDLM's antithetic sampler)
     label_smoothing: float = 0.1
     elbo_weight: bool = True    # weight each masked token's loss by 1/t (the MDLM bound)
+    # concept geometry regularisers, in every stage (see ConceptLossWeighting)
+    concept_losses: str = ''          # e.g. 'vicreg,t_regs_mst'; '' = none
+    concept_loss_weight: float = 0.02  # fixed: total regulariser weight, split evenly among them
+    concept_loss_warmup: int = 0      # iterations of linear warmup of the regularisers
+    loss_weighting: str = 'fixed'     # 'fixed' | 'learnable' | 'kendall_gal'
+    concept_loss_pooled: bool = False  # the original's batch-pooled VICReg statistics
     # special token ids, copied from the data directory's meta.json
     pad_id: int = -1
     mask_id: int = -1
@@ -334,6 +340,318 @@ class MLMDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# concept geometry: regularisers against concept collapse, their weighting, and diagnostics
+#
+# The original project's L6 MLM encoder collapsed to an effective rank of 5 of its 128 concepts
+# (origin_spec §10.3, §11.1). Its regularisers (origin_spec §3) pooled VICReg's statistics over
+# batch and concepts together, which cannot see concepts that are identical *within* a sample;
+# its Kendall–Gal weighting then let the nearly-zero regularisers inflate their own weight until
+# the total loss was negative and the MLM loss was muted (§10.3, §11.2). Here every regulariser
+# works within each sample, across its C concepts (the original's pooled form is an option), and
+# the Kendall–Gal weights are bounded so that no regulariser can outweigh the task.
+#
+# Shapes: B batch, C concepts, H width. Every regulariser maps concepts (B, C, H) to a scalar
+# loss computed in float32, whatever the input dtype or autocast.
+
+
+def _no_autocast(x):
+    """A context in which matmuls on x's device run in the dtype of their inputs."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _concept_cosines(concepts):
+    """Cosine similarity between the concepts of each sample: (B, C, H) -> (B, C, C), float32."""
+    with _no_autocast(concepts):
+        u = F.normalize(concepts.float(), dim=-1)
+        return u @ u.transpose(1, 2)
+
+
+def _mean_off_diagonal(m):
+    """Mean of the off-diagonal entries of (B, C, C) over the pairs and the batch."""
+    B, C, _ = m.shape
+    off = 1.0 - torch.eye(C, device=m.device, dtype=m.dtype)
+    return (m * off).sum() / (B * max(C * (C - 1), 1))
+
+
+def _vicreg_rows(concepts, pooled):
+    """The sets of vectors whose statistics VICReg takes: (B, C, H) -> (G, n, H).
+    Within-sample: G = B sets of the n = C concepts of one sample. Pooled (the original's):
+    one set of n = B·C vectors, which a batch of diverse samples satisfies even when every
+    sample's concepts are identical."""
+    x = concepts.float()
+    return x.reshape(1, -1, x.shape[-1]) if pooled else x
+
+
+def _off_diagonal_cov_sq(x):
+    """Σ_{d≠e} Cov_de² per set, with Cov the (H, H) covariance of the n rows: (G, n, H) -> (G,).
+    For n < H it uses ‖XcᵀXc‖_F = ‖XcXcᵀ‖_F, which costs (n, n) instead of (H, H) memory
+    (within-sample, C = 128 concepts of width 512)."""
+    G, n, H = x.shape
+    xc = x - x.mean(dim=1, keepdim=True)
+    with _no_autocast(x):
+        if n < H:
+            fro2 = (xc @ xc.transpose(1, 2)).pow(2).sum((1, 2))          # (G,) = ‖XcᵀXc‖_F²
+            diag2 = xc.pow(2).sum(1).pow(2).sum(1)                        # (G,) = Σ_d (XcᵀXc)_dd²
+            off2 = (fro2 - diag2).clamp_min(0.0)
+        else:
+            cov = xc.transpose(1, 2) @ xc                                 # (G, H, H), unnormalised
+            off2 = (cov.pow(2) * (1.0 - torch.eye(H, device=x.device))).sum((1, 2))
+    return off2 / max(n - 1, 1) ** 2
+
+
+def orthogonality_loss(concepts):
+    """Mean squared cosine between distinct concepts of a sample (origin_spec §3): 0 iff the
+    concepts of every sample are pairwise orthogonal (possible only for C <= H)."""
+    return _mean_off_diagonal(_concept_cosines(concepts).pow(2))
+
+
+def soft_orthogonality_loss(concepts, threshold=0.1):
+    """Orthogonality that tolerates |cos| <= threshold (origin_spec §3): leaves room for C > H,
+    where exact orthogonality is impossible."""
+    return _mean_off_diagonal(F.relu(_concept_cosines(concepts).abs() - threshold).pow(2))
+
+
+def uniformity_loss(concepts, temperature=2.0):
+    """Mean Gaussian potential exp(-T·‖û_i − û_j‖²) = exp(-T·(2 − 2cos)) between distinct unit
+    concepts of a sample (origin_spec §3; Wang & Isola, ICML 2020, without their log). 1 when a
+    sample's concepts coincide, exp(-2T) when orthogonal; minimised by spreading them on the sphere."""
+    return _mean_off_diagonal(torch.exp(-temperature * (2.0 - 2.0 * _concept_cosines(concepts))))
+
+
+def variance_loss(concepts, pooled=False):
+    """VICReg variance hinge (Bardes et al., ICLR 2022): mean_d relu(1 − sqrt(Var_d + 1e-4)).
+    Within-sample (default) the variance of each dimension is taken over the C concepts of a
+    sample and the hinge averaged over the batch, so identical concepts cost ~1 even when the
+    samples differ; pooled=True is the original's flatten-to-(B·C)×H form."""
+    x = _vicreg_rows(concepts, pooled)                                       # (G, n, H)
+    std = torch.sqrt(x.var(dim=1, correction=min(1, x.shape[1] - 1)) + 1e-4)  # (G, H)
+    return F.relu(1.0 - std).mean()
+
+
+def covariance_loss(concepts, pooled=False):
+    """VICReg covariance term: Σ_{d≠e} Cov_de² / H, decorrelating the H dimensions (within-sample
+    over the C concepts, averaged over the batch; pooled=True: over all B·C concepts). Within a
+    sample Cov has rank <= C−1, so for C <= H it cannot vanish at unit variance (it is at least
+    H/(C−1) − 1 there): it trades off against variance_loss, with which vicreg pairs it."""
+    x = _vicreg_rows(concepts, pooled)
+    return (_off_diagonal_cov_sq(x) / x.shape[-1]).mean()
+
+
+def vicreg_loss(concepts, pooled=False):
+    """VICReg variance + covariance with unit weights (origin_spec §3)."""
+    return variance_loss(concepts, pooled) + covariance_loss(concepts, pooled)
+
+
+def combined_loss(concepts, pooled=False, temperature=2.0):
+    """Variance + uniformity with unit weights (origin_spec §3: the original's 'combined')."""
+    return variance_loss(concepts, pooled) + uniformity_loss(concepts, temperature)
+
+
+def t_regs_mst_loss(concepts):
+    """Minus the mean distance from each unit concept to its nearest neighbour in the same sample:
+    maximising it lengthens the minimum spanning tree, of which the nearest-neighbour distances
+    are a cheap proxy (origin_spec §3, 't_regs_mst'). 0 when a sample's concepts coincide.
+    Chordal distances come from the cosines; the diagonal is masked with +inf (safe in any dtype,
+    unlike the original's +1e9)."""
+    S = _concept_cosines(concepts)                                  # (B, C, C)
+    C = S.shape[-1]
+    if C < 2:
+        return S.sum() * 0.0
+    d = torch.sqrt((2.0 - 2.0 * S).clamp_min(1e-8))                 # (B, C, C) ‖û_i − û_j‖
+    eye = torch.eye(C, dtype=torch.bool, device=S.device)
+    nearest = d.masked_fill(eye, float('inf')).min(dim=-1).values   # (B, C)
+    return -nearest.mean()
+
+
+# name (as written in the concept_losses setting) -> loss function(concepts) -> scalar
+CONCEPT_LOSSES = {
+    'orthogonality': orthogonality_loss,
+    'soft_orthogonality': soft_orthogonality_loss,
+    'uniformity': uniformity_loss,
+    'variance': variance_loss,
+    'covariance': covariance_loss,
+    'vicreg': vicreg_loss,
+    'combined': combined_loss,
+    't_regs_mst': t_regs_mst_loss,
+}
+
+
+def parse_concept_losses(spec):
+    """'vicreg,t_regs_mst' -> ['vicreg', 't_regs_mst']; '' or 'none' -> []. An unknown or repeated
+    name raises ConfigError listing the valid names."""
+    spec = spec.strip()
+    if spec.lower() in ('', 'none'):
+        return []
+    names = [s.strip() for s in spec.split(',') if s.strip()]
+    valid = ', '.join(CONCEPT_LOSSES)
+    for name in names:
+        if name not in CONCEPT_LOSSES:
+            raise ConfigError(f"unknown concept loss '{name}' in concept_losses='{spec}'; "
+                             f"choose a comma-separated subset of: {valid} (or 'none')")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"concept_losses='{spec}' lists a loss twice; valid names: {valid}")
+    return names
+
+
+def concept_reg_losses(concepts, names, pooled=False, threshold=0.1, temperature=2.0):
+    """{name: scalar loss} of the named regularisers on concepts (B, C, H), each given the options
+    it takes: pooled (VICReg statistics over the batch too), the soft-orthogonality threshold and
+    the uniformity temperature."""
+    options = {'soft_orthogonality': {'threshold': threshold},
+               'uniformity': {'temperature': temperature},
+               'variance': {'pooled': pooled}, 'covariance': {'pooled': pooled},
+               'vicreg': {'pooled': pooled},
+               'combined': {'pooled': pooled, 'temperature': temperature}}
+    return {name: CONCEPT_LOSSES[name](concepts, **options.get(name, {})) for name in names}
+
+
+class ConceptLossWeighting(nn.Module):
+    """Combines the task loss with the concept regularisers: forward(task_loss, reg_losses, step)
+    -> (total, info), info holding plain floats for logging: 'warm', 'w_task', and per regulariser
+    '<name>' (its value) and 'w_<name>' (the multiplier of that loss in the total).
+
+    warm = min(1, step / warmup_iters) (1 when warmup_iters <= 0) phases the regularisers in
+    (origin_spec §3, added by the original on 02-27); each strategy applies it as noted below.
+
+    - 'fixed': total = task + Σ_k (weight / K)·warm·L_k, K = len(names) (the original CLI's
+      split of --loss_weight; its run plan was 0.02 over vicreg + t_regs_mst).
+    - 'learnable' (the original's): softmax weights p over [task, regs...] from logits initialised
+      at 0, total = Σ_i p_i·L_i. The optimiser can lower the total by moving weight from the task
+      to a regulariser that is already near 0, i.e. it can shrink the task weight: kept only to
+      reproduce the original. Warmup multiplies each regulariser's exp(logit) by warm before
+      normalising, so at warm = 0 the total is exactly the task loss and the logits get no gradient.
+    - 'kendall_gal' (Kendall, Gal & Cipolla, CVPR 2018): learned s_i = log σ_i², initialised at 0,
+      total = Σ_i 0.5·exp(−s_i)·L_i + 0.5·s_i, where warm multiplies each regulariser's whole
+      term (so its s_k does not move while warm = 0). Bounded as follows, against the original's
+      failure (origin_spec §10.3): a regulariser's Kendall–Gal optimum is exp(−s_k) = 1/L_k, so
+      as L_k -> 0 its weight grew without bound, its 0.5·s_k drove the total negative (−0.26)
+      and the task's share of the gradient vanished.
+        1. Box: s_i = s_bound·tanh(raw_i / s_bound) lies in (−s_bound, s_bound) (a smooth clamp,
+           so a parameter at the edge is never stuck with zero gradient; the identity near 0).
+           Each weight is thus within [0.5·e^−b, 0.5·e^b] and each 0.5·s_i > −b/2, so with L_i >= 0 the total
+           is bounded below by −(K+1)·b/2 (b = s_bound = 5, the range suggested in
+           methods.md §6).
+        2. Ratio cap: s_k >= s_task − log(max_reg_ratio), i.e. exp(−s_k) <= max_reg_ratio·exp(−s_task):
+           no regulariser ever weighs more than max_reg_ratio (default 1) times the task. s_task
+           enters the cap detached, so regulariser pressure never moves the task's weight: the
+           task's s follows its own Kendall–Gal gradient 0.5·(1 − e^−s·L_task), whose optimum is
+           weight 0.5/L_task and beyond which raising s_task (shrinking the task weight) only
+           raises the total, as it also raises every capped regulariser's 0.5·s_k. The task
+           weight can never fall below 0.5·e^−b. While a regulariser sits at the cap its own
+           parameter gets no gradient; at worst it then acts as a fixed weight of ratio
+           max_reg_ratio to the task.
+      Kendall–Gal assumes L_i >= 0: t_regs_mst is <= 0, so under kendall_gal (and learnable)
+      it always wants the largest weight it can get, and sits at the cap.
+      The parameters are float32 and the arithmetic is float32 (losses are cast; no matmul, so
+      autocast does not touch it).
+
+    All parameters are 1-D, so a `p.dim() >= 2` weight-decay rule (ConceptLM.configure_optimizers)
+    leaves them undecayed, as Kendall–Gal's log-variances must be.
+    """
+
+    STRATEGIES = ('fixed', 'learnable', 'kendall_gal')
+
+    def __init__(self, names, strategy='fixed', weight=0.02, warmup_iters=0, s_bound=5.0,
+                 max_reg_ratio=1.0):
+        super().__init__()
+        if strategy not in self.STRATEGIES:
+            raise ConfigError(f"unknown concept loss weighting '{strategy}'; "
+                             f"choose one of {', '.join(self.STRATEGIES)}")
+        if s_bound <= 0 or max_reg_ratio <= 0:
+            raise ConfigError(f"s_bound={s_bound} and max_reg_ratio={max_reg_ratio} must be > 0")
+        self.names = list(names)
+        self.strategy = strategy
+        self.weight = weight
+        self.warmup_iters = warmup_iters
+        self.s_bound = s_bound
+        self.max_reg_ratio = max_reg_ratio
+        n = 1 + len(self.names)  # index 0 is the task
+        if strategy == 'learnable' and self.names:
+            self.logits = nn.Parameter(torch.zeros(n, dtype=torch.float32))
+        elif strategy == 'kendall_gal' and self.names:
+            self.log_var = nn.Parameter(torch.zeros(n, dtype=torch.float32))  # raw, before the box
+
+    def warm(self, step):
+        """Warmup factor of the regularisers at this step, in [0, 1]."""
+        return 1.0 if self.warmup_iters <= 0 else min(1.0, max(step, 0) / self.warmup_iters)
+
+    def log_variances(self):
+        """Kendall–Gal s = (s_task, s_reg...) after the box and the ratio cap: (1 + K,) float32."""
+        b = self.s_bound
+        s = b * torch.tanh(self.log_var.float() / b)
+        cap = s[:1].detach() - math.log(self.max_reg_ratio)
+        return torch.cat([s[:1], torch.maximum(s[1:], cap)])
+
+    def forward(self, task_loss, reg_losses, step):
+        warm = self.warm(step)
+        losses = torch.stack([task_loss.float()] + [reg_losses[n].float() for n in self.names])  # (1+K,)
+        K = len(self.names)
+        gate = torch.tensor([1.0] + [warm] * K, device=losses.device)  # (1+K,) warm on the regs
+        if self.strategy == 'fixed' or K == 0:
+            w = gate * torch.tensor([1.0] + [self.weight / max(K, 1)] * K, device=losses.device)
+            total = (w * losses).sum()
+        elif self.strategy == 'learnable':
+            logits = self.logits.float() + torch.log(gate)  # log 0 = -inf: weight 0, no gradient
+            w = torch.softmax(logits, dim=0)
+            total = (w * losses).sum()
+        else:
+            s = self.log_variances()
+            w = gate * 0.5 * torch.exp(-s)
+            total = (w * losses).sum() + (gate * 0.5 * s).sum()
+        values = torch.cat([w.detach(), losses.detach()]).tolist()  # one device sync
+        info = {'warm': warm, 'w_task': values[0]}
+        for k, name in enumerate(self.names):
+            info[f'w_{name}'] = values[1 + k]
+            info[name] = values[2 + K + k]
+        return total, info
+
+
+@torch.no_grad()
+def concept_diagnostics(concepts):
+    """Collapse diagnostics of concepts (B, C, H), as plain floats (float32 arithmetic):
+
+    - erank: entropy effective rank (Roy & Vetterli, EUSIPCO 2007) of each sample's C×H concept
+      matrix (uncentred): exp(−Σ p_k log p_k) with p = σ/Σσ its singular values; averaged over
+      the batch. 1 when a sample's concepts are parallel, C when orthogonal with equal norms.
+    - erank_batchmean: the original's 'effective rank' (origin_spec §3), Σσ/σ_max of the batch-MEAN
+      C×H matrix. It measures the mean concept configuration, not per-sample diversity; kept to
+      compare with the reported numbers (5/128 for the collapsed L6 MLM).
+    - concept_cos_mean: mean cosine between distinct concepts of a sample, over pairs and batch.
+    - concept_cos_max: the largest such cosine in each sample, averaged over the batch (the
+      typical worst duplicate; a global max reads 1.0 as soon as one sample has one duplicate).
+    - participation_ratio: (Σλ)²/Σλ² of the eigenvalues λ of each sample's uncentred second-moment
+      matrix cᵀc/C (H×H; λ = σ²/C), averaged over the batch: the number of directions carrying
+      the concepts' energy, weighted by σ² where erank weights by σ. Uncentred, so it agrees
+      with erank at the extremes (1 parallel, C orthogonal with equal norms) and is not 0/0 for
+      identical concepts. The original's PR (÷H) was pooled over B·C concepts: not comparable.
+    """
+    with _no_autocast(concepts):
+        c = concepts.detach().float()
+        B, C, H = c.shape
+        sv = torch.linalg.svdvals(c)                                    # (B, min(C, H))
+        p = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
+        erank = torch.exp(-(torch.special.xlogy(p, p)).sum(-1))         # (B,)
+        sv_mean = torch.linalg.svdvals(c.mean(0))                      # (min(C, H),)
+        erank_batchmean = sv_mean.sum() / sv_mean.max().clamp_min(1e-30)
+        lam = sv.pow(2)                                                 # ∝ eigenvalues of cᵀc/C
+        pr = lam.sum(-1).pow(2) / lam.pow(2).sum(-1).clamp_min(1e-30)  # (B,)
+        S = _concept_cosines(c)                                         # (B, C, C)
+        eye = torch.eye(C, dtype=torch.bool, device=c.device)
+        cos_max = S.masked_fill(eye, float('-inf')).amax(dim=(1, 2)) if C > 1 else S.new_zeros(B)
+        values = torch.stack([erank.mean(), erank_batchmean, _mean_off_diagonal(S),
+                              cos_max.mean(), pr.mean()]).tolist()
+    keys = ('erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio')
+    return dict(zip(keys, values))
+
+
+def average_diagnostics(dicts):
+    """Key-wise mean of a list of concept_diagnostics dicts (e.g. over validation batches)."""
+    if not dicts:
+        return {}
+    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
+
+
+# ----------------------------------------------------------------------------------------------
 # full models
 
 class ConceptLM(nn.Module):
@@ -348,6 +666,20 @@ class ConceptLM(nn.Module):
         self.cfg = cfg
         self.encoder = ConceptEncoder(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.reg_names = parse_concept_losses(cfg.concept_losses)
+        self.loss_weighting = (ConceptLossWeighting(self.reg_names, cfg.loss_weighting, cfg.concept_loss_weight,
+                                                    cfg.concept_loss_warmup) if self.reg_names else None)
+
+    def add_concept_losses(self, task_loss, concepts, step, stats):
+        """In training with concept_losses set: the weighted total of the task loss and the
+        regularisers on the concepts; stats gets the task loss and every weight for the log."""
+        if self.loss_weighting is None or not self.training:
+            return task_loss
+        regs = concept_reg_losses(concepts, self.reg_names, pooled=self.cfg.concept_loss_pooled)
+        total, info = self.loss_weighting(task_loss, regs, step)
+        stats['task_loss'] = task_loss.detach()
+        stats['weighting'] = info
+        return total
 
     def _finish_init(self):
         self.apply(self._init_weights)
@@ -441,7 +773,7 @@ class ConceptMLM(ConceptLM):
         tok = self.encoder.wte(torch.gather(idx, 1, pos)) if self.cfg.decoder == 'perceiver' else None
         return self.decoder(concepts, pos, tok)
 
-    def forward(self, idx, targets=None, attn_mask=None, n_iters=None):
+    def forward(self, idx, targets=None, attn_mask=None, n_iters=None, step=0):
         """idx (B, N) input ids; targets (B, N) with IGNORE_INDEX where there is no loss;
         attn_mask (B, N) bool, True where the encoder may look.
 
@@ -462,7 +794,8 @@ class ConceptMLM(ConceptLM):
         loss = F.cross_entropy(logits.float(), labels)
         with torch.no_grad():
             n_correct = (logits.argmax(-1) == labels).sum()
-        return None, loss, {'n_pred': labels.numel(), 'n_correct': n_correct, 'concepts': concepts}
+        stats = {'n_pred': labels.numel(), 'n_correct': n_correct, 'concepts': concepts}
+        return None, self.add_concept_losses(loss, concepts, step, stats), stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,7 +932,7 @@ class ConceptDiffusion(ConceptLM):
     def encoder_input(self, idx, noisy):
         return idx if self.cfg.condition == 'clean' else noisy
 
-    def forward(self, idx, attn_mask=None, t=None, generator=None):
+    def forward(self, idx, attn_mask=None, t=None, generator=None, step=0):
         """Training loss on a batch of clean ids (B, N). Returns (None, loss, stats).
 
         loss = sum over masked tokens of w·CE_smoothed / (number of maskable tokens), with
@@ -624,8 +957,8 @@ class ConceptDiffusion(ConceptLM):
         with torch.no_grad():
             plain_ce = F.cross_entropy(logits.float(), labels)
             n_correct = (logits.argmax(-1) == labels).sum()
-        return None, loss, {'n_pred': labels.numel(), 'n_correct': n_correct, 'ce': plain_ce,
-                            'concepts': concepts}
+        stats = {'n_pred': labels.numel(), 'n_correct': n_correct, 'ce': plain_ce, 'concepts': concepts}
+        return None, self.add_concept_losses(loss, concepts, step, stats), stats
 
     @torch.no_grad()
     def nll_bound(self, idx, attn_mask=None, n_grid=8, generator=None):

@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
-from model import ConceptConfig, ConceptDiffusion
+from model import ConceptConfig, ConceptDiffusion, average_diagnostics, concept_diagnostics
 
 # ----------------------------------------------------------------------------------------------
 # defaults
@@ -54,6 +54,12 @@ stratified_t = True              # one t per stratum of the batch: lower-varianc
 label_smoothing = 0.1
 elbo_weight = True               # weight masked tokens by 1/t: the loss estimates the MDLM bound
 bound_levels = 8                 # t levels of the validation NLL bound (midpoint rule over (0, 1])
+# concept geometry (model.py): regularisers against concept collapse, and their weighting
+concept_losses = ''              # e.g. 'vicreg,t_regs_mst'; '' = none. Diagnostics are logged either way
+concept_loss_weight = 0.02       # total weight of the regularisers (fixed weighting), split evenly
+concept_loss_warmup = 0          # iterations over which the regularisers ramp up linearly
+loss_weighting = 'fixed'         # 'fixed' | 'learnable' | 'kendall_gal' (bounded, see model.py)
+concept_loss_pooled = False      # True: the original's batch-pooled VICReg statistics
 # optimizer (AdamW) and schedule (warmup, cosine to min_lr)
 learning_rate = 5e-4
 max_iters = 2000
@@ -105,7 +111,9 @@ val_batches = runtime.fixed_batches(data_dir, 'val', block_size, batch_size, eva
 
 model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'n_dec_layer', 'bixt',
               'recursive_iters', 'tie_weights', 'block_size', 'condition', 'time_cond', 't_min', 'stratified_t',
-              'label_smoothing', 'elbo_weight']
+              'label_smoothing', 'elbo_weight',
+              'concept_losses', 'concept_loss_weight', 'concept_loss_warmup', 'loss_weighting',
+              'concept_loss_pooled']
 model_args = {k: globals()[k] for k in model_keys}
 model_args.update(decoder='diffusion', vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
                   eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
@@ -136,7 +144,7 @@ def evaluate():
     """On the fixed validation windows, averaged over ranks: the plain masked cross-entropy and
     accuracy at t ~ U(t_min, 1) (no smoothing, no weighting), and the NLL bound in nats/token."""
     raw_model.eval()
-    ce_sum, n_pred, n_correct, bound_sum, n_tokens = 0.0, 0, 0, 0.0, 0
+    ce_sum, n_pred, n_correct, bound_sum, n_tokens, geometry = 0.0, 0, 0, 0.0, 0, []
     for idx, nseed in val_batches:
         with rt.autocast():
             _, _, stats = raw_model(idx, generator=runtime.noise_generator(nseed, idx.device))
@@ -147,10 +155,12 @@ def evaluate():
         n_correct += int(stats['n_correct'])
         bound_sum += bound
         n_tokens += tokens
+        geometry.append(concept_diagnostics(stats['concepts']))
     raw_model.train()
-    return (runtime.all_reduce_mean(ce_sum / len(val_batches), rt),
-            runtime.all_reduce_mean(n_correct / max(1, n_pred), rt),
-            runtime.all_reduce_mean(bound_sum / max(1, n_tokens), rt))
+    bound = bound_sum / max(1, n_tokens)
+    metrics = {'val_loss': ce_sum / len(val_batches), 'val_accuracy': n_correct / max(1, n_pred),
+               'val_nll_bound': bound, 'val_ppl_bound': math.exp(min(bound, 50)), **average_diagnostics(geometry)}
+    return {k: runtime.all_reduce_mean(v, rt) for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,13 +177,12 @@ while True:
         group['lr'] = lr
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
-        val_loss, val_accuracy, val_nll_bound = evaluate()
-        rt.print0(f"step {iter_num}: train loss {train_loss or float('nan'):.4f}, val loss {val_loss:.4f}, "
-                  f"val accuracy {val_accuracy:.4f}, val nll bound {val_nll_bound:.4f} "
-                  f"(ppl <= {math.exp(min(val_nll_bound, 50)):.1f})")
-        log.log_eval({'iter': iter_num, 'train_loss': train_loss, 'val_loss': val_loss,
-                      'val_accuracy': val_accuracy, 'val_nll_bound': val_nll_bound,
-                      'val_ppl_bound': math.exp(min(val_nll_bound, 50)), 'lr': lr, 'tokens_seen': tokens_seen})
+        metrics = evaluate()
+        val_nll_bound = metrics['val_nll_bound']
+        rt.print0(f"step {iter_num}: train loss {train_loss or float('nan'):.4f}, val loss {metrics['val_loss']:.4f}, "
+                  f"val accuracy {metrics['val_accuracy']:.4f}, val nll bound {val_nll_bound:.4f} "
+                  f"(ppl <= {metrics['val_ppl_bound']:.1f}), concept erank {metrics['erank']:.2f}")
+        log.log_eval({'iter': iter_num, 'train_loss': train_loss, **metrics, 'lr': lr, 'tokens_seen': tokens_seen})
         improved = val_nll_bound < best_val_loss  # the bound is the comparable number across settings
         best_val_loss = min(best_val_loss, val_nll_bound)
         if rt.master and iter_num > 0 and (improved or always_save_checkpoint):
@@ -189,8 +198,8 @@ while True:
         if rt.ddp:
             model.require_backward_grad_sync = (micro == accum - 1)
         with rt.autocast():
-            _, loss, stats = model(idx, generator=runtime.noise_generator(nseed, idx.device))
-        step_loss += loss.item() / accum
+            _, loss, stats = model(idx, generator=runtime.noise_generator(nseed, idx.device), step=iter_num)
+        step_loss += float(stats.get('task_loss', loss)) / accum  # the task loss, without regularisers
         n_pred_step += stats['n_pred']
         scaler.scale(loss / accum).backward()
     grad_norm = optimizer_step(raw_model.parameters(), step_loss, iter_num)

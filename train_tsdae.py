@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
-from model import ConceptConfig, ConceptMLM
+from model import ConceptConfig, ConceptMLM, average_diagnostics, concept_diagnostics
 
 # ----------------------------------------------------------------------------------------------
 # defaults
@@ -50,6 +50,12 @@ tie_weights = True               # lm_head shares the token embedding
 # TSDAE noise
 deletion_rate = 0.6              # share of the real, non-special tokens deleted (the TSDAE paper's best)
 deletion_mode = 'hide'           # 'hide': hidden from the encoder, positions kept | 'drop': removed, gaps closed
+# concept geometry (model.py): regularisers against concept collapse, and their weighting
+concept_losses = ''              # e.g. 'vicreg,t_regs_mst'; '' = none. Diagnostics are logged either way
+concept_loss_weight = 0.02       # total weight of the regularisers (fixed weighting), split evenly
+concept_loss_warmup = 0          # iterations over which the regularisers ramp up linearly
+loss_weighting = 'fixed'         # 'fixed' | 'learnable' | 'kendall_gal' (bounded, see model.py)
+concept_loss_pooled = False      # True: the original's batch-pooled VICReg statistics
 # optimizer (AdamW) and schedule (warmup, cosine to min_lr)
 learning_rate = 5e-4
 max_iters = 2000
@@ -132,7 +138,9 @@ def tsdae_noise(idx, generator, attn_mask=None):
 # model
 
 model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'decoder',
-              'n_dec_layer', 'bixt', 'recursive_iters', 'tie_weights', 'block_size']
+              'n_dec_layer', 'bixt', 'recursive_iters', 'tie_weights', 'block_size',
+              'concept_losses', 'concept_loss_weight', 'concept_loss_warmup', 'loss_weighting',
+              'concept_loss_pooled']
 model_args = {k: globals()[k] for k in model_keys}
 model_args.update(vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
                   eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
@@ -162,7 +170,7 @@ if rt.ddp:
 def evaluate():
     """Reconstruction loss and accuracy on the fixed validation windows, averaged over ranks."""
     raw_model.eval()
-    loss_sum, n_pred, n_correct = 0.0, 0, 0
+    loss_sum, n_pred, n_correct, geometry = 0.0, 0, 0, []
     for idx, nseed in val_batches:
         inputs, visible, targets = tsdae_noise(idx, runtime.noise_generator(nseed, idx.device))
         with rt.autocast():
@@ -170,9 +178,11 @@ def evaluate():
         loss_sum += loss.item()
         n_pred += stats['n_pred']
         n_correct += int(stats['n_correct'])
+        geometry.append(concept_diagnostics(stats['concepts']))
     raw_model.train()
-    return (runtime.all_reduce_mean(loss_sum / len(val_batches), rt),
-            runtime.all_reduce_mean(n_correct / max(1, n_pred), rt))
+    metrics = {'val_loss': loss_sum / len(val_batches), 'val_accuracy': n_correct / max(1, n_pred),
+               **average_diagnostics(geometry)}
+    return {k: runtime.all_reduce_mean(v, rt) for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,11 +199,12 @@ while True:
         group['lr'] = lr
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
-        val_loss, val_accuracy = evaluate()
+        metrics = evaluate()
+        val_loss = metrics['val_loss']
         rt.print0(f"step {iter_num}: train loss {train_loss or float('nan'):.4f}, val loss {val_loss:.4f}, "
-                  f"val accuracy {val_accuracy:.4f}")
-        log.log_eval({'iter': iter_num, 'train_loss': train_loss, 'val_loss': val_loss,
-                      'val_accuracy': val_accuracy, 'val_recon_accuracy': val_accuracy, 'lr': lr, 'tokens_seen': tokens_seen})
+                  f"val accuracy {metrics['val_accuracy']:.4f}, concept erank {metrics['erank']:.2f}")
+        log.log_eval({'iter': iter_num, 'train_loss': train_loss, **metrics, 'val_recon_accuracy': metrics['val_accuracy'], 'lr': lr,
+                      'tokens_seen': tokens_seen})
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         if rt.master and iter_num > 0 and (improved or always_save_checkpoint):
@@ -210,8 +221,8 @@ while True:
         if rt.ddp:
             model.require_backward_grad_sync = (micro == accum - 1)
         with rt.autocast():
-            _, loss, stats = model(inputs, targets, visible)
-        step_loss += loss.item() / accum
+            _, loss, stats = model(inputs, targets, visible, step=iter_num)
+        step_loss += float(stats.get('task_loss', loss)) / accum  # the task loss, without regularisers
         n_pred_step += stats['n_pred']
         scaler.scale(loss / accum).backward()
     grad_norm = optimizer_step(raw_model.parameters(), step_loss, iter_num)
