@@ -464,3 +464,29 @@ class OptimizerStep:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# using a trained checkpoint
+
+def load_model(ckpt_path, device='cpu'):
+    """Any stage's checkpoint -> (model in eval mode on device, the checkpoint dict)."""
+    from model import ConceptConfig, ConceptDiffusion, ConceptMLM
+    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    args = ckpt['model_args']
+    model = (ConceptDiffusion if args.get('decoder') == 'diffusion' else ConceptMLM)(ConceptConfig(**args))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def concept_geometry(ckpt_path, data_dir=None, split='val', n_batches=10, batch_size=16, device='cpu', seed=1337):
+    """The collapse diagnostics of model.concept_diagnostics (erank, erank_batchmean,
+    concept_cos_mean/max, participation_ratio) for any checkpoint, averaged over n_batches fixed
+    windows of clean text from a prepared data directory (by default the checkpoint's own)."""
+    from model import average_diagnostics, concept_diagnostics
+    model, ckpt = load_model(ckpt_path, device)
+    data_dir = data_dir or ckpt['data_dir']
+    check_vocab(ckpt['model_args'], prepare_data.load_meta(data_dir), ckpt_path, data_dir)
+    batches = fixed_batches(data_dir, split, model.cfg.block_size, batch_size, n_batches, True, seed, 0, device)
+    return average_diagnostics([concept_diagnostics(model.encoder(idx)) for idx, _ in batches])

@@ -14,7 +14,7 @@ import torch
 
 import prepare_data
 import runtime
-from model import ConceptConfig, ConceptDiffusion
+from model import ConceptDiffusion
 
 # ----------------------------------------------------------------------------------------------
 ckpt = 'out/tiny_diffusion/ckpt.pt'
@@ -34,12 +34,9 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # ----------------------------------------------------------------------------------------------
 
 runtime.one_line_errors()
-state = runtime.load_checkpoint(ckpt, map_location=device)
-if state['model_args'].get('decoder') != 'diffusion':
+model, state = runtime.load_model(ckpt, device)
+if not isinstance(model, ConceptDiffusion):
     raise SystemExit(f"{ckpt} is a {state.get('stage', '?')} checkpoint; sample.py needs one from train_diffusion.py")
-model = ConceptDiffusion(ConceptConfig(**state['model_args']))
-model.load_state_dict(state['model'])
-model.to(device).eval()
 tok = prepare_data.tokenizer_from_recipe(state['tokenizer'], data_dir or state['data_dir'])
 mask_id = model.cfg.mask_id
 length = min(length, model.cfg.block_size)

@@ -265,3 +265,14 @@ def test_weighting_rejects_unknown_strategy_and_handles_no_regularisers():
     for strategy in ConceptLossWeighting.STRATEGIES:
         total, info = ConceptLossWeighting([], strategy)(torch.tensor(1.5), {}, 0)
         assert total.item() == 1.5 and info['w_task'] == 1.0
+
+
+def test_diagnostics_of_any_checkpoint(data_dir, tmp_path):
+    """runtime.concept_geometry reports the collapse metrics for a trained checkpoint."""
+    from conftest import TINY, run_script
+    import runtime
+    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--max_iters=2',
+               '--eval_interval=2')
+    report = runtime.concept_geometry(f'{tmp_path}/ckpt.pt', n_batches=2, batch_size=4)
+    assert set(report) == {'erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio'}
+    assert 1.0 <= report['erank'] <= 8.0  # at most C = 8 concepts in the TINY shape
