@@ -1,0 +1,753 @@
+"""
+GLUE, SICK and PAWS for a Concept Encoder checkpoint of any stage (mlm, tsdae, diffusion):
+fine-tune a small head on each task's training split and score its validation split, or score
+sentence similarity zero-shot (no training at all).
+
+    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --data_dir=glue_data --tasks=stsb,mrpc,rte,sst2,cola
+    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --data_dir=glue_data --head=cosine --tasks=stsb,sick_r
+    python eval_glue.py --ckpt=out/h512l6_mlm/ckpt.pt --tasks=glue --seeds=1,2,3 --device=cuda
+
+Sentence embeddings for anything else (the mean of the C concepts, float32, on the CPU):
+
+    from eval_glue import encode
+    emb = encode(["a sentence", "another one"], 'out/tiny_mlm/ckpt.pt')   # tensor (2, n_embd)
+
+Data: the Hugging Face hub (data_dir='': nyu-mll/glue, RobZamp/sick, paws labeled_final), or a
+local directory laid out as the standard GLUE distribution: DIR/<TASK>/train.tsv and dev.tsv
+(MNLI: dev_matched.tsv, dev_mismatched.tsv) with each task's official columns, DIR/SICK/SICK.txt
+(the original 12-column file; its SemEval_set column gives TRAIN / TRIAL / TEST, and TRIAL is the
+validation split, as on the hub), DIR/PAWS/train.tsv and dev.tsv (PAWS-Wiki labeled_final).
+Malformed rows (wrong column count, unreadable label) are skipped and counted.
+
+Heads (--head):
+    pool     '[cls] a [sep] b' as one sequence; weighted concept pooling -> LayerNorm -> linear
+    pair     a and b encoded apart and pooled; features [a; b; |a-b|; a*b] -> linear (one-sentence
+             tasks: the pool head)
+    decoder  the pretrained decoder read out at every position, mean over real tokens -> linear
+    cosine   zero-shot: cosine of the mean-pooled concepts of a and b (stsb, sick_r)
+
+Protocol: crammedBERT's (Geiping & Goldstein 2023): one global set of hyperparameters for every
+task, brief fine-tuning (5 epochs; 3 for the large qqp, mnli, qnli, as in the original), batch 16,
+lr 4e-5, 10% warmup then cosine decay, AdamW (0.9, 0.98), no weight decay, max_len 128. The
+headline is the LAST epoch's score (mean and sample std over seeds); the best epoch on
+validation is reported beside it, separately: choosing it on the set one reports is optimistic,
+which is what the original project did (load_best_model_at_end). Every metric is on a 0-100
+scale (MCC, Pearson and Spearman x100 as on the GLUE leaderboard), and every task shows the
+majority-class baseline (the train split's most frequent label; for regression a constant, whose
+correlation is 0 by convention).
+"""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import prepare_data
+import runtime
+from model import ConceptConfig, ConceptDiffusion, ConceptMLM, ConfigError
+
+# ----------------------------------------------------------------------------------------------
+# defaults (python eval_glue.py --key=value; see configurator.py)
+ckpt = 'out/tiny_mlm/ckpt.pt'  # a checkpoint of any stage
+data_dir = ''                  # '' = the Hugging Face hub; else a directory in the GLUE layout (see above)
+data_dir_tok = ''              # '' = the data directory recorded in the checkpoint (it holds the tokenizer)
+tasks = 'glue'                 # comma-separated task names, or 'glue' (the 8 GLUE tasks without WNLI) or 'all'
+head = 'pool'                  # 'pool' | 'pair' | 'decoder' | 'cosine' (zero-shot; stsb and sick_r)
+seeds = '42'                   # comma-separated, e.g. '1,2,3': one fine-tuning run each, mean and std reported
+epochs = 0                     # 0 = the task's default (5; 3 for qqp, mnli, qnli)
+learning_rate = 4e-5           # crammedBERT; the original used 1e-5 for up to 20 epochs
+batch_size = 16                # crammedBERT: large fine-tuning batches hurt
+eval_batch_size = 128
+max_len = 128                  # tokens per sequence (a pair packed in one: both sentences), capped at block_size
+warmup_steps = -1              # -1 = 10% of the run's steps; then cosine decay to 0
+weight_decay = 0.0             # crammedBERT and HF run_glue (the original used 0.01)
+grad_clip = 1.0                # 0 disables clipping
+dropout = 0.1                  # in the encoder and the head while fine-tuning (BERT's)
+max_train_examples = 0         # 0 = all; else a fixed random subset (the same for every seed): quick runs
+max_eval_examples = 0          # 0 = all; else a fixed random subset
+device = 'auto'                # 'auto' | 'cpu' | 'cuda' | 'mps'
+dtype = 'bfloat16'             # 'float32' | 'bfloat16' | 'float16' (autocast)
+out = ''                       # results JSON; '' = glue_<head>.json beside the checkpoint
+progress = True                # tqdm bars on stderr and a line per epoch
+# the fine-tuning settings, as a dict for finetune() (tests pass their own)
+HPARAMS = dict(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, eval_batch_size=eval_batch_size,
+               max_len=max_len, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
+               dropout=dropout)
+
+# ----------------------------------------------------------------------------------------------
+# tasks
+
+# name: (metrics, the first of which picks the best epoch; number of labels, 1 = regression; default epochs)
+TASKS = {
+    'cola':   (('mcc',), 2, 5),
+    'sst2':   (('accuracy',), 2, 5),
+    'mrpc':   (('f1', 'accuracy'), 2, 5),
+    'qqp':    (('f1', 'accuracy'), 2, 3),
+    'stsb':   (('pearson', 'spearman'), 1, 5),
+    'mnli':   (('accuracy',), 3, 3),
+    'qnli':   (('accuracy',), 2, 3),
+    'rte':    (('accuracy',), 2, 5),
+    'wnli':   (('accuracy',), 2, 5),
+    'sick_r': (('pearson', 'spearman'), 1, 5),
+    'sick_e': (('accuracy',), 3, 5),
+    'paws':   (('f1', 'accuracy'), 2, 5),
+}
+PRESETS = {'glue': 'cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte', 'all': ','.join(TASKS)}
+# evaluation sets other than the single default {task: ('dev', 'validation')}: result name -> (local file, hub split)
+EVAL_SETS = {'mnli': {'mnli_m': ('dev_matched', 'validation_matched'),
+                      'mnli_mm': ('dev_mismatched', 'validation_mismatched')}}
+# labels written as words in the local files, listed in the hub's label order
+LABEL_NAMES = {'mnli': ('entailment', 'neutral', 'contradiction'), 'qnli': ('entailment', 'not_entailment'),
+               'rte': ('entailment', 'not_entailment'), 'sick_e': ('entailment', 'neutral', 'contradiction')}
+# the GLUE distribution: folder, header line?, column of sentence a, of sentence b (None: one sentence), of the label
+GLUE_TSV = {
+    'cola': ('CoLA', False, 3, None, 1),
+    'sst2': ('SST-2', True, 0, None, 1),
+    'mrpc': ('MRPC', True, 3, 4, 0),
+    'qqp':  ('QQP', True, 3, 4, 5),
+    'stsb': ('STS-B', True, 7, 8, -1),
+    'mnli': ('MNLI', True, 8, 9, -1),
+    'qnli': ('QNLI', True, 1, 2, -1),
+    'rte':  ('RTE', True, 1, 2, -1),
+    'wnli': ('WNLI', True, 1, 2, -1),
+    'paws': ('PAWS', True, 1, 2, 3),
+}
+# SICK.txt: pair_ID, sentence_A, sentence_B, entailment_label, relatedness_score, ..., SemEval_set (12 columns)
+SICK_LABEL_COLUMN = {'sick_r': 4, 'sick_e': 3}
+# the hub: dataset, configuration, column of sentence a, of sentence b, of the label
+HUB = {
+    'cola':   ('nyu-mll/glue', 'cola', 'sentence', None, 'label'),
+    'sst2':   ('nyu-mll/glue', 'sst2', 'sentence', None, 'label'),
+    'mrpc':   ('nyu-mll/glue', 'mrpc', 'sentence1', 'sentence2', 'label'),
+    'qqp':    ('nyu-mll/glue', 'qqp', 'question1', 'question2', 'label'),
+    'stsb':   ('nyu-mll/glue', 'stsb', 'sentence1', 'sentence2', 'label'),
+    'mnli':   ('nyu-mll/glue', 'mnli', 'premise', 'hypothesis', 'label'),
+    'qnli':   ('nyu-mll/glue', 'qnli', 'question', 'sentence', 'label'),
+    'rte':    ('nyu-mll/glue', 'rte', 'sentence1', 'sentence2', 'label'),
+    'wnli':   ('nyu-mll/glue', 'wnli', 'sentence1', 'sentence2', 'label'),
+    'sick_r': ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'relatedness_score'),
+    'sick_e': ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'label'),
+    'paws':   ('google-research-datasets/paws', 'labeled_final', 'sentence1', 'sentence2', 'label'),
+}
+
+
+def eval_sets(task):
+    return EVAL_SETS.get(task, {task: ('dev', 'validation')})
+
+
+def parse_label(task, text):
+    """A label field as an int class or a float score; ValueError if it is not one."""
+    n_labels = TASKS[task][1]
+    if n_labels == 1:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(text)
+        return value
+    if task in LABEL_NAMES:
+        return LABEL_NAMES[task].index(text.strip().lower())
+    value = int(text)
+    if not 0 <= value < n_labels:
+        raise ValueError(text)
+    return value
+
+
+def make_split(a, b, labels, task):
+    dt = np.float32 if TASKS[task][1] == 1 else np.int64
+    return {'a': a, 'b': b, 'label': np.asarray(labels, dtype=dt)}
+
+
+def read_tsv(path):
+    """The rows of a tab-separated file. GLUE's files are read with quoting off (csv.QUOTE_NONE),
+    so quotes are literal text and a line ends only at a newline: a plain split on tabs."""
+    if not os.path.isfile(path):
+        raise prepare_data.DataError(f"{path} not found; --data_dir must hold the GLUE layout "
+                                     f"(<TASK>/train.tsv, dev.tsv, SICK/SICK.txt, PAWS/train.tsv), or '' for the hub")
+    with open(path, encoding='utf-8', errors='replace', newline='\n') as f:
+        return [line.rstrip('\r\n').split('\t') for line in f if line.strip()]
+
+
+def rows_to_split(task, rows, col_a, col_b, col_y, n_cols):
+    """(split, number of skipped rows): a row with another column count than the file's, or an
+    unreadable label, is skipped (QQP has a few)."""
+    a, b, labels, skipped = [], [], [], 0
+    for row in rows:
+        if len(row) != n_cols:
+            skipped += 1
+            continue
+        try:
+            labels.append(parse_label(task, row[col_y]))
+        except ValueError:
+            skipped += 1
+            continue
+        a.append(row[col_a])
+        if col_b is not None:
+            b.append(row[col_b])
+    return make_split(a, b if col_b is not None else None, labels, task), skipped
+
+
+def read_local(task, root):
+    """(train, {result name: eval split}, {file: skipped rows}) from the GLUE layout under root."""
+    if task in SICK_LABEL_COLUMN:
+        rows = read_tsv(os.path.join(root, 'SICK', 'SICK.txt'))
+        n_cols = len(rows[0]) if rows else 12
+        good = [row for row in rows[1:] if len(row) == n_cols]
+        skipped = len(rows[1:]) - len(good)
+        parts = {s: [row for row in good if row[-1].strip().upper() == s] for s in ('TRAIN', 'TRIAL')}  # no TEST
+        train, s1 = rows_to_split(task, parts['TRAIN'], 1, 2, SICK_LABEL_COLUMN[task], n_cols)
+        dev, s2 = rows_to_split(task, parts['TRIAL'], 1, 2, SICK_LABEL_COLUMN[task], n_cols)
+        return train, {task: dev}, {'SICK.txt': skipped + s1 + s2}
+    folder, header, col_a, col_b, col_y = GLUE_TSV[task]
+
+    def read(stem):
+        rows = read_tsv(os.path.join(root, folder, f'{stem}.tsv'))
+        if header:
+            return rows_to_split(task, rows[1:], col_a, col_b, col_y, len(rows[0]) if rows else 0)
+        n_cols = max(c for c in (col_a, col_b, col_y) if c is not None) + 1  # CoLA: 4
+        return rows_to_split(task, rows, col_a, col_b, col_y, n_cols)
+
+    skipped = {}
+    train, skipped['train.tsv'] = read('train')
+    evals = {}
+    for name, (stem, _) in eval_sets(task).items():
+        evals[name], skipped[f'{stem}.tsv'] = read(stem)
+    return train, evals, skipped
+
+
+def read_hub(task):
+    """The same from the Hugging Face hub; any failure (offline, a renamed dataset) is one error
+    that points at --data_dir."""
+    import datasets
+    path, config_name, col_a, col_b, col_y = HUB[task]
+    # SICK is a script dataset, which datasets>=4 cannot run: its parquet conversion first
+    attempts = [{'revision': 'refs/convert/parquet'}, {}] if path.endswith('sick') else [{}]
+    ds, error = None, None
+    for extra in attempts:
+        try:
+            ds = datasets.load_dataset(path, config_name, **extra)
+            break
+        except ConnectionError as e:  # offline: another attempt would only wait for the same timeouts
+            error = e
+            break
+        except Exception as e:  # noqa: BLE001 - missing repo or revision, scripts: the same advice
+            error = e
+    if ds is None:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise prepare_data.DataError(
+            f"could not load {task} from the Hugging Face hub ({path}: {first}); offline? download the data once "
+            f"and pass --data_dir=DIR in the GLUE layout (DIR/<TASK>/train.tsv, dev.tsv; DIR/SICK/SICK.txt; "
+            f"DIR/PAWS/train.tsv, dev.tsv)")
+    n_labels = TASKS[task][1]
+
+    def take(split):
+        """Rows without a usable label (the hub's test splits mark them -1) are dropped and counted."""
+        d = ds[split]
+        a, ys = d[col_a][:], d[col_y][:]  # [:] makes a plain list, fast (datasets>=4 returns a lazy Column)
+        b = d[col_b][:] if col_b else None
+        keep = [i for i, y in enumerate(ys) if y is not None and (n_labels == 1 or 0 <= y < n_labels)]
+        if len(keep) < len(ys):
+            a, ys = [a[i] for i in keep], [ys[i] for i in keep]
+            b = None if b is None else [b[i] for i in keep]
+        return make_split(a, b, ys, task), len(d) - len(keep)
+
+    skipped = {}
+    train, skipped['train'] = take('train')
+    evals = {}
+    for name, (_, split) in eval_sets(task).items():
+        evals[name], skipped[split] = take(split)
+    return train, evals, skipped
+
+
+def subset(split, n, seed=0):
+    """A fixed random subset of n examples (in file order); GLUE files are often sorted."""
+    if n <= 0 or n >= len(split['label']):
+        return split
+    keep = np.sort(np.random.default_rng(seed).permutation(len(split['label']))[:n])
+    b = None if split['b'] is None else [split['b'][i] for i in keep]
+    return {'a': [split['a'][i] for i in keep], 'b': b, 'label': split['label'][keep]}
+
+
+def load_task(task, root='', max_train=0, max_eval=0):
+    """Everything evaluate_task needs to know about a task, its splits included."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}'; choose from {', '.join(TASKS)}, or 'glue' / 'all'")
+    train, evals, skipped = read_local(task, root) if root else read_hub(task)
+    if len(train['label']) == 0 or any(len(e['label']) == 0 for e in evals.values()):
+        raise prepare_data.DataError(f"{task}: no usable examples in {root or 'the hub data'} ({skipped} skipped)")
+    metrics, n_labels, n_epochs = TASKS[task]
+    return {'task': task, 'metrics': metrics, 'n_labels': n_labels, 'epochs': n_epochs,
+            'train': subset(train, max_train), 'evals': {k: subset(v, max_eval) for k, v in evals.items()},
+            'skipped': skipped}
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics: numpy only; each returns a fraction in [0, 1] or a correlation in [-1, 1]
+
+def accuracy(pred, label):
+    return float(np.mean(np.asarray(pred) == np.asarray(label)))
+
+
+def confusion(pred, label):
+    pred, label = np.asarray(pred) == 1, np.asarray(label) == 1
+    return (int(np.sum(pred & label)), int(np.sum(pred & ~label)), int(np.sum(~pred & label)),
+            int(np.sum(~pred & ~label)))  # tp, fp, fn, tn
+
+
+def f1(pred, label):
+    """F1 of the positive class 1 (paraphrase, duplicate); 0 when nothing is predicted positive."""
+    tp, fp, fn, _ = confusion(pred, label)
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def mcc(pred, label):
+    """Matthews correlation, binary; 0 for a constant prediction (the usual convention)."""
+    tp, fp, fn, tn = confusion(pred, label)
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom else 0.0
+
+
+def pearson(x, y):
+    """Pearson correlation; 0 when either side is constant (a majority-style prediction)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float(np.sum(dx * dx) * np.sum(dy * dy)))
+    return float(np.sum(dx * dy) / denom) if denom > 0 else 0.0
+
+
+def rankdata(x):
+    """Ranks 1..n, tied values sharing the average of their ranks."""
+    x = np.asarray(x, dtype=np.float64)
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind='stable')] = np.arange(1, len(x) + 1)
+    _, group = np.unique(x, return_inverse=True)
+    return (np.bincount(group, weights=ranks) / np.bincount(group))[group]
+
+
+def spearman(x, y):
+    return pearson(rankdata(x), rankdata(y))
+
+
+METRICS = {'mcc': mcc, 'accuracy': accuracy, 'f1': f1, 'pearson': pearson, 'spearman': spearman}
+
+
+def score(pred, label, metrics):
+    """{metric: value x 100}, rounded: more digits than this are noise."""
+    return {m: round(100.0 * METRICS[m](pred, label), 4) for m in metrics}
+
+
+def majority(train_label, eval_label, n_labels, metrics):
+    """The scores of always answering the train split's most frequent label (regression: its mean)."""
+    if n_labels == 1:
+        pred = np.full(len(eval_label), float(np.mean(train_label)))
+    else:
+        pred = np.full(len(eval_label), int(np.bincount(train_label, minlength=n_labels).argmax()))
+    return score(pred, eval_label, metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints and the tokenizer
+
+def load_pretrained(path, tok_dir=''):
+    """(checkpoint dict, Tokenizer). The tokenizer is rebuilt from the recipe the checkpoint holds;
+    a bpe recipe needs the data directory with its ranks file, by default the one it records."""
+    ck = runtime.load_checkpoint(path)
+    where = tok_dir or ck.get('data_dir')
+    try:
+        tok = prepare_data.tokenizer_from_recipe(ck['tokenizer'], where)
+    except prepare_data.DataError as e:
+        raise prepare_data.DataError(f"{e} (the tokenizer of {path}; if its data directory moved, pass "
+                                     f"--data_dir_tok=<that directory>)")
+    return ck, tok
+
+
+def build_model(ck, dropout=None):
+    """A fresh copy of the checkpoint's model on the CPU (ConceptMLM for the mlm and tsdae stages,
+    ConceptDiffusion for diffusion), optionally with another dropout for fine-tuning."""
+    args = dict(ck['model_args'])
+    if dropout is not None:
+        args['dropout'] = dropout
+    is_diffusion = args.get('decoder') == 'diffusion' or ck.get('stage') == 'diffusion'
+    model = (ConceptDiffusion if is_diffusion else ConceptMLM)(ConceptConfig(**args))
+    model.load_state_dict(ck['model'])
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# token ids, once per task, and length-bucketed batches
+
+def truncate_pair(a, b, budget):
+    """Cut the longer of the two first, as BERT does, until both fit in budget tokens."""
+    if len(a) + len(b) <= budget:
+        return a, b
+    keep_b = min(len(b), max(budget - len(a), budget // 2))
+    return a[:budget - keep_b], b[:keep_b]
+
+
+def tokenize(tok, split, joined, max_len):
+    """{'x': ids, 'x_b': ids or None, 'pad': pad id}. joined: '[cls] a [sep] b' in one sequence
+    (pool and decoder heads); else '[cls] a' and '[cls] b' apart (pair and cosine heads)."""
+    cls, sep = tok.cls_id, tok.sep_id
+    ids_a = tok.encode_batch(split['a'])
+    if split['b'] is None:
+        return {'x': [[cls] + a[:max_len - 1] for a in ids_a], 'x_b': None, 'pad': tok.pad_id}
+    ids_b = tok.encode_batch(split['b'])
+    if not joined:
+        return {'x': [[cls] + a[:max_len - 1] for a in ids_a], 'x_b': [[cls] + b[:max_len - 1] for b in ids_b],
+                'pad': tok.pad_id}
+    x = []
+    for a, b in zip(ids_a, ids_b):
+        a, b = truncate_pair(a, b, max_len - 2)
+        x.append([cls] + a + [sep] + b)
+    return {'x': x, 'x_b': None, 'pad': tok.pad_id}
+
+
+def length_batches(lengths, batch_size, rng=None):
+    """Index arrays of examples of about the same length, so that little compute goes to padding.
+    With rng (training): shuffled, sorted by length only within windows of 50 batches, and the
+    batches shuffled, so batches still differ from epoch to epoch. Without: sorted."""
+    lengths = np.asarray(lengths)
+    if rng is None:
+        order = np.argsort(lengths, kind='stable')
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    perm = rng.permutation(len(lengths))
+    window = 50 * batch_size
+    out = []
+    for s in range(0, len(perm), window):
+        part = perm[s:s + window]
+        part = part[np.argsort(lengths[part], kind='stable')]
+        out += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def lengths_of(enc):
+    if enc['x_b'] is None:
+        return [len(x) for x in enc['x']]
+    return [len(a) + len(b) for a, b in zip(enc['x'], enc['x_b'])]
+
+
+def collate(seqs, pad_id, device):
+    """(idx (B, L) long, attn_mask (B, L) bool): padded with pad_id, which the mask hides."""
+    lens = torch.tensor([len(s) for s in seqs])
+    idx = torch.full((len(seqs), int(lens.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    mask = torch.arange(idx.shape[1])[None, :] < lens[:, None]
+    return idx.to(device), mask.to(device)
+
+
+def batch_inputs(enc, rows, device):
+    inputs = collate([enc['x'][i] for i in rows], enc['pad'], device)
+    if enc['x_b'] is not None:
+        inputs += collate([enc['x_b'][i] for i in rows], enc['pad'], device)
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------
+# the heads
+
+class Classifier(nn.Module):
+    """The pretrained model plus a new head; everything is fine-tuned (the lm_head goes unused).
+    n_out = 1 is a regression. pair=True (head 'pair' on a two-sentence task) pools a and b apart."""
+
+    def __init__(self, model, head, n_out, pair, dropout):
+        super().__init__()
+        H = model.cfg.n_embd
+        self.model, self.head, self.pair = model, head, pair
+        if head in ('pool', 'pair'):
+            # weighted concept pooling: score_i = w·c_i, softmax over the C concepts. Zero init:
+            # it starts as the plain mean, the embedding that encode() and the cosine head use
+            self.score = nn.Linear(H, 1)
+            nn.init.zeros_(self.score.weight)
+            nn.init.zeros_(self.score.bias)
+        self.ln = nn.LayerNorm(H)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(4 * H if pair else H, n_out)
+        nn.init.normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
+    def pool(self, idx, mask):
+        c = self.model.encoder(idx, mask)                                       # (B, C, H)
+        alpha = F.softmax(self.score(c).squeeze(-1).float(), dim=-1).to(c.dtype)  # (B, C)
+        return self.ln(torch.einsum('bc,bch->bh', alpha, c))                   # (B, H)
+
+    def read_decoder(self, idx, mask):
+        """The pretrained decoder at every position, mean over the real tokens (the original's
+        ViaDecoder head). Diffusion: the denoiser at t = 0, the clean tokens as its queries."""
+        c = self.model.encoder(idx, mask)
+        B, N = idx.shape
+        pos = torch.arange(N, device=idx.device).expand(B, N)
+        if isinstance(self.model, ConceptDiffusion):
+            h = self.model.denoise(c, idx, pos, torch.zeros(B, device=idx.device))
+        else:
+            h = self.model.decode(c, idx, pos)                                  # (B, N, H)
+        m = mask[..., None].to(h.dtype)
+        return self.ln((h * m).sum(1) / m.sum(1))
+
+    def forward(self, idx, mask, idx_b=None, mask_b=None):
+        if self.head == 'decoder':
+            z = self.read_decoder(idx, mask)
+        elif self.pair:
+            a, b = self.pool(idx, mask), self.pool(idx_b, mask_b)
+            z = torch.cat([a, b, (a - b).abs(), a * b], dim=-1)                 # (B, 4H)
+        else:
+            z = self.pool(idx, mask)
+        return self.out(self.drop(z))                                           # (B, n_out)
+
+
+@torch.no_grad()
+def embed(model, seqs, pad_id, batch_size=64, device='cpu', autocast=nullcontext):
+    """Mean of the C concepts of each sequence: (n, H) float32 on the CPU, in input order."""
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(seqs), model.cfg.n_embd)
+    for rows in length_batches([len(s) for s in seqs], batch_size):
+        idx, mask = collate([seqs[i] for i in rows], pad_id, device)
+        with autocast():
+            c = model.encoder(idx, mask)
+        out[torch.as_tensor(rows)] = c.float().mean(1).cpu()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def predict(clf, enc, batch_size, device, autocast=nullcontext):
+    """Outputs (n, n_out) float32 for every example, in input order."""
+    clf.eval()
+    outs = np.empty((len(enc['x']), clf.out.out_features), dtype=np.float32)
+    for rows in length_batches(lengths_of(enc), batch_size):
+        with autocast():
+            o = clf(*batch_inputs(enc, rows, device))
+        outs[rows] = o.float().cpu().numpy()
+    return outs
+
+
+# ----------------------------------------------------------------------------------------------
+# fine-tuning
+
+def finetune(ck, data, head, seed, hp, device='cpu', autocast=nullcontext, progress=False, dtype='float32'):
+    """One run: a fresh copy of the pretrained model and a new head, trained for the task's
+    epochs and scored on every evaluation set after every epoch. data holds the tokenised splits
+    (evaluate_task adds them). Returns [{eval name: {metric: value}} per epoch] and the loss curve."""
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train, n_labels = data['train_tok'], data['n_labels']
+    regression = n_labels == 1
+    labels = data['train']['label']
+    # regression targets are standardised: a fresh head starts near 0, and a 0-5 score would first
+    # cost epochs of learning its offset (the correlations do not change under this rescaling)
+    y_mean, y_std = (float(labels.mean()), float(labels.std()) or 1.0) if regression else (0.0, 1.0)
+    targets = torch.tensor((labels - y_mean) / y_std, dtype=torch.float32) if regression else torch.tensor(labels)
+
+    model = build_model(ck, hp['dropout'])
+    clf = Classifier(model, head, n_labels, head == 'pair' and train['x_b'] is not None, hp['dropout']).to(device)
+    n_epochs = hp['epochs'] or data['epochs']
+    per_epoch = math.ceil(len(train['x']) / hp['batch_size'])
+    total = n_epochs * per_epoch
+    warmup = hp['warmup_steps'] if hp['warmup_steps'] >= 0 else round(0.1 * total)
+    params = [p for p in clf.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': hp['weight_decay']},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    device_type = 'cuda' if str(device).startswith('cuda') else str(device)
+    optimizer = torch.optim.AdamW(groups, lr=hp['learning_rate'], betas=(0.9, 0.98), eps=1e-6,
+                                  fused=device_type == 'cuda')
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+    history, losses, step = [], [], 0
+    for epoch in range(n_epochs):
+        clf.train()
+        batches = length_batches(lengths_of(train), hp['batch_size'], rng)
+        bar = tqdm(batches, desc=f"{data['task']} seed {seed} epoch {epoch + 1}/{n_epochs}", leave=False,
+                   disable=not progress)
+        loss_sum = 0.0
+        for rows in bar:
+            lr = runtime.get_lr(step, hp['learning_rate'], 0.0, warmup, total)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            with autocast():
+                o = clf(*batch_inputs(train, rows, device))
+            y = targets[torch.as_tensor(rows)].to(device)
+            loss = F.mse_loss(o.float().squeeze(-1), y) if regression else F.cross_entropy(o.float(), y)
+            scaler.scale(loss).backward()
+            if hp['grad_clip'] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(clf.parameters(), hp['grad_clip'])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.item()  # a sync per step: negligible at fine-tuning sizes
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        losses.append(round(loss_sum / max(1, len(batches)), 5))
+        scores = {}
+        for name, enc in data['evals_tok'].items():
+            o = predict(clf, enc, hp['eval_batch_size'], device, autocast)
+            pred = o[:, 0] * y_std + y_mean if regression else o.argmax(-1)
+            scores[name] = score(pred, data['evals'][name]['label'], data['metrics'])
+        history.append(scores)
+        if progress:
+            shown = ', '.join(f"{name} " + ' '.join(f"{m} {v:.1f}" for m, v in s.items()) for name, s in scores.items())
+            print(f"{data['task']} seed {seed} epoch {epoch + 1}/{n_epochs}: train loss {losses[-1]:.4f}, {shown}",
+                  flush=True)
+    return history, losses
+
+
+def evaluate_task(ck, tok, data, head='pool', seeds=(42,), hp=None, device='cpu', autocast=nullcontext,
+                  progress=False, dtype='float32'):
+    """Fine-tune once per seed (or, head='cosine', score zero-shot) and summarise:
+    {eval name: {metric: last-epoch mean, 'std', 'best_epoch', 'majority', 'n_train', ...}}."""
+    hp = {**HPARAMS, **(hp or {})}
+    t0 = time.time()
+    metrics, n_labels = data['metrics'], data['n_labels']
+    length = min(hp['max_len'], ck['model_args']['block_size'])
+    joined = head in ('pool', 'decoder')  # one sequence per example; pair and cosine read a and b apart
+    data['evals_tok'] = {name: tokenize(tok, e, joined, length) for name, e in data['evals'].items()}
+    results = {}
+    if head == 'cosine':
+        if n_labels != 1 or data['train']['b'] is None:
+            raise ConfigError(f"head=cosine scores sentence similarity (stsb, sick_r), not {data['task']}")
+        model = build_model(ck).to(device)
+        for name, enc in data['evals_tok'].items():
+            a = embed(model, enc['x'], enc['pad'], hp['eval_batch_size'], device, autocast)
+            b = embed(model, enc['x_b'], enc['pad'], hp['eval_batch_size'], device, autocast)
+            cos = F.cosine_similarity(a, b, dim=-1).numpy()
+            label = data['evals'][name]['label']
+            results[name] = {**score(cos, label, metrics),
+                             'majority': majority(data['train']['label'], label, n_labels, metrics),
+                             'n_train': 0, 'n_eval': len(label), 'seconds': round(time.time() - t0, 2),
+                             'head': head, 'skipped': data['skipped']}
+        return results
+
+    data['train_tok'] = tokenize(tok, data['train'], joined, length)
+    runs = [finetune(ck, data, head, s, hp, device, autocast, progress, dtype) for s in seeds]
+    first = next(iter(data['evals']))
+    seconds = round(time.time() - t0, 2)
+    for name, ev in data['evals'].items():
+        last = {m: [h[-1][name][m] for h, _ in runs] for m in metrics}
+        # the best epoch of each run, chosen on the first evaluation set's first metric
+        best_epochs = [int(np.argmax([e[first][metrics[0]] for e in h])) for h, _ in runs]
+        best = {m: [h[b][name][m] for (h, _), b in zip(runs, best_epochs)] for m in metrics}
+        entry = {m: round(float(np.mean(v)), 4) for m, v in last.items()}
+        entry['std'] = {m: round(float(np.std(v, ddof=1)), 4) if len(v) > 1 else 0.0 for m, v in last.items()}
+        entry['best_epoch'] = {**{m: round(float(np.mean(v)), 4) for m, v in best.items()},
+                               'epoch': [b + 1 for b in best_epochs]}
+        entry['majority'] = majority(data['train']['label'], ev['label'], n_labels, metrics)
+        entry.update({'n_train': len(data['train']['label']), 'n_eval': len(ev['label']), 'seconds': seconds,
+                      'head': head, 'epochs': len(runs[0][0]), 'seeds': list(seeds), 'skipped': data['skipped'],
+                      'per_seed': {str(s): {'scores': [e[name] for e in h], 'train_loss': loss}
+                                   for s, (h, loss) in zip(seeds, runs)}})
+        results[name] = entry
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# reporting
+
+def markdown_table(results):
+    """One row per (task, metric): last epoch (mean ± std over seeds), best epoch, majority baseline."""
+    lines = ['| task | metric | last epoch | best epoch | majority | n_train | n_eval | seconds |',
+             '|---|---|---:|---:|---:|---:|---:|---:|']
+    for name, e in results.items():
+        for m in (k for k in e if k in METRICS):  # in the task's order: mrpc f1 before accuracy
+            last = f"{e[m]:.1f}"
+            if len(e.get('seeds', ())) > 1:
+                last += f" ± {e['std'][m]:.1f}"
+            best = (f"{e['best_epoch'][m]:.1f} (ep {','.join(map(str, e['best_epoch']['epoch']))})"
+                    if 'best_epoch' in e else '-')
+            lines.append(f"| {name} | {m} | {last} | {best} | {e['majority'][m]:.1f} | {e['n_train']} | "
+                         f"{e['n_eval']} | {e['seconds']:.1f} |")
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# sentence embeddings for users outside GLUE
+
+_ENCODERS = {}  # (checkpoint path, its mtime, device, tokenizer dir) -> (model, tokenizer); the last two used
+
+
+def load_encoder(path, device='cpu', tok_dir=''):
+    """(model in eval mode on device, Tokenizer) for a checkpoint, cached: a script that calls
+    encode() in a loop loads it once; a checkpoint rewritten on disk is loaded again."""
+    device = runtime.resolve_device(device)
+    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.isfile(path) else None, device, tok_dir)
+    if key not in _ENCODERS:
+        ck, tok = load_pretrained(path, tok_dir)
+        _ENCODERS[key] = (build_model(ck).to(device).eval(), tok)
+        while len(_ENCODERS) > 2:
+            del _ENCODERS[next(iter(_ENCODERS))]
+    return _ENCODERS[key]
+
+
+def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir_tok=''):
+    """Sentence embeddings: tensor (len(texts), n_embd), float32 on the CPU, not normalised.
+    Each text is read as '[cls] text' (at most max_len tokens, capped at the model's block_size)
+    and its embedding is the mean of the encoder's C concepts: with no trained pooling scorer
+    for zero-shot use, the plain mean is the one choice that favours no concept. Cosine
+    similarity between these vectors is what head=cosine scores on STS-B and SICK-R."""
+    if isinstance(texts, str):
+        texts = [texts]
+    model, tok = load_encoder(ckpt, device, data_dir_tok)
+    length = min(max_len, model.cfg.block_size)
+    seqs = [[tok.cls_id] + ids[:length - 1] for ids in tok.encode_batch(list(texts))]
+    if not seqs:
+        return torch.empty(0, model.cfg.n_embd)
+    return embed(model, seqs, tok.pad_id, batch_size, next(model.parameters()).device)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main():
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read(), globals())
+    runtime.one_line_errors()
+    task_list = []
+    for name in tasks.split(','):
+        for t in PRESETS.get(name.strip(), name.strip()).split(','):
+            if t and t not in task_list:
+                task_list.append(t)
+    unknown = [t for t in task_list if t not in TASKS]
+    if unknown or not task_list:
+        raise ConfigError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}, "
+                          f"or 'glue' / 'all'")
+    if head not in ('pool', 'pair', 'decoder', 'cosine'):
+        raise ConfigError(f"unknown head '{head}'; choose pool, pair, decoder or cosine")
+    if head == 'cosine' and any(TASKS[t][1] != 1 for t in task_list):
+        raise ConfigError(f"head=cosine scores sentence similarity without training: tasks stsb and sick_r only, "
+                          f"not {', '.join(t for t in task_list if TASKS[t][1] != 1)}")
+    seed_list = [int(s) for s in str(seeds).split(',') if s.strip()]
+    hp = {k: globals()[k] for k in HPARAMS}
+
+    rt = runtime.setup_runtime(device, dtype, seed_list[0])
+    ck, tok = load_pretrained(ckpt, data_dir_tok)
+    block = ck['model_args']['block_size']
+    if max_len > block:
+        print(f"max_len {max_len} exceeds the model's block_size; sequences are cut at {block} tokens")
+    print(f"checkpoint {ckpt}: stage {ck.get('stage', '?')}, decoder {ck['model_args'].get('decoder')}, "
+          f"n_embd {ck['model_args']['n_embd']}, {len(ck['model'])} tensors; head {head}, seeds {seed_list}, "
+          f"device {rt.device}, dtype {rt.dtype}")
+    results = {}
+    for task in task_list:
+        data = load_task(task, data_dir, max_train_examples, max_eval_examples)
+        sizes = ', '.join(f"{k} {len(v['label'])}" for k, v in data['evals'].items())
+        skipped = sum(data['skipped'].values())
+        print(f"{task}: train {len(data['train']['label'])}, {sizes}"
+              + (f"; skipped {skipped} malformed rows {data['skipped']}" if skipped else ''), flush=True)
+        res = evaluate_task(ck, tok, data, head, seed_list, hp, rt.device, rt.autocast, progress, rt.dtype)
+        for name, e in res.items():
+            shown = ', '.join(f"{m} {e[m]:.1f} (majority {e['majority'][m]:.1f})" for m in e if m in METRICS)
+            print(f"{name}: {shown} in {e['seconds']:.1f}s", flush=True)
+        results.update(res)
+    print()
+    print(markdown_table(results))
+    path = out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f'glue_{head}.json')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(results, f, indent=2)
+        f.write('\n')
+    print(f"\nwrote {path}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,382 @@
+"""eval_glue.py: metrics against hand-computed values, every task's reader on files in the official
+layouts, each head learning a tiny synthetic task, checkpoints of every stage, and the CLI end to end."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script
+
+import eval_glue as G
+import prepare_data
+import runtime
+from model import ConceptConfig, ConceptDiffusion, ConceptMLM
+
+# ----------------------------------------------------------------------------------------------
+# a tiny prepared data directory and one checkpoint per stage, written as the train scripts do
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope='module')
+def tok_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('evaldata') / 'pydocs_tiny')
+    prepare_data.prepare(dataset='pydocs', max_docs=500, vocab_size=600, out_dir=out)
+    return out
+
+
+def make_ckpt(path, data_dir, stage, decoder):
+    meta = prepare_data.load_meta(data_dir)
+    special = meta['special_tokens']
+    args = dict(vocab_size=meta['vocab_size'], block_size=64, n_layer=2, n_head=2, n_embd=32, n_concepts=8,
+                ffn_size=64, decoder=decoder, pad_id=special['pad'], mask_id=special['mask'],
+                eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
+    torch.manual_seed(0)
+    model = (ConceptDiffusion if stage == 'diffusion' else ConceptMLM)(ConceptConfig(**args))
+    runtime.save_checkpoint(path, {'stage': stage, 'model': model.state_dict(), 'model_args': args,
+                                   'tokenizer': meta['tokenizer'], 'special_tokens': special,
+                                   'data_dir': os.path.abspath(data_dir), 'config': {}, 'iter_num': 0})
+    return path
+
+
+@pytest.fixture(scope='module')
+def ckpts(tok_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp('ckpts')
+    return {stage: make_ckpt(str(root / stage / 'ckpt.pt'), tok_dir, stage, decoder)
+            for stage, decoder in [('mlm', 'perceiver'), ('tsdae', 'posonly'), ('diffusion', 'diffusion'),
+                                   ('weighted', 'weighted')]}
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+def test_metrics_match_hand_computed_values():
+    label = [1, 1, 0, 0, 1, 0]
+    pred = [1, 0, 0, 1, 1, 0]                       # tp 2, fn 1, fp 1, tn 2
+    assert G.accuracy(pred, label) == pytest.approx(4 / 6)
+    assert G.f1(pred, label) == pytest.approx(2 / 3)  # 2·2 / (2·2 + 1 + 1)
+    assert G.mcc(pred, label) == pytest.approx(1 / 3)  # (4 - 1) / sqrt(3·3·3·3)
+    assert G.mcc([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+    assert G.mcc([1, 1, 1], [1, 0, 1]) == 0.0 and G.f1([0, 0], [1, 0]) == 0.0  # constant predictions
+    # mean 2.5 and 5; Σdxdy = 11, Σdx² = 5, Σdy² = 26
+    assert G.pearson([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(11 / math.sqrt(130))
+    assert G.pearson([3, 3, 3], [1, 2, 3]) == 0.0
+    # ties share their average rank: x -> [1, 2.5, 2.5, 4]; r = 4.5 / sqrt(4.5 · 5)
+    assert G.rankdata([1, 2, 2, 3]).tolist() == [1, 2.5, 2.5, 4]
+    assert G.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))
+    assert G.spearman([10, 20, 30], [1, 5, 100]) == pytest.approx(1.0)
+    assert G.score(pred, label, ('f1', 'accuracy')) == pytest.approx({'f1': 200 / 3, 'accuracy': 400 / 6})
+    # majority: the train split's most frequent label, scored on the eval labels
+    assert G.majority(np.array([1, 1, 0]), np.array([1, 0, 0, 0]), 2, ('accuracy', 'f1')) == \
+        pytest.approx({'accuracy': 25.0, 'f1': 40.0})
+    assert G.majority(np.array([1.0, 3.0]), np.array([0.0, 5.0]), 1, ('pearson',)) == {'pearson': 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# readers: each task's official layout (with a quote in the text, read literally), plus rows that
+# must be skipped: a missing column and an unreadable label
+
+MNLI_HEAD = ['index', 'promptID', 'pairID', 'genre', 'sentence1_binary_parse', 'sentence2_binary_parse',
+             'sentence1_parse', 'sentence2_parse', 'sentence1', 'sentence2']
+LAYOUTS = {  # task: (folder, header of train, of dev (None: none at all), row from (a, b, label, split))
+    'cola': ('CoLA', None, None, lambda a, b, y, s: ['gj04', str(y), '' if y else '*', a]),
+    'sst2': ('SST-2', ['sentence', 'label'], ['sentence', 'label'], lambda a, b, y, s: [a, str(y)]),
+    'mrpc': ('MRPC', ['Quality', '#1 ID', '#2 ID', '#1 String', '#2 String'],
+             ['Quality', '#1 ID', '#2 ID', '#1 String', '#2 String'], lambda a, b, y, s: [str(y), '11', '12', a, b]),
+    'qqp': ('QQP', ['id', 'qid1', 'qid2', 'question1', 'question2', 'is_duplicate'],
+            ['id', 'qid1', 'qid2', 'question1', 'question2', 'is_duplicate'],
+            lambda a, b, y, s: ['7', '13', '14', a, b, str(y)]),
+    'stsb': ('STS-B', ['index', 'genre', 'filename', 'year', 'old_index', 'source1', 'source2', 'sentence1',
+                       'sentence2', 'score'],
+             ['index', 'genre', 'filename', 'year', 'old_index', 'source1', 'source2', 'sentence1', 'sentence2',
+              'score'],
+             lambda a, b, y, s: ['0', 'main-captions', 'MSRvid', '2012test', '0001', 'none', 'none', a, b, str(y)]),
+    'mnli': ('MNLI', MNLI_HEAD + ['label1', 'gold_label'],
+             MNLI_HEAD + ['label1', 'label2', 'label3', 'label4', 'label5', 'gold_label'],
+             lambda a, b, y, s: ['0', '31193', '31193n', 'government', '( a )', '( b )', '(ROOT a)', '(ROOT b)', a, b]
+             + [y] * (2 if s == 'train' else 6)),
+    'qnli': ('QNLI', ['index', 'question', 'sentence', 'label'], ['index', 'question', 'sentence', 'label'],
+             lambda a, b, y, s: ['0', a, b, y]),
+    'rte': ('RTE', ['index', 'sentence1', 'sentence2', 'label'], ['index', 'sentence1', 'sentence2', 'label'],
+            lambda a, b, y, s: ['0', a, b, y]),
+    'wnli': ('WNLI', ['index', 'sentence1', 'sentence2', 'label'], ['index', 'sentence1', 'sentence2', 'label'],
+             lambda a, b, y, s: ['0', a, b, str(y)]),
+    'paws': ('PAWS', ['id', 'sentence1', 'sentence2', 'label'], ['id', 'sentence1', 'sentence2', 'label'],
+             lambda a, b, y, s: ['1', a, b, str(y)]),
+}
+SICK_HEAD = ['pair_ID', 'sentence_A', 'sentence_B', 'entailment_label', 'relatedness_score', 'entailment_AB',
+             'entailment_BA', 'sentence_A_original', 'sentence_B_original', 'sentence_A_dataset',
+             'sentence_B_dataset', 'SemEval_set']
+
+
+def write_lines(path, rows, extra=()):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as f:
+        for row in rows:
+            f.write('\t'.join(row) + '\n')
+        for line in extra:
+            f.write(line + '\n')
+
+
+def write_task(root, task, split, examples, extra=()):
+    """examples: (a, b, label) in the file's own label form; split 'train' or a dev file stem."""
+    folder, train_head, dev_head, row = LAYOUTS[task]
+    head = train_head if split == 'train' else dev_head
+    rows = ([head] if head else []) + [row(a, b, y, split) for a, b, y in examples]
+    write_lines(os.path.join(root, folder, f'{split}.tsv'), rows, extra)
+
+
+def write_sick(root, examples, extra=()):
+    """examples: (a, b, entailment word, relatedness, SemEval split)."""
+    rows = [SICK_HEAD] + [[str(i), a, b, e, f'{r:.1f}', 'A_neutral_B', 'B_neutral_A', a, b, 'FLICKR', 'FLICKR', s]
+                          for i, (a, b, e, r, s) in enumerate(examples)]
+    write_lines(os.path.join(root, 'SICK', 'SICK.txt'), rows, extra)
+
+
+LABELS_IN_FILE = {'mnli': ['entailment', 'neutral', 'contradiction'], 'qnli': ['entailment', 'not_entailment'],
+                  'rte': ['entailment', 'not_entailment'], 'stsb': [0.0, 2.5, 5.0]}
+
+
+@pytest.mark.parametrize('task', list(LAYOUTS))
+def test_reader_of_each_glue_layout(task, tmp_path):
+    labels = LABELS_IN_FILE.get(task, [0, 1, 1])
+    good = [(f'He said "yes" {i}.', f'b {i}', labels[i % len(labels)]) for i in range(3)]
+    broken = ['only\tthree\tcols' if LAYOUTS[task][1] is None else 'too\tfew',
+              '\t'.join(LAYOUTS[task][3]('a', 'b', 'maybe', 'train'))]  # a label that is none
+    for split in ['train'] + [stem for stem, _ in G.eval_sets(task).values()]:
+        write_task(str(tmp_path), task, split, good, broken)
+    data = G.load_task(task, str(tmp_path))
+    expected_names = ['mnli_m', 'mnli_mm'] if task == 'mnli' else [task]
+    assert list(data['evals']) == expected_names
+    for split in [data['train'], *data['evals'].values()]:
+        assert split['a'] == [a for a, _, _ in good]  # quotes stay literal text
+        if task in ('cola', 'sst2'):
+            assert split['b'] is None
+        else:
+            assert split['b'] == [b for _, b, _ in good]
+        want = [LABELS_IN_FILE[task].index(y) if task in G.LABEL_NAMES else y for _, _, y in good]
+        assert split['label'].tolist() == pytest.approx(want)
+    assert all(n == 2 for n in data['skipped'].values()) and len(data['skipped']) == 1 + len(expected_names)
+
+
+def test_reader_of_sick(tmp_path):
+    examples = [('A man plays', 'A man is playing', 'ENTAILMENT', 4.5, 'TRAIN'),
+                ('A dog runs', 'A cat sleeps', 'NEUTRAL', 1.2, 'TRAIN'),
+                ('Nobody sings', 'A woman sings', 'CONTRADICTION', 3.0, 'TRIAL'),
+                ('Kids play', 'Children play', 'ENTAILMENT', 4.9, 'TEST')]
+    write_sick(str(tmp_path), examples, extra=['1\tshort\trow', '\t'.join(['9', 'a', 'b', 'UNSURE', 'x'] + ['z'] * 6
+                                                                          + ['TRAIN'])])
+    r = G.load_task('sick_r', str(tmp_path))
+    e = G.load_task('sick_e', str(tmp_path))
+    assert r['train']['a'] == ['A man plays', 'A dog runs'] and r['train']['b'] == ['A man is playing', 'A cat sleeps']
+    assert r['train']['label'].tolist() == pytest.approx([4.5, 1.2])
+    assert r['evals']['sick_r']['label'].tolist() == pytest.approx([3.0])  # TRIAL is the validation split
+    assert e['train']['label'].tolist() == [0, 1] and e['evals']['sick_e']['label'].tolist() == [2]
+    assert r['skipped'] == {'SICK.txt': 2} and e['skipped'] == {'SICK.txt': 2}
+
+
+def test_missing_files_and_hub_failures_are_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(prepare_data.DataError, match='RTE.train.tsv not found'):
+        G.load_task('rte', str(tmp_path))
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, 'load_dataset', offline)
+    with pytest.raises(prepare_data.DataError, match='--data_dir'):
+        G.load_task('mrpc', '')
+    with pytest.raises(prepare_data.DataError, match='--data_dir'):
+        G.load_task('sick_e', '')
+
+
+def test_hub_columns_and_splits(monkeypatch):
+    """The hub path, offline: a stand-in load_dataset returns what the hub's MNLI and SICK hold."""
+    import datasets
+    calls = []
+
+    def fake(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        if path.endswith('sick') and 'revision' in kwargs:
+            raise RuntimeError("Dataset scripts are no longer supported")  # the fallback is tried next
+        if path == 'nyu-mll/glue':
+            rows = {'premise': ['p1', 'p2', 'p3'], 'hypothesis': ['h1', 'h2', 'h3'], 'label': [2, 0, -1]}
+            return datasets.DatasetDict({s: datasets.Dataset.from_dict(rows)
+                                         for s in ('train', 'validation_matched', 'validation_mismatched')})
+        rows = {'sentence_A': ['a1', 'a2'], 'sentence_B': ['b1', 'b2'], 'label': [0, 1],
+                'relatedness_score': [4.5, 1.0]}
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(rows) for s in ('train', 'validation')})
+    monkeypatch.setattr(datasets, 'load_dataset', fake)
+    mnli = G.load_task('mnli')
+    assert calls[0] == ('nyu-mll/glue', 'mnli', {}) and list(mnli['evals']) == ['mnli_m', 'mnli_mm']
+    assert mnli['train']['a'] == ['p1', 'p2'] and mnli['train']['b'] == ['h1', 'h2']
+    assert mnli['train']['label'].tolist() == [2, 0] and mnli['skipped']['train'] == 1  # -1: no label
+    sick = G.load_task('sick_r')
+    assert sick['evals']['sick_r']['label'].tolist() == pytest.approx([4.5, 1.0])
+    assert [c[2] for c in calls[1:]] == [{'revision': 'refs/convert/parquet'}, {}]
+
+
+def test_subset_and_truncation():
+    split = G.make_split([str(i) for i in range(10)], None, [i % 2 for i in range(10)], 'sst2')
+    small = G.subset(split, 4)
+    assert len(small['a']) == 4 and small['a'] == sorted(small['a'], key=int)  # in file order
+    assert small['label'].tolist() == [int(a) % 2 for a in small['a']]
+    assert G.subset(split, 4)['a'] == small['a'] and G.subset(split, 0) is split  # fixed seed; 0 = all
+    a, b = G.truncate_pair(list(range(10)), list(range(3)), 8)
+    assert (len(a), len(b)) == (5, 3)
+    a, b = G.truncate_pair(list(range(10)), list(range(10)), 7)
+    assert (len(a), len(b)) == (4, 3)
+    assert G.truncate_pair([1, 2], [3], 8) == ([1, 2], [3])
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints of every stage load, and encode() gives padding-independent embeddings
+
+@pytest.mark.parametrize('stage', ['mlm', 'tsdae', 'diffusion'])
+def test_checkpoint_of_each_stage_loads_and_encodes(ckpts, stage):
+    ck, tok = G.load_pretrained(ckpts[stage])
+    model = G.build_model(ck)
+    assert isinstance(model, ConceptDiffusion if stage == 'diffusion' else ConceptMLM)
+    texts = ['Return the sum of an array.', 'A much longer sentence about tensors, files and sockets, ' * 3]
+    emb = G.encode(texts, ckpts[stage])
+    assert emb.shape == (2, 32) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
+    alone = G.encode(texts[:1], ckpts[stage])  # padded in a batch with a longer text, or not at all
+    torch.testing.assert_close(alone[0], emb[0], rtol=1e-4, atol=1e-5)
+    assert G.load_encoder(ckpts[stage])[0] is G.load_encoder(ckpts[stage])[0]  # cached
+
+
+def test_moved_tokenizer_directory_says_what_to_pass(ckpts, tok_dir, tmp_path):
+    ck = torch.load(ckpts['mlm'], weights_only=True)
+    ck['data_dir'] = str(tmp_path / 'moved_away')
+    path = str(tmp_path / 'ckpt.pt')
+    runtime.save_checkpoint(path, ck)
+    with pytest.raises(prepare_data.DataError, match='--data_dir_tok'):
+        G.load_pretrained(path)
+    assert G.load_pretrained(path, tok_dir)[1].vocab_size == 600
+
+
+# ----------------------------------------------------------------------------------------------
+# each head learns a synthetic task: the label is which keyword a sentence contains
+
+FILLER = 'the module returns a value for each index of the array and the default object'.split()
+
+
+def sentence(rng, keyword):
+    words = list(rng.choice(FILLER, size=6))
+    words.insert(int(rng.integers(0, 7)), keyword)
+    return ' '.join(words)
+
+
+def synthetic(n, seed, pair=False, regression=False):
+    """(a, b, label): label 1 when the keyword is 'tensor', 0 for 'socket' (in b for pair tasks)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        y = int(rng.integers(0, 2))
+        key = 'tensor' if y else 'socket'
+        if pair:
+            out.append((sentence(rng, 'file'), sentence(rng, key), y))
+        else:
+            out.append((sentence(rng, key), None, 4.0 * y + 0.5 if regression else y))
+    return out
+
+
+def synthetic_data(pair=False, regression=False, n_train=160, n_eval=64):
+    task = 'stsb' if regression else ('mrpc' if pair else 'sst2')
+    metrics, n_labels, _ = G.TASKS[task]
+    split = lambda ex: G.make_split([a for a, _, _ in ex], [b for _, b, _ in ex] if pair else None,  # noqa: E731
+                                    [y for _, _, y in ex], task)
+    return {'task': 'synthetic', 'metrics': metrics if not pair else ('accuracy',), 'n_labels': n_labels,
+            'epochs': 4, 'train': split(synthetic(n_train, 1, pair, regression)),
+            'evals': {'synthetic': split(synthetic(n_eval, 2, pair, regression))}, 'skipped': {}}
+
+
+FAST = dict(learning_rate=3e-3, batch_size=16, dropout=0.0, epochs=4, warmup_steps=4)
+
+
+@pytest.mark.parametrize('stage,head,pair', [('mlm', 'pool', False), ('mlm', 'pair', True), ('mlm', 'decoder', False),
+                                             ('tsdae', 'decoder', False), ('weighted', 'decoder', False),
+                                             ('diffusion', 'decoder', False)])
+def test_each_head_learns_a_synthetic_task(ckpts, stage, head, pair):
+    ck, tok = G.load_pretrained(ckpts[stage])
+    res = G.evaluate_task(ck, tok, synthetic_data(pair), head, seeds=(0,), hp=FAST)['synthetic']
+    assert res['accuracy'] > 80, res['per_seed']
+    assert res['majority']['accuracy'] < 65 and res['n_train'] == 160 and res['n_eval'] == 64
+    assert res['best_epoch']['accuracy'] >= res['accuracy'] and 1 <= res['best_epoch']['epoch'][0] <= 4
+    losses = res['per_seed']['0']['train_loss']
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_regression_and_seeds(ckpts):
+    ck, tok = G.load_pretrained(ckpts['mlm'])
+    res = G.evaluate_task(ck, tok, synthetic_data(regression=True, n_train=96, n_eval=48), 'pool', seeds=(0, 1),
+                          hp={**FAST, 'epochs': 3})['synthetic']
+    assert res['pearson'] > 50 and res['spearman'] > 50, res['per_seed']
+    assert res['majority'] == {'pearson': 0.0, 'spearman': 0.0}
+    assert res['std']['pearson'] > 0 and res['seeds'] == [0, 1] and len(res['best_epoch']['epoch']) == 2
+    table = G.markdown_table({'synthetic': res})
+    assert '| synthetic | pearson |' in table and ' ± ' in table
+
+
+def test_cosine_head_needs_no_training(ckpts):
+    """Pairs of identical sentences score 5, others 0: even an untrained encoder ranks them."""
+    ck, tok = G.load_pretrained(ckpts['mlm'])
+    rng = np.random.default_rng(0)
+    ex = []
+    for i in range(40):
+        a = sentence(rng, 'tensor')
+        ex.append((a, a if i % 2 else sentence(rng, 'socket'), 5.0 if i % 2 else 0.0))
+    split = G.make_split([a for a, _, _ in ex], [b for _, b, _ in ex], [y for _, _, y in ex], 'stsb')
+    data = {'task': 'stsb', 'metrics': ('pearson', 'spearman'), 'n_labels': 1, 'epochs': 5, 'train': split,
+            'evals': {'stsb': split}, 'skipped': {}}
+    res = G.evaluate_task(ck, tok, data, 'cosine')['stsb']
+    assert math.isfinite(res['spearman']) and res['spearman'] > 50 and res['n_train'] == 0
+    with pytest.raises(ValueError, match='cosine'):
+        G.evaluate_task(ck, tok, synthetic_data(), 'cosine')
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line on a GLUE-layout directory
+
+def test_cli_on_a_glue_layout_directory(ckpts, tmp_path):
+    root = str(tmp_path / 'glue')
+    for task in ('sst2', 'cola', 'mrpc', 'rte', 'stsb'):
+        pair = task in ('mrpc', 'rte', 'stsb')
+        for split, n, seed in (('train', 48, 1), ('dev', 24, 2)):
+            ex = synthetic(n, seed, pair)
+            if task == 'rte':
+                ex = [(a, b, G.LABEL_NAMES['rte'][y]) for a, b, y in ex]
+            if task == 'stsb':
+                ex = [(a, b, 4.0 * y + 0.5) for a, b, y in ex]
+            write_task(root, task, split, ex, extra=['malformed'])
+    out = str(tmp_path / 'r.json')
+    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}',
+                     '--tasks=stsb,mrpc,rte,sst2,cola', '--head=pool', f'--out={out}', '--device=cpu',
+                     '--dtype=float32', '--epochs=1', '--progress=False')
+    results = json.load(open(out))
+    want = {'stsb': ['pearson', 'spearman'], 'mrpc': ['f1', 'accuracy'], 'rte': ['accuracy'],
+            'sst2': ['accuracy'], 'cola': ['mcc']}
+    assert list(results) == list(want)
+    for task, metrics in want.items():
+        r = results[task]
+        for m in metrics:
+            assert math.isfinite(r[m]) and m in r['majority']
+        assert r['n_train'] == 48 and r['n_eval'] == 24 and r['seconds'] > 0
+        assert sum(r['skipped'].values()) == 2  # the 'malformed' line of train.tsv and of dev.tsv
+    assert '| mrpc | f1 |' in run.stdout and '| cola | mcc |' in run.stdout
+    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--tasks=stsb',
+                     '--head=cosine', f'--out={out}', '--device=cpu', '--dtype=float32')
+    results = json.load(open(out))
+    assert list(results) == ['stsb'] and math.isfinite(results['stsb']['spearman'])
+    bad = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--tasks=mrpc',
+                     '--head=cosine', check=False)
+    assert bad.returncode != 0 and 'stsb and sick_r only' in bad.stderr and 'Traceback' not in bad.stderr
