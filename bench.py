@@ -1,0 +1,272 @@
+"""
+Speed and memory of the concept encoder against a standard transformer encoder of the same shape.
+
+    python bench.py config/h512l2.py --seq_lens=512,2048,8192 --dtype=bfloat16 --json=bench.json
+    python bench.py config/tiny.py --seq_lens=128,1024 --stages=mlm --dtype=float32
+
+For each model ('concept', 'standard'), stage ('mlm', 'tsdae', 'diffusion') and sequence length,
+a fresh process measures training throughput (forward + backward + AdamW step, tokens/s),
+inference throughput (encoding only, tokens/s), peak memory (process RSS on the CPU, max
+allocated on CUDA) and MFU against the matmul peak of the same dtype, measured by this script on
+the same machine in the same run. Data are random tokens: speed does not depend on the text.
+
+The peer ('standard') is a bidirectional transformer encoder built from the same blocks as
+model.py (SDPA self-attention over the tokens, the same gated FFN, the same n_layer, n_embd,
+n_head, ffn_size and vocabulary) with the same objective and the lm_head only at the positions
+that carry a loss. Its attention is O(N²) in compute (SDPA's fused kernels keep its memory low).
+"""
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import ConceptConfig, ConceptDiffusion, ConceptMLM, GatedMLP, SelfAttention, gather_positions
+
+# ----------------------------------------------------------------------------------------------
+# defaults (a config file such as config/h512l2.py sets the model shape; its training keys are
+# skipped here)
+n_layer = 2
+n_head = 8
+n_embd = 512
+n_concepts = 128
+ffn_size = 1024
+n_dec_layer = 1                  # MLM / TSDAE decoder layers (the diffusion decoder uses 2)
+vocab_size = 8192
+seq_lens = '512,2048,8192'       # comma-separated sequence lengths
+stages = 'mlm,tsdae,diffusion'
+models = 'concept,standard'
+tokens_per_batch = 8192          # batch size = max(1, tokens_per_batch // seq_len)
+warmup_steps = 1                 # untimed steps before timing (allocator, caches, compile)
+timed_steps = 2
+device = 'auto'
+dtype = 'bfloat16'               # autocast dtype; 'float32' runs without autocast
+compile = False                  # torch.compile the models (measure with and without)
+mem_limit_gb = 20.0              # CPU: address-space limit of a worker; beyond it the row says oom
+json_out = ''                    # write the results here (also --json=...)
+worker = ''                      # internal: 'model:stage:seq_len' runs one measurement and prints JSON
+# ----------------------------------------------------------------------------------------------
+if any(a.startswith('--json=') for a in sys.argv):  # --json is the documented spelling
+    sys.argv = [a.replace('--json=', '--json_out=', 1) if a.startswith('--json=') else a for a in sys.argv]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+MASK_ID, PAD_ID = vocab_size - 3, vocab_size - 4  # the last ids play the special tokens
+N_REGULAR = vocab_size - 5
+
+
+class StandardEncoder(nn.Module):
+    """The O(N²) peer: tokens attend to tokens in every layer (pre-LN, SDPA, gated FFN)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([nn.ModuleDict(dict(ln_1=nn.LayerNorm(cfg.n_embd), attn=SelfAttention(cfg),
+                                                        ln_2=nn.LayerNorm(cfg.n_embd), mlp=GatedMLP(cfg)))
+                                     for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.cfg = cfg
+
+    def encode(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.blocks:
+            x = x + b['attn'](b['ln_1'](x))
+            x = x + b['mlp'](b['ln_2'](x))
+        return self.ln_f(x)  # (B, N, H)
+
+    def forward(self, idx, targets):
+        h = self.encode(idx)
+        pos, valid = gather_positions(targets != -100)
+        h = torch.gather(h, 1, pos[..., None].expand(-1, -1, h.shape[-1]))[valid]
+        labels = torch.gather(targets, 1, pos)[valid]
+        return F.cross_entropy(self.lm_head(h).float(), labels)
+
+    def flops(self, n, m):
+        """Training FLOPs of one sequence of n tokens with m decoded positions (x3 for backward)."""
+        H, I, V = self.cfg.n_embd, self.cfg.ffn_size, self.cfg.vocab_size
+        per_layer = n * (4 * H * H + 3 * H * I) + 2 * n * n * H
+        return 3 * 2 * (per_layer * self.cfg.n_layer + m * H * V)
+
+
+def stage_batch(stage, B, N, g):
+    """Random token ids and the stage's targets (the count of decoded positions follows the stage)."""
+    idx = torch.randint(N_REGULAR, (B, N), generator=g)
+    if stage == 'mlm':
+        picked = torch.rand(B, N, generator=g) < 0.15
+        return torch.where(picked, MASK_ID, idx), torch.where(picked, idx, -100), None
+    if stage == 'tsdae':
+        visible = torch.rand(B, N, generator=g) >= 0.6
+        visible[:, 0] = True
+        return idx, idx.clone(), visible
+    return idx, None, None  # diffusion: the model draws its own noise
+
+
+def build(model_name, stage, N):
+    cfg = ConceptConfig(vocab_size=vocab_size, block_size=N, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                        n_concepts=n_concepts, ffn_size=ffn_size, n_dec_layer=n_dec_layer, pad_id=PAD_ID,
+                        mask_id=MASK_ID, decoder={'mlm': 'perceiver', 'tsdae': 'posonly'}.get(stage, 'diffusion'))
+    if model_name == 'standard':
+        return StandardEncoder(cfg)
+    if stage == 'diffusion':
+        cfg.n_dec_layer = 2
+        return ConceptDiffusion(cfg)
+    return ConceptMLM(cfg)
+
+
+def loss_and_decoded(model, model_name, stage, batch, g):
+    idx, targets, visible = batch
+    if model_name == 'standard':
+        if stage == 'diffusion':  # the peer's diffusion: mask a fraction t ~ U(0.3, 1) and predict it
+            t = 0.3 + 0.7 * torch.rand(idx.shape[0], 1, generator=g)
+            picked = torch.rand(idx.shape, generator=g) < t
+            targets, idx = torch.where(picked, idx, -100), torch.where(picked, MASK_ID, idx)
+        loss = model(idx.to(device), targets.to(device))
+        return loss, int((targets != -100).sum())
+    if stage == 'diffusion':
+        _, loss, stats = model(idx.to(device), generator=torch.Generator(device=device).manual_seed(0))
+    else:
+        _, loss, stats = model(idx.to(device), targets.to(device), None if visible is None else visible.to(device))
+    return loss, stats['n_pred']
+
+
+def measure(spec):
+    """One row, in this (fresh) process."""
+    model_name, stage, N = spec.split(':')
+    N = int(N)
+    B = max(1, tokens_per_batch // N)
+    if device_type == 'cpu' and mem_limit_gb > 0:
+        limit = int(mem_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    row = {'model': model_name, 'stage': stage, 'seq_len': N, 'batch_size': B}
+    ctx = torch.autocast(device_type, dtype=ptdtype) if dtype != 'float32' else torch.autocast(device_type, enabled=False)
+    try:
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        model = build(model_name, stage, N).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(device_type == 'cuda'))
+        step_model = torch.compile(model) if compile else model
+        batches = [stage_batch(stage, B, N, g) for _ in range(2)]
+        flops, elapsed = 0.0, 0.0
+        for step in range(warmup_steps + timed_steps):
+            sync()
+            t0 = time.perf_counter()
+            with ctx:
+                loss, n_decoded = loss_and_decoded(step_model, model_name, stage, batches[step % 2], g)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            if step >= warmup_steps:
+                elapsed += time.perf_counter() - t0
+                flops += (model.flops(N, n_decoded / B) if model_name == 'standard'
+                          else model.estimate_flops(N, n_decoded / B)) * B
+        row['train_tokens_per_s'] = B * N * timed_steps / elapsed
+        row['train_flops_per_s'] = flops / elapsed
+        encode = model.encode if model_name == 'standard' else model.encoder
+        idx = batches[0][0].to(device)
+        with torch.no_grad(), ctx:
+            for step in range(warmup_steps + timed_steps):
+                sync()
+                if step == warmup_steps:
+                    t0 = time.perf_counter()
+                encode(idx)
+            sync()
+        row['infer_tokens_per_s'] = B * N * timed_steps / (time.perf_counter() - t0)
+    except (RuntimeError, MemoryError) as e:
+        if 'memory' not in str(e).lower() and not isinstance(e, MemoryError):
+            raise
+        row['oom'] = True
+    if device_type == 'cuda':
+        row['peak_mem_mb'] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        row['peak_mem_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def matmul_peak():
+    """The machine's dense matmul FLOP/s in this dtype: the best of a few large square matmuls."""
+    n = 4096 if device_type == 'cuda' else 2048
+    a = torch.randn(n, n, device=device, dtype=ptdtype)
+    b = torch.randn(n, n, device=device, dtype=ptdtype)
+    best = 0.0
+    for _ in range(5):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+if worker:
+    print('BENCH_ROW ' + json.dumps(measure(worker)), flush=True)
+    sys.exit(0)
+
+# ----------------------------------------------------------------------------------------------
+# the driver: one fresh process per row, then a table and the JSON
+peak = matmul_peak()
+print(f"{device} {dtype}: measured matmul peak {peak / 1e12:.2f} TFLOP/s")
+rows = []
+argv = [a for a in sys.argv[1:] if not a.startswith('--worker=')]
+for stage in stages.split(','):
+    for N in [int(s) for s in seq_lens.split(',')]:
+        for model_name in models.split(','):
+            spec = f"{model_name}:{stage}:{N}"
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f'--worker={spec}'],
+                                 capture_output=True, text=True)
+            lines = [l for l in out.stdout.splitlines() if l.startswith('BENCH_ROW ')]
+            if lines:
+                row = json.loads(lines[-1][len('BENCH_ROW '):])
+            else:  # killed (the OOM killer) or crashed: say so instead of a number
+                row = {'model': model_name, 'stage': stage, 'seq_len': N,
+                       'batch_size': max(1, tokens_per_batch // N), 'oom': True,
+                       'error': (out.stderr.strip().splitlines() or [f'exit {out.returncode}'])[-1][:200]}
+            if 'train_flops_per_s' in row:
+                row['mfu'] = row.pop('train_flops_per_s') / peak
+            rows.append(row)
+            print(f"{stage:9s} N={N:6d} {model_name:8s} " + (
+                'out of memory' if row.get('oom') else
+                f"train {row['train_tokens_per_s']:10,.0f} tok/s  infer {row['infer_tokens_per_s']:11,.0f} tok/s  "
+                f"peak {row['peak_mem_mb']:8,.0f} MB  mfu {100 * row['mfu']:5.1f}%"), flush=True)
+
+print("\n| stage | N | concept train tok/s | standard train tok/s | train speed-up | infer speed-up | "
+      "concept MB | standard MB | concept MFU |\n|---|---|---|---|---|---|---|---|---|")
+for stage in stages.split(','):
+    for N in [int(s) for s in seq_lens.split(',')]:
+        c = next((r for r in rows if r['model'] == 'concept' and r['stage'] == stage and r['seq_len'] == N), None)
+        s = next((r for r in rows if r['model'] == 'standard' and r['stage'] == stage and r['seq_len'] == N), None)
+        if c is None or s is None:
+            continue
+
+        def fmt(r, key, f='{:,.0f}'):
+            return 'oom' if r.get('oom') else f.format(r[key])
+        speed = '-' if c.get('oom') or s.get('oom') else f"{c['train_tokens_per_s'] / s['train_tokens_per_s']:.1f}x"
+        infer = '-' if c.get('oom') or s.get('oom') else f"{c['infer_tokens_per_s'] / s['infer_tokens_per_s']:.1f}x"
+        print(f"| {stage} | {N} | {fmt(c, 'train_tokens_per_s')} | {fmt(s, 'train_tokens_per_s')} | {speed} | {infer} | "
+              f"{fmt(c, 'peak_mem_mb')} | {fmt(s, 'peak_mem_mb')} | {fmt(c, 'mfu', '{:.1%}')} |")
+if json_out:
+    machine = {'device': device, 'device_name': (torch.cuda.get_device_name() if device_type == 'cuda'
+                                                 else platform.processor() or platform.machine()),
+               'cpu_count': os.cpu_count(), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+               'shape': dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_concepts=n_concepts,
+                             ffn_size=ffn_size, vocab_size=vocab_size), 'compile': compile}
+    with open(json_out, 'w') as f:
+        json.dump({'machine': machine, 'peak_flops': {dtype: peak}, 'rows': rows}, f, indent=2)
+    print(f"wrote {json_out}")

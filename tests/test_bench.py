@@ -1,0 +1,22 @@
+"""bench.py runs end to end and writes the JSON contract (numbers are measured, never asserted:
+speed targets are checked by running bench.py itself, not by timed tests)."""
+import json
+
+from conftest import run_script
+
+
+def test_bench_writes_rows_for_both_models(tmp_path):
+    out = tmp_path / 'b.json'
+    run_script('bench.py', '--n_layer=1', '--n_head=2', '--n_embd=32', '--n_concepts=8', '--ffn_size=64',
+               '--vocab_size=256', '--seq_lens=64,128', '--stages=mlm,diffusion', '--tokens_per_batch=256',
+               '--warmup_steps=1', '--timed_steps=1', '--dtype=float32', f'--json={out}')
+    result = json.loads(out.read_text())
+    assert set(result) == {'machine', 'peak_flops', 'rows'} and result['peak_flops']['float32'] > 0
+    rows = result['rows']
+    assert {(r['model'], r['stage'], r['seq_len']) for r in rows} == {
+        (m, s, n) for m in ('concept', 'standard') for s in ('mlm', 'diffusion') for n in (64, 128)}
+    for r in rows:
+        assert not r.get('oom')
+        assert r['batch_size'] == 256 // r['seq_len']
+        for key in ('train_tokens_per_s', 'infer_tokens_per_s', 'peak_mem_mb', 'mfu'):
+            assert r[key] > 0, (key, r)
