@@ -43,7 +43,7 @@ seq_lens = '512,2048,8192'       # comma-separated sequence lengths
 stages = 'mlm,tsdae,diffusion'
 models = 'concept,standard'
 tokens_per_batch = 8192          # batch size = max(1, tokens_per_batch // seq_len)
-warmup_steps = 1                 # untimed steps before timing (allocator, caches, compile)
+warmup_steps = 2                 # untimed steps before timing (allocator, caches, compile)
 timed_steps = 2
 device = 'auto'
 dtype = 'bfloat16'               # autocast dtype; 'float32' runs without autocast
