@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 import prepare_data
 import runtime
-from model import ConceptConfig, ConceptDiffusion, ConceptMLM, ConfigError
+from model import ConceptDiffusion, ConfigError
 
 # ----------------------------------------------------------------------------------------------
 # defaults (python eval_glue.py --key=value; see configurator.py)
@@ -365,15 +365,9 @@ def load_pretrained(path, tok_dir=''):
 
 
 def build_model(ck, dropout=None):
-    """A fresh copy of the checkpoint's model on the CPU (ConceptMLM for the mlm and tsdae stages,
-    ConceptDiffusion for diffusion), optionally with another dropout for fine-tuning."""
-    args = dict(ck['model_args'])
-    if dropout is not None:
-        args['dropout'] = dropout
-    is_diffusion = args.get('decoder') == 'diffusion' or ck.get('stage') == 'diffusion'
-    model = (ConceptDiffusion if is_diffusion else ConceptMLM)(ConceptConfig(**args))
-    model.load_state_dict(ck['model'])
-    return model
+    """A fresh copy of the checkpoint's model on the CPU, optionally with another dropout for
+    fine-tuning."""
+    return runtime.model_from_checkpoint(ck, **({} if dropout is None else {'dropout': dropout}))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -469,14 +469,20 @@ class OptimizerStep:
 # ----------------------------------------------------------------------------------------------
 # using a trained checkpoint
 
-def load_model(ckpt_path, device='cpu'):
-    """Any stage's checkpoint -> (model in eval mode on device, the checkpoint dict)."""
+def model_from_checkpoint(ckpt, **overrides):
+    """A checkpoint dict's model (ConceptDiffusion for the diffusion stage, ConceptMLM otherwise)
+    with its weights, on the CPU; overrides replace ConceptConfig fields (e.g. dropout=0.1)."""
     from model import ConceptConfig, ConceptDiffusion, ConceptMLM
-    ckpt = load_checkpoint(ckpt_path, map_location=device)
-    args = ckpt['model_args']
+    args = {**ckpt['model_args'], **overrides}
     model = (ConceptDiffusion if args.get('decoder') == 'diffusion' else ConceptMLM)(ConceptConfig(**args))
     model.load_state_dict(ckpt['model'])
-    return model.to(device).eval(), ckpt
+    return model
+
+
+def load_model(ckpt_path, device='cpu'):
+    """Any stage's checkpoint file -> (model in eval mode on device, the checkpoint dict)."""
+    ckpt = load_checkpoint(ckpt_path, map_location='cpu')
+    return model_from_checkpoint(ckpt).to(device).eval(), ckpt
 
 
 @torch.no_grad()

@@ -1,6 +1,5 @@
 """Masked diffusion: AdaLN-Zero, the noise, the ELBO weights, generate(), and the stage end to end."""
 import math
-import os
 import re
 import subprocess
 import sys
@@ -79,7 +78,6 @@ def test_elbo_weighting_is_one_over_t_normalised_by_maskable_tokens():
     _, loss, _ = model(idx, attn_mask, t=t, generator=torch.Generator().manual_seed(0))
     # recompute by hand from the same noise
     noisy, masked, maskable = model.add_noise(idx, t, attn_mask, torch.Generator().manual_seed(0))
-    logits, _, _ = None, None, None
     concepts = model.encoder(noisy, attn_mask)
     total = 0.0
     for b in range(4):
