@@ -309,7 +309,8 @@ class MLMDecoder(nn.Module):
     """Reads concepts back out at positions pos (B, M) of the input.
 
     weighted:  h = softmax(W[pos]) @ concepts, a per-position mixture whose weights depend only on
-               the position, as in the original weighted_mlm (origin_spec §2.1); then LN-Linear-GELU.
+               the position, as in the original weighted_mlm (origin_spec §2.1); then LN-Linear (the
+               original's GELU after the Linear is dropped, see ConceptLM._finish_init).
     perceiver: queries = token embedding of the (corrupted) input + decoder position embedding.
     posonly:   queries = decoder position embedding only, so every bit of content must come
                through the concepts (TSDAE's decoder; Perceiver IO's MLM decoder)."""
@@ -330,7 +331,7 @@ class MLMDecoder(nn.Module):
         """concepts (B, C, H); pos (B, M) positions; query_tok_emb (B, M, H) for 'perceiver'."""
         if self.kind == 'weighted':
             h = torch.bmm(F.softmax(self.mix[pos].float(), dim=-1).to(concepts.dtype), concepts)
-            return F.gelu(self.proj(self.ln(h)))  # (B, M, H)
+            return self.proj(self.ln(h))  # (B, M, H); no GELU: it would cut the identity-initialised path in half
         q = self.wpe(pos)
         if self.kind == 'perceiver':
             q = q + query_tok_emb
