@@ -289,6 +289,28 @@ def format_mfu(flops_per_s, peak):
     return 'n/a' if not peak else f"{100 * flops_per_s / peak:.1f}%"
 
 
+class Throughput:
+    """tokens/s and MFU over the iterations since the last log line (the stages' log mechanics)."""
+
+    def __init__(self, rt):
+        self.rt, self.peak = rt, peak_flops(rt)
+        self.reset()
+
+    def reset(self):
+        self.t0, self.flops, self.tokens = time.time(), 0.0, 0
+
+    def add(self, tokens, flops):
+        self.tokens += tokens
+        self.flops += flops
+
+    def report(self):
+        """'N tok/s, mfu X%' since the last report, and start counting anew."""
+        dt = time.time() - self.t0
+        text = f"{self.tokens / dt:,.0f} tok/s, mfu {format_mfu(self.flops / dt / self.rt.world_size, self.peak)}"
+        self.reset()
+        return text
+
+
 # ----------------------------------------------------------------------------------------------
 # logging
 

@@ -9,7 +9,6 @@ corrupted text into C concepts, and decode the concepts back at the masked posit
 Every setting below can be overridden by a config file and then --key=value (configurator.py).
 """
 import os
-import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -172,9 +171,8 @@ def evaluate():
 
 log = runtime.RunLog(rt, out_dir, config, 'train_mlm.py', wandb_log, wandb_project, wandb_run_name,
                      resume=(init_from == 'resume'))
-peak = runtime.peak_flops(rt)
+meter = runtime.Throughput(rt)
 train_loss, tokens_seen = None, iter_num * tokens_per_iter
-t_last, flops_since, tokens_since = time.time(), 0.0, 0
 while True:
     lr = runtime.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
     for group in optimizer.param_groups:
@@ -212,15 +210,11 @@ while True:
     # accounting
     train_loss = runtime.all_reduce_mean(step_loss, rt)
     tokens_seen += tokens_per_iter
-    tokens_since += tokens_per_iter
-    flops_since += (raw_model.estimate_flops(block_size, 0) * batch_size * gradient_accumulation_steps
-                    + 3 * raw_model.decoder_flops(n_pred_step) * rt.world_size)
+    meter.add(tokens_per_iter, raw_model.estimate_flops(block_size, 0) * batch_size * gradient_accumulation_steps
+              + 3 * raw_model.decoder_flops(n_pred_step) * rt.world_size)
     iter_num += 1
     if iter_num % log_interval == 0:
-        dt = time.time() - t_last
-        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
-                  f"{tokens_since / dt:,.0f} tok/s, mfu {runtime.format_mfu(flops_since / dt / rt.world_size, peak)}")
-        t_last, flops_since, tokens_since = time.time(), 0.0, 0
+        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, {meter.report()}")
 
 log.finish()
 runtime.teardown(rt)
