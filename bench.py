@@ -38,6 +38,7 @@ n_embd = 512
 n_concepts = 128
 ffn_size = 1024
 n_dec_layer = 1                  # MLM / TSDAE decoder layers (the diffusion decoder uses 2)
+shared_token_kv = False          # the concept encoder's ablation flag (model.py): one token K/V projection
 vocab_size = 8192
 seq_lens = '512,2048,8192'       # comma-separated sequence lengths
 stages = 'mlm,tsdae,diffusion'
@@ -115,7 +116,7 @@ def stage_batch(stage, B, N, g):
 def build(model_name, stage, N):
     cfg = ConceptConfig(vocab_size=vocab_size, block_size=N, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                         n_concepts=n_concepts, ffn_size=ffn_size, n_dec_layer=n_dec_layer, pad_id=PAD_ID,
-                        mask_id=MASK_ID, decoder={'mlm': 'perceiver', 'tsdae': 'posonly'}.get(stage, 'diffusion'))
+                        shared_token_kv=shared_token_kv, mask_id=MASK_ID, decoder={'mlm': 'perceiver', 'tsdae': 'posonly'}.get(stage, 'diffusion'))
     if model_name == 'standard':
         return StandardEncoder(cfg)
     if stage == 'diffusion':
@@ -266,7 +267,7 @@ if json_out:
                                                  else platform.processor() or platform.machine()),
                'cpu_count': os.cpu_count(), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
                'shape': dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_concepts=n_concepts,
-                             ffn_size=ffn_size, vocab_size=vocab_size), 'compile': compile}
+                             ffn_size=ffn_size, vocab_size=vocab_size, shared_token_kv=shared_token_kv), 'compile': compile}
     with open(json_out, 'w') as f:
         json.dump({'machine': machine, 'peak_flops': {dtype: peak}, 'rows': rows}, f, indent=2)
     print(f"wrote {json_out}")

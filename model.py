@@ -42,6 +42,7 @@ class ConceptConfig:
     bias: bool = False          # biases in Linear layers (LayerNorms always have one)
     bixt: bool = False          # bidirectional cross-attention (Hiller et al. 2024): tokens are updated too
     recursive_iters: int = 0    # >0: one shared encoder layer applied this many times
+    shared_token_kv: bool = False  # one token K/V projection for all layers (not with bixt; see ConceptEncoder)
     decoder: str = 'perceiver'  # MLM/TSDAE decoder: 'weighted' | 'perceiver' | 'posonly'; 'diffusion'
     n_dec_layer: int = 1        # decoder layers (ignored by 'weighted', which has none)
     tie_weights: bool = True    # lm_head shares the token embedding matrix
@@ -100,11 +101,12 @@ class CrossAttention(nn.Module):
     projection is a separate method so that a caller can project a static context once and
     reuse it (the recursive encoder projects the tokens once for all K iterations)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, project_context=True):
         super().__init__()
         self.n_head = cfg.n_head
         self.c_q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.c_kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=cfg.bias)
+        if project_context:  # else the caller passes keys/values projected elsewhere (shared_token_kv)
+            self.c_kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
@@ -156,10 +158,10 @@ class ConceptLayer(nn.Module):
     """Pre-LN layer on the concepts: read the tokens, talk among concepts, think (FFN).
     The tokens are the static embeddings and are not updated (origin_spec §1.3)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, project_tokens=True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd)
-        self.cross_attn = CrossAttention(cfg)
+        self.cross_attn = CrossAttention(cfg, project_context=project_tokens)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.self_attn = SelfAttention(cfg)
         self.ln_3 = nn.LayerNorm(cfg.n_embd)
@@ -252,8 +254,9 @@ class ConceptEncoder(nn.Module):
         if cfg.bixt:  # the last distinct layer updates tokens only if it is applied again (recursion)
             self.layers = nn.ModuleList([BiXTLayer(cfg, token_update=(i < n_distinct - 1 or cfg.recursive_iters > 0))
                                          for i in range(n_distinct)])
-        else:
-            self.layers = nn.ModuleList([ConceptLayer(cfg) for _ in range(n_distinct)])
+        else:  # with shared_token_kv only the first layer owns a token K/V projection
+            self.layers = nn.ModuleList([ConceptLayer(cfg, project_tokens=(i == 0 or not cfg.shared_token_kv))
+                                         for i in range(n_distinct)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
 
     @property
@@ -281,9 +284,13 @@ class ConceptEncoder(nn.Module):
             for i, layer in enumerate(layer_seq):
                 c, x = layer(c, x, attn_mask, update_tokens=(i < len(layer_seq) - 1))
         else:
+            # The tokens are static here, so a recursive encoder (one layer) and shared_token_kv
+            # project them to keys/values once, saving 2·H²·N MACs per further layer: the bulk
+            # of a layer's cost at N >> C. Otherwise every layer reads them through its own K/V.
+            once = self.cfg.recursive_iters > 0 or self.cfg.shared_token_kv
             token_kv = None
             for layer in layer_seq:
-                if token_kv is None or len(self.layers) > 1:  # a shared layer projects the tokens once
+                if token_kv is None or not once:
                     token_kv = layer.cross_attn.project_kv(x)
                 c = layer(c, token_kv, attn_mask)
         return self.ln_f(c)
@@ -681,6 +688,8 @@ class ConceptLM(nn.Module):
             raise ConfigError(f"unknown decoder '{cfg.decoder}'; choose one of {', '.join(DECODERS)}")
         if cfg.n_embd % cfg.n_head:
             raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+        if cfg.shared_token_kv and cfg.bixt:
+            raise ConfigError("shared_token_kv=True needs static tokens, but bixt=True updates them; set one of them False")
         self.cfg = cfg
         self.encoder = ConceptEncoder(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -718,7 +727,8 @@ class ConceptLM(nn.Module):
         with torch.no_grad():
             for m in self.modules():
                 if isinstance(m, CrossAttention):
-                    m.c_kv.weight[H:] = eye
+                    if hasattr(m, 'c_kv'):
+                        m.c_kv.weight[H:] = eye
                     m.c_proj.weight.copy_(eye)
                 elif isinstance(m, BiXTLayer):
                     m.c_ref_val.weight[H:] = eye
@@ -774,8 +784,9 @@ class ConceptLM(nn.Module):
             macs += token_side * (self.encoder.n_iters - 1) / self.encoder.n_iters  # none in the last layer
         else:
             macs = C * 2 * H * H + 2 * C * N * H  # concept Q and out projections; QKᵀ and AV
-            # token K/V projection: once per distinct layer (a recursive encoder projects once)
-            macs += N * 2 * H * H * len(self.encoder.layers) / self.encoder.n_iters
+            # token K/V projection: once per distinct layer, or once in all (recursive, shared_token_kv)
+            n_projections = 1 if cfg.shared_token_kv else len(self.encoder.layers)
+            macs += N * 2 * H * H * n_projections / self.encoder.n_iters
         return 2 * (macs + concept_core) * self.encoder.n_iters
 
     def decoder_flops(self, n_decoded):

@@ -44,6 +44,7 @@ bias = False
 n_dec_layer = 2                  # cross-attention + FFN layers of the denoiser (no token self-attention)
 bixt = False                     # bidirectional cross-attention: tokens are updated by the concepts
 recursive_iters = 0              # >0: one shared encoder layer applied this many times
+shared_token_kv = False          # one token K/V projection serves every encoder layer (not with bixt)
 tie_weights = True               # lm_head shares the token embedding
 # diffusion
 condition = 'noisy'              # what the encoder sees: 'noisy' (= what sampling gives it) | 'clean' | 'prefix'
@@ -109,7 +110,7 @@ val_batches = runtime.fixed_batches(data_dir, 'val', block_size, batch_size, eva
 # model
 
 model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'n_dec_layer', 'bixt',
-              'recursive_iters', 'tie_weights', 'block_size', 'condition', 'time_cond', 't_min', 'stratified_t',
+              'recursive_iters', 'shared_token_kv', 'tie_weights', 'block_size', 'condition', 'time_cond', 't_min', 'stratified_t',
               'label_smoothing', 'elbo_weight',
               'concept_losses', 'concept_loss_weight', 'concept_loss_warmup', 'loss_weighting',
               'concept_loss_pooled']

@@ -43,6 +43,7 @@ decoder = 'perceiver'            # 'weighted' | 'perceiver' | 'posonly'
 n_dec_layer = 1
 bixt = False                     # bidirectional cross-attention: tokens are updated by the concepts
 recursive_iters = 0              # >0: one shared encoder layer applied this many times
+shared_token_kv = False          # one token K/V projection serves every encoder layer (not with bixt)
 tie_weights = True               # lm_head shares the token embedding
 # MLM noise
 mask_prob = 0.15                 # of the real tokens; of those 80% -> [MASK], 10% random, 10% kept
@@ -119,7 +120,7 @@ def mlm_noise(idx, generator):
 # model
 
 model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'decoder',
-              'n_dec_layer', 'bixt', 'recursive_iters', 'tie_weights', 'block_size',
+              'n_dec_layer', 'bixt', 'recursive_iters', 'shared_token_kv', 'tie_weights', 'block_size',
               'concept_losses', 'concept_loss_weight', 'concept_loss_warmup', 'loss_weighting',
               'concept_loss_pooled']
 model_args = {k: globals()[k] for k in model_keys}

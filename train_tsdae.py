@@ -45,6 +45,7 @@ decoder = 'posonly'              # 'posonly' | 'weighted' (a perceiver query wou
 n_dec_layer = 1
 bixt = False                     # bidirectional cross-attention: tokens are updated by the concepts
 recursive_iters = 0              # >0: one shared encoder layer applied this many times
+shared_token_kv = False          # one token K/V projection serves every encoder layer (not with bixt)
 tie_weights = True               # lm_head shares the token embedding
 # TSDAE noise
 deletion_rate = 0.6              # share of the real, non-special tokens deleted (the TSDAE paper's best)
@@ -137,7 +138,7 @@ def tsdae_noise(idx, generator, attn_mask=None):
 # model
 
 model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'decoder',
-              'n_dec_layer', 'bixt', 'recursive_iters', 'tie_weights', 'block_size',
+              'n_dec_layer', 'bixt', 'recursive_iters', 'shared_token_kv', 'tie_weights', 'block_size',
               'concept_losses', 'concept_loss_weight', 'concept_loss_warmup', 'loss_weighting',
               'concept_loss_pooled']
 model_args = {k: globals()[k] for k in model_keys}

@@ -157,6 +157,34 @@ def test_flops_are_linear_in_sequence_length(bixt):
     assert model.estimate_flops(100, 15) == 3 * (model.encoder_flops(100) + model.decoder_flops(15))
 
 
+def test_shared_token_kv_projects_the_tokens_once():
+    """shared_token_kv: layer 0's K/V projection serves every layer; the other layers own none
+    (so every parameter gets a gradient, as DDP requires), and the FLOP count drops by exactly
+    the projections saved."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_layer=3, shared_token_kv=True)
+    model, base = ConceptMLM(cfg), ConceptMLM(tiny_cfg(n_layer=3))
+    H = cfg.n_embd
+    assert base.get_num_params() - model.get_num_params() == 2 * (2 * H * H)
+    assert [hasattr(l.cross_attn, 'c_kv') for l in model.encoder.layers] == [True, False, False]
+    # the same computation by hand: one projection of the tokens, read by all three layers
+    idx, targets = random_batch()
+    enc = model.encoder
+    x = enc.ln_tok(enc.embed(idx))
+    kv = enc.layers[0].cross_attn.project_kv(x)
+    c = enc.concepts.expand(idx.shape[0], -1, -1)
+    for layer in enc.layers:
+        c = layer(c, kv, None)
+    torch.testing.assert_close(enc(idx), enc.ln_f(c))
+    _, loss, _ = model(idx, targets)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    saved = base.encoder_flops(1000) - model.encoder_flops(1000)
+    assert saved == pytest.approx(2 * 2 * (2 * 1000 * H * H))  # 2 layers x forward FLOPs of a K/V projection
+    with pytest.raises(ValueError, match='shared_token_kv=True needs static tokens'):
+        ConceptMLM(tiny_cfg(shared_token_kv=True, bixt=True))
+
+
 @pytest.mark.parametrize('bixt', [False, True])
 def test_32k_tokens_fit_in_linear_memory(bixt):
     """One N x N float32 matrix at N=32,768 is 4 GiB; the whole forward must stay far below."""
