@@ -77,20 +77,23 @@ DECODERS = ('weighted', 'perceiver', 'posonly', 'diffusion')
 # ----------------------------------------------------------------------------------------------
 # building blocks
 
-SMALL_SCORES = 65536  # CPU: attentions with at most this many scores per head use SDPA's math kernel
+SMALL_SCORES = 65536  # CPU, compiled, training: attentions with at most this many scores per head use the math kernel
 
 
 def attention(q, k, v, key_mask=None, dropout_p=0.0):
     """SDPA over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values; key_mask (B, S) bool,
     True = may be attended. Every attention in this project goes through here.
 
-    On the CPU, SDPA's fused flash kernel pays off for large score matrices (C concepts reading N
-    tokens), while for small ones (C x C concept self-attention, a few masked positions reading
-    the concepts) its math kernel is faster: 26 vs 36 ms for 16 x 8 heads of 128 x 128 in bf16,
-    forward + backward, on this project's 2-core CPU. The math kernel materialises the (T, S)
-    scores, which it only does here when they are small. CUDA keeps SDPA's own choice."""
+    On the CPU, under torch.compile and with gradients, small score matrices (C x C concept
+    self-attention, masked positions reading the concepts) go to SDPA's math kernel: inductor
+    turns it into matmuls and a fused softmax, which beats the flash kernel's slow CPU backward
+    (an h512l2 MLM step at N=512 in bf16 on this project's 2-core CPU: 704 vs 780 ms). In eager
+    mode (874 vs 846 ms) and in inference the flash kernel wins, so it keeps those, as it keeps
+    the large C x N cross-attention. The math kernel materialises the (T, S) scores, which it
+    only does here when they are small. CUDA keeps SDPA's own choice."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
-    if q.device.type == 'cpu' and q.shape[-2] * k.shape[-2] <= SMALL_SCORES:
+    if (q.device.type == 'cpu' and q.requires_grad and torch.compiler.is_compiling()
+            and q.shape[-2] * k.shape[-2] <= SMALL_SCORES):
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from model import ConceptConfig, ConceptMLM, gather_positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,18 +100,23 @@ def test_recursive_iterations_overridable_and_shared():
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_both_attention_kernels_agree_with_a_key_mask(monkeypatch, dtype):
-    """attention() sends small score matrices to SDPA's math kernel on the CPU and large ones to
-    the flash kernel: both must give the same result and the same gradients, masks included."""
+    """attention() sends small score matrices to SDPA's math kernel on the CPU when compiling for
+    training, and everything else to the flash kernel: both must give the same result and the
+    same gradients, masks included."""
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, T, 16, generator=g).to(dtype) for T in (8, 40, 40))
     key_mask = torch.rand(2, 40, generator=g) < 0.7
     results = []
     for threshold in (0, 10**9):  # 0: always flash; 10**9: always math
         monkeypatch.setattr(model_module, 'SMALL_SCORES', threshold)
+        calls = []
+        monkeypatch.setattr(model_module, 'sdpa_kernel', lambda backend: calls.append(backend) or sdpa_kernel(backend))
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
         y = model_module.attention(qq, kk, vv, key_mask)
         y.float().pow(2).sum().backward()
         results.append([y, qq.grad, kk.grad, vv.grad])
+        assert calls == ([] if threshold == 0 else [SDPBackend.MATH])  # the kernel the threshold picks
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     for flash, math_ in zip(*results):
         torch.testing.assert_close(flash.float(), math_.float(), **tol)
