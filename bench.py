@@ -116,7 +116,8 @@ def stage_batch(stage, B, N, g):
 def build(model_name, stage, N):
     cfg = ConceptConfig(vocab_size=vocab_size, block_size=N, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                         n_concepts=n_concepts, ffn_size=ffn_size, n_dec_layer=n_dec_layer, pad_id=PAD_ID,
-                        shared_token_kv=shared_token_kv, mask_id=MASK_ID, decoder={'mlm': 'perceiver', 'tsdae': 'posonly'}.get(stage, 'diffusion'))
+                        mask_id=MASK_ID, shared_token_kv=shared_token_kv,
+                        decoder={'mlm': 'perceiver', 'tsdae': 'posonly'}.get(stage, 'diffusion'))
     if model_name == 'standard':
         return StandardEncoder(cfg)
     if stage == 'diffusion':
@@ -267,7 +268,8 @@ if json_out:
                                                  else platform.processor() or platform.machine()),
                'cpu_count': os.cpu_count(), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
                'shape': dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_concepts=n_concepts,
-                             ffn_size=ffn_size, vocab_size=vocab_size, shared_token_kv=shared_token_kv), 'compile': compile}
+                             ffn_size=ffn_size, vocab_size=vocab_size, shared_token_kv=shared_token_kv),
+               'compile': compile}
     with open(json_out, 'w') as f:
         json.dump({'machine': machine, 'peak_flops': {dtype: peak}, 'rows': rows}, f, indent=2)
     print(f"wrote {json_out}")

@@ -692,7 +692,8 @@ class ConceptLM(nn.Module):
         if cfg.n_embd % cfg.n_head:
             raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
         if cfg.shared_token_kv and cfg.bixt:
-            raise ConfigError("shared_token_kv=True needs static tokens, but bixt=True updates them; set one of them False")
+            raise ConfigError("shared_token_kv=True needs static tokens, but bixt=True updates them; "
+                              "set one of them False")
         self.cfg = cfg
         self.encoder = ConceptEncoder(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)

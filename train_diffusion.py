@@ -110,8 +110,8 @@ val_batches = runtime.fixed_batches(data_dir, 'val', block_size, batch_size, eva
 # model
 
 model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'n_dec_layer', 'bixt',
-              'recursive_iters', 'shared_token_kv', 'tie_weights', 'block_size', 'condition', 'time_cond', 't_min', 'stratified_t',
-              'label_smoothing', 'elbo_weight',
+              'recursive_iters', 'shared_token_kv', 'tie_weights', 'block_size', 'condition', 'time_cond', 't_min',
+              'stratified_t', 'label_smoothing', 'elbo_weight',
               'concept_losses', 'concept_loss_weight', 'concept_loss_warmup', 'loss_weighting',
               'concept_loss_pooled']
 model_args = {k: globals()[k] for k in model_keys}
