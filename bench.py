@@ -157,7 +157,11 @@ def measure(spec):
         g = torch.Generator().manual_seed(0)
         model = build(model_name, stage, N).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(device_type == 'cuda'))
-        step_model = torch.compile(model) if compile else model
+        step_model = model
+        if compile and model_name == 'concept':  # as the training scripts do
+            model.compile_for_training(device_type)
+        elif compile:  # the peer: whole-model compile with inductor's defaults
+            step_model = torch.compile(model)
         batches = [stage_batch(stage, B, N, g) for _ in range(2)]
         flops, elapsed = 0.0, 0.0
         for step in range(warmup_steps + timed_steps):
@@ -175,7 +179,9 @@ def measure(spec):
                           else model.estimate_flops(N, n_decoded / B)) * B
         row['train_tokens_per_s'] = B * N * timed_steps / elapsed
         row['train_flops_per_s'] = flops / elapsed
-        encode = model.encode if model_name == 'standard' else model.encoder
+        encode = model.encode if model_name == 'standard' else model.encoder  # compiled for concept: see above
+        if compile and model_name == 'standard':
+            encode = torch.compile(encode)
         idx = batches[0][0].to(device)
         with torch.no_grad(), ctx:
             for step in range(warmup_steps + timed_steps):

@@ -77,23 +77,30 @@ DECODERS = ('weighted', 'perceiver', 'posonly', 'diffusion')
 # ----------------------------------------------------------------------------------------------
 # building blocks
 
-SMALL_SCORES = 65536  # CPU, compiled, training: attentions with at most this many scores per head use the math kernel
+SHORT_SIDE = 1024  # CPU, compiled, training: attentions with at most this many queries or keys use the math kernel
+# SDPA's math kernel would otherwise upcast bf16 inputs to float32 (half-speed matmuls); kept in
+# bf16, its matmuls accumulate in float32 like every other bf16 matmul of the model. Process-wide,
+# and it only matters where the math kernel runs: in attention() below, or as SDPA's fallback.
+torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
 
 
 def attention(q, k, v, key_mask=None, dropout_p=0.0):
     """SDPA over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values; key_mask (B, S) bool,
     True = may be attended. Every attention in this project goes through here.
 
-    On the CPU, under torch.compile and with gradients, small score matrices (C x C concept
-    self-attention, masked positions reading the concepts) go to SDPA's math kernel: inductor
-    turns it into matmuls and a fused softmax, which beats the flash kernel's slow CPU backward
-    (an h512l2 MLM step at N=512 in bf16 on this project's 2-core CPU: 704 vs 780 ms). In eager
-    mode (874 vs 846 ms) and in inference the flash kernel wins, so it keeps those, as it keeps
-    the large C x N cross-attention. The math kernel materialises the (T, S) scores, which it
-    only does here when they are small. CUDA keeps SDPA's own choice."""
+    On the CPU, under torch.compile and with gradients, attentions with a short side (the
+    concepts reading the tokens, C x N; C x C; decoded positions reading the concepts) go to
+    SDPA's math kernel in bf16: inductor turns it into bf16 matmuls and a fused softmax, which
+    beats the flash kernel, whose CPU backward is slow for so few queries (forward and backward
+    of the C x N attention at N = 2048 in bf16 on this project's 2-core CPU: ~47 vs ~68 ms;
+    the whole h512l2 MLM step: 485 vs 590 ms). The (T, S) scores it materialises grow linearly
+    with the long side. Inductor's attention pattern matcher would turn it back into the flash
+    kernel, so ConceptLM.compile_for_training turns that pass off on the CPU. Eager mode and
+    inference keep the flash kernel (faster there), as do long-by-long attentions (the standard
+    encoder's N x N beyond N = 1024). CUDA keeps SDPA's own choice."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
     if (q.device.type == 'cpu' and q.requires_grad and torch.compiler.is_compiling()
-            and q.shape[-2] * k.shape[-2] <= SMALL_SCORES):
+            and min(q.shape[-2], k.shape[-2]) <= SHORT_SIDE):
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -767,6 +774,24 @@ class ConceptLM(nn.Module):
     def lm_logits(self, h):
         return self.lm_head(h)
 
+    def logits_and_ce(self, h, labels, label_smoothing=0.0):
+        """h (M, H) at the decoded positions -> their logits (M, V) and the float32 cross-entropy
+        (M,) against labels. One function so that compile_for_training can hand it to inductor,
+        which fuses the float32 upcast, log-softmax and loss over the vocabulary (and their
+        backward) into single passes instead of eager's five (M, V) tensors."""
+        logits = self.lm_logits(h)
+        return logits, F.cross_entropy(logits.float(), labels, reduction='none', label_smoothing=label_smoothing)
+
+    def compile_for_training(self, device_type):
+        """torch.compile the parts of a training step: the encoder (fixed [B, N] shapes), the
+        decoder and logits_and_ce (M decoded positions, which vary per batch: dynamic). On the
+        CPU, inductor's pattern matcher is off: its attention patterns would turn the math-kernel
+        attentions that attention() picks back into the slower flash kernel."""
+        options = {'pattern_matcher': False} if device_type == 'cpu' else None
+        self.encoder.compile(options=options)
+        self.decoder.compile(dynamic=True, options=options)
+        self.logits_and_ce = torch.compile(self.logits_and_ce, dynamic=True, options=options)
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; weight decay only on matrices (>= 2-D), never on norms, biases or gains.
         Fused kernels on CUDA."""
@@ -843,9 +868,9 @@ class ConceptMLM(ConceptLM):
         if pos.shape[1] == 0:  # nothing to predict: a zero that still has a graph
             return None, self.lm_head.weight.sum() * 0.0, {'n_pred': 0, 'n_correct': 0}
         h = self.decode(concepts, idx, pos)[valid]           # (M, H)
-        logits = self.lm_logits(h)                            # (M, V): never (B, N, V)
         labels = torch.gather(targets, 1, pos)[valid]         # (M,)
-        loss = F.cross_entropy(logits.float(), labels)
+        logits, ce = self.logits_and_ce(h, labels)            # (M, V): never (B, N, V); (M,)
+        loss = ce.mean()
         stats = {'n_pred': labels.numel(), 'concepts': concepts}
         if not self.training:  # accuracy, for evaluation
             with torch.no_grad():
@@ -1001,9 +1026,8 @@ class ConceptDiffusion(ConceptLM):
         concepts = self.encoder(self.encoder_input(idx, noisy), attn_mask)
         pos, valid = gather_positions(masked)
         h = self.denoise(concepts, noisy, pos, t)[valid]                          # (M, H)
-        logits = self.lm_logits(h)                                                 # (M, V)
         labels = torch.gather(idx, 1, pos)[valid]
-        ce = F.cross_entropy(logits.float(), labels, reduction='none', label_smoothing=self.cfg.label_smoothing)
+        logits, ce = self.logits_and_ce(h, labels, self.cfg.label_smoothing)      # (M, V), (M,)
         row = torch.arange(B, device=idx.device)[:, None].expand_as(pos)[valid]  # sample of each target
         if self.cfg.elbo_weight:
             loss = (ce / t[row]).sum() / maskable.sum().clamp(min=1)

@@ -70,7 +70,7 @@ max_nonfinite_steps = 10         # consecutive skipped (non-finite) steps before
 # system
 device = 'auto'                  # 'auto' | 'cpu' | 'cuda' | 'mps'
 dtype = 'bfloat16'               # 'float32' | 'bfloat16' | 'float16' (autocast; bf16 helps on CPU too)
-compile = False                  # torch.compile the encoder (static shapes) and decoder (dynamic)
+compile = False                  # torch.compile encoder, decoder and loss (ConceptLM.compile_for_training)
 seed = 1337
 wandb_log = False
 wandb_project = 'concept-encoder'
@@ -160,8 +160,7 @@ optimizer_step = runtime.OptimizerStep(optimizer, scaler, grad_clip, max_nonfini
 
 raw_model = model
 if compile:
-    model.encoder.compile()               # fixed [B, N] shapes
-    model.decoder.compile(dynamic=True)   # M, the number of real positions, varies with padding
+    model.compile_for_training(rt.device_type)  # encoder: fixed shapes; decoder and loss: dynamic M
 if rt.ddp:
     model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
 

@@ -100,7 +100,7 @@ def test_recursive_iterations_overridable_and_shared():
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_both_attention_kernels_agree_with_a_key_mask(monkeypatch, dtype):
-    """attention() sends small score matrices to SDPA's math kernel on the CPU when compiling for
+    """attention() sends attentions with a short side to SDPA's math kernel on the CPU when compiling for
     training, and everything else to the flash kernel: both must give the same result and the
     same gradients, masks included."""
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
@@ -109,7 +109,7 @@ def test_both_attention_kernels_agree_with_a_key_mask(monkeypatch, dtype):
     key_mask = torch.rand(2, 40, generator=g) < 0.7
     results = []
     for threshold in (0, 10**9):  # 0: always flash; 10**9: always math
-        monkeypatch.setattr(model_module, 'SMALL_SCORES', threshold)
+        monkeypatch.setattr(model_module, 'SHORT_SIDE', threshold)
         calls = []
         monkeypatch.setattr(model_module, 'sdpa_kernel', lambda backend: calls.append(backend) or sdpa_kernel(backend))
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
@@ -212,3 +212,29 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     assert out.returncode == 0, out.stderr
     peak_mb = float(out.stdout.strip().splitlines()[-1])
     assert peak_mb < 1024, f"forward over 32k tokens grew RSS by {peak_mb:.0f} MB"
+
+
+def test_compiled_training_step_equals_eager_and_keeps_the_math_kernel():
+    """compile_for_training (encoder static; decoder and loss dynamic in M) gives eager's loss
+    and gradients for batches with different numbers of masked positions, and on the CPU no
+    attention of the step runs in the flash kernel (inductor's pattern matcher, which would
+    put it back, is off)."""
+    torch.manual_seed(0)
+    eager = ConceptMLM(tiny_cfg(decoder='perceiver'))
+    compiled = ConceptMLM(tiny_cfg(decoder='perceiver'))
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_for_training('cpu')
+    for seed, p in ((0, 0.3), (1, 0.15)):  # two values of M, one compiled (dynamic) graph
+        idx, targets = random_batch(B=4, N=40, p=p, seed=seed)
+        losses = []
+        for m in (eager, compiled):
+            m.zero_grad()
+            with torch.profiler.profile() as prof:
+                _, loss, _ = m(idx, targets)
+                loss.backward()
+            losses.append(loss)
+            if m is compiled:
+                assert not [e.name for e in prof.events() if 'flash_attention' in e.name]
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
