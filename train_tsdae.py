@@ -220,7 +220,7 @@ while True:
             model.require_backward_grad_sync = (micro == accum - 1)
         with rt.autocast():
             _, loss, stats = model(inputs, targets, visible, step=iter_num)
-        step_loss += float(stats.get('task_loss', loss)) / accum  # the task loss, without regularisers
+        step_loss += float(stats.get('task_loss', loss.detach())) / accum  # the task loss, without regularisers
         n_pred_step += stats['n_pred']
         scaler.scale(loss / accum).backward()
     grad_norm = optimizer_step(raw_model.parameters(), step_loss, iter_num)
