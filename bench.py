@@ -5,8 +5,9 @@ Speed and memory of the concept encoder against a standard transformer encoder o
     python bench.py config/tiny.py --seq_lens=128,1024 --stages=mlm --dtype=float32
 
 For each model ('concept', 'standard'), stage ('mlm', 'tsdae', 'diffusion') and sequence length,
-a fresh process measures training throughput (forward + backward + AdamW step, tokens/s),
-inference throughput (encoding only, tokens/s), peak memory (process RSS on the CPU, max
+a fresh process measures training throughput (forward + backward + AdamW step, tokens/s; the
+median of timed_steps steps, compiled as the training scripts compile when compile=True),
+inference throughput (encoding only, eager, tokens/s), peak memory (process RSS on the CPU, max
 allocated on CUDA) and MFU against the matmul peak of the same dtype, measured by this script on
 the same machine in the same run. Data are random tokens: speed does not depend on the text.
 
@@ -22,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from statistics import median
 
 import torch
 import torch.nn as nn
@@ -44,8 +46,8 @@ seq_lens = '512,2048,8192'       # comma-separated sequence lengths
 stages = 'mlm,tsdae,diffusion'
 models = 'concept,standard'
 tokens_per_batch = 8192          # batch size = max(1, tokens_per_batch // seq_len)
-warmup_steps = 2                 # untimed steps before timing (allocator, caches, compile)
-timed_steps = 2
+warmup_steps = 1                 # untimed steps before timing (compile, allocator, caches)
+timed_steps = 3                  # tokens/s from the median timed step
 device = 'auto'
 dtype = 'bfloat16'               # autocast dtype; 'float32' runs without autocast
 compile = False                  # torch.compile the models (measure with and without)
@@ -163,7 +165,7 @@ def measure(spec):
         elif compile:  # the peer: whole-model compile with inductor's defaults
             step_model = torch.compile(model)
         batches = [stage_batch(stage, B, N, g) for _ in range(2)]
-        flops, elapsed = 0.0, 0.0
+        step_times, step_flops = [], []
         for step in range(warmup_steps + timed_steps):
             sync()
             t0 = time.perf_counter()
@@ -174,23 +176,24 @@ def measure(spec):
             optimizer.zero_grad(set_to_none=True)
             sync()
             if step >= warmup_steps:
-                elapsed += time.perf_counter() - t0
-                flops += (model.flops(N, n_decoded / B) if model_name == 'standard'
-                          else model.estimate_flops(N, n_decoded / B)) * B
-        row['train_tokens_per_s'] = B * N * timed_steps / elapsed
-        row['train_flops_per_s'] = flops / elapsed
-        encode = model.encode if model_name == 'standard' else model.encoder  # compiled for concept: see above
-        if compile and model_name == 'standard':
-            encode = torch.compile(encode)
+                step_times.append(time.perf_counter() - t0)
+                step_flops.append((model.flops(N, n_decoded / B) if model_name == 'standard'
+                                   else model.estimate_flops(N, n_decoded / B)) * B)
+        # the median step: one step slowed down by a neighbour on a shared machine moves it little
+        row['train_tokens_per_s'] = B * N / median(step_times)
+        row['train_flops_per_s'] = sum(step_flops) / len(step_flops) / median(step_times)
+        encode = model.encode if model_name == 'standard' else model.encoder.forward  # eager, both
         idx = batches[0][0].to(device)
+        encode_times = []
         with torch.no_grad(), ctx:
             for step in range(warmup_steps + timed_steps):
                 sync()
-                if step == warmup_steps:
-                    t0 = time.perf_counter()
+                t0 = time.perf_counter()
                 encode(idx)
-            sync()
-        row['infer_tokens_per_s'] = B * N * timed_steps / (time.perf_counter() - t0)
+                sync()
+                if step >= warmup_steps:
+                    encode_times.append(time.perf_counter() - t0)
+        row['infer_tokens_per_s'] = B * N / median(encode_times)
     except (RuntimeError, MemoryError) as e:
         if 'memory' not in str(e).lower() and not isinstance(e, MemoryError):
             raise
@@ -237,6 +240,7 @@ for stage in stages.split(','):
     for N in [int(s) for s in seq_lens.split(',')]:
         for model_name in models.split(','):
             spec = f"{model_name}:{stage}:{N}"
+            t_row = time.perf_counter()
             out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f'--worker={spec}'],
                                  capture_output=True, text=True)
             lines = [l for l in out.stdout.splitlines() if l.startswith('BENCH_ROW ')]
@@ -252,7 +256,8 @@ for stage in stages.split(','):
             print(f"{stage:9s} N={N:6d} {model_name:8s} " + (
                 'out of memory' if row.get('oom') else
                 f"train {row['train_tokens_per_s']:10,.0f} tok/s  infer {row['infer_tokens_per_s']:11,.0f} tok/s  "
-                f"peak {row['peak_mem_mb']:8,.0f} MB  mfu {100 * row['mfu']:5.1f}%"), flush=True)
+                f"peak {row['peak_mem_mb']:8,.0f} MB  mfu {100 * row['mfu']:5.1f}%") +
+                f"  ({time.perf_counter() - t_row:.0f} s)", flush=True)
 
 print("\n| stage | N | concept train tok/s | standard train tok/s | train speed-up | infer speed-up | "
       "concept MB | standard MB | concept MFU |\n|---|---|---|---|---|---|---|---|---|")
