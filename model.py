@@ -125,12 +125,18 @@ class CrossAttention(nn.Module):
         k, v = self.c_kv(context).view(B, N, 2, self.n_head, H // self.n_head).unbind(2)
         return k.transpose(1, 2), v.transpose(1, 2)  # 2 x (B, nh, N, hs)
 
-    def forward(self, x, kv, key_mask=None):
-        """x: (B, T, H) queries; kv: from project_kv; key_mask: (B, N) bool, True = may be attended."""
-        B, T, H = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, H // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+    def forward(self, x, kv, key_mask=None, valid=None):
+        """x: (B, T, H) queries; kv: from project_kv; key_mask: (B, N) bool, True = may be attended.
+        With valid (B, T) bool, x is packed instead: (M, H), the rows of the True slots in order;
+        only the attention itself sees the padded (B, T) layout, the projections see M rows."""
+        q = self.c_q(x)
+        if valid is not None:
+            q = q.new_zeros(*valid.shape, q.shape[-1]).index_put((valid,), q)  # (B, T, H), zeros at padding
+        B, T, H = q.shape
+        q = q.view(B, T, self.n_head, H // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         y = attention(q, kv[0], kv[1], key_mask, self.dropout if self.training else 0.0)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, H))
+        y = y.transpose(1, 2).reshape(B, T, H)
+        return self.c_proj(y if valid is None else y[valid])
 
 
 class SelfAttention(nn.Module):
@@ -334,8 +340,9 @@ class DecoderLayer(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = GatedMLP(cfg)
 
-    def forward(self, q, concepts):
-        q = q + self.cross_attn(self.ln_1(q), self.cross_attn.project_kv(concepts))
+    def forward(self, q, concepts, valid=None):
+        """q (B, M, H), or packed (M', H) with valid (B, M): see CrossAttention."""
+        q = q + self.cross_attn(self.ln_1(q), self.cross_attn.project_kv(concepts), valid=valid)
         return q + self.mlp(self.ln_2(q))
 
 
@@ -361,17 +368,23 @@ class MLMDecoder(nn.Module):
             self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_dec_layer)])
             self.ln_f = nn.LayerNorm(cfg.n_embd)
 
-    def forward(self, concepts, pos, query_tok_emb=None):
-        """concepts (B, C, H); pos (B, M) positions; query_tok_emb (B, M, H) for 'perceiver'."""
+    def forward(self, concepts, pos, query_tok_emb=None, valid=None):
+        """concepts (B, C, H); pos (B, M) positions; query_tok_emb (B, M, H) for 'perceiver'.
+        Returns (B, M, H); with valid (B, M) bool (gather_positions) only the valid slots are
+        decoded, packed: (M', H). Padding slots then cost nothing beyond the attention itself
+        (diffusion's per-sample masking rate leaves a third of a padded batch empty)."""
         if self.kind == 'weighted':
             h = torch.bmm(F.softmax(self.mix[pos].float(), dim=-1).to(concepts.dtype), concepts)
-            return self.proj(self.ln(h))  # (B, M, H); no GELU: it would cut the identity-initialised path in half
+            h = h if valid is None else h[valid]
+            return self.proj(self.ln(h))  # no GELU: it would cut the identity-initialised path in half
         q = self.wpe(pos)
         if self.kind == 'perceiver':
             q = q + query_tok_emb
+        if valid is not None:
+            q = q[valid]  # (M', H)
         for layer in self.layers:
-            q = layer(q, concepts)
-        return self.ln_f(q)  # (B, M, H)
+            q = layer(q, concepts, valid)
+        return self.ln_f(q)  # (B, M, H) or (M', H)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -847,10 +860,11 @@ class ConceptMLM(ConceptLM):
         self.decoder = MLMDecoder(cfg)
         self._finish_init()
 
-    def decode(self, concepts, idx, pos):
-        """Hidden states (B, M, H) at positions pos (B, M) of the input idx."""
+    def decode(self, concepts, idx, pos, valid=None):
+        """Hidden states (B, M, H) at positions pos (B, M) of the input idx; (M', H) at the valid
+        ones only, given valid (B, M) from gather_positions."""
         tok = self.encoder.wte(torch.gather(idx, 1, pos)) if self.cfg.decoder == 'perceiver' else None
-        return self.decoder(concepts, pos, tok)
+        return self.decoder(concepts, pos, tok, valid)
 
     def forward(self, idx, targets=None, attn_mask=None, n_iters=None, step=0):
         """idx (B, N) input ids; targets (B, N) with IGNORE_INDEX where there is no loss;
@@ -867,7 +881,7 @@ class ConceptMLM(ConceptLM):
         pos, valid = gather_positions(targets != IGNORE_INDEX)
         if pos.shape[1] == 0:  # nothing to predict: a zero that still has a graph
             return None, self.lm_head.weight.sum() * 0.0, {'n_pred': 0, 'n_correct': 0}
-        h = self.decode(concepts, idx, pos)[valid]           # (M, H)
+        h = self.decode(concepts, idx, pos, valid)           # (M, H)
         labels = torch.gather(targets, 1, pos)[valid]         # (M,)
         logits, ce = self.logits_and_ce(h, labels)            # (M, V): never (B, N, V); (M,)
         loss = ce.mean()
@@ -918,14 +932,20 @@ class DiffusionLayer(nn.Module):
         if cfg.time_cond:
             self.adaLN = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
 
-    def forward(self, q, concepts, cond=None):
-        """q (B, M, H) queries; concepts (B, C, H); cond (B, H) timestep embedding."""
+    def forward(self, q, concepts, cond=None, valid=None):
+        """q (B, M, H) queries, or packed (M', H) with valid (B, M) (see CrossAttention);
+        concepts (B, C, H); cond (B, H) timestep embedding."""
         kv = self.cross_attn.project_kv(concepts)
         if not self.time_cond:
-            q = q + self.cross_attn(self.ln_1(q), kv)
+            q = q + self.cross_attn(self.ln_1(q), kv, valid=valid)
             return q + self.mlp(self.ln_2(q))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(F.silu(cond))[:, None, :].chunk(6, dim=-1)
-        q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv)
+        modulation = self.adaLN(F.silu(cond))  # (B, 6H)
+        if valid is None:
+            modulation = modulation[:, None, :]  # (B, 1, 6H)
+        else:  # the modulation of each packed row's sample
+            modulation = modulation[torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]]
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
+        q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, valid=valid)
         return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
 
 
@@ -937,13 +957,16 @@ class DiffusionDecoder(nn.Module):
         self.layers = nn.ModuleList([DiffusionLayer(cfg) for _ in range(cfg.n_dec_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
 
-    def forward(self, concepts, pos, query_tok_emb, t):
-        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H) of the noisy ids; t (B,)."""
+    def forward(self, concepts, pos, query_tok_emb, t, valid=None):
+        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H) of the noisy ids; t (B,).
+        Returns (B, M, H), or (M', H) at the valid slots only, given valid (B, M)."""
         q = query_tok_emb + self.wpe(pos)
+        if valid is not None:
+            q = q[valid]  # (M', H)
         cond = self.time_emb(t) if self.time_emb is not None else None
         for layer in self.layers:
-            q = layer(q, concepts, cond)
-        return self.ln_f(q)  # (B, M, H)
+            q = layer(q, concepts, cond, valid)
+        return self.ln_f(q)  # (B, M, H) or (M', H)
 
 
 class ConceptDiffusion(ConceptLM):
@@ -1005,9 +1028,10 @@ class ConceptDiffusion(ConceptLM):
         return torch.where(masked, self.cfg.mask_id, idx), masked, maskable
 
     # --- the reverse model
-    def denoise(self, concepts, noisy, pos, t):
-        """Hidden states (B, M, H) at positions pos of the noisy sequence, at noise level t (B,)."""
-        return self.decoder(concepts, pos, self.encoder.wte(torch.gather(noisy, 1, pos)), t)
+    def denoise(self, concepts, noisy, pos, t, valid=None):
+        """Hidden states (B, M, H) at positions pos of the noisy sequence, at noise level t (B,);
+        (M', H) at the valid ones only, given valid (B, M) from gather_positions."""
+        return self.decoder(concepts, pos, self.encoder.wte(torch.gather(noisy, 1, pos)), t, valid)
 
     def encoder_input(self, idx, noisy):
         return idx if self.cfg.condition == 'clean' else noisy
@@ -1025,7 +1049,7 @@ class ConceptDiffusion(ConceptLM):
         noisy, masked, maskable = self.add_noise(idx, t, attn_mask, generator)
         concepts = self.encoder(self.encoder_input(idx, noisy), attn_mask)
         pos, valid = gather_positions(masked)
-        h = self.denoise(concepts, noisy, pos, t)[valid]                          # (M, H)
+        h = self.denoise(concepts, noisy, pos, t, valid)                          # (M, H)
         labels = torch.gather(idx, 1, pos)[valid]
         logits, ce = self.logits_and_ce(h, labels, self.cfg.label_smoothing)      # (M, V), (M,)
         row = torch.arange(B, device=idx.device)[:, None].expand_as(pos)[valid]  # sample of each target
@@ -1053,7 +1077,7 @@ class ConceptDiffusion(ConceptLM):
             noisy, masked, maskable = self.add_noise(idx, t, attn_mask, generator)
             concepts = self.encoder(self.encoder_input(idx, noisy), attn_mask)
             pos, valid = gather_positions(masked)
-            logits = self.lm_logits(self.denoise(concepts, noisy, pos, t)[valid])
+            logits = self.lm_logits(self.denoise(concepts, noisy, pos, t, valid))
             nll = F.cross_entropy(logits.float(), torch.gather(idx, 1, pos)[valid], reduction='sum')
             total += nll.double() / t[0].double() / n_grid
         return total.item(), int(self.maskable(idx, attn_mask).sum())

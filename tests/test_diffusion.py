@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, TINY, read_log, run_script
-from model import ConceptConfig, ConceptDiffusion, DiffusionLayer
+from model import ConceptConfig, ConceptDiffusion, DiffusionLayer, gather_positions
 
 SPECIAL = dict(eod_id=96, pad_id=97, mask_id=98, cls_id=99, sep_id=95)
 
@@ -69,6 +69,27 @@ def test_prefix_condition_keeps_a_clean_prefix():
         after = torch.arange(idx.shape[1]) >= first_masked[row]
         assert torch.equal(masked[row] & after, maskable[row] & after)
     assert (first_masked > 0).float().mean() > 0.8  # prefixes have random, mostly non-zero length
+
+
+def test_packed_decoding_equals_padded_decoding():
+    """With valid from gather_positions the decoder runs on the masked positions only (packed);
+    each packed row must get its own sample's concepts and timestep modulation, exactly as in the
+    padded layout. AdaLN weights are randomised: at their zero init the modulation is zero for
+    every sample and a row mix-up would not show."""
+    model = tiny_model()
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            layer.adaLN.weight.normal_(0.0, 0.2)
+            layer.adaLN.bias.normal_(0.0, 0.2)
+    idx, attn_mask = text_batch(B=4)
+    t = torch.tensor([0.2, 0.9, 0.5, 0.7])  # very different masked counts per row: padding slots
+    noisy, masked, _ = model.add_noise(idx, t, attn_mask, torch.Generator().manual_seed(0))
+    concepts = model.encoder(noisy, attn_mask)
+    pos, valid = gather_positions(masked)
+    assert (~valid).sum() > 50
+    packed = model.denoise(concepts, noisy, pos, t, valid)
+    assert packed.shape == (int(masked.sum()), 32)
+    torch.testing.assert_close(packed, model.denoise(concepts, noisy, pos, t)[valid], rtol=1e-5, atol=1e-5)
 
 
 def test_elbo_weighting_is_one_over_t_normalised_by_maskable_tokens():
