@@ -77,7 +77,7 @@ DECODERS = ('weighted', 'perceiver', 'posonly', 'diffusion')
 # ----------------------------------------------------------------------------------------------
 # building blocks
 
-SHORT_SIDE = 1024  # CPU, compiled, training: attentions with at most this many queries or keys use the math kernel
+SHORT_SIDE = 1024  # CPU training: attentions with at most this many queries or keys use the math kernel
 # SDPA's math kernel would otherwise upcast bf16 inputs to float32 (half-speed matmuls); kept in
 # bf16, its matmuls accumulate in float32 like every other bf16 matmul of the model. Process-wide,
 # and it only matters where the math kernel runs: in attention() below, or as SDPA's fallback.
@@ -88,19 +88,19 @@ def attention(q, k, v, key_mask=None, dropout_p=0.0):
     """SDPA over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values; key_mask (B, S) bool,
     True = may be attended. Every attention in this project goes through here.
 
-    On the CPU, under torch.compile and with gradients, attentions with a short side (the
-    concepts reading the tokens, C x N; C x C; decoded positions reading the concepts) go to
-    SDPA's math kernel in bf16: inductor turns it into bf16 matmuls and a fused softmax, which
-    beats the flash kernel, whose CPU backward is slow for so few queries (forward and backward
-    of the C x N attention at N = 2048 in bf16 on this project's 2-core CPU: ~47 vs ~68 ms;
-    the whole h512l2 MLM step: 485 vs 590 ms). The (T, S) scores it materialises grow linearly
-    with the long side. Inductor's attention pattern matcher would turn it back into the flash
-    kernel, so ConceptLM.compile_for_training turns that pass off on the CPU. Eager mode and
-    inference keep the flash kernel (faster there), as do long-by-long attentions (the standard
-    encoder's N x N beyond N = 1024). CUDA keeps SDPA's own choice."""
+    On the CPU, with gradients, attentions with a short side (the concepts reading the tokens,
+    C x N; C x C; decoded positions reading the concepts) go to SDPA's math kernel, kept in bf16
+    under autocast: bf16 matmuls and a softmax (fused by inductor when compiled), which beat the
+    flash kernel, whose CPU backward is slow for so few queries. Measured on this project's
+    2-core CPU, h512l2 MLM step in bf16: compiled, N = 2048, 485 vs 590 ms; eager, N = 512 / 2048,
+    760 vs 810 and 585 vs 615 ms; float32 eager on config/tiny.py: a tie. The (T, S) scores it
+    materialises grow linearly with the long side. Inductor's attention pattern matcher would turn
+    it back into the flash kernel, so ConceptLM.compile_for_training turns that pass off on the
+    CPU. Inference keeps the flash kernel (faster there: encoding at N = 512, 205 vs 225 ms), as
+    do long-by-long attentions (the standard encoder's N x N beyond N = 1024). CUDA keeps SDPA's
+    own choice."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
-    if (q.device.type == 'cpu' and q.requires_grad and torch.compiler.is_compiling()
-            and min(q.shape[-2], k.shape[-2]) <= SHORT_SIDE):
+    if q.device.type == 'cpu' and q.requires_grad and min(q.shape[-2], k.shape[-2]) <= SHORT_SIDE:
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
