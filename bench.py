@@ -92,8 +92,16 @@ class StandardEncoder(nn.Module):
         h = self.encode(idx)
         pos, valid = gather_positions(targets != -100)
         h = torch.gather(h, 1, pos[..., None].expand(-1, -1, h.shape[-1]))[valid]
-        labels = torch.gather(targets, 1, pos)[valid]
+        return self.loss(h, torch.gather(targets, 1, pos)[valid])
+
+    def loss(self, h, labels):
         return F.cross_entropy(self.lm_head(h).float(), labels)
+
+    def compile_for_training(self, device_type):
+        """As the concept model is compiled: the encoder with fixed shapes, the loss with a dynamic
+        number of positions (no recompilation when it changes), inductor's default options."""
+        self.encode = torch.compile(self.encode)
+        self.loss = torch.compile(self.loss, dynamic=True)
 
     def flops(self, n, m):
         """Training FLOPs of one sequence of n tokens with m decoded positions (x3 for backward)."""
@@ -159,18 +167,16 @@ def measure(spec):
         g = torch.Generator().manual_seed(0)
         model = build(model_name, stage, N).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(device_type == 'cuda'))
-        step_model = model
-        if compile and model_name == 'concept':  # as the training scripts do
+        encode = model.encode if model_name == 'standard' else model.encoder.forward  # eager, both
+        if compile:  # as the training scripts compile the concept model
             model.compile_for_training(device_type)
-        elif compile:  # the peer: whole-model compile with inductor's defaults
-            step_model = torch.compile(model)
         batches = [stage_batch(stage, B, N, g) for _ in range(2)]
         step_times, step_flops = [], []
         for step in range(warmup_steps + timed_steps):
             sync()
             t0 = time.perf_counter()
             with ctx:
-                loss, n_decoded = loss_and_decoded(step_model, model_name, stage, batches[step % 2], g)
+                loss, n_decoded = loss_and_decoded(model, model_name, stage, batches[step % 2], g)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -182,17 +188,15 @@ def measure(spec):
         # the median step: one step slowed down by a neighbour on a shared machine moves it little
         row['train_tokens_per_s'] = B * N / median(step_times)
         row['train_flops_per_s'] = sum(step_flops) / len(step_flops) / median(step_times)
-        encode = model.encode if model_name == 'standard' else model.encoder.forward  # eager, both
         idx = batches[0][0].to(device)
         encode_times = []
-        with torch.no_grad(), ctx:
-            for step in range(warmup_steps + timed_steps):
+        with torch.no_grad(), ctx:  # no warm-up: eager, and the median drops a slow first call
+            for _ in range(timed_steps):
                 sync()
                 t0 = time.perf_counter()
                 encode(idx)
                 sync()
-                if step >= warmup_steps:
-                    encode_times.append(time.perf_counter() - t0)
+                encode_times.append(time.perf_counter() - t0)
         row['infer_tokens_per_s'] = B * N / median(encode_times)
     except (RuntimeError, MemoryError) as e:
         if 'memory' not in str(e).lower() and not isinstance(e, MemoryError):
