@@ -6,10 +6,10 @@ Speed and memory of the concept encoder against a standard transformer encoder o
 
 For each model ('concept', 'standard'), stage ('mlm', 'tsdae', 'diffusion') and sequence length,
 a fresh process measures training throughput (forward + backward + AdamW step, tokens/s; the
-median of timed_steps steps, compiled as the training scripts compile when compile=True),
-inference throughput (encoding only, eager, tokens/s), peak memory (process RSS on the CPU, max
-allocated on CUDA) and MFU against the matmul peak of the same dtype, measured by this script on
-the same machine in the same run. Data are random tokens: speed does not depend on the text.
+median of timed_steps steps, or of 2 when they take timed_seconds; compiled as the training
+scripts compile when compile=True), inference throughput (encoding only, eager, tokens/s), peak
+memory (process RSS on the CPU, max allocated on CUDA) and MFU against the matmul peak of the
+same dtype, measured by this script on the same machine in the same run. Data are random tokens: speed does not depend on the text.
 
 The peer ('standard') is a bidirectional transformer encoder built from the same blocks as
 model.py (SDPA self-attention over the tokens, the same gated FFN, the same n_layer, n_embd,
@@ -48,6 +48,7 @@ models = 'concept,standard'
 tokens_per_batch = 8192          # batch size = max(1, tokens_per_batch // seq_len)
 warmup_steps = 1                 # untimed steps before timing (compile, allocator, caches)
 timed_steps = 3                  # tokens/s from the median timed step
+timed_seconds = 5.0              # but stop after 2 steps once this much has been timed (slow rows)
 device = 'auto'
 dtype = 'bfloat16'               # autocast dtype; 'float32' runs without autocast
 compile = False                  # torch.compile the models (measure with and without)
@@ -173,6 +174,8 @@ def measure(spec):
         batches = [stage_batch(stage, B, N, g) for _ in range(2)]
         step_times, step_flops = [], []
         for step in range(warmup_steps + timed_steps):
+            if len(step_times) >= 2 and sum(step_times) >= timed_seconds:
+                break
             sync()
             t0 = time.perf_counter()
             with ctx:
@@ -192,6 +195,8 @@ def measure(spec):
         encode_times = []
         with torch.no_grad(), ctx:  # no warm-up: eager, and the median drops a slow first call
             for _ in range(timed_steps):
+                if len(encode_times) >= 2 and sum(encode_times) >= timed_seconds:
+                    break
                 sync()
                 t0 = time.perf_counter()
                 encode(idx)
