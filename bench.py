@@ -9,7 +9,8 @@ a fresh process measures training throughput (forward + backward + AdamW step, t
 median of timed_steps steps, or of 2 when they take timed_seconds; compiled as the training
 scripts compile when compile=True), inference throughput (encoding only, eager, tokens/s), peak
 memory (process RSS on the CPU, max allocated on CUDA) and MFU against the matmul peak of the
-same dtype, measured by this script on the same machine in the same run. Data are random tokens: speed does not depend on the text.
+same dtype, measured by this script on the same machine in the same run. Data are random tokens:
+speed does not depend on the text.
 
 The peer ('standard') is a bidirectional transformer encoder built from the same blocks as
 model.py (SDPA self-attention over the tokens, the same gated FFN, the same n_layer, n_embd,
@@ -173,9 +174,8 @@ def measure(spec):
             model.compile_for_training(device_type)
         batches = [stage_batch(stage, B, N, g) for _ in range(2)]
         step_times, step_flops = [], []
-        for step in range(warmup_steps + timed_steps):
-            if len(step_times) >= 2 and sum(step_times) >= timed_seconds:
-                break
+        step = 0
+        while not timed_enough(step_times):
             sync()
             t0 = time.perf_counter()
             with ctx:
@@ -188,15 +188,14 @@ def measure(spec):
                 step_times.append(time.perf_counter() - t0)
                 step_flops.append((model.flops(N, n_decoded / B) if model_name == 'standard'
                                    else model.estimate_flops(N, n_decoded / B)) * B)
+            step += 1
         # the median step: one step slowed down by a neighbour on a shared machine moves it little
         row['train_tokens_per_s'] = B * N / median(step_times)
         row['train_flops_per_s'] = sum(step_flops) / len(step_flops) / median(step_times)
         idx = batches[0][0].to(device)
         encode_times = []
         with torch.no_grad(), ctx:  # no warm-up: eager, and the median drops a slow first call
-            for _ in range(timed_steps):
-                if len(encode_times) >= 2 and sum(encode_times) >= timed_seconds:
-                    break
+            while not timed_enough(encode_times):
                 sync()
                 t0 = time.perf_counter()
                 encode(idx)
@@ -212,6 +211,11 @@ def measure(spec):
     else:
         row['peak_mem_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
+
+
+def timed_enough(times):
+    """timed_steps timings, or 2 once they add up to timed_seconds (the slow rows)."""
+    return len(times) >= timed_steps or (len(times) >= 2 and sum(times) >= timed_seconds)
 
 
 def sync():

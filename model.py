@@ -329,6 +329,12 @@ def gather_positions(select):
     return order, valid
 
 
+def sample_of(valid):
+    """valid (B, M) bool from gather_positions -> (M',) the sample (row of the batch) of each valid
+    slot, in the packed order of x[valid]."""
+    return torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+
+
 class DecoderLayer(nn.Module):
     """Perceiver-IO decoder layer: each query reads the concepts, then an FFN. No query-query
     attention, so the output at one position does not depend on which others are decoded."""
@@ -943,7 +949,7 @@ class DiffusionLayer(nn.Module):
         if valid is None:
             modulation = modulation[:, None, :]  # (B, 1, 6H)
         else:  # the modulation of each packed row's sample
-            modulation = modulation[torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]]
+            modulation = modulation[sample_of(valid)]
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, valid=valid)
         return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
@@ -1052,7 +1058,7 @@ class ConceptDiffusion(ConceptLM):
         h = self.denoise(concepts, noisy, pos, t, valid)                          # (M, H)
         labels = torch.gather(idx, 1, pos)[valid]
         logits, ce = self.logits_and_ce(h, labels, self.cfg.label_smoothing)      # (M, V), (M,)
-        row = torch.arange(B, device=idx.device)[:, None].expand_as(pos)[valid]  # sample of each target
+        row = sample_of(valid)  # sample of each target
         if self.cfg.elbo_weight:
             loss = (ce / t[row]).sum() / maskable.sum().clamp(min=1)
         else:
@@ -1137,9 +1143,9 @@ class ConceptDiffusion(ConceptLM):
                 # scatter back to (B, N); positions not eligible this step get -inf confidence
                 conf_full = torch.full((B, N), -float('inf'), dtype=torch.float64, device=x.device)
                 pred_full = x.clone()
-                rows = torch.arange(B, device=x.device)[:, None].expand_as(pos)
-                conf_full[rows[valid], pos[valid]] = confidence[valid]
-                pred_full[rows[valid], pos[valid]] = choice[valid]
+                rows = sample_of(valid)
+                conf_full[rows, pos[valid]] = confidence[valid]
+                pred_full[rows, pos[valid]] = choice[valid]
                 conf_full[~eligible] = -float('inf')
                 left = block_steps - s
                 quota = torch.ceil(eligible.sum(1).double() / left).long()  # (B,)
