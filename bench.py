@@ -168,7 +168,7 @@ def measure(spec):
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(0)
         model = build(model_name, stage, N).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(device_type == 'cuda'))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device_type in ('cuda', 'cpu'))
         encode = model.encode if model_name == 'standard' else model.encoder.forward  # eager, both
         if compile:  # as the training scripts compile the concept model
             model.compile_for_training(device_type)

@@ -548,7 +548,7 @@ def finetune(ck, data, head, seed, hp, device='cpu', autocast=nullcontext, progr
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     device_type = 'cuda' if str(device).startswith('cuda') else str(device)
     optimizer = torch.optim.AdamW(groups, lr=hp['learning_rate'], betas=(0.9, 0.98), eps=1e-6,
-                                  fused=device_type == 'cuda')
+                                  fused=device_type in ('cuda', 'cpu'))
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
     history, losses, step = [], [], 0
     for epoch in range(n_epochs):

@@ -146,6 +146,7 @@ def test_tied_lm_head_and_weight_decay_groups():
     model = ConceptMLM(tiny_cfg())
     assert model.lm_head.weight is model.encoder.wte.weight
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    assert opt.defaults['fused']  # one pass per tensor on the CPU too
     decay, no_decay = opt.param_groups
     assert decay['weight_decay'] == 0.1 and all(p.dim() >= 2 for p in decay['params'])
     assert no_decay['weight_decay'] == 0.0 and all(p.dim() < 2 for p in no_decay['params'])
