@@ -83,8 +83,11 @@ class StandardEncoder(nn.Module):
         self.lm_head.weight = self.wte.weight
         self.cfg = cfg
 
+    def embed(self, idx):
+        return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))  # (B, N, H)
+
     def encode(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = self.embed(idx)
         for b in self.blocks:
             x = x + b['attn'](b['ln_1'](x))
             x = x + b['mlp'](b['ln_2'](x))
@@ -101,7 +104,10 @@ class StandardEncoder(nn.Module):
 
     def compile_for_training(self, device_type):
         """As the concept model is compiled: the encoder with fixed shapes, the loss with a dynamic
-        number of positions (no recompilation when it changes), inductor's default options."""
+        number of positions (no recompilation when it changes), inductor's default options, the
+        token embedding eager on the CPU (its atomic-add backward there is slow)."""
+        if device_type == 'cpu':
+            self.embed = torch.compiler.disable(self.embed)
         self.encode = torch.compile(self.encode)
         self.loss = torch.compile(self.loss, dynamic=True)
 
