@@ -42,6 +42,30 @@ def test_sparse_loss_equals_dense_cross_entropy(decoder, bixt, recursive):
     torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('label_smoothing', [0.0, 0.1])
+def test_logits_and_ce_equals_cross_entropy(label_smoothing):
+    """The loss head picks the label's logit by comparison, not gather: same values and same
+    gradients (to the hidden states and the tied embedding) as F.cross_entropy."""
+    torch.manual_seed(0)
+    model = ConceptMLM(tiny_cfg())
+    h = torch.randn(50, 32, requires_grad=True)
+    labels = torch.randint(97, (50,))
+    results = []
+    for reference in (False, True):
+        model.zero_grad()
+        h.grad = None
+        if reference:
+            logits = model.lm_logits(h)
+            ce = F.cross_entropy(logits, labels, reduction='none', label_smoothing=label_smoothing)
+        else:
+            logits, ce = model.logits_and_ce(h, labels, label_smoothing)
+            assert not logits.requires_grad  # detached: no (M, V) zero gradient in the backward
+        (ce * torch.linspace(0.5, 1.5, 50)).sum().backward()
+        results.append((logits.detach(), ce.detach(), h.grad, model.lm_head.weight.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('decoder,bixt,recursive', VARIANTS)
 def test_every_variant_learns(decoder, bixt, recursive):
     """forward + backward, and the loss falls when fitting a small fixed batch."""
