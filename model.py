@@ -16,6 +16,7 @@ V vocabulary. No tensor of shape [N, N] exists anywhere in this file.
 """
 import math
 from dataclasses import dataclass, asdict
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -125,18 +126,18 @@ class CrossAttention(nn.Module):
         k, v = self.c_kv(context).view(B, N, 2, self.n_head, H // self.n_head).unbind(2)
         return k.transpose(1, 2), v.transpose(1, 2)  # 2 x (B, nh, N, hs)
 
-    def forward(self, x, kv, key_mask=None, valid=None):
+    def forward(self, x, kv, key_mask=None, packing=None):
         """x: (B, T, H) queries; kv: from project_kv; key_mask: (B, N) bool, True = may be attended.
-        With valid (B, T) bool, x is packed instead: (M, H), the rows of the True slots in order;
-        only the attention itself sees the padded (B, T) layout, the projections see M rows."""
+        With a Packing of the (B, T) layout, x is packed instead: (M', H), the rows of its valid
+        slots; only the attention itself sees the padded (B, T) layout, the projections see M' rows."""
         q = self.c_q(x)
-        if valid is not None:
-            q = q.new_zeros(*valid.shape, q.shape[-1]).index_put((valid,), q)  # (B, T, H), zeros at padding
+        if packing is not None:
+            q = packing.unpack(q)  # (B, T, H), zeros at padding
         B, T, H = q.shape
         q = q.view(B, T, self.n_head, H // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         y = attention(q, kv[0], kv[1], key_mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, H)
-        return self.c_proj(y if valid is None else y[valid])
+        return self.c_proj(y if packing is None else packing.pack(y))
 
 
 class SelfAttention(nn.Module):
@@ -329,10 +330,31 @@ def gather_positions(select):
     return order, valid
 
 
-def sample_of(valid):
-    """valid (B, M) bool from gather_positions -> (M',) the sample (row of the batch) of each valid
-    slot, in the packed order of x[valid]."""
-    return torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+class Packing(NamedTuple):
+    """The valid slots of gather_positions' padded (B, T) layout as the rows of a packed (M', ...)
+    tensor: pack(x) equals x[valid]. The decoders run on packed rows; their attention alone needs
+    the padded layout. The index is built once per batch, outside the compiled decoder: indexing
+    with it, rather than with the boolean mask (whose backward has a data-dependent shape), keeps
+    the compiled decoder one graph (a mask there cost two failed compile attempts per process)."""
+    valid: torch.Tensor  # (B, T) bool
+    index: torch.Tensor  # (M',) long: b·T + t of each valid slot, in order
+
+    @classmethod
+    def of(cls, valid):
+        return cls(valid, valid.flatten().nonzero().squeeze(1))
+
+    def pack(self, x):
+        """(B, T, ...) -> (M', ...)"""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x):
+        """(M', ...) -> (B, T, ...), zeros at the padding slots"""
+        B, T = self.valid.shape
+        return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x).view(B, T, *x.shape[1:])
+
+    def sample(self):
+        """(M',) the sample (row of the batch) of each packed row"""
+        return self.index // self.valid.shape[1]
 
 
 class DecoderLayer(nn.Module):
@@ -346,9 +368,9 @@ class DecoderLayer(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = GatedMLP(cfg)
 
-    def forward(self, q, concepts, valid=None):
-        """q (B, M, H), or packed (M', H) with valid (B, M): see CrossAttention."""
-        q = q + self.cross_attn(self.ln_1(q), self.cross_attn.project_kv(concepts), valid=valid)
+    def forward(self, q, concepts, packing=None):
+        """q (B, M, H), or packed (M', H) with a Packing: see CrossAttention."""
+        q = q + self.cross_attn(self.ln_1(q), self.cross_attn.project_kv(concepts), packing=packing)
         return q + self.mlp(self.ln_2(q))
 
 
@@ -374,22 +396,22 @@ class MLMDecoder(nn.Module):
             self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_dec_layer)])
             self.ln_f = nn.LayerNorm(cfg.n_embd)
 
-    def forward(self, concepts, pos, query_tok_emb=None, valid=None):
+    def forward(self, concepts, pos, query_tok_emb=None, packing=None):
         """concepts (B, C, H); pos (B, M) positions; query_tok_emb (B, M, H) for 'perceiver'.
-        Returns (B, M, H); with valid (B, M) bool (gather_positions) only the valid slots are
-        decoded, packed: (M', H). Padding slots then cost nothing beyond the attention itself
+        Returns (B, M, H); with a Packing of gather_positions' valid (B, M) only the valid slots
+        are decoded, packed: (M', H). Padding slots then cost nothing beyond the attention itself
         (diffusion's per-sample masking rate leaves a third of a padded batch empty)."""
         if self.kind == 'weighted':
             h = torch.bmm(F.softmax(self.mix[pos].float(), dim=-1).to(concepts.dtype), concepts)
-            h = h if valid is None else h[valid]
+            h = h if packing is None else packing.pack(h)
             return self.proj(self.ln(h))  # no GELU: it would cut the identity-initialised path in half
         q = self.wpe(pos)
         if self.kind == 'perceiver':
             q = q + query_tok_emb
-        if valid is not None:
-            q = q[valid]  # (M', H)
+        if packing is not None:
+            q = packing.pack(q)  # (M', H)
         for layer in self.layers:
-            q = layer(q, concepts, valid)
+            q = layer(q, concepts, packing)
         return self.ln_f(q)  # (B, M, H) or (M', H)
 
 
@@ -888,7 +910,7 @@ class ConceptMLM(ConceptLM):
         """Hidden states (B, M, H) at positions pos (B, M) of the input idx; (M', H) at the valid
         ones only, given valid (B, M) from gather_positions."""
         tok = self.encoder.wte(torch.gather(idx, 1, pos)) if self.cfg.decoder == 'perceiver' else None
-        return self.decoder(concepts, pos, tok, valid)
+        return self.decoder(concepts, pos, tok, None if valid is None else Packing.of(valid))
 
     def forward(self, idx, targets=None, attn_mask=None, n_iters=None, step=0):
         """idx (B, N) input ids; targets (B, N) with IGNORE_INDEX where there is no loss;
@@ -956,20 +978,20 @@ class DiffusionLayer(nn.Module):
         if cfg.time_cond:
             self.adaLN = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
 
-    def forward(self, q, concepts, cond=None, valid=None):
-        """q (B, M, H) queries, or packed (M', H) with valid (B, M) (see CrossAttention);
+    def forward(self, q, concepts, cond=None, packing=None):
+        """q (B, M, H) queries, or packed (M', H) with a Packing (see CrossAttention);
         concepts (B, C, H); cond (B, H) timestep embedding."""
         kv = self.cross_attn.project_kv(concepts)
         if not self.time_cond:
-            q = q + self.cross_attn(self.ln_1(q), kv, valid=valid)
+            q = q + self.cross_attn(self.ln_1(q), kv, packing=packing)
             return q + self.mlp(self.ln_2(q))
         modulation = self.adaLN(F.silu(cond))  # (B, 6H)
-        if valid is None:
+        if packing is None:
             modulation = modulation[:, None, :]  # (B, 1, 6H)
         else:  # the modulation of each packed row's sample
-            modulation = modulation[sample_of(valid)]
+            modulation = modulation[packing.sample()]
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
-        q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, valid=valid)
+        q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, packing=packing)
         return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
 
 
@@ -981,15 +1003,15 @@ class DiffusionDecoder(nn.Module):
         self.layers = nn.ModuleList([DiffusionLayer(cfg) for _ in range(cfg.n_dec_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
 
-    def forward(self, concepts, pos, query_tok_emb, t, valid=None):
+    def forward(self, concepts, pos, query_tok_emb, t, packing=None):
         """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H) of the noisy ids; t (B,).
-        Returns (B, M, H), or (M', H) at the valid slots only, given valid (B, M)."""
+        Returns (B, M, H), or (M', H) at the valid slots only, given a Packing of (B, M)."""
         q = query_tok_emb + self.wpe(pos)
-        if valid is not None:
-            q = q[valid]  # (M', H)
+        if packing is not None:
+            q = packing.pack(q)  # (M', H)
         cond = self.time_emb(t) if self.time_emb is not None else None
         for layer in self.layers:
-            q = layer(q, concepts, cond, valid)
+            q = layer(q, concepts, cond, packing)
         return self.ln_f(q)  # (B, M, H) or (M', H)
 
 
@@ -1055,7 +1077,8 @@ class ConceptDiffusion(ConceptLM):
     def denoise(self, concepts, noisy, pos, t, valid=None):
         """Hidden states (B, M, H) at positions pos of the noisy sequence, at noise level t (B,);
         (M', H) at the valid ones only, given valid (B, M) from gather_positions."""
-        return self.decoder(concepts, pos, self.encoder.wte(torch.gather(noisy, 1, pos)), t, valid)
+        tok = self.encoder.wte(torch.gather(noisy, 1, pos))
+        return self.decoder(concepts, pos, tok, t, None if valid is None else Packing.of(valid))
 
     def encoder_input(self, idx, noisy):
         return idx if self.cfg.condition == 'clean' else noisy
@@ -1076,7 +1099,7 @@ class ConceptDiffusion(ConceptLM):
         h = self.denoise(concepts, noisy, pos, t, valid)                          # (M, H)
         labels = torch.gather(idx, 1, pos)[valid]
         logits, ce = self.logits_and_ce(h, labels, self.cfg.label_smoothing)      # (M, V), (M,)
-        row = sample_of(valid)  # sample of each target
+        row = Packing.of(valid).sample()  # sample of each target
         if self.cfg.elbo_weight:
             loss = (ce / t[row]).sum() / maskable.sum().clamp(min=1)
         else:
@@ -1161,7 +1184,7 @@ class ConceptDiffusion(ConceptLM):
                 # scatter back to (B, N); positions not eligible this step get -inf confidence
                 conf_full = torch.full((B, N), -float('inf'), dtype=torch.float64, device=x.device)
                 pred_full = x.clone()
-                rows = sample_of(valid)
+                rows = Packing.of(valid).sample()
                 conf_full[rows, pos[valid]] = confidence[valid]
                 pred_full[rows, pos[valid]] = choice[valid]
                 conf_full[~eligible] = -float('inf')

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import model as model_module
-from model import ConceptConfig, ConceptMLM, gather_positions
+from model import ConceptConfig, ConceptMLM, Packing, gather_positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = list(itertools.product(['weighted', 'perceiver', 'posonly'], [False, True], [0, 3]))
@@ -236,6 +236,22 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     assert out.returncode == 0, out.stderr
     peak_mb = float(out.stdout.strip().splitlines()[-1])
     assert peak_mb < 1024, f"forward over 32k tokens grew RSS by {peak_mb:.0f} MB"
+
+
+@pytest.mark.parametrize('decoder', ['perceiver', 'weighted'])
+def test_packed_decoder_traces_as_one_graph(decoder):
+    """Packing indexes with a precomputed index, not the boolean mask, so the compiled decoder
+    has no data-dependent shapes: no graph break (a mask here cost failed compile attempts)."""
+    torch._dynamo.reset()
+    model = ConceptMLM(tiny_cfg(decoder=decoder))
+    idx, targets = random_batch()
+    pos, valid = gather_positions(targets != -100)
+    concepts = model.encoder(idx)
+    tok = model.encoder.wte(torch.gather(idx, 1, pos))
+    explanation = torch._dynamo.explain(model.decoder)(concepts, pos, tok, Packing.of(valid))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch.testing.assert_close(model.decoder(concepts, pos, tok, Packing.of(valid)),
+                               model.decoder(concepts, pos, tok)[valid])
 
 
 def test_compiled_training_step_equals_eager_and_keeps_the_math_kernel():
