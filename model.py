@@ -823,7 +823,7 @@ class ConceptLM(nn.Module):
         their backward into another. The label's logit is picked by comparing with the vocabulary
         index, not by gather: its backward is then elementwise, where gather's (and
         F.cross_entropy's) scatters into an (M, V) float32 tensor of zeros first (fwd + bwd
-        ~100 vs ~110 ms at M = 1248, V = 8192 on the CPU). The logits come back detached (callers
+        90-93 vs 101-110 ms at M = 1248, V = 8192 on the CPU). The logits come back detached (callers
         read them only for accuracy): a differentiable output would cost an (M, V) zero gradient
         in every backward."""
         logits = self.lm_logits(h)                                            # (M, V)
