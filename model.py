@@ -906,11 +906,11 @@ class ConceptMLM(ConceptLM):
         self.decoder = MLMDecoder(cfg)
         self._finish_init()
 
-    def decode(self, concepts, idx, pos, valid=None):
+    def decode(self, concepts, idx, pos, packing=None):
         """Hidden states (B, M, H) at positions pos (B, M) of the input idx; (M', H) at the valid
-        ones only, given valid (B, M) from gather_positions."""
+        ones only, given the Packing of gather_positions' valid (B, M)."""
         tok = self.encoder.wte(torch.gather(idx, 1, pos)) if self.cfg.decoder == 'perceiver' else None
-        return self.decoder(concepts, pos, tok, None if valid is None else Packing.of(valid))
+        return self.decoder(concepts, pos, tok, packing)
 
     def forward(self, idx, targets=None, attn_mask=None, n_iters=None, step=0):
         """idx (B, N) input ids; targets (B, N) with IGNORE_INDEX where there is no loss;
@@ -927,7 +927,7 @@ class ConceptMLM(ConceptLM):
         pos, valid = gather_positions(targets != IGNORE_INDEX)
         if pos.shape[1] == 0:  # nothing to predict: a zero that still has a graph
             return None, self.lm_head.weight.sum() * 0.0, {'n_pred': 0, 'n_correct': 0}
-        h = self.decode(concepts, idx, pos, valid)           # (M, H)
+        h = self.decode(concepts, idx, pos, Packing.of(valid))  # (M, H)
         labels = torch.gather(targets, 1, pos)[valid]         # (M,)
         logits, ce = self.logits_and_ce(h, labels)            # (M, V): never (B, N, V); (M,)
         loss = ce.mean()
@@ -1074,11 +1074,10 @@ class ConceptDiffusion(ConceptLM):
         return torch.where(masked, self.cfg.mask_id, idx), masked, maskable
 
     # --- the reverse model
-    def denoise(self, concepts, noisy, pos, t, valid=None):
+    def denoise(self, concepts, noisy, pos, t, packing=None):
         """Hidden states (B, M, H) at positions pos of the noisy sequence, at noise level t (B,);
-        (M', H) at the valid ones only, given valid (B, M) from gather_positions."""
-        tok = self.encoder.wte(torch.gather(noisy, 1, pos))
-        return self.decoder(concepts, pos, tok, t, None if valid is None else Packing.of(valid))
+        (M', H) at the valid ones only, given the Packing of gather_positions' valid (B, M)."""
+        return self.decoder(concepts, pos, self.encoder.wte(torch.gather(noisy, 1, pos)), t, packing)
 
     def encoder_input(self, idx, noisy):
         return idx if self.cfg.condition == 'clean' else noisy
@@ -1096,10 +1095,11 @@ class ConceptDiffusion(ConceptLM):
         noisy, masked, maskable = self.add_noise(idx, t, attn_mask, generator)
         concepts = self.encoder(self.encoder_input(idx, noisy), attn_mask)
         pos, valid = gather_positions(masked)
-        h = self.denoise(concepts, noisy, pos, t, valid)                          # (M, H)
+        packing = Packing.of(valid)
+        h = self.denoise(concepts, noisy, pos, t, packing)                        # (M, H)
         labels = torch.gather(idx, 1, pos)[valid]
         logits, ce = self.logits_and_ce(h, labels, self.cfg.label_smoothing)      # (M, V), (M,)
-        row = Packing.of(valid).sample()  # sample of each target
+        row = packing.sample()  # sample of each target
         if self.cfg.elbo_weight:
             loss = (ce / t[row]).sum() / maskable.sum().clamp(min=1)
         else:
@@ -1124,7 +1124,7 @@ class ConceptDiffusion(ConceptLM):
             noisy, masked, maskable = self.add_noise(idx, t, attn_mask, generator)
             concepts = self.encoder(self.encoder_input(idx, noisy), attn_mask)
             pos, valid = gather_positions(masked)
-            logits = self.lm_logits(self.denoise(concepts, noisy, pos, t, valid))
+            logits = self.lm_logits(self.denoise(concepts, noisy, pos, t, Packing.of(valid)))
             nll = F.cross_entropy(logits.float(), torch.gather(idx, 1, pos)[valid], reduction='sum')
             total += nll.double() / t[0].double() / n_grid
         return total.item(), int(self.maskable(idx, attn_mask).sum())

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, TINY, read_log, run_script
-from model import ConceptConfig, ConceptDiffusion, DiffusionLayer, gather_positions
+from model import ConceptConfig, ConceptDiffusion, DiffusionLayer, Packing, gather_positions
 
 SPECIAL = dict(eod_id=96, pad_id=97, mask_id=98, cls_id=99, sep_id=95)
 
@@ -72,7 +72,7 @@ def test_prefix_condition_keeps_a_clean_prefix():
 
 
 def test_packed_decoding_equals_padded_decoding():
-    """With valid from gather_positions the decoder runs on the masked positions only (packed);
+    """With the Packing of gather_positions' valid the decoder runs on the masked positions only (packed);
     each packed row must get its own sample's concepts and timestep modulation, exactly as in the
     padded layout. AdaLN weights are randomised: at their zero init the modulation is zero for
     every sample and a row mix-up would not show."""
@@ -87,7 +87,7 @@ def test_packed_decoding_equals_padded_decoding():
     concepts = model.encoder(noisy, attn_mask)
     pos, valid = gather_positions(masked)
     assert (~valid).sum() > 50
-    packed = model.denoise(concepts, noisy, pos, t, valid)
+    packed = model.denoise(concepts, noisy, pos, t, Packing.of(valid))
     assert packed.shape == (int(masked.sum()), 32)
     torch.testing.assert_close(packed, model.denoise(concepts, noisy, pos, t)[valid], rtol=1e-5, atol=1e-5)
 
