@@ -28,9 +28,9 @@ from statistics import median
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from model import ConceptConfig, ConceptDiffusion, ConceptMLM, GatedMLP, SelfAttention, gather_positions
+from model import (ConceptConfig, ConceptDiffusion, ConceptMLM, GatedMLP, SelfAttention, gather_positions,
+                   lm_cross_entropy)
 
 # ----------------------------------------------------------------------------------------------
 # defaults (a config file such as config/h512l2.py sets the model shape; its training keys are
@@ -100,7 +100,7 @@ class StandardEncoder(nn.Module):
         return self.loss(h, torch.gather(targets, 1, pos)[valid])
 
     def loss(self, h, labels):
-        return F.cross_entropy(self.lm_head(h).float(), labels)
+        return lm_cross_entropy(self.lm_head, h, labels)[1].mean()  # the concept model's loss code
 
     def compile_for_training(self, device_type):
         """As the concept model is compiled: the encoder with fixed shapes, the loss with a dynamic

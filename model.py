@@ -727,6 +727,28 @@ def average_diagnostics(dicts):
     return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
 
 
+def lm_cross_entropy(lm_head, h, labels, label_smoothing=0.0):
+    """h (M, H) at the decoded positions -> their logits (M, V) and the float32 cross-entropy
+    (M,) against labels, equal to F.cross_entropy(logits.float(), labels, reduction='none',
+    label_smoothing=...). One function with the head inside so that torch.compile hands it whole
+    to inductor, which fuses the float32 upcast, log-sum-exp and loss over the vocabulary into one
+    pass and their backward into another. The label's logit is picked by comparing with the
+    vocabulary index, not by gather: its backward is then elementwise, where gather's (and
+    F.cross_entropy's) scatters into an (M, V) float32 tensor of zeros first (fwd + bwd 90-93 vs
+    101-110 ms at M = 1248, V = 8192 on the CPU). The logits come back detached (callers read them
+    only for accuracy): a differentiable output would cost an (M, V) zero gradient in every
+    backward. bench.py's standard encoder uses it too, so both models pay the same for the loss."""
+    logits = lm_head(h)                                                       # (M, V)
+    z = logits.float()
+    is_label = torch.arange(z.shape[-1], device=z.device) == labels[:, None]  # (M, V) bool
+    label_logit = torch.where(is_label, z, 0.0).sum(-1)                      # (M,)
+    # label smoothing: (1 - s)·(-log p_label) + s·mean over the vocabulary of (-log p)
+    ce = torch.logsumexp(z, -1) - (1 - label_smoothing) * label_logit
+    if label_smoothing:
+        ce = ce - label_smoothing * z.mean(-1)
+    return logits.detach(), ce
+
+
 # ----------------------------------------------------------------------------------------------
 # full models
 
@@ -816,25 +838,9 @@ class ConceptLM(nn.Module):
         return self.lm_head(h)
 
     def logits_and_ce(self, h, labels, label_smoothing=0.0):
-        """h (M, H) at the decoded positions -> their logits (M, V) and the float32 cross-entropy
-        (M,) against labels, equal to F.cross_entropy(logits.float(), labels, reduction='none',
-        label_smoothing=...). One function so that compile_for_training can hand it to inductor,
-        which fuses the float32 upcast, log-sum-exp and loss over the vocabulary into one pass and
-        their backward into another. The label's logit is picked by comparing with the vocabulary
-        index, not by gather: its backward is then elementwise, where gather's (and
-        F.cross_entropy's) scatters into an (M, V) float32 tensor of zeros first (fwd + bwd
-        90-93 vs 101-110 ms at M = 1248, V = 8192 on the CPU). The logits come back detached (callers
-        read them only for accuracy): a differentiable output would cost an (M, V) zero gradient
-        in every backward."""
-        logits = self.lm_logits(h)                                            # (M, V)
-        z = logits.float()
-        is_label = torch.arange(z.shape[-1], device=z.device) == labels[:, None]  # (M, V) bool
-        label_logit = torch.where(is_label, z, 0.0).sum(-1)                  # (M,)
-        # label smoothing: (1 - s)·(-log p_label) + s·mean over the vocabulary of (-log p)
-        ce = torch.logsumexp(z, -1) - (1 - label_smoothing) * label_logit
-        if label_smoothing:
-            ce = ce - label_smoothing * z.mean(-1)
-        return logits.detach(), ce
+        """h (M, H) at the decoded positions -> logits (M, V), detached, and the cross-entropy (M,):
+        lm_cross_entropy through this model's head (a method, so compile_for_training can compile it)."""
+        return lm_cross_entropy(self.lm_head, h, labels, label_smoothing)
 
     def compile_for_training(self, device_type):
         """torch.compile the parts of a training step: the encoder (fixed [B, N] shapes), the
