@@ -177,7 +177,8 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         metrics = evaluate()
         val_nll_bound = metrics['val_nll_bound']
-        rt.print0(f"step {iter_num}: train loss {train_loss or float('nan'):.4f}, val loss {metrics['val_loss']:.4f}, "
+        rt.print0(f"step {iter_num}: train loss {'-' if train_loss is None else f'{train_loss:.4f}'}, "
+                  f"val loss {metrics['val_loss']:.4f}, "
                   f"val accuracy {metrics['val_accuracy']:.4f}, val nll bound {val_nll_bound:.4f} "
                   f"(ppl <= {metrics['val_ppl_bound']:.1f}), concept erank {metrics['erank']:.2f}")
         log.log_eval({'iter': iter_num, 'train_loss': train_loss, **metrics, 'lr': lr, 'tokens_seen': tokens_seen})

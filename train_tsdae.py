@@ -199,10 +199,11 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         metrics = evaluate()
         val_loss = metrics['val_loss']
-        rt.print0(f"step {iter_num}: train loss {train_loss or float('nan'):.4f}, val loss {val_loss:.4f}, "
+        rt.print0(f"step {iter_num}: train loss {'-' if train_loss is None else f'{train_loss:.4f}'}, "
+                  f"val loss {val_loss:.4f}, "
                   f"val accuracy {metrics['val_accuracy']:.4f}, concept erank {metrics['erank']:.2f}")
-        log.log_eval({'iter': iter_num, 'train_loss': train_loss, **metrics, 'val_recon_accuracy': metrics['val_accuracy'], 'lr': lr,
-                      'tokens_seen': tokens_seen})
+        log.log_eval({'iter': iter_num, 'train_loss': train_loss, **metrics,
+                      'val_recon_accuracy': metrics['val_accuracy'], 'lr': lr, 'tokens_seen': tokens_seen})
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         if rt.master and iter_num > 0 and (improved or always_save_checkpoint):

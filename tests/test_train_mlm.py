@@ -40,10 +40,13 @@ def test_mlm_masking_rules():
 
 def test_smoke_logs_and_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / 'run')
-    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=4',
-               '--eval_interval=2')
+    res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=4',
+                     '--eval_interval=2')
+    assert 'step 0: train loss -, val loss' in res.stdout  # no training yet: a dash, never "nan"
+    assert 'nan' not in res.stdout
     records = read_log(out)
     assert [r['iter'] for r in records] == [0, 2, 4]
+    assert records[0]['train_loss'] is None and records[-1]['train_loss'] > 0
     for key in ('iter', 'train_loss', 'val_loss', 'val_accuracy', 'lr', 'tokens_seen', 'elapsed_s'):
         assert key in records[-1]
     assert records[-1]['tokens_seen'] == 4 * 8 * 64
