@@ -1121,10 +1121,13 @@ class ConceptDiffusion(ConceptLM):
     def nll_bound(self, idx, attn_mask=None, n_grid=8, generator=None):
         """MDLM's upper bound on the NLL in nats per token: the continuous-time NELBO
         integral over t in (0, 1] by the midpoint rule on n_grid fixed levels, each a Monte-Carlo
-        draw of the mask. Returns (sum of the bound over sequences, number of maskable tokens).
-        Only meaningful for condition='noisy' (and 'prefix', conditionally on the prefix)."""
+        draw of the mask. Returns (sum of the bound over sequences, number of tokens it covers).
+        Only meaningful for condition='noisy' (every maskable token) and 'prefix' (the tokens after
+        the prefix, conditionally on it: each level draws its own prefix, so the count is their
+        mean over the levels; counting the prefix too would halve the bound per token)."""
         B = idx.shape[0]
         total = torch.zeros((), device=idx.device, dtype=torch.float64)
+        n_scored = 0.0
         for k in range(n_grid):
             t = torch.full((B,), (k + 0.5) / n_grid, device=idx.device)
             noisy, masked, maskable = self.add_noise(idx, t, attn_mask, generator)
@@ -1133,7 +1136,8 @@ class ConceptDiffusion(ConceptLM):
             logits = self.lm_logits(self.denoise(concepts, noisy, pos, t, Packing.of(valid)))
             nll = F.cross_entropy(logits.float(), torch.gather(idx, 1, pos)[valid], reduction='sum')
             total += nll.double() / t[0].double() / n_grid
-        return total.item(), int(self.maskable(idx, attn_mask).sum())
+            n_scored += maskable.sum().item() / n_grid
+        return total.item(), n_scored
 
     # --- sampling
     @torch.no_grad()

@@ -71,6 +71,25 @@ def test_prefix_condition_keeps_a_clean_prefix():
     assert (first_masked > 0).float().mean() > 0.8  # prefixes have random, mostly non-zero length
 
 
+def test_nll_bound_per_token_counts_only_the_scored_tokens():
+    """At init the model predicts about uniformly, so the bound is about ln(V) nats per scored token
+    whatever the condition; with 'prefix' only the tokens after the prefix are scored."""
+    idx, attn_mask = text_batch(B=16)
+    per_token = {}
+    for condition in ('noisy', 'prefix'):
+        model = tiny_model(condition=condition).eval()
+        total, n_tokens = model.nll_bound(idx, attn_mask, n_grid=4, generator=torch.Generator().manual_seed(0))
+        per_token[condition] = total / n_tokens
+        n_maskable = int(model.maskable(idx, attn_mask).sum())
+        if condition == 'noisy':
+            assert n_tokens == n_maskable
+        else:
+            assert 0.3 * n_maskable < n_tokens < 0.7 * n_maskable  # prefixes take half on average
+    for value in per_token.values():
+        assert abs(value - math.log(100)) < 0.3
+    assert per_token['prefix'] == pytest.approx(per_token['noisy'], rel=0.05)
+
+
 def test_packed_decoding_equals_padded_decoding():
     """With the Packing of gather_positions' valid the decoder runs on the masked positions only (packed);
     each packed row must get its own sample's concepts and timestep modulation, exactly as in the
