@@ -828,10 +828,11 @@ class ConceptLM(nn.Module):
         return asdict(self.cfg)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; the position tables are left out by default (as in nanoGPT)."""
+        """Parameter count; the position tables (the encoder's and a decoder's) are left out by
+        default (as in nanoGPT)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.encoder.wpe.weight.numel()
+            n -= sum(m.weight.numel() for name, m in self.named_modules() if name.split('.')[-1] == 'wpe')
         return n
 
     def lm_logits(self, h):

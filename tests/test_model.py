@@ -186,6 +186,15 @@ def test_flops_are_linear_in_sequence_length(bixt):
     assert model.estimate_flops(100, 15) == 3 * (model.encoder_flops(100) + model.decoder_flops(15))
 
 
+@pytest.mark.parametrize('decoder', ['weighted', 'perceiver'])
+def test_num_params_leaves_out_every_position_table(decoder):
+    model = ConceptMLM(tiny_cfg(decoder=decoder))
+    tables = model.encoder.wpe.weight.numel() + (model.decoder.wpe.weight.numel() if decoder == 'perceiver' else 0)
+    total = sum(p.numel() for p in model.parameters())
+    assert model.get_num_params(non_embedding=False) == total
+    assert model.get_num_params() == total - tables
+
+
 def test_shared_token_kv_projects_the_tokens_once():
     """shared_token_kv: layer 0's K/V projection serves every layer; the other layers own none
     (so every parameter gets a gradient, as DDP requires), and the FLOP count drops by exactly
