@@ -1093,9 +1093,10 @@ class ConceptDiffusion(ConceptLM):
         """Training loss on a batch of clean ids (B, N). Returns (None, loss, stats).
 
         loss = sum over masked tokens of w·CE_smoothed / (number of maskable tokens), with
-        w = 1/t (elbo_weight) or w = 1 divided by the masked fraction instead. With w = 1/t this
-        is an unbiased Monte-Carlo estimate of the MDLM bound per token (without label smoothing)
-        and stays on the scale of a cross-entropy: E[#masked] = t·#maskable."""
+        w = 1/t (elbo_weight) or w = 1 divided by the masked fraction instead. With w = 1/t it
+        stays on the scale of a cross-entropy (E[#masked] = t·#maskable) and, without label
+        smoothing, estimates the mean of the MDLM integrand over t in [t_min, 1]: an unbiased
+        estimate of the bound per token only with t_min = 0 (nll_bound measures the bound itself)."""
         B = idx.shape[0]
         if t is None:
             t = self.sample_t(B, generator, idx.device)
