@@ -190,11 +190,21 @@ def rows_to_split(task, rows, col_a, col_b, col_y, n_cols):
     return make_split(a, b if col_b is not None else None, labels, task), skipped
 
 
+def check_columns(path, n_cols, task, *cols):
+    """A file narrower than the columns the task reads is a layout error, not rows to skip."""
+    need = max(c for c in cols if c is not None) + 1
+    if n_cols < need:
+        raise prepare_data.DataError(f"{path} has {n_cols} tab-separated columns, but {task} reads column "
+                                     f"{need - 1} (0-based); use the original GLUE/SICK/PAWS files or --data_dir=''")
+
+
 def read_local(task, root):
     """(train, {result name: eval split}, {file: skipped rows}) from the GLUE layout under root."""
     if task in SICK_LABEL_COLUMN:
-        rows = read_tsv(os.path.join(root, 'SICK', 'SICK.txt'))
+        path = os.path.join(root, 'SICK', 'SICK.txt')
+        rows = read_tsv(path)
         n_cols = len(rows[0]) if rows else 12
+        check_columns(path, n_cols, task, 1, 2, SICK_LABEL_COLUMN[task])
         good = [row for row in rows[1:] if len(row) == n_cols]
         skipped = len(rows[1:]) - len(good)
         parts = {s: [row for row in good if row[-1].strip().upper() == s] for s in ('TRAIN', 'TRIAL')}  # no TEST
@@ -204,9 +214,13 @@ def read_local(task, root):
     folder, header, col_a, col_b, col_y = GLUE_TSV[task]
 
     def read(stem):
-        rows = read_tsv(os.path.join(root, folder, f'{stem}.tsv'))
+        path = os.path.join(root, folder, f'{stem}.tsv')
+        rows = read_tsv(path)
         if header:
-            return rows_to_split(task, rows[1:], col_a, col_b, col_y, len(rows[0]) if rows else 0)
+            n_cols = len(rows[0]) if rows else 0
+            if rows:
+                check_columns(path, n_cols, task, col_a, col_b, col_y)
+            return rows_to_split(task, rows[1:], col_a, col_b, col_y, n_cols)
         n_cols = max(c for c in (col_a, col_b, col_y) if c is not None) + 1  # CoLA: 4
         return rows_to_split(task, rows, col_a, col_b, col_y, n_cols)
 

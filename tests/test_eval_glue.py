@@ -185,6 +185,19 @@ def test_reader_of_sick(tmp_path):
     assert r['skipped'] == {'SICK.txt': 2} and e['skipped'] == {'SICK.txt': 2}
 
 
+def test_files_narrower_than_the_task_reads_are_one_clear_error(tmp_path):
+    """A header with fewer columns than the task reads: a DataError naming the file, not an IndexError."""
+    os.makedirs(tmp_path / 'STS-B')
+    for stem in ('train', 'dev'):
+        (tmp_path / 'STS-B' / f'{stem}.tsv').write_text('sentence1\tsentence2\tscore\na\tb\t3.0\n')
+    with pytest.raises(prepare_data.DataError, match=r'STS-B.train\.tsv has 3 tab-separated columns'):
+        G.load_task('stsb', str(tmp_path))
+    os.makedirs(tmp_path / 'SICK')
+    (tmp_path / 'SICK' / 'SICK.txt').write_text('pair_ID\tsentence_A\tsentence_B\n1\ta\tTRAIN\n')
+    with pytest.raises(prepare_data.DataError, match='SICK.txt has 3 tab-separated columns'):
+        G.load_task('sick_r', str(tmp_path))
+
+
 def test_missing_files_and_hub_failures_are_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(prepare_data.DataError, match='RTE.train.tsv not found'):
         G.load_task('rte', str(tmp_path))
