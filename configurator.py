@@ -17,7 +17,8 @@ default takes anything, a value may contain '=').
 Stage-specific keys: one config file per model size serves all three stages, so a file may set a
 key that only another stage defines (say t_min, read by train_diffusion.py). Such a key is
 skipped with a note when the running stage does not have it. The other stages' keys are read
-from the train_*.py files beside this one (their top-level assignments, parsed, not imported).
+from the train_*.py files beside this one (the top-level assignments above the line that execs
+configurator.py, parsed, not imported: names computed later, such as data_dir, are not config keys).
 On the command line only the running script's own keys are accepted.
 """
 import ast as _ast
@@ -26,6 +27,7 @@ import difflib as _difflib
 import glob as _glob
 import os as _os
 import sys as _sys
+import traceback as _traceback
 
 
 def _known_keys(namespace):
@@ -35,12 +37,17 @@ def _known_keys(namespace):
 
 
 def _sibling_stage_keys(script_path):
-    """Top-level assigned names of the train_*.py scripts next to this file."""
+    """The config keys of the train_*.py scripts next to this file: their top-level assignments
+    above the statement that execs configurator.py (the defaults block). Names assigned after it
+    (data_dir, accum, meta, ...) are derived, not settable, so a config file setting one is an
+    unknown key rather than a key "for another stage" that is silently skipped."""
     here = _os.path.dirname(_os.path.abspath(script_path)) if script_path else _os.getcwd()
     keys = set()
     for path in _glob.glob(_os.path.join(here, 'train_*.py')):
         with open(path, encoding='utf-8') as f:
             for node in _ast.parse(f.read()).body:
+                if any(getattr(n, 'value', None) == 'configurator.py' for n in _ast.walk(node)):
+                    break  # the exec of this file: the end of the defaults block
                 if isinstance(node, _ast.Assign):
                     keys.update(t.id for t in node.targets if isinstance(t, _ast.Name))
     return keys
@@ -86,13 +93,25 @@ def _apply_config_file(path, namespace, known):
                          f"(config files live in config/, e.g. config/tiny.py)")
     with open(path, encoding='utf-8') as f:
         source = f.read()
-    tree = _ast.parse(source, filename=path)
+    try:
+        tree = _ast.parse(source, filename=path)
+    except (SyntaxError, ValueError) as e:  # ValueError: null bytes in the file
+        where = f"{path}:{e.lineno}" if getattr(e, 'lineno', None) else path
+        raise SystemExit(f"configurator: {where}: invalid Python ({getattr(e, 'msg', e)}); "
+                         f"config files hold plain assignments such as n_layer = 2")
     for node in tree.body:
         is_docstring = isinstance(node, _ast.Expr) and isinstance(node.value, _ast.Constant)
         if not isinstance(node, (_ast.Assign, _ast.AnnAssign)) and not is_docstring:
             raise SystemExit(f"configurator: {path}:{node.lineno}: config files hold assignments only")
     values = {}
-    exec(_builtins.compile(tree, path, "exec"), {}, values)  # `compile` may be a config key
+    try:
+        exec(_builtins.compile(tree, path, "exec"), {}, values)  # `compile` may be a config key
+    except Exception as e:  # e.g. n_layer = foo: one line naming the file and line, not a traceback
+        lines = [t.lineno for t in _traceback.extract_tb(e.__traceback__) if t.filename == path]
+        where = f"{path}:{lines[-1]}" if lines else path
+        hint = (f" (a value is a literal or a name set earlier in the file; a string needs quotes: "
+                f"'{e.name}')" if isinstance(e, NameError) else '')
+        raise SystemExit(f"configurator: {where}: {type(e).__name__}: {e}{hint}")
     others = None
     for key, value in values.items():
         if key.startswith('_'):

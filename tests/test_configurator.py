@@ -125,21 +125,69 @@ def test_prints_only_on_rank_zero(monkeypatch, capsys):
     assert 'max_iters = 3' in capsys.readouterr().out
 
 
-def test_shipped_config_files_are_valid_for_every_stage(monkeypatch):
-    """config/*.py must load in every stage script (keys of other stages are skipped)."""
+@pytest.mark.parametrize('line,message', [('learning_rate = = 2', 'invalid Python'),
+                                          ('learning_rate = foo', "NameError.*'foo'.*needs quotes")])
+def test_config_file_python_errors_are_one_line(monkeypatch, tmp_path, line, message):
+    """A syntax error or an undefined name in a config file is a one-line SystemExit naming the
+    file and line (it used to be a raw SyntaxError / NameError traceback)."""
+    cfg = write(tmp_path, 'c.py', f"max_iters = 7\n{line}\n")
+    with pytest.raises(SystemExit, match=f"c.py:2: {message}") as e:
+        run([cfg], monkeypatch)
+    assert '\n' not in str(e.value)
+
+
+def test_names_derived_after_the_configurator_are_not_stage_keys(monkeypatch, tmp_path):
+    """Only a sibling's defaults (above its exec of configurator.py) are keys of another stage;
+    a name it computes later (data_dir) is an unknown key, not silently skipped."""
+    (tmp_path / 'train_other.py').write_text(
+        "t_min = 0.3\nexec(open('configurator.py').read())\ndata_dir = 'data/' + dataset\n")
+    script = str(tmp_path / 'train_this.py')
+    ns = run([write(tmp_path, 'a.py', "t_min = 0.2\n")], monkeypatch, script=script)
+    assert 't_min' not in ns  # a default of the other stage: still skipped
+    cfg = write(tmp_path, 'c.py', "data_dir = 'data/x'\n")
+    with pytest.raises(SystemExit, match="unknown config key 'data_dir'"):
+        run([cfg], monkeypatch, script=script)
+    with pytest.raises(SystemExit, match="unknown config key 'data_dir'"):
+        run([cfg], monkeypatch)  # the real train_*.py scripts, where data_dir is derived
+
+
+def stage_defaults(path):
+    """A stage script's defaults: the literal top-level assignments above its configurator exec."""
     import ast
+    source = open(path).read()
+    exec_line = next(i for i, line in enumerate(source.splitlines(), 1)
+                     if line.startswith('exec(') and 'configurator.py' in line)
+    defaults = {}
+    for node in ast.parse(source).body:
+        if node.lineno > exec_line:
+            break
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return defaults
+
+
+@pytest.mark.parametrize('cfg', sorted(f for f in os.listdir(os.path.join(ROOT, 'config'))
+                                        if f.endswith('.py')))
+def test_shipped_config_files_are_valid_for_every_stage(monkeypatch, cfg):
+    """config/*.py must load in every stage script, each key applied by the stages whose defaults
+    have it and skipped by the others; every key must be some stage's default."""
+    cfg_path = os.path.join(ROOT, 'config', cfg)
+    file_values = {}
+    exec(open(cfg_path).read(), {}, file_values)
+    applied = set()
     for stage in ('train_mlm.py', 'train_tsdae.py', 'train_diffusion.py'):
         path = os.path.join(ROOT, stage)
         if not os.path.exists(path):
             continue
-        defaults = {}
-        for node in ast.parse(open(path).read()).body:
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-                try:
-                    defaults[node.targets[0].id] = ast.literal_eval(node.value)
-                except ValueError:
-                    pass
-        for cfg in ('tiny.py', 'h512l2.py', 'h512l6.py'):
-            namespace = {'__file__': path, **defaults}
-            monkeypatch.setattr(sys, 'argv', [stage, os.path.join(ROOT, 'config', cfg)])
-            exec(SOURCE, namespace)
+        defaults = stage_defaults(path)
+        namespace = {'__file__': path, **defaults}
+        monkeypatch.setattr(sys, 'argv', [stage, cfg_path])
+        exec(SOURCE, namespace)
+        for key, value in file_values.items():
+            if key in defaults:
+                assert namespace[key] == value, (stage, key)
+                applied.add(key)
+    assert set(file_values) <= applied, f"{cfg}: keys no stage defines: {set(file_values) - applied}"
