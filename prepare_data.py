@@ -420,14 +420,17 @@ def load_meta(data_dir):
         raise DataError(f"{data_dir} has format_version {version!r}, this code reads {_FORMAT_VERSION}; "
                         f"prepare it again: {remedy}")
     for s in _SPLITS:
-        _check_split(data_dir, meta, s, remedy)
+        _check_split(data_dir, meta, s, remedy, in_order=True)
     recipe = meta['tokenizer']
     if recipe.get('file') and not os.path.isfile(os.path.join(data_dir, recipe['file'])):
         raise DataError(f"{data_dir}: {recipe['file']} is missing; {remedy}")
     return meta
 
 
-def _check_split(data_dir, meta, split, remedy):
+def _check_split(data_dir, meta, split, remedy, in_order=False):
+    """Check a split's files against meta.json; return its memory-mapped document offsets. The
+    O(docs) check that they never decrease runs only with in_order (once, in load_meta), as
+    open_split runs every training step."""
     info = meta['splits'][split]
     bin_path = os.path.join(data_dir, f'{split}.bin')
     docs_path = os.path.join(data_dir, f'{split}_docs.npy')
@@ -440,6 +443,18 @@ def _check_split(data_dir, meta, split, remedy):
                         f"({want} bytes): truncated or corrupt; {remedy}")
     if not os.path.isfile(docs_path):
         raise DataError(f"{docs_path} is missing; {remedy}")
+    try:
+        starts = np.load(docs_path, mmap_mode='r')
+    except (OSError, ValueError, EOFError):  # garbage: 'pickled data'; truncated: 'mmap length'
+        raise DataError(f"{docs_path} is not a readable .npy array: truncated or corrupt; {remedy}")
+    if starts.ndim != 1 or starts.dtype.kind not in 'iu' or len(starts) != info['docs']:
+        raise DataError(f"{docs_path} holds {starts.dtype} of shape {starts.shape}, but meta.json says "
+                        f"{info['docs']} int64 document offsets: corrupt; {remedy}")
+    if len(starts) and (starts[0] != 0 or starts[-1] >= info['tokens']
+                        or in_order and (starts[1:] < starts[:-1]).any()):
+        raise DataError(f"{docs_path}: the document offsets do not rise from 0 to below the {info['tokens']} "
+                        f"tokens of {split}.bin: corrupt; {remedy}")
+    return starts
 
 
 def open_split(data_dir, split, meta=None):
@@ -449,14 +464,9 @@ def open_split(data_dir, split, meta=None):
         raise ValueError(f"split must be one of {_SPLITS}, not {split!r}")
     if meta is None:
         meta = load_meta(data_dir)
-    else:
-        _check_split(data_dir, meta, split, _remedy(data_dir, meta['source'].get('dataset')))
+    doc_starts = _check_split(data_dir, meta, split, _remedy(data_dir, meta['source'].get('dataset')))
     tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r',
                        shape=(meta['splits'][split]['tokens'],))
-    doc_starts = np.load(os.path.join(data_dir, f'{split}_docs.npy'), mmap_mode='r')
-    if len(doc_starts) != meta['splits'][split]['docs']:
-        raise DataError(f"{data_dir}/{split}_docs.npy has {len(doc_starts)} documents, meta.json says "
-                        f"{meta['splits'][split]['docs']}; {_remedy(data_dir, meta['source'].get('dataset'))}")
     return tokens, doc_starts
 
 

@@ -215,6 +215,33 @@ def test_broken_data_dirs_say_how_to_fix_them(prepared, tmp_path):
         P.load_meta(str(broken))
 
 
+def test_corrupt_doc_offsets_say_how_to_fix_them(prepared, tmp_path):
+    import runtime
+    _, _, data_dir = prepared
+    broken = tmp_path / 'broken'
+    shutil.copytree(data_dir, broken)
+    meta = json.loads((broken / 'meta.json').read_text())
+    path = broken / 'train_docs.npy'
+    raw, good = path.read_bytes(), np.load(path)
+    beyond, swapped = good.copy(), good.copy()
+    beyond[-1] = meta['splits']['train']['tokens']
+    swapped[[1, 2]] = swapped[[2, 1]]
+    for bad in (np.random.default_rng(0).bytes(len(raw)), raw[:-8], good.astype(np.float64), good[:-1],
+                good.reshape(1, -1), beyond, swapped):
+        if isinstance(bad, bytes):
+            path.write_bytes(bad)
+        else:
+            np.save(path, bad)
+        fix = r'train_docs\.npy.*corrupt.*prepare_data\.py --dataset'
+        with pytest.raises(P.DataError, match=fix):
+            P.load_meta(str(broken))
+        with pytest.raises(P.DataError, match=fix):  # the way training opens it
+            runtime.TokenWindows(str(broken), 'train', block_size=16, batch_size=2)
+        if bad is not swapped:  # the O(docs) order check is load_meta's alone
+            with pytest.raises(P.DataError, match=fix):
+                P.open_split(str(broken), 'train', meta)
+
+
 def test_tokenizer_recipe_rebuilds_and_detects_a_different_ranks_file(prepared, tmp_path):
     _, _, data_dir = prepared
     meta = P.load_meta(str(data_dir))
