@@ -14,7 +14,7 @@ import torch
 
 import prepare_data
 import runtime
-from model import ConceptDiffusion
+from model import ConceptDiffusion, ConfigError
 
 # ----------------------------------------------------------------------------------------------
 ckpt = 'out/tiny_diffusion/ckpt.pt'
@@ -34,6 +34,10 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # ----------------------------------------------------------------------------------------------
 
 runtime.one_line_errors()
+for key, value, least in (('length', length, 1), ('num_samples', num_samples, 1), ('steps', steps, 1),
+                          ('temperature', temperature, 0), ('top_k', top_k, 0), ('block_len', block_len, 0)):
+    if not value >= least:  # `not >=`: a nan temperature is refused too
+        raise ConfigError(f"{key}={value} is out of range: {key} must be >= {least}")
 model, state = runtime.load_model(ckpt, device)
 if not isinstance(model, ConceptDiffusion):
     raise SystemExit(f"{ckpt} is a {state.get('stage', '?')} checkpoint; sample.py needs one from train_diffusion.py")

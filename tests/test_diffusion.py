@@ -206,3 +206,14 @@ def test_sample_refuses_a_non_diffusion_checkpoint(data_dir, tmp_path):
                '--eval_interval=1')
     out = run_script('sample.py', f'--ckpt={tmp_path}/ckpt.pt', check=False)
     assert out.returncode != 0 and 'needs one from train_diffusion.py' in out.stderr
+
+
+def test_sample_refuses_out_of_range_settings_before_loading(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    bad = ['--num_samples=0', '--temperature=-1', '--steps=0', '--top_k=-1']
+    with ThreadPoolExecutor(2) as pool:  # the checkpoint does not exist: the check must come first
+        outs = list(pool.map(lambda arg: run_script('sample.py', f'--ckpt={tmp_path}/none.pt', arg, check=False), bad))
+    for arg, out in zip(bad, outs):
+        key, value = arg[2:].split('=')
+        assert out.returncode != 0 and 'Traceback' not in out.stderr, out.stderr
+        assert re.fullmatch(rf'error: {key}={value}\S* is out of range: {key} must be >= [01]\n', out.stderr)
