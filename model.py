@@ -933,7 +933,7 @@ class ConceptMLM(ConceptLM):
             return self.lm_logits(self.decode(concepts, idx, pos)), None, {}
         pos, valid = gather_positions(targets != IGNORE_INDEX)
         if pos.shape[1] == 0:  # nothing to predict: a zero that still has a graph
-            return None, self.lm_head.weight.sum() * 0.0, {'n_pred': 0, 'n_correct': 0}
+            return None, self.lm_head.weight.sum() * 0.0, {'n_pred': 0, 'n_correct': 0, 'concepts': concepts}
         h = self.decode(concepts, idx, pos, Packing.of(valid))  # (M, H)
         labels = torch.gather(targets, 1, pos)[valid]         # (M,)
         logits, ce = self.logits_and_ce(h, labels)            # (M, V): never (B, N, V); (M,)

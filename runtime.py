@@ -38,6 +38,32 @@ def one_line_errors():
     sys.excepthook = hook
 
 
+# the ranges of the numeric settings the stages share (a key a stage lacks is skipped)
+POSITIVE = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval',
+            'n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'n_dec_layer', 'learning_rate',
+            'max_nonfinite_steps', 'bound_levels')
+NON_NEGATIVE = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip',
+                'recursive_iters', 'concept_loss_weight', 'concept_loss_warmup')
+FRACTIONS = {'dropout': (0, 1), 'beta1': (0, 1), 'beta2': (0, 1), 'deletion_rate': (0, 1), 't_min': (0, 1),
+             'label_smoothing': (0, 1)}  # lo <= value < hi
+
+
+def check_settings(config):
+    """A setting out of its range is a one-line error before anything runs (eval_iters=0 would
+    divide by zero at the first evaluation, gradient_accumulation_steps=0 'train' on nothing)."""
+    for k in POSITIVE:
+        if k in config and not config[k] > 0:
+            raise ConfigError(f"{k}={config[k]!r} must be > 0")
+    for k in NON_NEGATIVE:
+        if k in config and not config[k] >= 0:
+            raise ConfigError(f"{k}={config[k]!r} must be >= 0")
+    for k, (lo, hi) in FRACTIONS.items():
+        if k in config and not lo <= config[k] < hi:
+            raise ConfigError(f"{k}={config[k]!r} must be in [{lo}, {hi})")
+    if 'mask_prob' in config and not 0 < config['mask_prob'] <= 1:
+        raise ConfigError(f"mask_prob={config['mask_prob']!r} must be in (0, 1]")
+
+
 @dataclass
 class Runtime:
     ddp: bool
@@ -56,12 +82,14 @@ class Runtime:
 
 
 def resolve_device(device):
+    mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
     if device == 'auto':
-        if torch.cuda.is_available():
-            return 'cuda'
-        if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-            return 'mps'
-        return 'cpu'
+        return 'cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f"device='{device}', but this torch ({torch.__version__}) sees no CUDA device; "
+                          f"use --device=cpu or --device=auto")
+    if device == 'mps' and not mps:
+        raise ConfigError("device='mps', but MPS is not available here; use --device=cpu or --device=auto")
     return device
 
 
@@ -240,11 +268,16 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
-def check_vocab(model_args, meta, ckpt_path, data_dir):
-    """A checkpoint is only meaningful with the tokenizer it was trained with."""
-    if model_args['vocab_size'] != meta['vocab_size']:
-        raise SystemExit(f"checkpoint {ckpt_path} has vocab_size {model_args['vocab_size']} but {data_dir} has "
-                         f"{meta['vocab_size']}: use the data directory the checkpoint was trained on")
+def check_vocab(ckpt, meta, ckpt_path, data_dir):
+    """A checkpoint is only meaningful with the tokenizer it was trained with: the same size, and
+    the same recipe (two BPEs of one size trained on different text share no ids)."""
+    if ckpt['model_args']['vocab_size'] != meta['vocab_size']:
+        raise SystemExit(f"checkpoint {ckpt_path} has vocab_size {ckpt['model_args']['vocab_size']} but {data_dir} "
+                         f"has {meta['vocab_size']}: use the data directory the checkpoint was trained on")
+    if ckpt.get('tokenizer') not in (None, meta['tokenizer']):
+        raise SystemExit(f"checkpoint {ckpt_path} was trained with another tokenizer than {data_dir}'s "
+                         f"({ckpt['tokenizer'].get('name')} vs {meta['tokenizer'].get('name')}, or the same name "
+                         f"trained on other text): use the data directory the checkpoint was trained on")
 
 
 def rng_state():
@@ -254,7 +287,20 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
+def gather_rng_states(rt):
+    """Every rank's RNG state, in rank order (call on all ranks): each rank draws its own dropout
+    masks (seed + rank), so exact resume needs each rank's own state back."""
+    if not rt.ddp:
+        return [rng_state()]
+    states = [None] * rt.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def set_rng_state(states, rank=0):
+    """states: gather_rng_states' list. With another number of processes than the run had, rank r
+    takes state r mod the old count (the run goes on, no longer bit for bit)."""
+    state = states[rank % len(states)] if isinstance(states, list) else states  # a dict: older checkpoints
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -417,45 +463,54 @@ def default_out_dir(stage):
 # ----------------------------------------------------------------------------------------------
 # model construction, the optimizer step and checkpoint contents, as every stage does them
 
-def build_model(model_class, config_class, model_args, init_from, ckpt_path, meta, data_dir, rt):
-    """init_from: 'scratch' | 'resume' (architecture and weights from ckpt_path) | the path of any
-    stage's checkpoint to warm-start from (matching tensors are copied, see warm_start).
+def build_model(stage, model_class, config_class, model_args, init_from, ckpt_path, meta, data_dir, rt):
+    """init_from: 'scratch' | 'resume' (the same stage's run in ckpt_path, continued) | the path of
+    any stage's checkpoint to warm-start from (matching tensors are copied, see warm_start).
     Returns (model on rt.device, model_args actually used, the resume checkpoint or None)."""
     ckpt = None
     if init_from == 'resume':
         ckpt = load_checkpoint(ckpt_path, map_location=rt.device)
-        check_vocab(ckpt['model_args'], meta, ckpt_path, data_dir)
-        model_args = ckpt['model_args']  # the architecture comes from the checkpoint
+        if ckpt.get('stage') != stage:
+            raise SystemExit(f"{ckpt_path} is a {ckpt.get('stage')} checkpoint and --init_from=resume continues the "
+                             f"same stage; to start {stage} from it: --init_from={ckpt_path} with another --out_dir")
+        check_vocab(ckpt, meta, ckpt_path, data_dir)
+        changed = [f"{k}={ckpt['model_args'][k]!r} there, {v!r} here" for k, v in model_args.items()
+                   if k in ckpt['model_args'] and ckpt['model_args'][k] != v]
+        if changed:  # the run is continued as it was: its architecture, its windows
+            raise SystemExit(f"--init_from=resume continues {ckpt_path} with its settings, but "
+                             f"{'; '.join(changed)}: pass the config the run was started with")
+        model_args = ckpt['model_args']
     model = model_class(config_class(**model_args))
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
         rt.print0(f"resumed from {ckpt_path} at iter {ckpt['iter_num']}")
     elif init_from != 'scratch':
         warm, _, _ = warm_start(model, init_from, rt.print0)
-        check_vocab(warm['model_args'], meta, init_from, data_dir)
+        check_vocab(warm, meta, init_from, data_dir)
     return model.to(rt.device), model_args, ckpt
 
 
-def restore_training_state(ckpt, optimizer, scaler, sampler):
+def restore_training_state(ckpt, optimizer, scaler, sampler, rt):
     """Everything besides the weights that exact resume needs."""
     optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     sampler.load_state_dict(ckpt['sampler'])
-    set_rng_state(ckpt['rng'])
+    set_rng_state(ckpt['rng'], rt.rank)
     return ckpt['iter_num'], ckpt['best_val_loss']
 
 
 def checkpoint_state(stage, raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
-                     sampler, meta, data_dir):
+                     sampler, meta, data_dir, rng_states):
     """ckpt.pt's contents: tensors and plain Python values only (loads with weights_only=True).
     The tokenizer recipe and data directory travel along, so eval_glue.py and sample.py need
-    only --ckpt."""
+    only --ckpt. rng_states: gather_rng_states', taken on every rank."""
     return {'stage': stage, 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scaler': scaler.state_dict() if scaler.is_enabled() else None,
             'model_args': model_args, 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-            'rng': rng_state(), 'sampler': sampler.state_dict(), 'tokenizer': meta['tokenizer'],
+            'rng': rng_states, 'sampler': sampler.state_dict(), 'tokenizer': meta['tokenizer'],
             'special_tokens': meta['special_tokens'], 'data_dir': os.path.abspath(data_dir)}
+
 
 
 class OptimizerStep:
@@ -515,6 +570,6 @@ def concept_geometry(ckpt_path, data_dir=None, split='val', n_batches=10, batch_
     from model import average_diagnostics, concept_diagnostics
     model, ckpt = load_model(ckpt_path, device)
     data_dir = data_dir or ckpt['data_dir']
-    check_vocab(ckpt['model_args'], prepare_data.load_meta(data_dir), ckpt_path, data_dir)
+    check_vocab(ckpt, prepare_data.load_meta(data_dir), ckpt_path, data_dir)
     batches = fixed_batches(data_dir, split, model.cfg.block_size, batch_size, n_batches, True, seed, 0, device)
     return average_diagnostics([concept_diagnostics(model.encoder(idx)) for idx, _ in batches])

@@ -85,6 +85,7 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 # setup
 
 runtime.one_line_errors()
+runtime.check_settings(config)
 rt = runtime.setup_runtime(device, dtype, seed)
 if gradient_accumulation_steps % rt.world_size:
     raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by "
@@ -118,8 +119,8 @@ model_args = {k: globals()[k] for k in model_keys}
 model_args.update(decoder='diffusion', vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
                   eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model, model_args, ckpt = runtime.build_model(ConceptDiffusion, ConceptConfig, model_args, init_from, ckpt_path,
-                                              meta, data_dir, rt)
+model, model_args, ckpt = runtime.build_model('diffusion', ConceptDiffusion, ConceptConfig, model_args, init_from,
+                                              ckpt_path, meta, data_dir, rt)
 rt.print0(f"ConceptDiffusion: {model.get_num_params() / 1e6:.2f}M parameters, condition={model.cfg.condition}, "
           f"time_cond={model.cfg.time_cond}, bixt={model.cfg.bixt}, recursive_iters={model.cfg.recursive_iters}")
 
@@ -127,7 +128,7 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
 iter_num, best_val_loss = 0, float('inf')
 if ckpt is not None:
-    iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows)
+    iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows, rt)
 ckpt = None  # free memory
 optimizer_step = runtime.OptimizerStep(optimizer, scaler, grad_clip, max_nonfinite_steps, ckpt_path, rt)
 
@@ -184,10 +185,12 @@ while True:
         log.log_eval({'iter': iter_num, 'train_loss': train_loss, **metrics, 'lr': lr, 'tokens_seen': tokens_seen})
         improved = val_nll_bound < best_val_loss  # the bound is the comparable number across settings
         best_val_loss = min(best_val_loss, val_nll_bound)
-        if rt.master and iter_num > 0 and (improved or always_save_checkpoint):
-            runtime.save_checkpoint(ckpt_path, runtime.checkpoint_state(
-                'diffusion', raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
-                train_windows, meta, data_dir))
+        if iter_num > 0 and (improved or always_save_checkpoint):
+            rng_states = runtime.gather_rng_states(rt)  # on every rank: each has its own dropout stream
+            if rt.master:
+                runtime.save_checkpoint(ckpt_path, runtime.checkpoint_state(
+                    'diffusion', raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
+                    train_windows, meta, data_dir, rng_states))
     if iter_num >= max_iters:
         break
 

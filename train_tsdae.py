@@ -81,6 +81,7 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 # setup
 
 runtime.one_line_errors()
+runtime.check_settings(config)
 rt = runtime.setup_runtime(device, dtype, seed)
 if gradient_accumulation_steps % rt.world_size:
     raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by "
@@ -145,8 +146,8 @@ model_args = {k: globals()[k] for k in model_keys}
 model_args.update(vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
                   eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model, model_args, ckpt = runtime.build_model(ConceptMLM, ConceptConfig, model_args, init_from, ckpt_path,
-                                              meta, data_dir, rt)
+model, model_args, ckpt = runtime.build_model('tsdae', ConceptMLM, ConceptConfig, model_args, init_from,
+                                              ckpt_path, meta, data_dir, rt)
 rt.print0(f"ConceptMLM (TSDAE): {model.get_num_params() / 1e6:.2f}M parameters, decoder={model.cfg.decoder}, "
           f"bixt={model.cfg.bixt}, recursive_iters={model.cfg.recursive_iters}")
 
@@ -154,7 +155,7 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
 iter_num, best_val_loss = 0, float('inf')
 if ckpt is not None:
-    iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows)
+    iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows, rt)
 ckpt = None  # free memory
 optimizer_step = runtime.OptimizerStep(optimizer, scaler, grad_clip, max_nonfinite_steps, ckpt_path, rt)
 
@@ -206,10 +207,12 @@ while True:
                       'val_recon_accuracy': metrics['val_accuracy'], 'lr': lr, 'tokens_seen': tokens_seen})
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
-        if rt.master and iter_num > 0 and (improved or always_save_checkpoint):
-            runtime.save_checkpoint(ckpt_path, runtime.checkpoint_state(
-                'tsdae', raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
-                train_windows, meta, data_dir))
+        if iter_num > 0 and (improved or always_save_checkpoint):
+            rng_states = runtime.gather_rng_states(rt)  # on every rank: each has its own dropout stream
+            if rt.master:
+                runtime.save_checkpoint(ckpt_path, runtime.checkpoint_state(
+                    'tsdae', raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
+                    train_windows, meta, data_dir, rng_states))
     if iter_num >= max_iters:
         break
 

@@ -103,6 +103,26 @@ def test_ddp_two_processes_match_gradient_accumulation(data_dir, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_ddp_resume_is_exact_with_dropout(data_dir, tmp_path):
+    """2 processes: each rank draws its own dropout masks, and resume gives each its own RNG back."""
+    common = [*TINY, f'--dataset={data_dir}', '--lr_decay_iters=4', '--eval_interval=2', '--dropout=0.1',
+              '--gradient_accumulation_steps=2']
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+
+    def torchrun(*args):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               os.path.join(ROOT, 'train_mlm.py'), *common, *args]
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    straight, halves = str(tmp_path / 'straight'), str(tmp_path / 'halves')
+    torchrun(f'--out_dir={straight}', '--max_iters=4')
+    torchrun(f'--out_dir={halves}', '--max_iters=2')
+    torchrun(f'--out_dir={halves}', '--max_iters=4', '--init_from=resume')
+    a, b = final_weights(straight), final_weights(halves)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_unknown_decoder_is_one_clear_line(data_dir, tmp_path):
     out = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--max_iters=1',
                      '--decoder=perciever', check=False)
@@ -110,16 +130,43 @@ def test_unknown_decoder_is_one_clear_line(data_dir, tmp_path):
     assert "unknown decoder 'perciever'" in out.stderr and 'Traceback' not in out.stderr
 
 
-def test_checkpoint_from_another_vocabulary_is_refused(data_dir, tmp_path):
+def test_resume_refuses_another_tokenizer_stage_or_shape(data_dir, tmp_path):
+    """--init_from=resume continues the same run: another vocabulary, another tokenizer of the same
+    size, another stage's checkpoint or another shape is one line saying what to do instead."""
     import prepare_data
-    other = str(tmp_path / 'other')
-    prepare_data.prepare(dataset='pydocs', max_docs=500, vocab_size=600, out_dir=other)
     run_dir = str(tmp_path / 'run')
     run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={run_dir}', '--max_iters=1',
                '--eval_interval=1')
-    out = run_script('train_mlm.py', *TINY, f'--dataset={other}', f'--out_dir={run_dir}', '--max_iters=2',
-                     '--init_from=resume', check=False)
-    assert out.returncode != 0 and 'vocab_size 1024' in out.stderr and 'Traceback' not in out.stderr
+    smaller, same_size = str(tmp_path / 'smaller'), str(tmp_path / 'same_size')
+    prepare_data.prepare(dataset='pydocs', max_docs=500, vocab_size=600, out_dir=smaller)
+    prepare_data.prepare(dataset='pydocs', max_docs=800, vocab_size=1024, out_dir=same_size)
+    resume = [*TINY, f'--out_dir={run_dir}', '--max_iters=2', '--init_from=resume']
+    cases = [('train_mlm.py', [f'--dataset={smaller}'], 'vocab_size 1024'),
+             ('train_mlm.py', [f'--dataset={same_size}'], 'another tokenizer'),
+             ('train_tsdae.py', [f'--dataset={data_dir}'], 'is a mlm checkpoint'),
+             ('train_mlm.py', [f'--dataset={data_dir}', '--block_size=32'], 'block_size=64 there, 32 here')]
+    for script, extra, message in cases:
+        out = run_script(script, *resume, *extra, check=False)
+        assert out.returncode != 0 and message in out.stderr and 'Traceback' not in out.stderr, (script, out.stderr)
+    assert torch.load(os.path.join(run_dir, 'ckpt.pt'), weights_only=True)['iter_num'] == 1  # untouched
+
+
+def test_settings_out_of_range_are_one_clear_line(data_dir, tmp_path):
+    import runtime
+    from model import ConfigError
+    for bad in ({'eval_iters': 0}, {'gradient_accumulation_steps': -1}, {'batch_size': 0}, {'dropout': 1.0},
+                {'mask_prob': 0.0}, {'t_min': 1.5}, {'log_interval': 0}):
+        with pytest.raises(ConfigError, match=f'{next(iter(bad))}='):
+            runtime.check_settings({'eval_iters': 20, 'mask_prob': 0.15, **bad})
+    runtime.check_settings({'eval_iters': 1, 'mask_prob': 1.0, 'dropout': 0.0, 't_min': 0.0, 'max_iters': 0})
+    with pytest.raises(ConfigError, match='no CUDA device'):
+        if not torch.cuda.is_available():
+            runtime.resolve_device('cuda')
+        else:
+            raise ConfigError('no CUDA device (skipped: this machine has one)')
+    out = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--eval_iters=0',
+                     check=False)
+    assert out.returncode != 0 and 'eval_iters=0 must be > 0' in out.stderr and 'Traceback' not in out.stderr
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path):
