@@ -500,16 +500,20 @@ def restore_training_state(ckpt, optimizer, scaler, sampler, rt):
     return ckpt['iter_num'], ckpt['best_val_loss']
 
 
-def checkpoint_state(stage, raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
-                     sampler, meta, data_dir, rng_states):
-    """ckpt.pt's contents: tensors and plain Python values only (loads with weights_only=True).
-    The tokenizer recipe and data directory travel along, so eval_glue.py and sample.py need
-    only --ckpt. rng_states: gather_rng_states', taken on every rank."""
-    return {'stage': stage, 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-            'model_args': model_args, 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-            'rng': rng_states, 'sampler': sampler.state_dict(), 'tokenizer': meta['tokenizer'],
-            'special_tokens': meta['special_tokens'], 'data_dir': os.path.abspath(data_dir)}
+def save_training_checkpoint(rt, path, stage, raw_model, optimizer, scaler, model_args, config, iter_num,
+                             best_val_loss, sampler, meta, data_dir):
+    """Called on every rank (each contributes its RNG state); rank 0 writes ckpt.pt atomically.
+    Its contents are tensors and plain Python values only (it loads with weights_only=True); the
+    tokenizer recipe and data directory travel along, so eval_glue.py and sample.py need only --ckpt."""
+    rng_states = gather_rng_states(rt)
+    if not rt.master:
+        return
+    save_checkpoint(path, {
+        'stage': stage, 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+        'model_args': model_args, 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+        'rng': rng_states, 'sampler': sampler.state_dict(), 'tokenizer': meta['tokenizer'],
+        'special_tokens': meta['special_tokens'], 'data_dir': os.path.abspath(data_dir)})
 
 
 

@@ -189,12 +189,9 @@ while True:
                       'tokens_seen': tokens_seen})
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
-        if iter_num > 0 and (improved or always_save_checkpoint):
-            rng_states = runtime.gather_rng_states(rt)  # on every rank: each has its own dropout stream
-            if rt.master:
-                runtime.save_checkpoint(ckpt_path, runtime.checkpoint_state(
-                    'mlm', raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
-                    train_windows, meta, data_dir, rng_states))
+        if iter_num > 0 and (improved or always_save_checkpoint):  # on every rank: each adds its RNG state
+            runtime.save_training_checkpoint(rt, ckpt_path, 'mlm', raw_model, optimizer, scaler, model_args,
+                                             config, iter_num, best_val_loss, train_windows, meta, data_dir)
     if iter_num >= max_iters:
         break
 
