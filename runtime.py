@@ -376,15 +376,25 @@ class RunLog:
     API key it runs in offline mode."""
 
     def __init__(self, rt, out_dir, config, script, wandb_log=False, wandb_project='concept-encoder',
-                 wandb_run_name='', resume=False):
+                 wandb_run_name='', resumed_at=None):
+        """resumed_at: the iteration a resumed run continues from. The log then keeps its records up
+        to it (later ones belong to the abandoned continuation), does not repeat the evaluation at
+        it, and elapsed_s goes on from its last value."""
         self.rt, self.out_dir, self.wandb = rt, out_dir, None
-        self.t0 = time.time()
+        self.t0, self.logged = time.time(), set()
         if not rt.master:
             return
         os.makedirs(out_dir, exist_ok=True)
         self.log_path = os.path.join(out_dir, 'log.jsonl')
-        if not resume and os.path.exists(self.log_path):
-            os.remove(self.log_path)  # a fresh run starts a fresh log
+        records = []
+        if resumed_at is not None and os.path.exists(self.log_path):
+            with open(self.log_path) as f:
+                records = [r for r in map(json.loads, f) if r['iter'] <= resumed_at]
+        with open(self.log_path, 'w') as f:  # a fresh run starts a fresh log
+            f.writelines(json.dumps(r) + '\n' for r in records)
+        if records:
+            self.t0 -= records[-1]['elapsed_s']
+            self.logged = {r['iter'] for r in records}
         run = {'script': script, 'config': config, 'git_commit': git_commit(), 'argv': sys.argv,
                'started': time.strftime('%Y-%m-%dT%H:%M:%S'), 'python': platform.python_version(),
                'torch': torch.__version__, 'numpy': np.__version__, 'platform': platform.platform(),
@@ -404,7 +414,7 @@ class RunLog:
             self.wandb = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
 
     def log_eval(self, record):
-        if not self.rt.master:
+        if not self.rt.master or record['iter'] in self.logged:
             return
         record = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
         record['elapsed_s'] = round(time.time() - self.t0, 3)

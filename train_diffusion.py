@@ -167,7 +167,7 @@ def evaluate():
 # training loop
 
 log = runtime.RunLog(rt, out_dir, config, 'train_diffusion.py', wandb_log, wandb_project, wandb_run_name,
-                     resume=(init_from == 'resume'))
+                     resumed_at=iter_num if init_from == 'resume' else None)
 meter = runtime.Throughput(rt)
 train_loss, tokens_seen = None, iter_num * tokens_per_iter
 while True:
