@@ -50,7 +50,9 @@ def test_noise_never_touches_padding_or_specials_and_follows_t():
     assert torch.equal(noisy[~masked], idx[~masked]) and (noisy[masked] == SPECIAL['mask_id']).all()
     frac = masked.sum(1) / maskable.sum(1)
     assert (frac - t).abs().max() < 0.12 and abs((frac - t).mean()) < 0.02
-    assert (masked.sum(1) >= 1).all()  # at least one target per sample, even at small t
+    # at least one target per sample, even at a t where the draw alone would mask nothing
+    _, masked, maskable = model.add_noise(idx, torch.full((64,), 1e-6), attn_mask, torch.Generator().manual_seed(0))
+    assert (masked.sum(1) == 1).all() and not (masked & ~maskable).any()
 
 
 def test_stratified_t_covers_every_stratum():
@@ -144,6 +146,22 @@ def test_generate_fills_every_mask_keeps_given_tokens_and_padding_and_is_seeded(
     again = model.generate(x, steps=7, attn_mask=attn_mask, generator=torch.Generator().manual_seed(3))
     other = model.generate(x, steps=7, attn_mask=attn_mask, generator=torch.Generator().manual_seed(4))
     assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_generate_commits_the_most_confident_prediction_first():
+    """A stub head whose confidence rises with the position: one commit per step, so the
+    positions must be filled from the last to the first (LLaDA's low-confidence remasking)."""
+    model = tiny_model()
+    N = 12
+    model.denoise = lambda concepts, x, pos, t: pos                      # (B, M): the positions
+    model.lm_logits = lambda pos: torch.zeros(*pos.shape, 100).scatter(  # peak p/4 on token p
+        -1, pos[..., None], pos[..., None].float() / 4)
+    trajectory = []
+    x = model.generate(torch.full((1, N), SPECIAL['mask_id']), steps=N, temperature=0.0, trajectory=trajectory)
+    assert x[0].tolist() == list(range(N))
+    filled = [int((b != a).nonzero()[0, 1]) for a, b in zip([torch.full((1, N), SPECIAL['mask_id'])] + trajectory,
+                                                              trajectory)]
+    assert filled == list(range(N - 1, -1, -1))
 
 
 @pytest.mark.parametrize('block_len,steps', [(0, 1), (0, 40), (8, 10), (5, 3)])

@@ -38,6 +38,31 @@ def test_mlm_masking_rules():
     assert not torch.equal(mlm_noise(idx, torch.Generator().manual_seed(1))[1], targets)
 
 
+def test_the_stage_feeds_the_model_the_masked_input(data_dir, tmp_path, monkeypatch):
+    """The script run in this process with a spy on the model: in training and in evaluation the
+    model gets the noised ids (80% of the labelled positions hold [MASK]), never the clean text."""
+    import runpy
+
+    import prepare_data
+    from model import ConceptMLM
+    seen, forward = [], ConceptMLM.forward
+
+    def spy(self, idx, targets=None, *args, **kwargs):
+        seen.append((idx.clone(), targets.clone()))
+        return forward(self, idx, targets, *args, **kwargs)
+    monkeypatch.setattr(ConceptMLM, 'forward', spy)
+    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # the script installs its own
+    monkeypatch.setattr(sys, 'argv', ['train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}',
+                                      '--max_iters=2', '--eval_interval=2'])
+    runpy.run_path(os.path.join(ROOT, 'train_mlm.py'), run_name='__main__')
+    mask_id = prepare_data.load_meta(data_dir)['special_tokens']['mask']
+    assert len(seen) == 2 + 2 * 2  # 2 training steps, 2 evaluations of eval_iters=2 batches
+    for idx, targets in seen:
+        picked = targets != -100
+        assert 0.7 < (idx[picked] == mask_id).float().mean() < 0.9
+        assert (idx[~picked] != mask_id).all()
+
+
 def test_smoke_logs_and_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / 'run')
     res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=4',
@@ -155,7 +180,7 @@ def test_resume_refuses_another_tokenizer_stage_or_shape(data_dir, tmp_path):
     assert torch.load(os.path.join(run_dir, 'ckpt.pt'), weights_only=True)['iter_num'] == 1  # untouched
 
 
-def test_settings_out_of_range_are_one_clear_line(data_dir, tmp_path):
+def test_settings_out_of_range_are_one_clear_line(data_dir, tmp_path, monkeypatch):
     import runtime
     from model import ConfigError
     for bad in ({'eval_iters': 0}, {'gradient_accumulation_steps': -1}, {'batch_size': 0}, {'dropout': 1.0},
@@ -163,11 +188,10 @@ def test_settings_out_of_range_are_one_clear_line(data_dir, tmp_path):
         with pytest.raises(ConfigError, match=f'{next(iter(bad))}='):
             runtime.check_settings({'eval_iters': 20, 'mask_prob': 0.15, **bad})
     runtime.check_settings({'eval_iters': 1, 'mask_prob': 1.0, 'dropout': 0.0, 't_min': 0.0, 'max_iters': 0})
-    with pytest.raises(ConfigError, match='no CUDA device'):
-        if not torch.cuda.is_available():
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, 'is_available', lambda: False)
+        with pytest.raises(ConfigError, match='no CUDA device'):
             runtime.resolve_device('cuda')
-        else:
-            raise ConfigError('no CUDA device (skipped: this machine has one)')
     out = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--eval_iters=0',
                      check=False)
     assert out.returncode != 0 and 'eval_iters=0 must be > 0' in out.stderr and 'Traceback' not in out.stderr

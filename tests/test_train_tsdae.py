@@ -63,6 +63,18 @@ def test_the_encoder_cannot_see_deleted_tokens():
     torch.testing.assert_close(model.encoder(inputs, visible), model.encoder(changed, visible))
 
 
+def test_the_stage_hides_deleted_tokens_from_the_encoder(data_dir, tmp_path):
+    """Deletion reaches the model: with the same initial weights and windows, the loss at step 0
+    depends on the deletion rate (it would not if the stage ignored the visibility mask)."""
+    losses = []
+    for mode, rate in (('hide', 0.0), ('hide', 0.9), ('drop', 0.9)):
+        out = str(tmp_path / f'{mode}{rate}')
+        run_script('train_tsdae.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=0',
+                   f'--deletion_mode={mode}', f'--deletion_rate={rate}')
+        losses.append(read_log(out)[0]['val_loss'])
+    assert abs(losses[1] - losses[0]) > 1e-3 and abs(losses[2] - losses[0]) > 1e-3, losses
+
+
 def test_decoder_must_not_see_the_answer(data_dir, tmp_path):
     out = run_script('train_tsdae.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}',
                      '--decoder=perceiver', check=False)
