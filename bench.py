@@ -10,7 +10,8 @@ median of timed_steps steps, or of 2 when they take timed_seconds; compiled as t
 scripts compile when compile=True), inference throughput (encoding only, eager, tokens/s), peak
 memory (process RSS on the CPU, max allocated on CUDA) and MFU against the matmul peak of the
 same dtype, measured by this script on the same machine in the same run. Data are random tokens:
-speed does not depend on the text.
+speed does not depend on the text. A row that ran out of memory (or whose process the OOM killer
+ended) says "oom": true instead of numbers; one whose process crashed says "error": its last line.
 
 The peer ('standard') is a bidirectional transformer encoder built from the same blocks as
 model.py (SDPA self-attention over the tokens, the same gated FFN, the same n_layer, n_embd,
@@ -63,7 +64,36 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def setting_list(name, value, allowed=None):
+    """'a,b' -> ['a', 'b'] (ints for seq_lens); an empty list or a value not allowed is a one-line
+    error before anything is measured (a typo must not end up as a row)."""
+    items = [v.strip() for v in value.split(',') if v.strip()]
+    if allowed is None:
+        items = [int(v) if v.isdigit() and int(v) > 0 else v for v in items]
+        bad = [v for v in items if not isinstance(v, int)]
+    else:
+        bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        want = ', '.join(allowed) if allowed else 'positive integers'
+        raise SystemExit(f"bench.py: --{name}={value!r}: {', '.join(map(str, bad)) or 'empty'}; use {want}")
+    return items
+
+
+stage_list = setting_list('stages', stages, ('mlm', 'tsdae', 'diffusion'))
+model_list = setting_list('models', models, ('concept', 'standard'))
+seq_len_list = setting_list('seq_lens', seq_lens)
+if dtype not in DTYPES:
+    raise SystemExit(f"bench.py: --dtype={dtype!r}; use one of {', '.join(DTYPES)}")
+if device_type == 'cuda' and not torch.cuda.is_available():
+    raise SystemExit(f"bench.py: device={device!r}, but this torch sees no CUDA device; use --device=cpu or auto")
+if timed_steps < 1 or warmup_steps < 0 or tokens_per_batch < 1:
+    raise SystemExit("bench.py: timed_steps and tokens_per_batch must be >= 1, warmup_steps >= 0")
+if json_out and (os.path.isdir(json_out) or not os.path.isdir(os.path.dirname(os.path.abspath(json_out)))):
+    raise SystemExit(f"bench.py: --json={json_out}: not a file in an existing directory")
+ptdtype = DTYPES[dtype]
 MASK_ID, PAD_ID = vocab_size - 3, vocab_size - 4  # the last ids play the special tokens
 N_REGULAR = vocab_size - 5
 
@@ -255,9 +285,9 @@ peak = matmul_peak()
 print(f"{device} {dtype}: measured matmul peak {peak / 1e12:.2f} TFLOP/s")
 rows = []
 argv = [a for a in sys.argv[1:] if not a.startswith('--worker=')]
-for stage in stages.split(','):
-    for N in [int(s) for s in seq_lens.split(',')]:
-        for model_name in models.split(','):
+for stage in stage_list:
+    for N in seq_len_list:
+        for model_name in model_list:
             spec = f"{model_name}:{stage}:{N}"
             t_row = time.perf_counter()
             out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f'--worker={spec}'],
@@ -265,32 +295,34 @@ for stage in stages.split(','):
             lines = [l for l in out.stdout.splitlines() if l.startswith('BENCH_ROW ')]
             if lines:
                 row = json.loads(lines[-1][len('BENCH_ROW '):])
-            else:  # killed (the OOM killer) or crashed: say so instead of a number
-                row = {'model': model_name, 'stage': stage, 'seq_len': N,
-                       'batch_size': max(1, tokens_per_batch // N), 'oom': True,
+            else:  # killed by a signal (the OOM killer's SIGKILL) or crashed: say which, not a number
+                row = {'model': model_name, 'stage': stage, 'seq_len': N, 'batch_size': max(1, tokens_per_batch // N),
                        'error': (out.stderr.strip().splitlines() or [f'exit {out.returncode}'])[-1][:200]}
+                if out.returncode < 0:
+                    row['oom'] = True
             if 'train_flops_per_s' in row:
                 row['mfu'] = row.pop('train_flops_per_s') / peak
             rows.append(row)
             print(f"{stage:9s} N={N:6d} {model_name:8s} " + (
-                'out of memory' if row.get('oom') else
+                'out of memory' if row.get('oom') else f"crashed: {row['error']}" if 'error' in row else
                 f"train {row['train_tokens_per_s']:10,.0f} tok/s  infer {row['infer_tokens_per_s']:11,.0f} tok/s  "
                 f"peak {row['peak_mem_mb']:8,.0f} MB  mfu {100 * row['mfu']:5.1f}%") +
                 f"  ({time.perf_counter() - t_row:.0f} s)", flush=True)
 
 print("\n| stage | N | concept train tok/s | standard train tok/s | train speed-up | infer speed-up | "
       "concept MB | standard MB | concept MFU |\n|---|---|---|---|---|---|---|---|---|")
-for stage in stages.split(','):
-    for N in [int(s) for s in seq_lens.split(',')]:
+for stage in stage_list:
+    for N in seq_len_list:
         c = next((r for r in rows if r['model'] == 'concept' and r['stage'] == stage and r['seq_len'] == N), None)
         s = next((r for r in rows if r['model'] == 'standard' and r['stage'] == stage and r['seq_len'] == N), None)
         if c is None or s is None:
             continue
 
         def fmt(r, key, f='{:,.0f}'):
-            return 'oom' if r.get('oom') else f.format(r[key])
-        speed = '-' if c.get('oom') or s.get('oom') else f"{c['train_tokens_per_s'] / s['train_tokens_per_s']:.1f}x"
-        infer = '-' if c.get('oom') or s.get('oom') else f"{c['infer_tokens_per_s'] / s['infer_tokens_per_s']:.1f}x"
+            return 'oom' if r.get('oom') else 'error' if 'error' in r else f.format(r[key])
+        failed = any(r.get('oom') or 'error' in r for r in (c, s))
+        speed = '-' if failed else f"{c['train_tokens_per_s'] / s['train_tokens_per_s']:.1f}x"
+        infer = '-' if failed else f"{c['infer_tokens_per_s'] / s['infer_tokens_per_s']:.1f}x"
         print(f"| {stage} | {N} | {fmt(c, 'train_tokens_per_s')} | {fmt(s, 'train_tokens_per_s')} | {speed} | {infer} | "
               f"{fmt(c, 'peak_mem_mb')} | {fmt(s, 'peak_mem_mb')} | {fmt(c, 'mfu', '{:.1%}')} |")
 if json_out:

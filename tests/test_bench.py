@@ -20,3 +20,21 @@ def test_bench_writes_rows_for_both_models(tmp_path):
         assert r['batch_size'] == 256 // r['seq_len']
         for key in ('train_tokens_per_s', 'infer_tokens_per_s', 'peak_mem_mb', 'mfu'):
             assert r[key] > 0, (key, r)
+
+
+def test_bad_settings_are_one_line_before_any_work(tmp_path):
+    for arg, message in (('--stages=mlmm', "mlmm; use mlm, tsdae, diffusion"),
+                         ('--seq_lens=0', '0; use positive integers'), (f'--json={tmp_path}', 'not a file')):
+        out = run_script('bench.py', arg, check=False)
+        assert out.returncode != 0 and message in out.stderr and 'Traceback' not in out.stderr, (arg, out.stderr)
+        assert 'matmul peak' not in out.stdout  # nothing was measured
+
+
+def test_a_crashed_row_says_so_and_is_not_called_out_of_memory(tmp_path):
+    out = tmp_path / 'b.json'
+    run = run_script('bench.py', '--n_layer=1', '--n_head=3', '--n_embd=32', '--n_concepts=8', '--ffn_size=64',
+                     '--vocab_size=256', '--seq_lens=64', '--stages=mlm', '--models=concept', '--dtype=float32',
+                     f'--json={out}')
+    row, = json.loads(out.read_text())['rows']
+    assert 'oom' not in row and 'not divisible' in row['error']
+    assert 'crashed: ' in run.stdout and 'out of memory' not in run.stdout
