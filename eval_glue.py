@@ -156,6 +156,16 @@ def parse_label(task, text):
     return value
 
 
+def expected_labels(task):
+    """The label values parse_label accepts, in words for an error message."""
+    n_labels = TASKS[task][1]
+    if n_labels == 1:
+        return 'that is a number (a similarity score)'
+    if task in LABEL_NAMES:
+        return f"word, one of {', '.join(LABEL_NAMES[task])}"
+    return f"from 0 to {n_labels - 1}"
+
+
 def make_split(a, b, labels, task):
     dt = np.float32 if TASKS[task][1] == 1 else np.int64
     return {'a': a, 'b': b, 'label': np.asarray(labels, dtype=dt)}
@@ -291,7 +301,8 @@ def load_task(task, root='', max_train=0, max_eval=0):
         raise ConfigError(f"unknown task '{task}'; choose from {', '.join(TASKS)}, or 'glue' / 'all'")
     train, evals, skipped = read_local(task, root) if root else read_hub(task)
     if len(train['label']) == 0 or any(len(e['label']) == 0 for e in evals.values()):
-        raise prepare_data.DataError(f"{task}: no usable examples in {root or 'the hub data'} ({skipped} skipped)")
+        raise prepare_data.DataError(f"{task}: no usable examples in {root or 'the hub data'} ({skipped} skipped); "
+                                     f"each row needs the task's columns and a label {expected_labels(task)}")
     metrics, n_labels, n_epochs = TASKS[task]
     return {'task': task, 'metrics': metrics, 'n_labels': n_labels, 'epochs': n_epochs,
             'train': subset(train, max_train), 'evals': {k: subset(v, max_eval) for k, v in evals.items()},
@@ -386,6 +397,14 @@ def build_model(ck, dropout=None):
 
 # ----------------------------------------------------------------------------------------------
 # token ids, once per task, and length-bucketed batches
+
+def check_max_len(max_len, joined_pair):
+    """Room for [cls] and a token of each text: '[cls] a [sep] b' needs 4, '[cls] a' needs 2."""
+    need, form = (4, "'[cls] a [sep] b'") if joined_pair else (2, "'[cls] text'")
+    if not max_len >= need:
+        raise ConfigError(f"max_len={max_len!r} is too short: {form} needs max_len >= {need} to keep a token of "
+                          f"each text; the default is 128")
+
 
 def truncate_pair(a, b, budget):
     """Cut the longer of the two first, as BERT does, until both fit in budget tokens."""
@@ -612,6 +631,7 @@ def evaluate_task(ck, tok, data, head='pool', seeds=(42,), hp=None, device='cpu'
     metrics, n_labels = data['metrics'], data['n_labels']
     length = min(hp['max_len'], ck['model_args']['block_size'])
     joined = head in ('pool', 'decoder')  # one sequence per example; pair and cosine read a and b apart
+    check_max_len(length, joined and data['train']['b'] is not None)
     data['evals_tok'] = {name: tokenize(tok, e, joined, length) for name, e in data['evals'].items()}
     results = {}
     if head == 'cosine':
@@ -697,6 +717,7 @@ def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir_tok='
     similarity between these vectors is what head=cosine scores on STS-B and SICK-R."""
     if isinstance(texts, str):
         texts = [texts]
+    check_max_len(max_len, False)
     model, tok = load_encoder(ckpt, device, data_dir_tok)
     length = min(max_len, model.cfg.block_size)
     seqs = [[tok.cls_id] + ids[:length - 1] for ids in tok.encode_batch(list(texts))]
@@ -706,6 +727,34 @@ def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir_tok='
 
 
 # ----------------------------------------------------------------------------------------------
+
+def check_settings(seeds, hp, head, task_list):
+    """The settings' ranges, before anything loads; returns the seeds as a list of ints."""
+    parts = [s.strip() for s in str(seeds).split(',') if s.strip()]
+    if not parts or not all(p.isascii() and p.isdigit() for p in parts) or len({int(p) for p in parts}) < len(parts):
+        raise ConfigError(f"seeds={seeds!r} must be distinct non-negative integers, comma-separated "
+                          f"(e.g. --seeds=1,2,3): each is one fine-tuning run")
+    runtime.check_settings(hp)  # batch_size, learning_rate > 0; weight_decay, grad_clip >= 0; dropout in [0, 1)
+    if not hp['eval_batch_size'] > 0:
+        raise ConfigError(f"eval_batch_size={hp['eval_batch_size']!r} must be > 0")
+    if not hp['epochs'] >= 0:
+        raise ConfigError(f"epochs={hp['epochs']!r} must be > 0, or 0 for the task's default")
+    check_max_len(hp['max_len'], head in ('pool', 'decoder') and any(HUB[t][3] is not None for t in task_list))
+    return [int(p) for p in parts]
+
+
+def check_out(path):
+    """The results file must be writable before hours of fine-tuning, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"--out={path} is a directory; give a file name, "
+                          f"e.g. --out={os.path.join(path, 'glue.json')}")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--out={path}: the directory {folder} does not exist; create it first "
+                          f"or choose another path")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ConfigError(f"--out={path} is not writable; choose another path")
+
 
 def main():
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read(), globals())
@@ -724,8 +773,8 @@ def main():
     if head == 'cosine' and any(TASKS[t][1] != 1 for t in task_list):
         raise ConfigError(f"head=cosine scores sentence similarity without training: tasks stsb and sick_r only, "
                           f"not {', '.join(t for t in task_list if TASKS[t][1] != 1)}")
-    seed_list = [int(s) for s in str(seeds).split(',') if s.strip()]
     hp = {k: globals()[k] for k in HPARAMS}
+    seed_list = check_settings(seeds, hp, head, task_list)
 
     rt = runtime.setup_runtime(device, dtype, seed_list[0])
     ck, tok = load_pretrained(ckpt, data_dir_tok)
@@ -735,9 +784,11 @@ def main():
     print(f"checkpoint {ckpt}: stage {ck.get('stage', '?')}, decoder {ck['model_args'].get('decoder')}, "
           f"n_embd {ck['model_args']['n_embd']}, {len(ck['model'])} tensors; head {head}, seeds {seed_list}, "
           f"device {rt.device}, dtype {rt.dtype}")
+    path = out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f'glue_{head}.json')
+    check_out(path)
+    datas = [load_task(task, data_dir, max_train_examples, max_eval_examples) for task in task_list]  # all, first
     results = {}
-    for task in task_list:
-        data = load_task(task, data_dir, max_train_examples, max_eval_examples)
+    for task, data in zip(task_list, datas):
         sizes = ', '.join(f"{k} {len(v['label'])}" for k, v in data['evals'].items())
         skipped = sum(data['skipped'].values())
         print(f"{task}: train {len(data['train']['label'])}, {sizes}"
@@ -749,8 +800,6 @@ def main():
         results.update(res)
     print()
     print(markdown_table(results))
-    path = out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f'glue_{head}.json')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, 'w') as f:
         json.dump(results, f, indent=2)
         f.write('\n')

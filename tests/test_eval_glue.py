@@ -393,3 +393,67 @@ def test_cli_on_a_glue_layout_directory(ckpts, tmp_path):
     bad = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--tasks=mrpc',
                      '--head=cosine', check=False)
     assert bad.returncode != 0 and 'stsb and sick_r only' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# bad settings and data: one clear error at startup, before any fine-tuning
+
+GOOD_HP = {**G.HPARAMS}
+
+
+@pytest.mark.parametrize('seeds,override,match', [
+    ('a', {}, 'seeds'), ('1.5', {}, 'seeds'), ('', {}, 'seeds'), ('-1', {}, 'seeds'), ('42,42', {}, 'distinct'),
+    ('42', {'epochs': -1}, 'epochs'), ('42', {'batch_size': 0}, 'batch_size'),
+    ('42', {'eval_batch_size': 0}, 'eval_batch_size'), ('42', {'learning_rate': -1.0}, 'learning_rate'),
+    ('42', {'dropout': 1.0}, 'dropout'), ('42', {'max_len': 1}, 'max_len'), ('42', {'max_len': 0}, 'max_len')])
+def test_settings_out_of_range_are_one_clear_error(seeds, override, match):
+    with pytest.raises(G.ConfigError, match=match):
+        G.check_settings(seeds, {**GOOD_HP, **override}, 'pool', ['sst2'])
+
+
+def test_settings_in_range_pass_and_max_len_counts_the_joined_pair():
+    assert G.check_settings('1, 2,3,', GOOD_HP, 'pool', ['sst2']) == [1, 2, 3]
+    assert G.check_settings('0', {**GOOD_HP, 'epochs': 0, 'dropout': 0.0, 'max_len': 2}, 'pool', ['sst2']) == [0]
+    assert G.check_settings('7', {**GOOD_HP, 'max_len': 3}, 'pair', ['rte']) == [7]  # a and b apart: 2 suffice
+    with pytest.raises(G.ConfigError, match=r"\[sep\] b'.*max_len >= 4"):  # '[cls] a [sep]' would drop b
+        G.check_settings('7', {**GOOD_HP, 'max_len': 3}, 'pool', ['sst2', 'rte'])
+
+
+def test_max_len_too_short_for_encode_and_evaluate_task(ckpts):
+    with pytest.raises(G.ConfigError, match='max_len'):
+        G.encode(['a sentence'], ckpts['mlm'], max_len=1)
+    with pytest.raises(G.ConfigError, match='max_len'):
+        G.encode(['a sentence'], ckpts['mlm'], max_len=0)
+    ck, tok = G.load_pretrained(ckpts['mlm'])
+    with pytest.raises(G.ConfigError, match='max_len'):
+        G.evaluate_task(ck, tok, synthetic_data(pair=True, n_train=8, n_eval=4), 'pool', hp={**FAST, 'max_len': 3})
+
+
+def test_out_must_be_a_writable_file_path(tmp_path):
+    with pytest.raises(G.ConfigError, match='is a directory'):
+        G.check_out(str(tmp_path))
+    with pytest.raises(G.ConfigError, match='does not exist'):
+        G.check_out(str(tmp_path / 'missing' / 'r.json'))
+    G.check_out(str(tmp_path / 'r.json'))
+
+
+def test_numeric_labels_in_a_word_labelled_file_name_the_expected_words(tmp_path):
+    for split in ('train', 'dev'):
+        write_task(str(tmp_path), 'rte', split, [('a', 'b', '0'), ('c', 'd', '1')])
+    with pytest.raises(prepare_data.DataError, match='one of entailment, not_entailment'):
+        G.load_task('rte', str(tmp_path))
+
+
+@pytest.mark.parametrize('case', ['bad_seeds', 'missing_second_task', 'out_is_a_directory'])
+def test_cli_fails_fast_before_any_fine_tuning(ckpts, tmp_path, case):
+    root = str(tmp_path / 'glue')
+    for split, seed in (('train', 1), ('dev', 2)):
+        write_task(root, 'sst2', split, synthetic(16, seed))  # and no QQP folder
+    extra, message = {'bad_seeds': (['--tasks=sst2', '--seeds=a'], 'seeds='),
+                      'missing_second_task': (['--tasks=sst2,qqp', f'--out={tmp_path / "r.json"}'], 'QQP'),
+                      'out_is_a_directory': (['--tasks=sst2', f'--out={tmp_path}'], 'is a directory')}[case]
+    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--device=cpu',
+                     '--dtype=float32', '--epochs=1', *extra, check=False)
+    assert run.returncode != 0 and 'Traceback' not in run.stderr, run.stderr
+    assert message in run.stderr.strip().splitlines()[-1], run.stderr
+    assert 'epoch 1/1' not in run.stdout and '| task |' not in run.stdout  # nothing was trained
