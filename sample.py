@@ -9,6 +9,7 @@ and let ConceptDiffusion.generate() unmask them over a number of steps.
 The tokenizer comes from the checkpoint (its recipe and the data directory it was trained on).
 """
 import os
+import sys
 
 import torch
 
@@ -38,12 +39,16 @@ for key, value, least in (('length', length, 1), ('num_samples', num_samples, 1)
                           ('temperature', temperature, 0), ('top_k', top_k, 0), ('block_len', block_len, 0)):
     if not value >= least:  # `not >=`: a nan temperature is refused too
         raise ConfigError(f"{key}={value} is out of range: {key} must be >= {least}")
+device = runtime.resolve_device(device)  # a one-line error for cuda/mps that is not there; maps 'auto'
 model, state = runtime.load_model(ckpt, device)
 if not isinstance(model, ConceptDiffusion):
     raise SystemExit(f"{ckpt} is a {state.get('stage', '?')} checkpoint; sample.py needs one from train_diffusion.py")
 tok = prepare_data.tokenizer_from_recipe(state['tokenizer'], data_dir or state['data_dir'])
 mask_id = model.cfg.mask_id
-length = min(length, model.cfg.block_size)
+block_size = model.cfg.block_size
+if length > block_size:
+    print(f"note: length={length} is capped at the model's block_size={block_size}", file=sys.stderr)
+    length = block_size
 
 
 def render(ids):
@@ -64,9 +69,25 @@ if text:  # infilling: each '___' becomes 4 masks
     ids = []
     for k, piece in enumerate(pieces):
         ids += tok.encode(piece) + ([mask_id] * 4 if k < len(pieces) - 1 else [])
+    if mask_id not in ids[:length]:
+        if len(pieces) == 1:
+            raise ConfigError("--text has no ___, so there is nothing to fill; mark each gap with ___ "
+                              "(or use --prompt to continue a text)")
+        raise ConfigError(f"--text has no ___ within its first length={length} tokens, so there is nothing to fill; "
+                          f"raise --length (at most block_size={block_size}) or move a ___ earlier")
+    if len(ids) > length:
+        print(f"note: --text is {len(ids)} tokens with its masks; only the first length={length} are used",
+              file=sys.stderr)
     ids = ids[:length]
 else:
-    ids = tok.encode(prompt)[:length - 1] if prompt else []
+    ids = tok.encode(prompt) if prompt else []
+    if len(ids) >= length and length < block_size:
+        raise ConfigError(f"the prompt is {len(ids)} tokens and fills the whole length={length}, leaving nothing "
+                          f"to generate; raise --length (at most block_size={block_size}) or shorten the prompt")
+    if len(ids) >= length:
+        print(f"note: the prompt is {len(ids)} tokens; only its first {length - 1} are kept so that one token "
+              f"is generated within block_size={block_size}", file=sys.stderr)
+        ids = ids[:length - 1]
     ids = ids + [mask_id] * (length - len(ids))
 x = torch.tensor([ids] * num_samples, device=device)
 generator = torch.Generator(device=device).manual_seed(seed)

@@ -235,3 +235,28 @@ def test_sample_refuses_out_of_range_settings_before_loading(tmp_path):
         key, value = arg[2:].split('=')
         assert out.returncode != 0 and 'Traceback' not in out.stderr, out.stderr
         assert re.fullmatch(rf'error: {key}={value}\S* is out of range: {key} must be >= [01]\n', out.stderr)
+
+
+def test_sample_says_when_it_cuts_and_refuses_when_nothing_is_left_to_fill(data_dir, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    run_script('train_diffusion.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--max_iters=1',
+               '--eval_interval=1', '--bound_levels=1', '--eval_iters=1')
+    ck, fast = f'--ckpt={tmp_path}/ckpt.pt', ['--steps=1', '--num_samples=1']
+    long = ' '.join(['Return the number of items in the list.'] * 30)  # far more than block_size=64 tokens
+    device = [] if torch.cuda.is_available() else [('--device=cuda', r'error: .*no CUDA device.*--device=cpu.*')]
+    errors = device + [
+        ('--length=1', '--prompt=Return the number', r'error: the prompt is \d+ tokens and fills the whole length=1.*'),
+        ('--text=No gap here.', r'error: --text has no ___.*'),
+        ('--length=2', f'--text={long} ___', r'error: --text has no ___ within its first length=2 tokens.*')]
+    notes = [(['--length=1000'], "note: length=1000 is capped at the model's block_size=64"),
+             ([f'--prompt={long}'], 'note: the prompt is '),
+             (['--length=8', f'--text=The ___ {long}'], 'note: --text is ')]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda a: run_script('sample.py', ck, *fast, *a, check=False),
+                             [e[:-1] for e in errors] + [n[0] for n in notes]))
+    for (*args, pattern), out in zip(errors, outs):
+        assert out.returncode != 0 and re.fullmatch(pattern + r'\n', out.stderr), (args, out.stderr)
+    for (args, note), out in zip(notes, outs[len(errors):]):
+        assert out.returncode == 0, (args, out.stderr)
+        notes_printed = [line for line in out.stderr.splitlines() if line.startswith('note:')]
+        assert len(notes_printed) == 1 and notes_printed[0].startswith(note), (args, out.stderr)
