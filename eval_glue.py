@@ -200,9 +200,14 @@ def rows_to_split(task, rows, col_a, col_b, col_y, n_cols):
     return make_split(a, b if col_b is not None else None, labels, task), skipped
 
 
+def columns_read(*cols):
+    """How many columns a row needs for the task to read its columns cols (None: not read)."""
+    return max(c for c in cols if c is not None) + 1
+
+
 def check_columns(path, n_cols, task, *cols):
     """A file narrower than the columns the task reads is a layout error, not rows to skip."""
-    need = max(c for c in cols if c is not None) + 1
+    need = columns_read(*cols)
     if n_cols < need:
         raise prepare_data.DataError(f"{path} has {n_cols} tab-separated columns, but {task} reads column "
                                      f"{need - 1} (0-based); use the original GLUE/SICK/PAWS files or --data_dir=''")
@@ -231,7 +236,7 @@ def read_local(task, root):
             if rows:
                 check_columns(path, n_cols, task, col_a, col_b, col_y)
             return rows_to_split(task, rows[1:], col_a, col_b, col_y, n_cols)
-        n_cols = max(c for c in (col_a, col_b, col_y) if c is not None) + 1  # CoLA: 4
+        n_cols = columns_read(col_a, col_b, col_y)  # CoLA: 4
         return rows_to_split(task, rows, col_a, col_b, col_y, n_cols)
 
     skipped = {}
@@ -734,9 +739,7 @@ def check_settings(seeds, hp, head, task_list):
     if not parts or not all(p.isascii() and p.isdigit() for p in parts) or len({int(p) for p in parts}) < len(parts):
         raise ConfigError(f"seeds={seeds!r} must be distinct non-negative integers, comma-separated "
                           f"(e.g. --seeds=1,2,3): each is one fine-tuning run")
-    runtime.check_settings(hp)  # batch_size, learning_rate > 0; weight_decay, grad_clip >= 0; dropout in [0, 1)
-    if not hp['eval_batch_size'] > 0:
-        raise ConfigError(f"eval_batch_size={hp['eval_batch_size']!r} must be > 0")
+    runtime.check_settings(hp)  # (eval_)batch_size, learning_rate > 0; weight_decay, grad_clip >= 0; dropout in [0, 1)
     if not hp['epochs'] >= 0:
         raise ConfigError(f"epochs={hp['epochs']!r} must be > 0, or 0 for the task's default")
     check_max_len(hp['max_len'], head in ('pool', 'decoder') and any(HUB[t][3] is not None for t in task_list))

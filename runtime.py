@@ -38,10 +38,10 @@ def one_line_errors():
     sys.excepthook = hook
 
 
-# the ranges of the numeric settings the stages share (a key a stage lacks is skipped)
+# the ranges of the numeric settings the stages and eval_glue.py share (a key a script lacks is skipped)
 POSITIVE = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval',
             'n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'n_dec_layer', 'learning_rate',
-            'max_nonfinite_steps', 'bound_levels')
+            'max_nonfinite_steps', 'bound_levels', 'eval_batch_size')
 NON_NEGATIVE = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip',
                 'recursive_iters', 'concept_loss_weight', 'concept_loss_warmup')
 FRACTIONS = {'dropout': (0, 1), 'beta1': (0, 1), 'beta2': (0, 1), 'deletion_rate': (0, 1), 't_min': (0, 1),
