@@ -116,16 +116,22 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert all(r1['elapsed_s'] <= r2['elapsed_s'] for r1, r2 in zip(log_b, log_b[1:]))
 
 
+def torchrun_mlm(*args):
+    """train_mlm.py in 2 gloo processes through torchrun; asserts that it succeeded."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'train_mlm.py'), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
 def test_ddp_two_processes_match_gradient_accumulation(data_dir, tmp_path):
     """2 gloo processes x accumulation 1 == 1 process x accumulation 2 (same data, same noise)."""
     common = [*TINY, f'--dataset={data_dir}', '--max_iters=3', '--eval_interval=3', '--gradient_accumulation_steps=2']
     single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
     run_script('train_mlm.py', *common, f'--out_dir={single}')
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(ROOT, 'train_mlm.py'), *common, f'--out_dir={ddp}']
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = torchrun_mlm(*common, f'--out_dir={ddp}')
     assert res.stdout.count('tokens per iteration') == 1  # rank 0 prints, once
     a, b = final_weights(single), final_weights(ddp)
     for name in a:
@@ -136,17 +142,10 @@ def test_ddp_resume_is_exact_with_dropout(data_dir, tmp_path):
     """2 processes: each rank draws its own dropout masks, and resume gives each its own RNG back."""
     common = [*TINY, f'--dataset={data_dir}', '--lr_decay_iters=4', '--eval_interval=2', '--dropout=0.1',
               '--gradient_accumulation_steps=2']
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-
-    def torchrun(*args):
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-               os.path.join(ROOT, 'train_mlm.py'), *common, *args]
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     straight, halves = str(tmp_path / 'straight'), str(tmp_path / 'halves')
-    torchrun(f'--out_dir={straight}', '--max_iters=4')
-    torchrun(f'--out_dir={halves}', '--max_iters=2')
-    torchrun(f'--out_dir={halves}', '--max_iters=4', '--init_from=resume')
+    torchrun_mlm(*common, f'--out_dir={straight}', '--max_iters=4')
+    torchrun_mlm(*common, f'--out_dir={halves}', '--max_iters=2')
+    torchrun_mlm(*common, f'--out_dir={halves}', '--max_iters=4', '--init_from=resume')
     a, b = final_weights(straight), final_weights(halves)
     for name in a:
         assert torch.equal(a[name], b[name]), name
