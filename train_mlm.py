@@ -218,5 +218,4 @@ while True:
         rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, {meter.report()}")
 
 log.finish()
-del model  # DDP before its process group: else gloo aborts at exit in ~1 of 10 two-process runs
 runtime.teardown(rt)
