@@ -130,7 +130,7 @@ def setup_runtime(device='auto', dtype='bfloat16', seed=1337):
 def teardown(rt):
     """The last call of a stage. Under torchrun a worker then leaves with os._exit: torch's C++
     static destructors at a normal interpreter exit abort a two-process CPU run now and then
-    ('terminate called without an active exception', SIGABRT after the last step: 3 of 30 runs of
+    ('terminate called without an active exception', SIGABRT after the last step: 3 of 50 runs of
     a two-process train_mlm.py; 3 of 116 with the DDP model deleted first; 0 of 60 with os._exit)."""
     if rt.ddp:
         dist.barrier()  # rank 0 may still be writing a checkpoint; gloo aborts if a peer leaves first
