@@ -361,18 +361,24 @@ class StandardEncoder(Encoder):
     the peer the concept arm is measured against (encoder='standard'). Same embeddings, FFN,
     norms and widths as the concept arm; its attention is O(N²) in compute (SDPA's fused kernels
     keep its memory linear). What attn_mask hides (padding, TSDAE-deleted tokens) is masked as a
-    key and replaced by [MASK] at its own position, so no position sees a hidden token."""
+    key and replaced by [MASK] at its own position, so no position sees a hidden token. As the
+    diffusion denoiser (time_cond) it reads the noise level t; without one it encodes clean text
+    (t = 0), which is what encode() and the evaluation heads ask of it."""
 
     def __init__(self, cfg, time_cond=False):
         super().__init__(cfg)
+        self.time_emb = TimestepEmbedding(cfg) if time_cond else None
         self.layers = nn.ModuleList([TokenLayer(cfg, time_cond) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
 
-    def forward(self, idx, attn_mask=None, n_iters=None, cond=None):
-        """idx (B, N); attn_mask (B, N) bool, True where the encoder may look; cond (B, H): the
-        timestep embedding of the diffusion denoiser. n_iters is the concept arm's (recursion)."""
+    def forward(self, idx, attn_mask=None, n_iters=None, t=None):
+        """idx (B, N); attn_mask (B, N) bool, True where the encoder may look; t (B,) the noise
+        level, for the diffusion denoiser. n_iters is the concept arm's (recursion)."""
         if attn_mask is not None:
             idx = torch.where(attn_mask, idx, self.cfg.mask_id)
+        cond = None
+        if self.time_emb is not None:
+            cond = self.time_emb(t if t is not None else idx.new_zeros(idx.shape[0], dtype=torch.float))
         x = self.embed(idx)
         for layer in self.layers:
             x = layer(x, attn_mask, cond)
@@ -1151,8 +1157,6 @@ class ConceptDiffusion(ConceptLM):
             raise ConfigError("condition='clean' shows the clean text to the denoiser itself with encoder='standard'; "
                               "use condition='noisy' or 'prefix'")
         self.decoder = None if self.standard else DiffusionDecoder(cfg)
-        # the standard arm's layers take t from here; the concept arm's decoder has its own
-        self.time_emb = TimestepEmbedding(cfg) if self.standard and cfg.time_cond else None
         self._finish_init()
         for m in self.modules():  # AdaLN-Zero: every modulated layer starts as the identity
             if getattr(m, 'adaLN', None) is not None:
@@ -1193,7 +1197,7 @@ class ConceptDiffusion(ConceptLM):
         """What the denoiser reads: the concepts (B, C, H) of the condition's input (clean idx or
         the noisy ids); for the standard arm, its token states (B, N, H) of the noisy ids at t (B,)."""
         if self.standard:
-            return self.encoder(noisy, attn_mask, cond=None if self.time_emb is None else self.time_emb(t))
+            return self.encoder(noisy, attn_mask, t=t)
         return self.encoder(idx if self.cfg.condition == 'clean' else noisy, attn_mask)
 
     def denoise(self, memory, noisy, pos, t, packing=None):

@@ -81,7 +81,7 @@ def test_settings_that_need_concepts_are_refused(kw, word):
 def test_standard_denoiser_is_time_conditioned_starts_as_identity_and_samples():
     torch.manual_seed(0)
     model = ConceptDiffusion(cfg())
-    assert model.decoder is None and model.time_emb is not None
+    assert model.decoder is None and model.encoder.time_emb is not None
     layers = model.encoder.layers
     assert all(l.time_cond and torch.count_nonzero(l.adaLN.weight) == 0 for l in layers)
     x = torch.randn(2, 10, 32)
@@ -96,6 +96,8 @@ def test_standard_denoiser_is_time_conditioned_starts_as_identity_and_samples():
     out = model.generate(x, steps=4, generator=torch.Generator().manual_seed(0))
     assert not (out == 95).any() and torch.equal(out[:, :10], idx[:, :10])
     bound, n = model.eval().nll_bound(idx, n_grid=2, generator=torch.Generator().manual_seed(0))
+    # encoding without a noise level reads clean text (t = 0): the embeddings eval_glue pools
+    torch.testing.assert_close(model.encoder(idx), model.encoder(idx, t=torch.zeros(2)))
     assert bound > 0 and n == idx.numel()
     with pytest.raises(ConfigError, match='clean'):
         ConceptDiffusion(cfg(condition='clean'))
