@@ -631,6 +631,9 @@ def concept_geometry(ckpt_path, data_dir=None, split='val', n_batches=10, batch_
     windows of clean text from a prepared data directory (by default the checkpoint's own)."""
     from model import average_diagnostics, concept_diagnostics
     model, ckpt = load_model(ckpt_path, device)
+    if model.standard:
+        raise ConfigError(f"{ckpt_path} is an encoder='standard' checkpoint: its token states are not a fixed set of "
+                          f"C concept vectors, so the collapse diagnostics do not apply")
     data_dir = data_dir or ckpt['data_dir']
     check_vocab(ckpt, prepare_data.load_meta(data_dir), ckpt_path, data_dir)
     batches = fixed_batches(data_dir, split, model.cfg.block_size, batch_size, n_batches, True, seed, 0, device)

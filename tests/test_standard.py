@@ -151,3 +151,14 @@ def test_time_budget_ends_the_run_at_min_lr_and_resume_continues_it(data_dir, tm
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert 6.0 <= ckpt['train_seconds'] < 9.0 and ckpt['iter_num'] > first_iters
     assert read_log(out)[-1]['lr'] == pytest.approx(3e-4)
+
+
+def test_concept_geometry_says_it_does_not_apply_to_the_standard_arm(tmp_path):
+    import runtime
+    from model import ConceptMLM
+    model = ConceptMLM(cfg())
+    path = str(tmp_path / 'ckpt.pt')
+    torch.save({'stage': 'mlm', 'model': model.state_dict(), 'model_args': vars(model.cfg), 'data_dir': str(tmp_path)},
+               path)
+    with pytest.raises(ConfigError, match='do not apply'):
+        runtime.concept_geometry(path)
