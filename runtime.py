@@ -510,12 +510,13 @@ def warm_start(model, ckpt_path, print0=print):
     return ckpt, loaded, new
 
 
-def default_out_dir(stage):
-    """out/<config file stem>_<stage> (out/tiny_mlm for `train_mlm.py config/tiny.py`), so that
-    stages and model sizes sharing one config file never overwrite each other's checkpoints."""
+def default_out_dir(stage, encoder='concept'):
+    """out/<config file stem>_<stage> (out/tiny_mlm for `train_mlm.py config/tiny.py`), and
+    out/tiny_mlm_standard for encoder='standard', so that stages, arms and model sizes sharing one
+    config file never overwrite each other's checkpoints."""
     configs = [a for a in sys.argv[1:] if not a.startswith('--')]
     name = os.path.splitext(os.path.basename(configs[-1]))[0] if configs else 'run'
-    return os.path.join('out', f"{name}_{stage}")
+    return os.path.join('out', f"{name}_{stage}" + ('' if encoder == 'concept' else f"_{encoder}"))
 
 
 # ----------------------------------------------------------------------------------------------

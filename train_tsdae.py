@@ -90,7 +90,7 @@ if gradient_accumulation_steps % rt.world_size:
                      f"the number of processes ({rt.world_size})")
 accum = gradient_accumulation_steps // rt.world_size
 lr_decay_iters = lr_decay_iters or max_iters
-out_dir = out_dir or runtime.default_out_dir('tsdae')
+out_dir = out_dir or runtime.default_out_dir('tsdae', encoder)
 tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
 rt.print0(f"tokens per iteration: {tokens_per_iter:,} ({batch_size} x {block_size} x {gradient_accumulation_steps})")
 

@@ -162,3 +162,10 @@ def test_concept_geometry_says_it_does_not_apply_to_the_standard_arm(tmp_path):
                path)
     with pytest.raises(ConfigError, match='do not apply'):
         runtime.concept_geometry(path)
+
+
+def test_the_arms_get_their_own_default_out_dir(monkeypatch):
+    import runtime
+    monkeypatch.setattr('sys.argv', ['train_mlm.py', 'config/tiny.py', '--encoder=standard'])
+    assert runtime.default_out_dir('mlm', 'standard') == os.path.join('out', 'tiny_mlm_standard')
+    assert runtime.default_out_dir('mlm') == os.path.join('out', 'tiny_mlm')
