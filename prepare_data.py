@@ -196,34 +196,48 @@ def _check_text_file(path):
 def read_txt(path):
     """Documents of a UTF-8 text file: separated by one or more blank (whitespace-only) lines.
 
-    Read line by line so memory is bounded by the longest document. A leading BOM is dropped;
-    a line that is not valid UTF-8 is read with U+FFFD for its bad bytes and counted, and the
-    count is reported at the end (a latin-1 file should be converted, not silently mangled)."""
+    A leading BOM is dropped; a line that is not valid UTF-8 is read with U+FFFD for its bad bytes
+    and counted, and the count is reported at the end (a latin-1 file should be converted, not
+    silently mangled)."""
+    for doc in _read_txt_utf8(path):
+        yield doc.decode('utf-8')
+
+
+def _read_txt_utf8(path):
+    """read_txt's documents as UTF-8 bytearrays, read line by line: memory is bounded by the
+    longest document, held once as bytes (a str of it can take 4 bytes per character)."""
     _check_text_file(path)
-    lines, bad_lines, first_bad = [], 0, None
+    doc, bad_lines, first_bad = bytearray(), 0, None  # a bytearray grows in place: no list of lines
     with open(path, 'rb') as f:
-        for number, raw in enumerate(f, 1):
-            if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            if b'\0' in raw:
+        for number, line in enumerate(f, 1):
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
+            if b'\0' in line:
                 raise DataError(f"{path}:{number}: a NUL byte: binary data, not text; give a UTF-8 text file")
             try:
-                line = raw.decode('utf-8')
+                line.decode('utf-8')
             except UnicodeDecodeError:
-                line = raw.decode('utf-8', 'replace')
+                line = line.decode('utf-8', 'replace').encode('utf-8')
                 bad_lines += 1
                 first_bad = first_bad or number
             if line.strip():
-                lines.append(line)
-            elif lines:
-                yield ''.join(lines).rstrip('\n')
-                lines = []
-    if lines:
-        yield ''.join(lines).rstrip('\n')
+                doc += line
+            elif doc:
+                yield _without_trailing_newlines(doc)
+                doc = bytearray()
+    if doc:
+        yield _without_trailing_newlines(doc)
     if bad_lines:
         print(f"warning: {path}: {bad_lines:,} of {number:,} lines are not valid UTF-8 (the first is line "
               f"{first_bad}); their bad bytes were read as U+FFFD. If the file is latin-1 or cp1252, convert it: "
               f"iconv -f latin1 -t UTF-8 {path} > utf8.txt", file=sys.stderr)
+
+
+def _without_trailing_newlines(doc):
+    """doc.rstrip(b'\\n') in place (a copy of a long document would double its memory)."""
+    while doc.endswith(b'\n'):
+        del doc[-1:]
+    return doc
 
 
 def read_jsonl(path, text_column):
@@ -318,7 +332,7 @@ def _read_local(path, text_column):
         for rel in files:
             yield from _read_local(os.path.join(path, rel), text_column)
     elif path.endswith('.txt'):
-        yield from read_txt(path)
+        yield from _read_txt_utf8(path)
     elif path.endswith('.jsonl'):
         yield from read_jsonl(path, text_column)
     elif path.endswith(_LOCAL_SUFFIXES):
@@ -648,14 +662,19 @@ def _spool_corpus(docs, tmp, val_fraction, seed):
         for doc in tqdm(docs, desc='reading corpus', unit=' docs', mininterval=1.0):
             if not doc:
                 continue
-            data = doc.encode('utf-8', 'replace')  # 'replace': lone surrogates from JSON
-            record = len(data).to_bytes(8, 'little') + data
-            sha.update(record)
+            if isinstance(doc, str):
+                data, chars = doc.encode('utf-8', 'replace'), len(doc)  # 'replace': lone surrogates from JSON
+            else:  # UTF-8 bytes or bytearray (local .txt files)
+                data, chars = doc, _utf8_chars(doc)
+            header = len(data).to_bytes(8, 'little')
+            sha.update(header)
+            sha.update(data)
             s = 'val' if _in_val(seed, index, val_fraction) else 'train'
-            last[s] = (files[s].tell(), len(doc))
-            files[s].write(record)
+            last[s] = (files[s].tell(), chars)
+            files[s].write(header)
+            files[s].write(data)
             stats[s]['docs'] += 1
-            stats[s]['chars'] += len(doc)
+            stats[s]['chars'] += chars
             index += 1
         if index < 2:
             raise DataError(f"the corpus has {index} non-empty document{'s' * (index != 1)}; need at least 2 "
@@ -674,6 +693,16 @@ def _spool_corpus(docs, tmp, val_fraction, seed):
         for f in files.values():
             f.close()
     return stats, sha.hexdigest()
+
+
+def _utf8_chars(data, chunk=1 << 22):
+    """The number of characters in valid UTF-8 bytes: all bytes but the continuation bytes
+    (counted in chunks, so a long document needs no temporary of its size)."""
+    if data.isascii():
+        return len(data)
+    view = np.frombuffer(data, np.uint8)
+    continuation = sum(int(np.count_nonzero((view[a:a + chunk] & 0xC0) == 0x80)) for a in range(0, len(view), chunk))
+    return len(data) - continuation
 
 
 def _spooled_docs(path, max_chars=None):
@@ -703,16 +732,17 @@ def _encode_split(tok, spool, bin_path, docs_path, n_docs, dtype, executor, num_
     """Encoding pass for one split: parts of the corpus are encoded on the executor's threads and
     appended to the .bin in order, with a few parts in flight, so memory stays bounded and the
     threads never wait for each other. Returns the number of tokens written."""
-    eod = tok.eod_id
+    eod = np.array([tok.eod_id], dtype=dtype)
 
     def encode_part(part):
-        ids, lengths = [], []
+        pieces = []
         for doc in part:
-            doc_ids = tok.enc.encode_ordinary(doc)  # releases the GIL: threads run in parallel
-            ids += doc_ids
-            ids.append(eod)
-            lengths.append(len(doc_ids) + 1)
-        return np.array(ids, dtype=dtype), np.array(lengths, dtype=np.int64)
+            # encode_ordinary's ids as a uint32 array: no list of Python ints (~36 bytes per token);
+            # releases the GIL, so the threads run in parallel
+            pieces.append(tok.enc.encode_to_numpy(doc, disallowed_special=()).astype(dtype))
+            pieces.append(eod)
+        lengths = np.array([len(ids) + 1 for ids in pieces[0::2]], dtype=np.int64)
+        return np.concatenate(pieces), lengths
 
     n_tokens = i = 0
     # plain writes, not a memmap: on a full disk a write raises OSError, a memmap store is a SIGBUS
@@ -759,7 +789,7 @@ _WRITE_FAILURES = {
     errno.ENOSPC: 'the disk is full: free space there or choose another --out_dir',
     errno.EDQUOT: 'the disk quota is used up: free space there or choose another --out_dir',
     errno.EFBIG: 'a file-size limit was reached (ulimit -f): raise it or choose another --out_dir',
-    errno.EROFS: 'a read-only file system: choose another --out_dir',
+    errno.EROFS: 'choose another --out_dir, on a writable file system',
 }
 _PATH_FAILURES = {  # only while creating the work directory: later they could be about reading the corpus
     errno.EACCES: 'no permission to write there: choose another --out_dir',
@@ -771,7 +801,8 @@ _PATH_FAILURES = {  # only while creating the work directory: later they could b
 
 def _write_error(out_dir, e, advice):
     where = f" ({e.filename})" if e.filename else ''
-    return DataError(f"cannot write {out_dir}{where}: {e.strerror or e}; {advice}. {out_dir} is unchanged and "
+    state = 'is unchanged' if os.path.exists(out_dir) else 'was not created'
+    return DataError(f"cannot write {out_dir}{where}: {e.strerror or e}; {advice}. {out_dir} {state} and "
                      f"no temporary files are left")
 
 

@@ -390,7 +390,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(prepared, tmp_path, monkeypatc
     shutil.copytree(data_dir, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(P, 'open', _FullDisk(int(total * fraction)), raising=False)
-    with pytest.raises(P.DataError, match=f"cannot write {out}.*disk is full.*--out_dir.*unchanged") as e:
+    with pytest.raises(P.DataError, match=f"cannot write {out}.*disk is full.*--out_dir.*is unchanged") as e:
         _prepare(corpus_path, out, max_docs=300)
     assert '\n' not in str(e.value)
     assert [p.name for p in tmp_path.iterdir()] == ['out']
@@ -603,3 +603,24 @@ def test_a_malformed_jsonl_line_is_named(tmp_path):
     with pytest.raises(P.DataError, match=r'rows\.jsonl:3: a JSON list, not an object'):
         _prepare(path, tmp_path / 'out')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['rows.jsonl']
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='reads VmHWM from /proc (Linux)')
+def test_memory_stays_bounded_on_one_long_document(tmp_path):
+    """One 8 MB document: the peak RSS that preparing it adds stays within 6x its size (the list
+    of Python ints of the whole document's ids used to take about 15x)."""
+    text = ' '.join(re.sub(r'\s+', ' ', p) for p in PARAGRAPHS).encode('ascii', 'ignore').decode() + '\n'
+    path = tmp_path / 'long.txt'
+    path.write_text(text * (8_000_000 // len(text)) + '\nA short second document.\n')
+    size = os.path.getsize(path)
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's (pytest's) peak
+    script = ("import re, sys; sys.path.insert(0, sys.argv[1]); import prepare_data as P, tqdm, rustbpe\n"
+              "def peak(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
+              "before = peak()\n"
+              "P.prepare(dataset=sys.argv[2], out_dir=sys.argv[3], vocab_size=1024, num_threads=1)\n"
+              "print('grew', peak() - before)\n")
+    run = subprocess.run([sys.executable, '-c', script, str(ROOT), str(path), str(tmp_path / 'out')],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert run.returncode == 0, run.stderr
+    grew = int(run.stdout.split('grew ')[-1])
+    assert grew < 6 * size, f"peak RSS grew by {grew / size:.1f}x the corpus size"
