@@ -565,8 +565,8 @@ _ids_checked = set()  # (path, inode, size, mtime) of .bin files whose ids were 
 
 def _check_token_ids(data_dir, meta, split, remedy, chunk=1 << 24):
     """Every token id of a split below vocab_size: a right-sized .bin can still hold garbage, which
-    would fail deep inside the embedding. One pass over the memmap (a few ms per million tokens),
-    once per file version and process."""
+    would fail deep inside the embedding. One chunked pass over the memmap, once per file version
+    and process."""
     bin_path = os.path.join(data_dir, f'{split}.bin')
     st = os.stat(bin_path)
     key = (os.path.realpath(bin_path), st.st_ino, st.st_size, st.st_mtime_ns)
@@ -737,7 +737,7 @@ def _encode_split(tok, spool, bin_path, docs_path, n_docs, dtype, executor, num_
     def encode_part(part):
         pieces = []
         for doc in part:
-            # encode_ordinary's ids as a uint32 array: no list of Python ints (~36 bytes per token);
+            # encode_ordinary's ids as a uint32 array: no list of Python ints (an object per token);
             # releases the GIL, so the threads run in parallel
             pieces.append(tok.enc.encode_to_numpy(doc, disallowed_special=()).astype(dtype))
             pieces.append(eod)
