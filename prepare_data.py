@@ -560,7 +560,7 @@ def _meta_problem(meta):
     return None
 
 
-_ids_checked = set()  # (path, inode, size, mtime) of .bin files whose ids were found in range, this process
+_ids_checked = set()  # (path, inode, size, mtime, ctime) of .bin files whose ids were found in range, this process
 
 
 def _check_token_ids(data_dir, meta, split, remedy, chunk=1 << 24):
@@ -569,7 +569,7 @@ def _check_token_ids(data_dir, meta, split, remedy, chunk=1 << 24):
     and process."""
     bin_path = os.path.join(data_dir, f'{split}.bin')
     st = os.stat(bin_path)
-    key = (os.path.realpath(bin_path), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (os.path.realpath(bin_path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key in _ids_checked:
         return
     n = meta['splits'][split]['tokens']
@@ -851,6 +851,7 @@ def _make_work_dir(out_dir):
     _check_replaceable(out_dir)
     parent, base = os.path.split(os.path.abspath(out_dir))
     tmp = os.path.join(parent, f'.{base}.tmp{os.getpid()}')
+    lock = None
     try:
         os.makedirs(parent, exist_ok=True)
         _remove_abandoned_work_dirs(parent, base)
@@ -862,6 +863,8 @@ def _make_work_dir(out_dir):
         os.remove(os.path.join(tmp, 'probe'))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
         advice = _WRITE_FAILURES.get(e.errno) or _PATH_FAILURES.get(e.errno)
         if advice is None:
             raise
@@ -992,7 +995,11 @@ def _install(tmp, out_dir):
     if os.path.exists(out_dir):
         old = tmp + '.old'
         os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)  # the old data back, as the error message promises
+            raise
         shutil.rmtree(old, ignore_errors=True)  # a later run removes what is left (see _remove_abandoned_work_dirs)
     else:
         os.rename(tmp, out_dir)
