@@ -907,6 +907,9 @@ def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe'
     t_start = time.time()
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    for key, value, low in (('num_threads', num_threads, 1), ('max_docs', max_docs, 0), ('bpe_max_chars', bpe_max_chars, 1)):
+        if not value >= low:
+            raise DataError(f"{key}={value!r} must be >= {low}")
     n_special = len(_SPECIALS)
     if tokenizer == 'bpe' and vocab_size < 256 + n_special:
         raise DataError(f"vocab_size={vocab_size} is too small for a byte-level BPE: need at least "

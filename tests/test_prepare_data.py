@@ -161,7 +161,7 @@ def test_split_keeps_at_least_one_document_on_each_side(tmp_path):
         assert splits['train']['docs'] + splits['val']['docs'] == 3
 
 
-def test_jsonl_through_datasets_and_a_missing_column(tmp_path):
+def test_jsonl_and_a_missing_column(tmp_path):
     rows = [{'id': i, 'body': f'Record number {i} says something different: {PARAGRAPHS[i % len(PARAGRAPHS)]}'}
             for i in range(40)] + [{'id': 99, 'body': None}]
     path = tmp_path / 'rows.jsonl'
@@ -624,3 +624,24 @@ def test_memory_stays_bounded_on_one_long_document(tmp_path):
     assert run.returncode == 0, run.stderr
     grew = int(run.stdout.split('grew ')[-1])
     assert grew < 6 * size, f"peak RSS grew by {grew / size:.1f}x the corpus size"
+
+
+def test_json_through_datasets_and_a_malformed_file(tmp_path):
+    """.json goes through the datasets library; whatever its reader raises is one line naming the file."""
+    path = tmp_path / 'rows.json'
+    path.write_text('\n'.join(json.dumps({'text': p}) for p in PARAGRAPHS) + '\n')
+    out = _prepare(path, tmp_path / 'rows', vocab_size=300)
+    tok = P.load_tokenizer(out)
+    assert sorted(_docs_of(out, 'train', tok) + _docs_of(out, 'val', tok)) == sorted(PARAGRAPHS)
+    path.write_text('{"text": "fine"}\n{"text": "cut off\n')
+    with pytest.raises(P.DataError, match=r'rows\.json: not readable as json \(') as e:
+        _prepare(path, tmp_path / 'bad')
+    assert '\n' not in str(e.value) and not (tmp_path / 'bad').exists()
+
+
+@pytest.mark.parametrize('key,value', [('num_threads', 0), ('max_docs', -1), ('bpe_max_chars', 0)])
+def test_settings_out_of_range_are_one_line(tmp_path, key, value):
+    path = _write_txt(tmp_path / 'c.txt', PARAGRAPHS)
+    with pytest.raises(P.DataError, match=f'{key}={value} must be >='):
+        _prepare(path, tmp_path / 'out', **{key: value})
+    assert not (tmp_path / 'out').exists()
