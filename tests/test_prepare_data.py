@@ -457,6 +457,8 @@ def test_a_killed_runs_work_directory_is_removed_by_the_next_run(prepared, tmp_p
     assert run.returncode == -9
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith('.d.tmp') and (tmp_path / left[0] / 'train.spool').exists()
+    (tmp_path / '.d.tmp77.old').mkdir()  # a replaced data directory whose removal was cut short
+    (tmp_path / '.d.tmp77.old' / 'train.bin').write_bytes(b'old')
     live = tmp_path / '.d.tmp1'
     live.mkdir()
     fd = os.open(live, os.O_RDONLY)
