@@ -5,8 +5,12 @@ module globals and then runs
     exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
 
 which walks sys.argv left to right (later arguments win):
-    config/h512l2.py        a config file: assignments only, applied in order
+    config/h512l2.py        a config file: Python assignments, executed in order
     --key=value             one override; the value is parsed with ast.literal_eval
+
+A config file is Python and runs as code, exactly like the script it configures: trust it as
+you would a script. The "assignments only" rule catches mistakes (a stray import, a typo'd
+statement); it is not a sandbox, since the right-hand side of an assignment can call anything.
 
 Unlike nanoGPT's configurator, every mistake is a one-line error rather than a silent new global
 or a bare AssertionError: an unknown key (in a file or on the command line) names the closest
@@ -60,7 +64,8 @@ def _unknown_key_error(key, known, where):
 
 
 def _coerce(key, value, default, raw=None):
-    """Return value converted to the type of default, or raise a one-line SystemExit."""
+    """Return value converted to the type of default (the script's own default, never a value
+    set earlier on the command line), or raise a one-line SystemExit."""
     want = type(default)
     if default is None:
         return value
@@ -87,12 +92,16 @@ def _coerce(key, value, default, raw=None):
                      f"got {type(value).__name__} {value!r}")
 
 
-def _apply_config_file(path, namespace, known):
+def _apply_config_file(path, namespace, defaults):
     if not _os.path.isfile(path):
         raise SystemExit(f"configurator: config file '{path}' not found "
                          f"(config files live in config/, e.g. config/tiny.py)")
-    with open(path, encoding='utf-8') as f:
-        source = f.read()
+    try:
+        with open(path, encoding='utf-8-sig') as f:  # -sig: a BOM some editors write is not code
+            source = f.read()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"configurator: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}); save the config file as UTF-8")
     try:
         tree = _ast.parse(source, filename=path)
     except (SyntaxError, ValueError) as e:  # ValueError: null bytes in the file
@@ -116,27 +125,27 @@ def _apply_config_file(path, namespace, known):
     for key, value in values.items():
         if key.startswith('_'):
             continue
-        if key not in known:
+        if key not in defaults:
             others = _sibling_stage_keys(namespace.get('__file__')) if others is None else others
             if key in others:
                 _note(f"config: {key} = {value!r} is for another stage; skipped here")
                 continue
-            raise _unknown_key_error(key, known, path)
-        namespace[key] = _coerce(key, value, namespace[key])
+            raise _unknown_key_error(key, defaults, path)
+        namespace[key] = _coerce(key, value, defaults[key])
         _note(f"config: {key} = {namespace[key]!r}  ({path})")
 
 
-def _apply_override(arg, namespace, known):
+def _apply_override(arg, namespace, defaults):
     if '=' not in arg:
         raise SystemExit(f"configurator: '{arg}' needs a value, e.g. {arg}=True")
     key, raw = arg[2:].split('=', 1)
-    if key not in known:
-        raise _unknown_key_error(key, known, 'the command line')
+    if key not in defaults:
+        raise _unknown_key_error(key, defaults, 'the command line')
     try:
         value = _ast.literal_eval(raw)
     except (SyntaxError, ValueError):
         value = raw  # a bare word such as --decoder=perceiver is a string
-    namespace[key] = _coerce(key, value, namespace[key], raw=raw)
+    namespace[key] = _coerce(key, value, defaults[key], raw=raw)
     _note(f"config: {key} = {namespace[key]!r}  (command line)")
 
 
@@ -146,13 +155,14 @@ def _note(message):
 
 
 def _apply_overrides(namespace, argv):
-    """Apply config files and --key=value arguments from argv to namespace (a globals dict)."""
-    known = _known_keys(namespace)
+    """Apply config files and --key=value arguments from argv to namespace (a globals dict).
+    Types are checked against the script's defaults, taken before any argument is applied."""
+    defaults = {k: namespace[k] for k in _known_keys(namespace)}
     for arg in argv:
         if arg.startswith('--'):
-            _apply_override(arg, namespace, known)
+            _apply_override(arg, namespace, defaults)
         else:
-            _apply_config_file(arg, namespace, known)
+            _apply_config_file(arg, namespace, defaults)
 
 
 _apply_overrides(globals(), _sys.argv[1:])

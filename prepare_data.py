@@ -14,7 +14,9 @@ Turn a text corpus into a data directory that training can memory-map:
 
 Corpora: 'pydocs'; 'minipile' (= JeanKaddour/minipile) or any hub name 'owner/name' (column
 text_column of split); or a local path: a .txt file (documents are separated by one or more blank
-lines), a .jsonl/.json/.parquet file (column text_column), or a directory of such files.
+lines), a .jsonl file (one JSON object per line), a .json/.parquet file (column text_column), or a
+directory of such files. Local text must be UTF-8: UTF-16 and binary files are refused, a BOM is
+dropped, and bytes that are not UTF-8 are counted in a warning.
 
 The split into train/val is by whole documents, decided per document from (seed, index), and every
 output is a pure function of the inputs (two runs give byte-identical files). Memory stays bounded:
@@ -23,10 +25,13 @@ then BPE is trained from the train part and the encoding pass appends chunk afte
 """
 import ast
 import base64
+import codecs
+import errno
 import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -38,6 +43,11 @@ from itertools import islice
 
 import numpy as np
 import tiktoken
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 # ----------------------------------------------------------------------------------------------
 # defaults (overridable by a config file and --key=value, see configurator.py)
@@ -164,28 +174,116 @@ def _docstrings(node):
                 yield from _docstrings(child)
 
 
-def read_txt(path):
-    """Documents of a text file: separated by one or more blank (whitespace-only) lines.
+def _check_text_file(path):
+    """Refuse a file that is not UTF-8 text before reading it: UTF-16/32 (a byte-order mark, or NUL
+    bytes) and binary files (NUL bytes) would otherwise become a few garbage documents."""
+    with open(path, 'rb') as f:
+        head = f.read(1 << 16)
+    for bom, name in ((codecs.BOM_UTF32_LE, 'UTF-32'), (codecs.BOM_UTF32_BE, 'UTF-32'),
+                      (codecs.BOM_UTF16_LE, 'UTF-16'), (codecs.BOM_UTF16_BE, 'UTF-16')):
+        if head.startswith(bom):
+            raise DataError(f"{path} is {name} text; convert it to UTF-8 first, e.g. "
+                            f"iconv -f {name} -t UTF-8 {path} > utf8{os.path.splitext(path)[1]}")
+    if b'\0' in head:
+        even, odd = head[0::2].count(0), head[1::2].count(0)
+        if max(even, odd) > len(head) // 8 and min(even, odd) < max(even, odd) // 8:  # every other byte NUL
+            raise DataError(f"{path} looks like UTF-16 text without a byte-order mark; convert it to UTF-8 first, "
+                            f"e.g. iconv -f UTF-16LE -t UTF-8 {path} > utf8{os.path.splitext(path)[1]}")
+        raise DataError(f"{path} holds NUL bytes (the first at byte {head.index(0)}): a binary file, not text; "
+                        f"give a UTF-8 text file")
 
-    Read line by line so memory is bounded by the longest document; bad UTF-8 becomes U+FFFD."""
-    lines = []
-    with open(path, encoding='utf-8', errors='replace') as f:
-        for line in f:
+
+def read_txt(path):
+    """Documents of a UTF-8 text file: separated by one or more blank (whitespace-only) lines.
+
+    A leading BOM is dropped; a line that is not valid UTF-8 is read with U+FFFD for its bad bytes
+    and counted, and the count is reported at the end (a latin-1 file should be converted, not
+    silently mangled)."""
+    for doc in _read_txt_utf8(path):
+        yield doc.decode('utf-8')
+
+
+def _read_txt_utf8(path):
+    """read_txt's documents as UTF-8 bytearrays, read line by line: memory is bounded by the
+    longest document, held once as bytes (a str of it can take 4 bytes per character)."""
+    _check_text_file(path)
+    doc, bad_lines, first_bad = bytearray(), 0, None  # a bytearray grows in place: no list of lines
+    with open(path, 'rb') as f:
+        for number, line in enumerate(f, 1):
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
+            if b'\0' in line:
+                raise DataError(f"{path}:{number}: a NUL byte: binary data, not text; give a UTF-8 text file")
+            try:
+                line.decode('utf-8')
+            except UnicodeDecodeError:
+                line = line.decode('utf-8', 'replace').encode('utf-8')
+                bad_lines += 1
+                first_bad = first_bad or number
             if line.strip():
-                lines.append(line)
-            elif lines:
-                yield ''.join(lines).rstrip('\n')
-                lines = []
-    if lines:
-        yield ''.join(lines).rstrip('\n')
+                doc += line
+            elif doc:
+                yield _without_trailing_newlines(doc)
+                doc = bytearray()
+    if doc:
+        yield _without_trailing_newlines(doc)
+    if bad_lines:
+        print(f"warning: {path}: {bad_lines:,} of {number:,} lines are not valid UTF-8 (the first is line "
+              f"{first_bad}); their bad bytes were read as U+FFFD. If the file is latin-1 or cp1252, convert it: "
+              f"iconv -f latin1 -t UTF-8 {path} > utf8.txt", file=sys.stderr)
+
+
+def _without_trailing_newlines(doc):
+    """doc.rstrip(b'\\n') in place (a copy of a long document would double its memory)."""
+    while doc.endswith(b'\n'):
+        del doc[-1:]
+    return doc
+
+
+def read_jsonl(path, text_column):
+    """The text_column of a JSON Lines file, one object per line, read with the json module so
+    that a malformed line is reported by its number. Rows whose text is null or absent are skipped."""
+    _check_text_file(path)
+    have_column = False
+    with open(path, 'rb') as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)  # bytes: a UTF-8 BOM is accepted, bad UTF-8 is a ValueError
+            except ValueError as e:
+                raise DataError(f"{path}:{number}: not a valid JSON line ({_first_line(e)}); fix or delete that line")
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: a JSON {type(row).__name__}, not an object with a "
+                                f"'{text_column}' field")
+            if text_column not in row and not have_column:
+                raise DataError(f"{path}:{number}: no column '{text_column}'; available columns: "
+                                f"{', '.join(row)} (choose one with --text_column=...)")
+            have_column = True
+            text = row.get(text_column)
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{number}: column '{text_column}' holds {type(text).__name__}, not text; "
+                                f"set --text_column to the column with the text")
+            yield text
 
 
 def _read_table(path, text_column):
-    """A .jsonl/.json/.parquet file through the datasets library (streamed: no cache copy)."""
+    """A .json/.parquet file through the datasets library (streamed: no cache copy); any error of
+    the reader below it (pyarrow's ArrowInvalid, ...) becomes one line naming the file."""
     import datasets
     builder = 'parquet' if path.endswith('.parquet') else 'json'
-    ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split='train', streaming=True)
-    yield from _texts_of(ds, text_column, path)
+    if builder == 'json':
+        _check_text_file(path)
+    try:
+        ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split='train', streaming=True)
+        yield from _texts_of(ds, text_column, path)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the reader's own exceptions are many and undocumented
+        raise DataError(f"{path}: not readable as {builder} ({type(e).__name__}: {_first_line(e)}); check the file, "
+                        f"or convert it to .jsonl (one JSON object per line) or .txt")
 
 
 def _read_hub(name, split, text_column, streaming):
@@ -234,7 +332,9 @@ def _read_local(path, text_column):
         for rel in files:
             yield from _read_local(os.path.join(path, rel), text_column)
     elif path.endswith('.txt'):
-        yield from read_txt(path)
+        yield from _read_txt_utf8(path)
+    elif path.endswith('.jsonl'):
+        yield from read_jsonl(path, text_column)
     elif path.endswith(_LOCAL_SUFFIXES):
         yield from _read_table(path, text_column)
     else:
@@ -414,17 +514,72 @@ def load_meta(data_dir):
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(f"{path} is unreadable ({e}); {_remedy(data_dir)}")
-    remedy = _remedy(data_dir, meta.get('source', {}).get('dataset') if isinstance(meta, dict) else None)
+    source = meta.get('source') if isinstance(meta, dict) else None
+    remedy = _remedy(data_dir, source.get('dataset') if isinstance(source, dict) else None)
     if not isinstance(meta, dict) or meta.get('format_version') != _FORMAT_VERSION:
         version = meta.get('format_version') if isinstance(meta, dict) else None
         raise DataError(f"{data_dir} has format_version {version!r}, this code reads {_FORMAT_VERSION}; "
                         f"prepare it again: {remedy}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise DataError(f"{path} is damaged: {problem}; {remedy}")
     for s in _SPLITS:
         _check_split(data_dir, meta, s, remedy, in_order=True)
+        _check_token_ids(data_dir, meta, s, remedy)
     recipe = meta['tokenizer']
     if recipe.get('file') and not os.path.isfile(os.path.join(data_dir, recipe['file'])):
         raise DataError(f"{data_dir}: {recipe['file']} is missing; {remedy}")
     return meta
+
+
+def _meta_problem(meta):
+    """What a meta.json of the current format lacks or has malformed (a str), or None: every
+    reader indexes these keys, so a damaged one is caught here rather than as a KeyError later."""
+    types = {'tokenizer': dict, 'vocab_size': int, 'special_tokens': dict, 'dtype': str, 'splits': dict,
+             'source': dict}
+    for key, kind in types.items():
+        if key not in meta:
+            return f"it has no '{key}'"
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            return f"its '{key}' is a {type(meta[key]).__name__}, not a {kind.__name__}"
+    if meta['dtype'] not in ('uint16', 'uint32') or meta['dtype'] != token_dtype(meta['vocab_size']).name:
+        return f"dtype {meta['dtype']!r} does not fit vocab_size {meta['vocab_size']}"
+    specials = meta['special_tokens']
+    if set(specials) != set(_SPECIALS) or not all(type(v) is int and 0 <= v < meta['vocab_size']
+                                                  for v in specials.values()):
+        return f"its special_tokens must map {', '.join(_SPECIALS)} to ids below vocab_size"
+    missing = [k for k in ('kind', 'name', 'pattern', 'n_base') if k not in meta['tokenizer']]
+    if missing:
+        return f"its tokenizer recipe has no {', '.join(repr(k) for k in missing)}"
+    for split in _SPLITS:
+        info = meta['splits'].get(split)
+        if not isinstance(info, dict) or not all(type(info.get(k)) is int and info[k] >= 0 for k in ('tokens', 'docs')):
+            return f"its splits has no '{split}' entry with 'tokens' and 'docs' counts"
+        if info['docs'] == 0 or info['tokens'] < info['docs']:  # every document ends in <|endofdoc|>
+            return f"its {split} split is empty ({info['docs']} documents, {info['tokens']} tokens)"
+    return None
+
+
+_ids_checked = set()  # (path, inode, size, mtime, ctime) of .bin files whose ids were found in range, this process
+
+
+def _check_token_ids(data_dir, meta, split, remedy, chunk=1 << 24):
+    """Every token id of a split below vocab_size: a right-sized .bin can still hold garbage, which
+    would fail deep inside the embedding. One chunked pass over the memmap, once per file version
+    and process."""
+    bin_path = os.path.join(data_dir, f'{split}.bin')
+    st = os.stat(bin_path)
+    key = (os.path.realpath(bin_path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _ids_checked:
+        return
+    n = meta['splits'][split]['tokens']
+    tokens = np.memmap(bin_path, dtype=meta['dtype'], mode='r', shape=(n,))
+    top = max(int(tokens[a:a + chunk].max()) for a in range(0, n, chunk))
+    del tokens
+    if top >= meta['vocab_size']:
+        raise DataError(f"{bin_path} holds token id {top}, but the vocabulary has {meta['vocab_size']} ids: "
+                        f"corrupt; {remedy}")
+    _ids_checked.add(key)
 
 
 def _check_split(data_dir, meta, split, remedy, in_order=False):
@@ -457,6 +612,14 @@ def _check_split(data_dir, meta, split, remedy, in_order=False):
     return starts
 
 
+def _meta_on_disk(data_dir):
+    try:
+        with open(os.path.join(data_dir, 'meta.json'), encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def open_split(data_dir, split, meta=None):
     """(tokens, doc_starts) of one split: a read-only np.memmap of the token ids and the int64 start
     offset of each document (also memory-mapped, so re-opening per batch is cheap)."""
@@ -464,7 +627,14 @@ def open_split(data_dir, split, meta=None):
         raise ValueError(f"split must be one of {_SPLITS}, not {split!r}")
     if meta is None:
         meta = load_meta(data_dir)
-    doc_starts = _check_split(data_dir, meta, split, _remedy(data_dir, meta['source'].get('dataset')))
+    try:
+        doc_starts = _check_split(data_dir, meta, split, _remedy(data_dir, meta['source'].get('dataset')))
+    except DataError:
+        if _meta_on_disk(data_dir) != meta:  # not damage: the directory was replaced (or removed)
+            raise DataError(f"{data_dir} changed while this job ran (prepared again or removed: its meta.json "
+                            f"is not the one the job started with), so the job's data is gone; start the job "
+                            f"again on the new data, or prepare the old corpus into another --out_dir") from None
+        raise
     tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r',
                        shape=(meta['splits'][split]['tokens'],))
     return tokens, doc_starts
@@ -492,14 +662,19 @@ def _spool_corpus(docs, tmp, val_fraction, seed):
         for doc in tqdm(docs, desc='reading corpus', unit=' docs', mininterval=1.0):
             if not doc:
                 continue
-            data = doc.encode('utf-8', 'replace')  # 'replace': lone surrogates from JSON
-            record = len(data).to_bytes(8, 'little') + data
-            sha.update(record)
+            if isinstance(doc, str):
+                data, chars = doc.encode('utf-8', 'replace'), len(doc)  # 'replace': lone surrogates from JSON
+            else:  # UTF-8 bytes or bytearray (local .txt files)
+                data, chars = doc, _utf8_chars(doc)
+            header = len(data).to_bytes(8, 'little')
+            sha.update(header)
+            sha.update(data)
             s = 'val' if _in_val(seed, index, val_fraction) else 'train'
-            last[s] = (files[s].tell(), len(doc))
-            files[s].write(record)
+            last[s] = (files[s].tell(), chars)
+            files[s].write(header)
+            files[s].write(data)
             stats[s]['docs'] += 1
-            stats[s]['chars'] += len(doc)
+            stats[s]['chars'] += chars
             index += 1
         if index < 2:
             raise DataError(f"the corpus has {index} non-empty document{'s' * (index != 1)}; need at least 2 "
@@ -518,6 +693,16 @@ def _spool_corpus(docs, tmp, val_fraction, seed):
         for f in files.values():
             f.close()
     return stats, sha.hexdigest()
+
+
+def _utf8_chars(data, chunk=1 << 22):
+    """The number of characters in valid UTF-8 bytes: all bytes but the continuation bytes
+    (counted in chunks, so a long document needs no temporary of its size)."""
+    if data.isascii():
+        return len(data)
+    view = np.frombuffer(data, np.uint8)
+    continuation = sum(int(np.count_nonzero((view[a:a + chunk] & 0xC0) == 0x80)) for a in range(0, len(view), chunk))
+    return len(data) - continuation
 
 
 def _spooled_docs(path, max_chars=None):
@@ -547,25 +732,28 @@ def _encode_split(tok, spool, bin_path, docs_path, n_docs, dtype, executor, num_
     """Encoding pass for one split: parts of the corpus are encoded on the executor's threads and
     appended to the .bin in order, with a few parts in flight, so memory stays bounded and the
     threads never wait for each other. Returns the number of tokens written."""
-    eod = tok.eod_id
+    eod = np.array([tok.eod_id], dtype=dtype)
 
     def encode_part(part):
-        ids, lengths = [], []
+        pieces = []
         for doc in part:
-            doc_ids = tok.enc.encode_ordinary(doc)  # releases the GIL: threads run in parallel
-            ids += doc_ids
-            ids.append(eod)
-            lengths.append(len(doc_ids) + 1)
-        return np.array(ids, dtype=dtype), np.array(lengths, dtype=np.int64)
+            # encode_ordinary's ids as a uint32 array: no list of Python ints (an object per token);
+            # releases the GIL, so the threads run in parallel
+            pieces.append(tok.enc.encode_to_numpy(doc, disallowed_special=()).astype(dtype))
+            pieces.append(eod)
+        lengths = np.array([len(ids) + 1 for ids in pieces[0::2]], dtype=np.int64)
+        return np.concatenate(pieces), lengths
 
-    starts = np.lib.format.open_memmap(docs_path, mode='w+', dtype=np.int64, shape=(n_docs,))
     n_tokens = i = 0
-    with open(bin_path, 'wb') as out:
+    # plain writes, not a memmap: on a full disk a write raises OSError, a memmap store is a SIGBUS
+    with open(bin_path, 'wb') as out, open(docs_path, 'wb') as docs_out:
+        np.lib.format.write_array_header_1_0(docs_out, {'descr': '<i8', 'fortran_order': False, 'shape': (n_docs,)})
+
         def write(result):
             nonlocal n_tokens, i
             ids, lengths = result
             out.write(ids.tobytes())
-            starts[i:i + len(lengths)] = n_tokens + np.cumsum(lengths) - lengths
+            docs_out.write((n_tokens + np.cumsum(lengths) - lengths).astype('<i8').tobytes())
             n_tokens += len(ids)
             i += len(lengths)
             bar.update(len(lengths))
@@ -578,8 +766,6 @@ def _encode_split(tok, spool, bin_path, docs_path, n_docs, dtype, executor, num_
         while pending:
             write(pending.popleft().result())
     assert i == n_docs, (i, n_docs)
-    starts.flush()
-    del starts  # close the memmap before the directory is renamed
     return n_tokens
 
 
@@ -596,6 +782,94 @@ def _check_replaceable(out_dir):
         if foreign:
             raise DataError(f"out_dir {out_dir} holds files prepare_data.py did not write ({', '.join(foreign[:3])}"
                             f"{', ...' if len(foreign) > 3 else ''}); choose another --out_dir or empty it")
+
+
+# errno -> what to do, for a write that fails (on the first write into the work directory, or later)
+_WRITE_FAILURES = {
+    errno.ENOSPC: 'the disk is full: free space there or choose another --out_dir',
+    errno.EDQUOT: 'the disk quota is used up: free space there or choose another --out_dir',
+    errno.EFBIG: 'a file-size limit was reached (ulimit -f): raise it or choose another --out_dir',
+    errno.EROFS: 'choose another --out_dir, on a writable file system',
+}
+_PATH_FAILURES = {  # only while creating the work directory: later they could be about reading the corpus
+    errno.EACCES: 'no permission to write there: choose another --out_dir',
+    errno.EPERM: 'no permission to write there: choose another --out_dir',
+    errno.EEXIST: 'a part of the path is a file, not a directory: choose another --out_dir',
+    errno.ENOTDIR: 'a part of the path is a file, not a directory: choose another --out_dir',
+}
+
+
+def _write_error(out_dir, e, advice):
+    where = f" ({e.filename})" if e.filename else ''
+    state = 'is unchanged' if os.path.exists(out_dir) else 'was not created'
+    return DataError(f"cannot write {out_dir}{where}: {e.strerror or e}; {advice}. {out_dir} {state} and "
+                     f"no temporary files are left")
+
+
+def _work_dir_pattern(base):
+    return re.compile(rf'\.{re.escape(base)}\.tmp\d+(\.old)?')
+
+
+def _remove_abandoned_work_dirs(parent, base):
+    """Remove the work directories that interrupted runs (any pid) left beside out_dir. A running
+    prepare holds a lock on its own (see _lock), so it is never taken for abandoned."""
+    if fcntl is None:
+        return  # no flock (Windows): a live run could not be told from a dead one
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not _work_dir_pattern(base).fullmatch(name) or not os.path.isdir(path):
+            continue
+        if not name.endswith('.old'):  # a .old is always garbage: the data directory a run replaced
+            try:
+                fd = _lock(path)
+            except BlockingIOError:
+                continue  # a live run's
+        else:
+            fd = None
+        print(f"removing {path}, left by an interrupted run")
+        shutil.rmtree(path, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock(path):
+    """An exclusive flock on directory path, held until the returned fd is closed (or the process
+    dies, however it dies). Raises BlockingIOError if another process holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _make_work_dir(out_dir):
+    """The temporary sibling directory of out_dir that prepare() builds in, created and locked
+    before any corpus is read, so an output path that cannot be written fails at once.
+    Returns (path, lock fd or None)."""
+    _check_replaceable(out_dir)
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    tmp = os.path.join(parent, f'.{base}.tmp{os.getpid()}')
+    lock = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_abandoned_work_dirs(parent, base)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        lock = _lock(tmp) if fcntl is not None else None
+        with open(os.path.join(tmp, 'probe'), 'wb') as f:  # a directory can be creatable, its files not
+            f.write(b'x')
+        os.remove(os.path.join(tmp, 'probe'))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+        advice = _WRITE_FAILURES.get(e.errno) or _PATH_FAILURES.get(e.errno)
+        if advice is None:
+            raise
+        raise _write_error(out_dir, e, advice) from None
+    return tmp, lock
 
 
 def _make_tokenizer(tokenizer, base_enc, vocab_size, name, tmp, bpe_max_chars):
@@ -633,6 +907,9 @@ def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe'
     t_start = time.time()
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    for key, value, low in (('num_threads', num_threads, 1), ('max_docs', max_docs, 0), ('bpe_max_chars', bpe_max_chars, 1)):
+        if not value >= low:
+            raise DataError(f"{key}={value!r} must be >= {low}")
     n_special = len(_SPECIALS)
     if tokenizer == 'bpe' and vocab_size < 256 + n_special:
         raise DataError(f"vocab_size={vocab_size} is too small for a byte-level BPE: need at least "
@@ -640,13 +917,7 @@ def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe'
     base_enc = None if tokenizer == 'bpe' else _named_encoding(tokenizer)  # fail fast, before reading
     kind, name, source_docs = open_corpus(dataset, text_column, split, hub_streaming, num_threads)
     out_dir = out_dir or _default_out_dir(name)
-    _check_replaceable(out_dir)
-
-    parent, base = os.path.split(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f'.{base}.tmp{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp, lock = _make_work_dir(out_dir)
     try:
         # 1. read the corpus once, splitting it into train/val spools
         try:
@@ -702,9 +973,15 @@ def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe'
             json.dump(meta, f, indent=2)
             f.write('\n')
         _install(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp + '.old', ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _WRITE_FAILURES:
+            raise _write_error(out_dir, e, _WRITE_FAILURES[e.errno]) from None
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
     n_tokens = stats['train']['tokens'] + stats['val']['tokens']
     print(f"wrote {out_dir}: vocab_size {tok.vocab_size} ({dtype.name}); "
@@ -721,8 +998,12 @@ def _install(tmp, out_dir):
     if os.path.exists(out_dir):
         old = tmp + '.old'
         os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)  # the old data back, as the error message promises
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # a later run removes what is left (see _remove_abandoned_work_dirs)
     else:
         os.rename(tmp, out_dir)
 

@@ -480,7 +480,16 @@ class RunLog:
 # small shared steps of the stage scripts
 
 def resolve_data_dir(dataset):
-    """`dataset` is a prepared data directory; a bare name such as 'pydocs' means data/pydocs."""
+    """`dataset` is a prepared data directory; a bare name such as 'pydocs' means data/pydocs. A
+    corpus given instead (a text file, or a directory of them without meta.json) is refused with
+    the command that prepares it."""
+    is_corpus_dir = (os.path.isdir(dataset) and not os.path.exists(os.path.join(dataset, 'meta.json'))
+                     and any(f.endswith(prepare_data._LOCAL_SUFFIXES) for f in os.listdir(dataset)))
+    if os.path.isfile(dataset) or is_corpus_dir:
+        stem = os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0]
+        raise prepare_data.DataError(f"--dataset={dataset} is a corpus, not a prepared data directory; prepare it "
+                                     f"first: python prepare_data.py --dataset={dataset} (it writes data/{stem}), "
+                                     f"then train with --dataset=data/{stem}")
     if os.path.isdir(dataset) or os.path.sep in dataset:
         return dataset
     return os.path.join('data', dataset)

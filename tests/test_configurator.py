@@ -191,3 +191,25 @@ def test_shipped_config_files_are_valid_for_every_stage(monkeypatch, cfg):
                 assert namespace[key] == value, (stage, key)
                 applied.add(key)
     assert set(file_values) <= applied, f"{cfg}: keys no stage defines: {set(file_values) - applied}"
+
+
+def test_type_error_names_the_scripts_default_not_an_earlier_override(monkeypatch):
+    """'(default N)' is the script's default even after --key=... set the key earlier on the line."""
+    with pytest.raises(SystemExit, match=r'max_iters expects int \(default 100\)'):
+        run(['--max_iters=5', '--max_iters=2.5'], monkeypatch)
+    # a None default keeps taking anything, whatever an earlier argument set
+    assert run(['--init_from=3', '--init_from=resume'], monkeypatch)['init_from'] == 'resume'
+
+
+def test_config_file_that_is_not_utf8_is_one_line(monkeypatch, tmp_path):
+    path = tmp_path / 'latin1.py'
+    path.write_bytes("wandb_run_name = 'caf\u00e9'\n".encode('latin-1'))
+    with pytest.raises(SystemExit, match=r'latin1\.py is not UTF-8 text.*save the config file as UTF-8') as e:
+        run([str(path)], monkeypatch)
+    assert '\n' not in str(e.value)
+
+
+def test_config_file_with_a_utf8_bom_loads(monkeypatch, tmp_path):
+    path = tmp_path / 'bom.py'
+    path.write_bytes(b'\xef\xbb\xbfmax_iters = 7\n')
+    assert run([str(path)], monkeypatch)['max_iters'] == 7

@@ -161,7 +161,7 @@ def test_split_keeps_at_least_one_document_on_each_side(tmp_path):
         assert splits['train']['docs'] + splits['val']['docs'] == 3
 
 
-def test_jsonl_through_datasets_and_a_missing_column(tmp_path):
+def test_jsonl_and_a_missing_column(tmp_path):
     rows = [{'id': i, 'body': f'Record number {i} says something different: {PARAGRAPHS[i % len(PARAGRAPHS)]}'}
             for i in range(40)] + [{'id': 99, 'body': None}]
     path = tmp_path / 'rows.jsonl'
@@ -334,3 +334,316 @@ def test_named_encoding_path_with_a_local_stand_in(tmp_path, monkeypatch):
     tok = P.load_tokenizer(out)
     assert sorted(_docs_of(out, 'train', tok) + _docs_of(out, 'val', tok)) == sorted(PARAGRAPHS)
     assert tok.encode('<|endoftext|>') != [256]  # the base encoding's specials are plain text too
+
+
+# ----------------------------------------------------------------------------------------------
+# output paths, full disks, interrupted runs
+
+class _FullDisk:
+    """Stands in for open() inside prepare_data: files opened for writing share a byte budget,
+    and the write that goes past it raises OSError(ENOSPC), as a full disk does."""
+
+    def __init__(self, budget):
+        self.budget, self.written = budget, 0
+
+    def __call__(self, path, mode='r', *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if not any(c in mode for c in 'wa+'):
+            return f
+        disk = self
+
+        class Writer:
+            def __getattr__(self, name):
+                return getattr(f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def write(self, data):
+                disk.written += len(data)
+                if disk.written > disk.budget:
+                    import errno
+                    raise OSError(errno.ENOSPC, 'No space left on device')
+                return f.write(data)
+        return Writer()
+
+
+def _total_written(corpus_path, out_dir, monkeypatch):
+    counter = _FullDisk(float('inf'))
+    monkeypatch.setattr(P, 'open', counter, raising=False)
+    _prepare(corpus_path, out_dir, max_docs=300)
+    monkeypatch.undo()
+    return counter.written
+
+
+@pytest.mark.parametrize('fraction', [0.05, 0.5, 0.98])
+def test_full_disk_is_one_line_and_leaves_nothing(prepared, tmp_path, monkeypatch, fraction):
+    """The disk fills while reading, encoding or writing meta.json: one DataError naming out_dir and
+    the cause, no temporary directory, and an existing data directory there unchanged."""
+    _, corpus_path, data_dir = prepared
+    total = _total_written(corpus_path, tmp_path / 'probe', monkeypatch)
+    shutil.rmtree(tmp_path / 'probe')
+    out = tmp_path / 'out'
+    shutil.copytree(data_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(P, 'open', _FullDisk(int(total * fraction)), raising=False)
+    with pytest.raises(P.DataError, match=f"cannot write {out}.*disk is full.*--out_dir.*is unchanged") as e:
+        _prepare(corpus_path, out, max_docs=300)
+    assert '\n' not in str(e.value)
+    assert [p.name for p in tmp_path.iterdir()] == ['out']
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_file_size_limit_is_one_line_and_leaves_nothing(prepared, tmp_path):
+    """A real `ulimit -f` in a subprocess (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    import resource
+    _, corpus_path, _ = prepared
+    out = tmp_path / 'sub' / 'data'
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    cmd = [sys.executable, str(ROOT / 'prepare_data.py'), f'--dataset={corpus_path}', f'--out_dir={out}',
+           '--vocab_size=300']
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120, preexec_fn=limit,
+                         env={**os.environ, 'PYTHONDONTWRITEBYTECODE': '1', 'OMP_NUM_THREADS': '1'})
+    assert run.returncode != 0
+    assert 'Traceback' not in run.stderr, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert re.search(rf"prepare_data.py: cannot write {out}.*File too large.*file-size limit.*ulimit -f", last), last
+    assert os.listdir(tmp_path / 'sub') == []
+
+
+def test_unwritable_output_paths_fail_before_reading(prepared, tmp_path, monkeypatch):
+    """A file where a directory must be, or a read-only file system: one line, before the corpus is read."""
+    import errno
+    _, corpus_path, _ = prepared
+
+    def never(*args):
+        raise AssertionError('the corpus was read before the output path was checked')
+    monkeypatch.setattr(P, '_spool_corpus', never)
+    (tmp_path / 'a_file').write_text('x')
+    with pytest.raises(P.DataError, match=r"cannot write .*a_file/data.*a file, not a directory.*--out_dir") as e:
+        _prepare(corpus_path, tmp_path / 'a_file' / 'data')
+    assert '\n' not in str(e.value)
+    with pytest.raises(P.DataError, match=r"a_file exists and is not a directory"):
+        _prepare(corpus_path, tmp_path / 'a_file')
+
+    real_makedirs = os.makedirs
+
+    def read_only(path, *args, **kwargs):  # tests run as root, which chmod does not stop
+        if str(tmp_path / 'ro') in str(path):
+            raise OSError(errno.EROFS, 'Read-only file system', str(path))
+        return real_makedirs(path, *args, **kwargs)
+    monkeypatch.setattr(P.os, 'makedirs', read_only)
+    with pytest.raises(P.DataError, match=r"cannot write .*ro/data.*Read-only file system.*--out_dir"):
+        _prepare(corpus_path, tmp_path / 'ro' / 'data')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
+
+
+def test_a_killed_runs_work_directory_is_removed_by_the_next_run(prepared, tmp_path):
+    """kill -9 in the middle of a run (another pid) leaves its work directory; the next run removes
+    it, and leaves alone one that a live run holds."""
+    import fcntl
+    _, corpus_path, _ = prepared
+    out = tmp_path / 'd'
+    script = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); import prepare_data as P\n"
+              "P._make_tokenizer = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "P.prepare(dataset=sys.argv[2], out_dir=sys.argv[3], vocab_size=300)\n")
+    run = subprocess.run([sys.executable, '-c', script, str(ROOT), str(corpus_path), str(out)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert run.returncode == -9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith('.d.tmp') and (tmp_path / left[0] / 'train.spool').exists()
+    (tmp_path / '.d.tmp77.old').mkdir()  # a replaced data directory whose removal was cut short
+    (tmp_path / '.d.tmp77.old' / 'train.bin').write_bytes(b'old')
+    live = tmp_path / '.d.tmp1'
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what a running prepare holds on its work directory
+    try:
+        _prepare(corpus_path, out, max_docs=20)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.d.tmp1', 'd']
+    _prepare(corpus_path, out, max_docs=20)
+    assert [p.name for p in tmp_path.iterdir()] == ['d']
+
+
+# ----------------------------------------------------------------------------------------------
+# damaged data that passes the size checks
+
+def test_damaged_meta_json_says_how_to_fix_it(prepared, tmp_path):
+    _, _, data_dir = prepared
+    meta = json.loads((data_dir / 'meta.json').read_text())
+    broken = tmp_path / 'broken'
+    shutil.copytree(data_dir, broken)
+    fix = r'meta\.json is damaged: {}.*prepare_data\.py --dataset'
+    cases = [({k: v for k, v in meta.items() if k != 'splits'}, "it has no 'splits'"),
+             ({k: v for k, v in meta.items() if k != 'special_tokens'}, "it has no 'special_tokens'"),
+             ({**meta, 'vocab_size': '512'}, "its 'vocab_size' is a str"),
+             ({**meta, 'dtype': 'float32'}, "dtype 'float32'"),
+             ({**meta, 'splits': {'train': meta['splits']['train']}}, "its splits has no 'val' entry"),
+             ({**meta, 'special_tokens': {**meta['special_tokens'], 'mask': 10 ** 6}}, 'its special_tokens must map'),
+             ({**meta, 'tokenizer': {'kind': 'bpe'}}, "its tokenizer recipe has no 'name'"),
+             ({**meta, 'source': 'x'}, "its 'source' is a str")]
+    for bad, message in cases:
+        (broken / 'meta.json').write_text(json.dumps(bad))
+        with pytest.raises(P.DataError, match=fix.format(message)) as e:
+            P.load_meta(str(broken))
+        assert '\n' not in str(e.value)
+
+
+def test_an_empty_validation_split_says_how_to_fix_it(prepared, tmp_path):
+    _, _, data_dir = prepared
+    meta = json.loads((data_dir / 'meta.json').read_text())
+    broken = tmp_path / 'broken'
+    shutil.copytree(data_dir, broken)
+    (broken / 'val.bin').write_bytes(b'')
+    np.save(broken / 'val_docs.npy', np.zeros(0, dtype=np.int64))
+    meta['splits']['val'] = {'tokens': 0, 'docs': 0, 'chars': 0}
+    (broken / 'meta.json').write_text(json.dumps(meta))
+    with pytest.raises(P.DataError, match=r'val split is empty.*prepare_data\.py --dataset'):
+        P.load_meta(str(broken))
+
+
+def test_token_ids_beyond_the_vocabulary_are_caught_at_open(prepared, tmp_path):
+    """A right-sized train.bin holding an id >= vocab_size fails when the data is opened, not as
+    an IndexError in the embedding."""
+    import runtime
+    _, _, data_dir = prepared
+    meta = P.load_meta(str(data_dir))
+    broken = tmp_path / 'broken'
+    shutil.copytree(data_dir, broken)
+    tokens = np.memmap(broken / 'train.bin', dtype=np.uint16, mode='r+')
+    tokens[12345 % len(tokens)] = meta['vocab_size'] + 7
+    tokens.flush()
+    del tokens
+    fix = rf"train\.bin holds token id {meta['vocab_size'] + 7}, but the vocabulary has {meta['vocab_size']}.*prepare_data"
+    with pytest.raises(P.DataError, match=fix):
+        P.load_meta(str(broken))
+    with pytest.raises(P.DataError, match=fix):
+        runtime.TokenWindows(str(broken), 'train', block_size=16, batch_size=2)
+
+
+def test_a_data_dir_prepared_again_under_a_running_job_is_not_called_corrupt(prepared, tmp_path):
+    import runtime
+    _, corpus_path, _ = prepared
+    out = tmp_path / 'd'
+    _prepare(corpus_path, out, max_docs=200)
+    windows = runtime.TokenWindows(str(out), 'train', block_size=16, batch_size=2)
+    windows.next_step()
+    _prepare(corpus_path, out, max_docs=100)
+    with pytest.raises(P.DataError, match='changed while this job ran') as e:
+        windows.next_step()
+    assert 'truncated' not in str(e.value) and 'prepare_data.py --dataset' not in str(e.value)
+
+
+def test_a_corpus_passed_to_training_says_prepare_it_first(tmp_path):
+    import runtime
+    corpus = _write_txt(tmp_path / 'notes.txt', PARAGRAPHS)
+    with pytest.raises(P.DataError, match=rf'--dataset={corpus} is a corpus.*prepare it first: '
+                                          rf'python prepare_data.py --dataset={corpus} .*data/notes'):
+        runtime.resolve_data_dir(str(corpus))
+    (tmp_path / 'rows.jsonl').write_text('{"text": "a"}\n')
+    with pytest.raises(P.DataError, match='prepare it first'):
+        runtime.resolve_data_dir(str(tmp_path))  # a directory of corpus files, no meta.json
+    assert runtime.resolve_data_dir('pydocs') == os.path.join('data', 'pydocs')
+
+
+# ----------------------------------------------------------------------------------------------
+# input text that is not what it seems
+
+def test_latin1_text_is_counted_in_a_warning(tmp_path, capfd):
+    path = tmp_path / 'latin1.txt'
+    path.write_bytes('\n\n'.join(PARAGRAPHS[:2] + ['Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade.',
+                                                   'Ol\u00e9!']).encode('latin-1'))
+    docs = list(P.read_txt(str(path)))
+    assert docs[:2] == PARAGRAPHS[:2] and docs[3] == 'Ol\ufffd!'
+    err = capfd.readouterr().err
+    assert re.search(r'latin1\.txt: 2 of 8 lines are not valid UTF-8 \(the first is line 6\).*iconv -f latin1', err)
+
+
+def test_a_utf8_bom_is_dropped(tmp_path):
+    path = tmp_path / 'bom.txt'
+    path.write_bytes(b'\xef\xbb\xbf' + '\n\n'.join(PARAGRAPHS[:3]).encode('utf-8'))
+    assert list(P.read_txt(str(path))) == PARAGRAPHS[:3]
+    rows = tmp_path / 'bom.jsonl'
+    rows.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    assert list(P.read_jsonl(str(rows), 'text')) == ['first', 'second']
+
+
+@pytest.mark.parametrize('kind', ['utf-16', 'utf-16-le', 'utf-32', 'binary', 'binary-later'])
+def test_utf16_and_binary_files_are_refused(tmp_path, kind):
+    text = '\n\n'.join(PARAGRAPHS)
+    path = tmp_path / 'corpus.txt'
+    data = {'utf-16': lambda: text.encode('utf-16'), 'utf-16-le': lambda: text.encode('utf-16-le'),
+            'utf-32': lambda: text.encode('utf-32'),
+            'binary': lambda: np.random.default_rng(0).bytes(300_000),
+            'binary-later': lambda: text.encode() * 2000 + b'\n' + bytes(range(256))}[kind]()
+    path.write_bytes(data)
+    message = {'utf-16': 'is UTF-16 text; convert it to UTF-8', 'utf-16-le': 'looks like UTF-16 text',
+               'utf-32': 'is UTF-32 text', 'binary': 'NUL bytes.*binary file, not text',
+               'binary-later': r'corpus\.txt:\d+: a NUL byte: binary data'}[kind]
+    with pytest.raises(P.DataError, match=message) as e:
+        _prepare(path, tmp_path / 'out')
+    assert '\n' not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['corpus.txt']
+
+
+def test_a_malformed_jsonl_line_is_named(tmp_path):
+    path = tmp_path / 'rows.jsonl'
+    lines = [json.dumps({'text': p}) for p in PARAGRAPHS]
+    lines[2] = '{"text": "cut off in the mid'
+    path.write_text('\n'.join(lines) + '\n')
+    with pytest.raises(P.DataError, match=r'rows\.jsonl:3: not a valid JSON line.*fix or delete that line') as e:
+        _prepare(path, tmp_path / 'out')
+    assert '\n' not in str(e.value)
+    path.write_text('\n'.join(lines[:2] + ['[1, 2]']) + '\n')
+    with pytest.raises(P.DataError, match=r'rows\.jsonl:3: a JSON list, not an object'):
+        _prepare(path, tmp_path / 'out')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['rows.jsonl']
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='reads VmHWM from /proc (Linux)')
+def test_memory_stays_bounded_on_one_long_document(tmp_path):
+    """One 8 MB document: the peak RSS that preparing it adds stays within 6x its size (the list
+    of Python ints of the whole document's ids used to take about 15x)."""
+    text = ' '.join(re.sub(r'\s+', ' ', p) for p in PARAGRAPHS).encode('ascii', 'ignore').decode() + '\n'
+    path = tmp_path / 'long.txt'
+    path.write_text(text * (8_000_000 // len(text)) + '\nA short second document.\n')
+    size = os.path.getsize(path)
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's (pytest's) peak
+    script = ("import re, sys; sys.path.insert(0, sys.argv[1]); import prepare_data as P, tqdm, rustbpe\n"
+              "def peak(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
+              "before = peak()\n"
+              "P.prepare(dataset=sys.argv[2], out_dir=sys.argv[3], vocab_size=1024, num_threads=1)\n"
+              "print('grew', peak() - before)\n")
+    run = subprocess.run([sys.executable, '-c', script, str(ROOT), str(path), str(tmp_path / 'out')],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert run.returncode == 0, run.stderr
+    grew = int(run.stdout.split('grew ')[-1])
+    assert grew < 6 * size, f"peak RSS grew by {grew / size:.1f}x the corpus size"
+
+
+def test_json_through_datasets_and_a_malformed_file(tmp_path):
+    """.json goes through the datasets library; whatever its reader raises is one line naming the file."""
+    path = tmp_path / 'rows.json'
+    path.write_text('\n'.join(json.dumps({'text': p}) for p in PARAGRAPHS) + '\n')
+    out = _prepare(path, tmp_path / 'rows', vocab_size=300)
+    tok = P.load_tokenizer(out)
+    assert sorted(_docs_of(out, 'train', tok) + _docs_of(out, 'val', tok)) == sorted(PARAGRAPHS)
+    path.write_text('{"text": "fine"}\n{"text": "cut off\n')
+    with pytest.raises(P.DataError, match=r'rows\.json: not readable as json \(') as e:
+        _prepare(path, tmp_path / 'bad')
+    assert '\n' not in str(e.value) and not (tmp_path / 'bad').exists()
+
+
+@pytest.mark.parametrize('key,value', [('num_threads', 0), ('max_docs', -1), ('bpe_max_chars', 0)])
+def test_settings_out_of_range_are_one_line(tmp_path, key, value):
+    path = _write_txt(tmp_path / 'c.txt', PARAGRAPHS)
+    with pytest.raises(P.DataError, match=f'{key}={value} must be >='):
+        _prepare(path, tmp_path / 'out', **{key: value})
+    assert not (tmp_path / 'out').exists()
