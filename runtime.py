@@ -265,6 +265,10 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, map_location='cpu'):
+    """A ckpt.pt, a directory written by export.py, or a hub repo id of one -> the checkpoint dict."""
+    import export
+    if os.path.isdir(path) or export.is_hub_id(path):
+        return export.load_exported(path, map_location)
     if not os.path.isfile(path):
         raise SystemExit(f"checkpoint {path} not found (train one first, e.g. python train_mlm.py config/tiny.py)")
     try:
