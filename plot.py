@@ -84,6 +84,8 @@ def read_bench(path):
         rows = data['rows']
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--bench={path} is not a bench.py JSON (a 'rows' list; {type(e).__name__}: {e})")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise SystemExit(f"--bench={path} is not a bench.py JSON: 'rows' must be a list of objects")
     if not any('train_tokens_per_s' in r for r in rows):
         raise SystemExit(f"--bench={path} has no measured row (every row is an error or out of memory)")
     return data
@@ -95,6 +97,7 @@ def plot_bench(data):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     rows = [r for r in data['rows'] if 'train_tokens_per_s' in r]
     series = sorted({(r['model'], r['stage']) for r in rows})
     stages = sorted({s for _, s in series})
@@ -109,15 +112,20 @@ def plot_bench(data):
                     linestyle='-' if model == 'concept' else '--', label=f"{model} {stage}")
         ax.set_xscale('log', base=2)
         ax.set_yscale('log')
+        lens = sorted({r['seq_len'] for r in rows})
+        ax.set_xticks(lens, [str(n) for n in lens])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel('sequence length N (tokens)')
         ax.set_ylabel('tokens / s')
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which='both')
         ax.legend(fontsize=8)
-    machine = data.get('machine')
-    if machine:
-        fig.suptitle(str(machine.get('device_name', machine) if isinstance(machine, dict) else machine)[:120],
-                     fontsize=9)
+    m = data.get('machine')
+    if isinstance(m, dict):
+        shape = m.get('shape') or {}
+        fig.suptitle(f"{m.get('device_name', '?')} ({m.get('device', '?')}, {m.get('threads', '?')} threads), torch "
+                     f"{m.get('torch', '?')}, compile={m.get('compile', '?')}; H={shape.get('n_embd', '?')}, "
+                     f"{shape.get('n_layer', '?')} layers, C={shape.get('n_concepts', '?')}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -201,11 +209,11 @@ def _show(token):
 
 
 def concept_page(tokens, att, top, title, cut=False):
-    """Self-contained HTML: inline CSS only, no scripts, nothing fetched. Each heatmap row is shaded
-    against its own maximum (what a concept reads most is darkest); a cell's tooltip has its weight."""
+    """Self-contained HTML: inline CSS only, no scripts, nothing fetched. Cells are shaded against
+    the page's largest weight, so a concept that reads all tokens alike stays pale rather than
+    looking as sharp as one that reads a single token; a cell's tooltip has its weight."""
     C, N = att.shape
-    row_max = att.max(-1, keepdim=True).values.clamp_min(1e-12)
-    shade = (att / row_max).tolist()
+    shade = (att / att.max().clamp_min(1e-12)).tolist()
     head = ''.join(f'<th class="t">{_show(t)}</th>' for t in tokens)
     rows = []
     for c in range(C):
@@ -230,7 +238,7 @@ ol, ul {{ font-size: 13px; }} code {{ background: #f2f2f2; padding: 0 2px; }}
 <h1 style="font-size:18px">What each concept reads: {html.escape(title)}</h1>
 <p>The last encoder layer's concept-to-token attention, averaged over heads: {C} concepts (rows) &times;
 {N} tokens (columns, <code>[cls]</code> first{', the text cut at the model&rsquo;s block_size' if cut else ''}).
-Each row is shaded against its own maximum; hover a cell for its weight. Mean entropy of a concept's
+Shade: the weight against the page's largest ({float(att.max()):.3f}; uniform reading would be {1 / N:.3f}); hover a cell for its weight. Mean entropy of a concept's
 attention: {entropy(att):.2f} nats (uniform over the {N} tokens: {uniform:.2f}).</p>
 <div class="wrap"><table class="heat"><tr><th></th>{head}</tr>
 {chr(10).join(rows)}
