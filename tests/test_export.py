@@ -64,6 +64,20 @@ def test_round_trip_gives_the_same_weights_and_embeddings(mlm_run, mlm_export):
     assert a.shape == (2, 32) and torch.equal(a, b)
 
 
+def test_encode_loads_an_export_again_once_it_is_replaced(mlm_run, tmp_path):
+    import export
+    from eval_glue import encode
+    export.export(f'{mlm_run}/ckpt.pt', f'{tmp_path}/hub')
+    before = encode(['a sentence'], f'{tmp_path}/hub')
+    ckpt = torch.load(f'{mlm_run}/ckpt.pt', weights_only=True)
+    ckpt['model']['encoder.concepts'] = ckpt['model']['encoder.concepts'] + 1.0  # another model, same shape
+    os.makedirs(tmp_path / 'run2')
+    torch.save(ckpt, tmp_path / 'run2' / 'ckpt.pt')
+    os.utime(tmp_path / 'hub', (0, 0))  # the export being replaced is older, as on disk it would be
+    export.export(f'{tmp_path}/run2/ckpt.pt', f'{tmp_path}/hub')
+    assert not torch.equal(before, encode(['a sentence'], f'{tmp_path}/hub'))  # not the cached first model
+
+
 def test_a_diffusion_export_samples_exactly_like_its_checkpoint(data_dir, tmp_path):
     run = str(tmp_path / 'diff')
     run_script('train_diffusion.py', *TINY, f'--dataset={data_dir}', f'--out_dir={run}', '--max_iters=2',
@@ -85,12 +99,14 @@ def test_a_warm_start_takes_an_export(data_dir, mlm_export, tmp_path):
 
 def test_a_compiled_older_checkpoint_exports_without_prefixes_and_with_the_encoder_arm(mlm_run, tmp_path):
     from safetensors import safe_open
+
+    import export
     ckpt = torch.load(f'{mlm_run}/ckpt.pt', weights_only=True)
     ckpt['model'] = {f'_orig_mod.{k}': v for k, v in ckpt['model'].items()}  # what a compiled model saves
     assert 'encoder' not in ckpt['model_args']  # checkpoints older than the encoder key
     os.makedirs(tmp_path / 'run')
     torch.save(ckpt, tmp_path / 'run' / 'ckpt.pt')
-    run_script('export.py', f'--ckpt={tmp_path}/run/ckpt.pt', f'--out_dir={tmp_path}/hub', env=NO_NETWORK)
+    export.export(f'{tmp_path}/run/ckpt.pt', f'{tmp_path}/hub')
     with safe_open(f'{tmp_path}/hub/model.safetensors', 'pt') as f:
         assert f.keys() and not [k for k in f.keys() if '_orig_mod' in k]
     assert json.load(open(f'{tmp_path}/hub/config.json'))['model_args']['encoder'] == 'concept'
@@ -133,8 +149,9 @@ def test_push_to_hub_uploads_the_directory(mlm_export, monkeypatch):
 
 
 def test_exporting_again_replaces_the_export_and_leaves_no_temporary_files(mlm_run, tmp_path):
+    import export
     for _ in range(2):
-        run_script('export.py', f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={tmp_path}/hub', env=NO_NETWORK)
+        export.export(f'{mlm_run}/ckpt.pt', f'{tmp_path}/hub')
     assert os.listdir(tmp_path) == ['hub'] and len(os.listdir(tmp_path / 'hub')) == 4
     assert oct(os.stat(tmp_path / 'hub' / 'model.safetensors').st_mode & 0o044) == oct(0o044 & ~_umask())
 
@@ -151,7 +168,8 @@ def test_the_card_reports_eval_results_beside_the_checkpoint(mlm_run, tmp_path):
     results = {'sst2': {'accuracy': 71.25, 'std': {'accuracy': 0.0}, 'majority': {'accuracy': 50.9},
                         'n_train': 100, 'n_eval': 872, 'seconds': 3.5, 'head': 'pool', 'seeds': [42]}}
     json.dump(results, open(tmp_path / 'run' / 'glue_pool.json', 'w'))
-    run_script('export.py', f'--ckpt={tmp_path}/run/ckpt.pt', f'--out_dir={tmp_path}/hub', env=NO_NETWORK)
+    import export
+    export.export(f'{tmp_path}/run/ckpt.pt', f'{tmp_path}/hub')
     card = open(tmp_path / 'hub' / 'README.md').read()
     assert '## Evaluation (`glue_pool.json`, eval_glue.py)' in card and '| sst2 | accuracy | 71.2 |' in card
     assert '| 50.9 | 100 | 872 |' in card  # the majority baseline beside the score

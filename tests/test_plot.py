@@ -37,9 +37,8 @@ def test_curves_overlay_one_line_per_run_in_every_panel(tmp_path):
     assert list(loss.lines[2].get_ydata()) == [r['val_nll_bound'] for r in diffusion]  # the bound, not the CE
     assert list(loss.lines[1].get_xdata()) == [0, 1000, 2000]  # against tokens seen
     assert [len(ax.lines) for ax in (acc, erank)] == [3, 3]
-    out = run_script('plot.py', str(tmp_path / 'concept'), str(tmp_path / 'standard'), '--labels=concept arm,standard arm',
-                     f'--out={tmp_path}/curves.png')
-    assert f'wrote {tmp_path}/curves.png' in out.stdout
+    plot.main([str(tmp_path / 'concept'), str(tmp_path / 'standard'), '--labels=concept arm,standard arm',
+               f'--out={tmp_path}/curves.png'])
     data = (tmp_path / 'curves.png').read_bytes()
     assert data.startswith(PNG) and len(data) > 10_000
     assert sorted(os.listdir(tmp_path)) == ['concept', 'curves.png', 'diffusion', 'standard']  # no temporary file
@@ -72,7 +71,7 @@ def test_bench_plot_is_log_log_with_one_line_per_model_and_stage(tmp_path):
     assert list(std_mlm.get_xdata()) == [64, 128, 256]  # the out-of-memory row is no point
     assert list(std_mlm.get_ydata()) == [r['train_tokens_per_s'] for r in rows
                                          if r['model'] == 'standard' and r['stage'] == 'mlm' and 'oom' not in r]
-    run_script('plot.py', f'--bench={tmp_path}/bench.json', f'--out={tmp_path}/speed.png')
+    plot.main([f'--bench={tmp_path}/bench.json', f'--out={tmp_path}/speed.png'])
     assert (tmp_path / 'speed.png').read_bytes().startswith(PNG)
 
 
@@ -206,10 +205,11 @@ def test_the_concept_page_is_self_contained_and_holds_every_concept_and_token(co
 
 def test_the_concept_page_refuses_a_standard_encoder_in_one_line(concept_ckpt, tmp_path):
     write, args, _ = concept_ckpt
+    import plot
     ck = write(str(tmp_path / 'std.pt'), {**args, 'encoder': 'standard'})
-    out = run_script('plot.py', '--concepts', f'--ckpt={ck}', '--text=hello', f'--out={tmp_path}/c.html', check=False)
-    assert out.returncode != 0 and 'standard-encoder checkpoint: it has no concepts' in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / 'c.html').exists()
+    with pytest.raises(SystemExit, match='standard-encoder checkpoint: it has no concepts') as e:
+        plot.main(['--concepts', f'--ckpt={ck}', '--text=hello', f'--out={tmp_path}/c.html'])
+    assert '\n' not in str(e.value) and not (tmp_path / 'c.html').exists()
 
 
 def test_bad_inputs_are_one_line(tmp_path):
