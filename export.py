@@ -163,7 +163,7 @@ def _metrics_table(first, last):
     return '\n'.join(rows)
 
 
-def model_card(ckpt, model_args, log, results, name):
+def model_card(ckpt, model_args, log, results, name, n_elements):
     """README.md of the export: what it is, how it was trained, what it scored and against what."""
     stage, cfg = ckpt.get('stage', '?'), ckpt.get('config') or {}
     arm = model_args.get('encoder', 'concept')
@@ -174,18 +174,19 @@ def model_card(ckpt, model_args, log, results, name):
             f"cross-attention ({model_args['n_layer']} layers, cost O(C·N) per layer)")
     lines = ['---', 'library_name: pytorch', f'tags: [concept-encoder, {stage}, {arm}]', '---', f'# {name}', '',
              f"A checkpoint of the {stage} stage of concept-encoder: {what}. Decoder: "
-             f"`{model_args.get('decoder')}`. {sum(t.numel() for t in ckpt['model'].values()):,} tensor elements "
-             f"(tied weights counted twice).", '',
+             f"`{model_args.get('decoder')}`. {n_elements:,} weights (a tied lm_head counted once).", '',
              '## Use', '', 'With the concept-encoder code (this is not a `transformers` model):', '', '```python',
-             'from eval_glue import encode', f"emb = encode(['a sentence'], '{name}')   # (1, {H}) mean of the concepts",
+             'from eval_glue import encode',
+             f"emb = encode(['a sentence'], '{name}')   # (1, {H}) mean of the concepts",
              '```', '']
     if stage == 'diffusion':
         lines += ['```bash', f'python sample.py --ckpt={name} --prompt="Return the"', '```', '']
     tok = ckpt['tokenizer']
+    data = os.path.basename(str(ckpt.get('trained_on') or ckpt.get('data_dir', '?')))
     lines += ['## Training', '',
               f"- stage `{stage}`, {ckpt.get('iter_num')} iterations"
               + (f", {log[-1]['tokens_seen']:,} tokens seen" if log and 'tokens_seen' in log[-1] else ''),
-              f"- data: `{os.path.basename(str(ckpt.get('trained_on') or ckpt.get('data_dir', '?')))}`; tokenizer `{tok.get('name')}` "
+              f"- data: `{data}`; tokenizer `{tok.get('name')}` "
               f"({tok.get('kind')}), vocabulary {model_args['vocab_size']} including 5 special tokens",
               f"- batch {cfg.get('batch_size')} x accumulation {cfg.get('gradient_accumulation_steps')} x "
               f"{cfg.get('block_size')} tokens, learning rate {cfg.get('learning_rate')} → {cfg.get('min_lr')}, "
@@ -195,8 +196,8 @@ def model_card(ckpt, model_args, log, results, name):
         lines += ['## Validation (from log.jsonl)', '', _metrics_table(log[0], log[-1]), '',
                   f"For scale: a uniform guess over the vocabulary scores a loss of ln({model_args['vocab_size']}) "
                   f"= {uniform:.4f} nats; the untrained column is the same model before its first step.", '']
+    import eval_glue
     for fname, res in results.items():
-        import eval_glue
         try:
             table = eval_glue.markdown_table(res)
         except (KeyError, TypeError, ValueError):
@@ -223,6 +224,7 @@ def export(ckpt_path, out_dir, data_dir=''):
     """Write the export of ckpt_path to out_dir, atomically: into a temporary directory beside it,
     which then replaces out_dir, so a failure leaves out_dir as it was. Returns out_dir."""
     import runtime
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     check_out_dir(out_dir)
     ckpt = runtime.load_checkpoint(ckpt_path)
@@ -258,11 +260,17 @@ def export(ckpt_path, out_dir, data_dir=''):
         if recipe.get('file'):
             shutil.copyfile(os.path.join(tok_dir, recipe['file']), os.path.join(tmp, recipe['file']))
         with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
-            f.write(model_card(ckpt, model_args, log, eval_results(run_dir), out_dir))
+            f.write(model_card(ckpt, model_args, log, eval_results(run_dir), out_dir,
+                               sum(t.numel() for t in tensors.values())))
         if os.path.isdir(out_dir):
             os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except OSError as e:
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if os.path.isdir(old):
+                os.replace(old, out_dir)  # the earlier export goes back
+            raise
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only directory
         raise SystemExit(f"writing {out_dir} failed ({type(e).__name__}: {e}); {out_dir} is unchanged")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -294,7 +302,8 @@ def main():
     if not out_dir:
         raise ConfigError("--out_dir is needed, e.g. --out_dir=hub/tiny_mlm")
     if repo and not HUB_ID.match(repo):
-        raise ConfigError(f"--push_to_hub={repo!r} is not a hub repo id; use owner/name, e.g. --push_to_hub=me/tiny-mlm")
+        raise ConfigError(f"--push_to_hub={repo!r} is not a hub repo id; use owner/name, "
+                          f"e.g. --push_to_hub=me/tiny-mlm")
     export(ckpt, out_dir, settings['data_dir'])
     print(f"exported {ckpt} to {out_dir}: {', '.join(sorted(os.listdir(out_dir)))}")
     if repo:

@@ -238,7 +238,8 @@ ol, ul {{ font-size: 13px; }} code {{ background: #f2f2f2; padding: 0 2px; }}
 <h1 style="font-size:18px">What each concept reads: {html.escape(title)}</h1>
 <p>The last encoder layer's concept-to-token attention, averaged over heads: {C} concepts (rows) &times;
 {N} tokens (columns, <code>[cls]</code> first{', the text cut at the model&rsquo;s block_size' if cut else ''}).
-Shade: the weight against the page's largest ({float(att.max()):.3f}; uniform reading would be {1 / N:.3f}); hover a cell for its weight. Mean entropy of a concept's
+Shade: the weight against the page's largest ({float(att.max()):.3f}; uniform reading would be
+{1 / N:.3f}); hover a cell for its weight. Mean entropy of a concept's
 attention: {entropy(att):.2f} nats (uniform over the {N} tokens: {uniform:.2f}).</p>
 <div class="wrap"><table class="heat"><tr><th></th>{head}</tr>
 {chr(10).join(rows)}
@@ -283,7 +284,8 @@ def check_out(out, suffixes):
     if not out:
         raise SystemExit(f"--out is needed, e.g. --out=plot{suffixes[0]}")
     if os.path.isdir(out):
-        raise SystemExit(f"--out={out} is a directory; give a file name, e.g. --out={os.path.join(out, 'plot' + suffixes[0])}")
+        example = os.path.join(out, 'plot' + suffixes[0])
+        raise SystemExit(f"--out={out} is a directory; give a file name, e.g. --out={example}")
     if not out.lower().endswith(suffixes):
         raise SystemExit(f"--out={out} should end in {' or '.join(suffixes)}")
     folder = os.path.dirname(os.path.abspath(out))

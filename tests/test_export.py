@@ -85,8 +85,9 @@ def test_a_diffusion_export_samples_exactly_like_its_checkpoint(data_dir, tmp_pa
     run_script('export.py', f'--ckpt={run}/ckpt.pt', f'--out_dir={tmp_path}/hub', env=NO_NETWORK)
     assert json.load(open(f'{tmp_path}/hub/config.json'))['stage'] == 'diffusion'
     args = ['--prompt=Return the', '--length=20', '--steps=4', '--num_samples=2', '--seed=7']
-    samples = ['\n'.join(line for line in run_script('sample.py', f'--ckpt={ck}', *args, env=NO_NETWORK).stdout.splitlines()
-                         if not line.startswith('config:')) for ck in (f'{run}/ckpt.pt', f'{tmp_path}/hub')]
+    outs = [run_script('sample.py', f'--ckpt={ck}', *args, env=NO_NETWORK).stdout
+            for ck in (f'{run}/ckpt.pt', f'{tmp_path}/hub')]
+    samples = ['\n'.join(line for line in out.splitlines() if not line.startswith('config:')) for out in outs]
     assert samples[0].count('-' * 80) == 2 and samples[0] == samples[1]
 
 
@@ -182,7 +183,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(mlm_run, mlm_export, tmp_path
     cases = [
         ([f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={tmp_path}/mine'], 'exists and is not an export'),
         ([f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={tmp_path}/mine/notes.txt'], 'is a file'),
-        ([f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={tmp_path}/new', f'--data_dir={tmp_path}'], 'tokenizer.tiktoken is missing'),
+        ([f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={tmp_path}/new', f'--data_dir={tmp_path}'],
+         'tokenizer.tiktoken is missing'),
         ([f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={tmp_path}/new', '--push_to_hub=not a repo'], 'not a hub repo id'),
         ([f'--ckpt={tmp_path}/empty_dir', f'--out_dir={tmp_path}/new'], 'a directory without config.json'),
         ([f'--ckpt={tmp_path}/none.pt', f'--out_dir={tmp_path}/new'], 'not found'),
