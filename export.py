@@ -34,6 +34,7 @@ FORMAT = 'concept-encoder'
 FORMAT_VERSION = 1
 WEIGHTS = 'model.safetensors'
 CONFIG = 'config.json'
+SPECIALS = ('eod', 'pad', 'mask', 'cls', 'sep')
 HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')  # owner/name, as the hub spells repo ids
 
 
@@ -131,8 +132,14 @@ def read_log(run_dir):
     path = os.path.join(run_dir, 'log.jsonl')
     if not os.path.isfile(path):
         return []
+    records = []
     with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash: the card reports the evaluations before it
+                continue
+    return records
 
 
 def eval_results(run_dir):
@@ -220,9 +227,10 @@ def check_out_dir(out_dir):
         raise ConfigError(f"--out_dir={out_dir}: {parent} is not writable; choose another directory")
 
 
-def export(ckpt_path, out_dir, data_dir=''):
+def export(ckpt_path, out_dir, data_dir='', name=''):
     """Write the export of ckpt_path to out_dir, atomically: into a temporary directory beside it,
-    which then replaces out_dir, so a failure leaves out_dir as it was. Returns out_dir."""
+    which then replaces out_dir, so a failure leaves out_dir as it was. name: what the model card
+    calls it (the hub repo id when it is to be pushed; by default out_dir). Returns out_dir."""
     import runtime
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -232,7 +240,8 @@ def export(ckpt_path, out_dir, data_dir=''):
     recipe = ckpt['tokenizer']
     tok_dir = data_dir or ckpt.get('data_dir')
     try:  # the ranks file must be found and be the one the model was trained with, before anything is written
-        prepare_data.tokenizer_from_recipe(recipe, tok_dir)
+        if recipe.get('file'):
+            prepare_data.tokenizer_from_recipe(recipe, tok_dir)
     except prepare_data.DataError as e:
         raise SystemExit(f"{e} (the tokenizer of {ckpt_path}; if its data directory moved, pass "
                          f"--data_dir=<that directory>)")
@@ -241,7 +250,8 @@ def export(ckpt_path, out_dir, data_dir=''):
     log = read_log(run_dir)
     card = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'stage': ckpt.get('stage'),
             'encoder': model_args['encoder'], 'vocab_size': model_args['vocab_size'],
-            'special_tokens': ckpt['special_tokens'], 'tokenizer': recipe, 'model_args': model_args,
+            'special_tokens': ckpt.get('special_tokens') or {k: model_args[f'{k}_id'] for k in SPECIALS},
+            'tokenizer': recipe, 'model_args': model_args,
             'iter_num': ckpt.get('iter_num'), 'best_val_loss': ckpt.get('best_val_loss'),
             'tokens_seen': log[-1].get('tokens_seen') if log else None,
             'trained_on': ckpt.get('trained_on') or ckpt.get('data_dir'), 'training_config': ckpt.get('config', {})}
@@ -260,7 +270,7 @@ def export(ckpt_path, out_dir, data_dir=''):
         if recipe.get('file'):
             shutil.copyfile(os.path.join(tok_dir, recipe['file']), os.path.join(tmp, recipe['file']))
         with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
-            f.write(model_card(ckpt, model_args, log, eval_results(run_dir), out_dir,
+            f.write(model_card(ckpt, model_args, log, eval_results(run_dir), name or out_dir,
                                sum(t.numel() for t in tensors.values())))
         if os.path.isdir(out_dir):
             os.replace(out_dir, old)
@@ -304,7 +314,7 @@ def main():
     if repo and not HUB_ID.match(repo):
         raise ConfigError(f"--push_to_hub={repo!r} is not a hub repo id; use owner/name, "
                           f"e.g. --push_to_hub=me/tiny-mlm")
-    export(ckpt, out_dir, settings['data_dir'])
+    export(ckpt, out_dir, settings['data_dir'], name=repo)
     print(f"exported {ckpt} to {out_dir}: {', '.join(sorted(os.listdir(out_dir)))}")
     if repo:
         push_to_hub(out_dir, repo)

@@ -169,9 +169,12 @@ def test_the_card_reports_eval_results_beside_the_checkpoint(mlm_run, tmp_path):
     results = {'sst2': {'accuracy': 71.25, 'std': {'accuracy': 0.0}, 'majority': {'accuracy': 50.9},
                         'n_train': 100, 'n_eval': 872, 'seconds': 3.5, 'head': 'pool', 'seeds': [42]}}
     json.dump(results, open(tmp_path / 'run' / 'glue_pool.json', 'w'))
+    with open(tmp_path / 'run' / 'log.jsonl', 'a') as f:
+        f.write('{"iter": 99, "val_lo')  # a record cut short by a crash is left out, not an error
     import export
-    export.export(f'{tmp_path}/run/ckpt.pt', f'{tmp_path}/hub')
+    export.export(f'{tmp_path}/run/ckpt.pt', f'{tmp_path}/hub', name='me/tiny-mlm')
     card = open(tmp_path / 'hub' / 'README.md').read()
+    assert "encode(['a sentence'], 'me/tiny-mlm')" in card and 'final (iter 3)' in card
     assert '## Evaluation (`glue_pool.json`, eval_glue.py)' in card and '| sst2 | accuracy | 71.2 |' in card
     assert '| 50.9 | 100 | 872 |' in card  # the majority baseline beside the score
 
