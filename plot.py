@@ -153,8 +153,8 @@ def _last_layer(encoder):
 
 @torch.no_grad()
 def concept_attention(model, idx, attn_mask=None):
-    """(n_head, C, N) float32: the softmax over tokens of the last encoder layer's concept queries
-    against the token keys, recomputed from that layer's own weights and the inputs it received in
+    """(n_head, C, N) float32, for the first sequence of idx: the softmax over tokens of the last
+    encoder layer's concept queries against the token keys, recomputed from that layer's own weights and the inputs it received in
     an ordinary encoder forward (a pre-hook records them; model.forward is untouched)."""
     encoder = model.encoder
     module, kind = _last_layer(encoder)
@@ -333,4 +333,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    import runtime
+    runtime.one_line_errors()  # a moved data directory (the tokenizer) is one line too
     sys.exit(main())
