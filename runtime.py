@@ -594,7 +594,7 @@ def concept_geometry(ckpt_path, data_dir=None, split='val', n_batches=10, batch_
     windows of clean text from a prepared data directory (by default the checkpoint's own)."""
     from model import average_diagnostics, concept_diagnostics
     model, ckpt = load_model(ckpt_path, device)
-    data_dir = data_dir or ckpt['data_dir']
+    data_dir = data_dir or ckpt.get('trained_on') or ckpt['data_dir']  # an export's data_dir holds only its tokenizer
     check_vocab(ckpt, prepare_data.load_meta(data_dir), ckpt_path, data_dir)
     batches = fixed_batches(data_dir, split, model.cfg.block_size, batch_size, n_batches, True, seed, 0, device)
     return average_diagnostics([concept_diagnostics(model.encoder(idx)) for idx, _ in batches])

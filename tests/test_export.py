@@ -64,6 +64,12 @@ def test_round_trip_gives_the_same_weights_and_embeddings(mlm_run, mlm_export):
     assert a.shape == (2, 32) and torch.equal(a, b)
 
 
+def test_concept_geometry_of_an_export_reads_the_data_it_was_trained_on(mlm_run, mlm_export):
+    import runtime
+    kwargs = dict(n_batches=1, batch_size=2)
+    assert runtime.concept_geometry(mlm_export, **kwargs) == runtime.concept_geometry(f'{mlm_run}/ckpt.pt', **kwargs)
+
+
 def test_encode_loads_an_export_again_once_it_is_replaced(mlm_run, tmp_path):
     import export
     from eval_glue import encode
