@@ -705,7 +705,7 @@ def load_encoder(path, device='cpu', tok_dir=''):
     """(model in eval mode on device, Tokenizer) for a checkpoint, cached: a script that calls
     encode() in a loop loads it once; a checkpoint rewritten on disk is loaded again."""
     device = runtime.resolve_device(device)
-    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.isfile(path) else None, device, tok_dir)
+    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else None, device, tok_dir)
     if key not in _ENCODERS:
         ck, tok = load_pretrained(path, tok_dir)
         _ENCODERS[key] = (build_model(ck).to(device).eval(), tok)

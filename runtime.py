@@ -301,6 +301,10 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, map_location='cpu'):
+    """A ckpt.pt, a directory written by export.py, or a hub repo id of one -> the checkpoint dict."""
+    import export
+    if os.path.isdir(path) or export.is_hub_id(path):
+        return export.load_exported(path, map_location)
     if not os.path.isfile(path):
         raise SystemExit(f"checkpoint {path} not found (train one first, e.g. python train_mlm.py config/tiny.py)")
     try:
@@ -644,7 +648,7 @@ def concept_geometry(ckpt_path, data_dir=None, split='val', n_batches=10, batch_
     if model.standard:
         raise ConfigError(f"{ckpt_path} is an encoder='standard' checkpoint: its token states are not a fixed set of "
                           f"C concept vectors, so the collapse diagnostics do not apply")
-    data_dir = data_dir or ckpt['data_dir']
+    data_dir = data_dir or ckpt.get('trained_on') or ckpt['data_dir']  # an export's data_dir holds only its tokenizer
     check_vocab(ckpt, prepare_data.load_meta(data_dir), ckpt_path, data_dir)
     batches = fixed_batches(data_dir, split, model.cfg.block_size, batch_size, n_batches, True, seed, 0, device)
     return average_diagnostics([concept_diagnostics(model.encoder(idx)) for idx, _ in batches])

@@ -1,0 +1,235 @@
+"""plot.py: run curves and bench speed as PNGs with one line per run / (model, stage); the concept
+attention recomputed from the layer's weights equals what the layer attended with; the concept
+page is self-contained and holds every concept and token; clear one-line errors."""
+import json
+import os
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+from conftest import run_script
+
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def write_log(run_dir, records):
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, 'log.jsonl'), 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+
+
+def mlm_records(loss0, n=4):
+    return [{'iter': 10 * i, 'tokens_seen': 1000 * i, 'train_loss': None if i == 0 else loss0 - i,
+             'val_loss': loss0 - 0.5 * i, 'val_accuracy': 0.01 * i, 'erank': 2.0 + i} for i in range(n)]
+
+
+def test_curves_overlay_one_line_per_run_in_every_panel(tmp_path):
+    import plot
+    write_log(tmp_path / 'concept', mlm_records(9.0))
+    write_log(tmp_path / 'standard', mlm_records(8.5, n=3))
+    diffusion = [{**r, 'val_nll_bound': r['val_loss'] + 1} for r in mlm_records(9.5)]
+    write_log(tmp_path / 'diffusion', diffusion)
+    runs = {name: plot.read_run(str(tmp_path / name)) for name in ('concept', 'standard', 'diffusion')}
+    fig = plot.plot_curves(runs)
+    loss, acc, erank = fig.axes[:3]
+    assert [line.get_label() for line in loss.lines] == ['concept', 'standard', 'diffusion (val_nll_bound)']
+    assert list(loss.lines[2].get_ydata()) == [r['val_nll_bound'] for r in diffusion]  # the bound, not the CE
+    assert list(loss.lines[1].get_xdata()) == [0, 1000, 2000]  # against tokens seen
+    assert [len(ax.lines) for ax in (acc, erank)] == [3, 3]
+    plot.main([str(tmp_path / 'concept'), str(tmp_path / 'standard'), '--labels=concept arm,standard arm',
+               f'--out={tmp_path}/curves.png'])
+    data = (tmp_path / 'curves.png').read_bytes()
+    assert data.startswith(PNG) and len(data) > 10_000
+    assert sorted(os.listdir(tmp_path)) == ['concept', 'curves.png', 'diffusion', 'standard']  # no temporary file
+
+
+def bench_json(path):
+    rows = []
+    for model, speed in (('concept', 4000.0), ('standard', 8000.0)):
+        for stage in ('mlm', 'diffusion'):
+            for n in (64, 128, 256):
+                rows.append({'model': model, 'stage': stage, 'seq_len': n, 'batch_size': 256 // n,
+                             'train_tokens_per_s': speed / (n if model == 'standard' else 64),
+                             'infer_tokens_per_s': 10 * speed / n, 'peak_mem_mb': 100.0, 'mfu': 0.1})
+    rows.append({'model': 'standard', 'stage': 'mlm', 'seq_len': 512, 'batch_size': 1, 'oom': True})
+    path.write_text(json.dumps({'machine': {'device_name': 'test cpu'}, 'peak_flops': {'float32': 1e11},
+                                'rows': rows}))
+    return rows
+
+
+def test_bench_plot_is_log_log_with_one_line_per_model_and_stage(tmp_path):
+    import plot
+    rows = bench_json(tmp_path / 'bench.json')
+    fig = plot.plot_bench(plot.read_bench(str(tmp_path / 'bench.json')))
+    train, infer = fig.axes[:2]
+    for ax in (train, infer):
+        assert sorted(line.get_label() for line in ax.lines) == [
+            'concept diffusion', 'concept mlm', 'standard diffusion', 'standard mlm']
+        assert ax.get_xscale() == 'log' and ax.get_yscale() == 'log'
+    std_mlm = next(line for line in train.lines if line.get_label() == 'standard mlm')
+    assert list(std_mlm.get_xdata()) == [64, 128, 256]  # the out-of-memory row is no point
+    assert list(std_mlm.get_ydata()) == [r['train_tokens_per_s'] for r in rows
+                                         if r['model'] == 'standard' and r['stage'] == 'mlm' and 'oom' not in r]
+    plot.main([f'--bench={tmp_path}/bench.json', f'--out={tmp_path}/speed.png'])
+    assert (tmp_path / 'speed.png').read_bytes().startswith(PNG)
+
+
+# ----------------------------------------------------------------------------------------------
+# what each concept reads
+
+def tiny_model(**overrides):
+    from model import ConceptConfig, ConceptMLM
+    torch.manual_seed(0)
+    args = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16, n_concepts=4, ffn_size=32,
+                pad_id=60, mask_id=61, eod_id=62, cls_id=63, sep_id=59, **overrides)
+    model = ConceptMLM(ConceptConfig(**args)).eval()
+    with torch.no_grad():  # a trained-looking model: the identity init makes some paths exactly zero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model, args
+
+
+@pytest.mark.parametrize('variant', [{}, {'bixt': True}, {'recursive_iters': 3}, {'shared_token_kv': True}])
+def test_recomputed_attention_is_what_the_last_layer_read_with(variant):
+    """The weights times the layer's own values, through its output projection, give exactly the
+    update that layer added to the concepts (captured by a hook on its projection)."""
+    import plot
+    model, _ = tiny_model(**variant)
+    enc = model.encoder
+    idx = torch.randint(59, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    layer = enc.layers[-1]
+    proj = layer.c_proj if variant.get('bixt') else layer.cross_attn.c_proj
+    got = {}
+    values = {}
+    handles = [proj.register_forward_hook(lambda m, a, out: got.update(out=out, inp=a[0]))]
+    if variant.get('bixt'):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a: values.update(v=m._heads(m.t_ref_val(m.ln_t(a[1])))[1])))
+    else:
+        handles.append(layer.cross_attn.register_forward_pre_hook(lambda m, a: values.update(v=a[1][1])))
+    with torch.no_grad():
+        enc(idx, mask)
+        weights = plot.concept_attention(model, idx, mask)  # (nh, C, N) of the first row
+    for h in handles:
+        h.remove()
+    assert weights.shape == (2, 4, 12)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 4))
+    v = values['v'][0]                                                      # (nh, N, hs)
+    mixed = (weights @ v).transpose(0, 1).reshape(4, 16)                    # (C, H)
+    assert torch.allclose(mixed, got['inp'][0], atol=1e-5)
+    assert not torch.allclose(weights, torch.full_like(weights, 1 / 12), atol=1e-3)  # not trivially uniform
+
+
+def test_padding_gets_no_attention():
+    import plot
+    model, _ = tiny_model()
+    idx = torch.randint(59, (1, 10))
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    weights = plot.concept_attention(model, idx, mask)
+    assert (weights[..., 6:] == 0).all() and torch.allclose(weights.sum(-1), torch.ones(2, 4))
+
+
+@pytest.fixture
+def concept_ckpt(data_dir, tmp_path):
+    """A checkpoint written the way the stages write theirs (model, args, tokenizer recipe, data dir)."""
+    import prepare_data
+    import runtime
+    from model import ConceptConfig, ConceptMLM
+    meta = prepare_data.load_meta(data_dir)
+    sp = meta['special_tokens']
+    args = dict(vocab_size=meta['vocab_size'], block_size=24, n_layer=2, n_head=2, n_embd=16, n_concepts=5,
+                ffn_size=32, pad_id=sp['pad'], mask_id=sp['mask'], eod_id=sp['eod'], cls_id=sp['cls'], sep_id=sp['sep'])
+    torch.manual_seed(0)
+    model = ConceptMLM(ConceptConfig(**args))
+
+    def write(path, model_args):
+        runtime.save_checkpoint(path, {'stage': 'mlm', 'model': model.state_dict(), 'model_args': model_args,
+                                       'config': {}, 'iter_num': 0, 'best_val_loss': None,
+                                       'tokenizer': meta['tokenizer'], 'special_tokens': sp, 'data_dir': data_dir})
+        return path
+    return write, args, prepare_data.load_tokenizer(data_dir)
+
+
+class PageParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.heads, self.items, self.external, self.scripts, self._in = [], [], 0, [], 0, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == 'script':
+            self.scripts += 1
+        for key in ('src', 'href'):
+            if key in attrs:
+                self.external.append(attrs[key])
+        if tag == 'tr':
+            self.rows.append(0)
+        elif tag == 'td':
+            self.rows[-1] += 1
+        elif tag == 'th' and attrs.get('class') == 't':
+            self._in = 'head'
+            self.heads.append('')
+        elif tag == 'li':
+            self.items += 1
+
+    def handle_endtag(self, tag):
+        if tag == 'th':
+            self._in = None
+
+    def handle_data(self, data):
+        if self._in == 'head':
+            self.heads[-1] += data
+
+
+def test_the_concept_page_is_self_contained_and_holds_every_concept_and_token(concept_ckpt, tmp_path):
+    write, args, tok = concept_ckpt
+    ck = write(str(tmp_path / 'ckpt.pt'), args)
+    text = 'Return the number of items in the list, or raise ValueError if it is empty. ' * 3
+    out = run_script('plot.py', '--concepts', f'--ckpt={ck}', f'--text={text}', f'--out={tmp_path}/c.html',
+                     '--top_k=3')
+    page = PageParser()
+    page.feed((tmp_path / 'c.html').read_text(encoding='utf-8'))
+    ids = ([tok.cls_id] + tok.encode(text))[:24]  # cut at block_size
+    assert page.scripts == 0 and page.external == []
+    assert page.rows == [0] + [24] * 5  # the header row, then one row of 24 cells per concept
+    shown = [tok.decode([i]).replace(' ', '\u2423') for i in ids]
+    assert page.heads == shown
+    assert page.items == 5 and "cut at the model" in (tmp_path / 'c.html').read_text()
+    assert '5 concepts x 24 tokens; mean attention entropy' in out.stdout and 'concept   0: ' in out.stdout
+    assert 'uniform: ln 24 = 3.18' in out.stdout
+
+
+def test_the_concept_page_refuses_a_standard_encoder_in_one_line(concept_ckpt, tmp_path):
+    write, args, _ = concept_ckpt
+    import plot
+    ck = write(str(tmp_path / 'std.pt'), {**args, 'encoder': 'standard'})
+    with pytest.raises(SystemExit, match='standard-encoder checkpoint: it has no concepts') as e:
+        plot.main(['--concepts', f'--ckpt={ck}', '--text=hello', f'--out={tmp_path}/c.html'])
+    assert '\n' not in str(e.value) and not (tmp_path / 'c.html').exists()
+
+
+def test_bad_inputs_are_one_line(tmp_path):
+    write_log(tmp_path / 'run', mlm_records(9.0))
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'bad.json').write_text('{"rows": 3}')
+    cases = [
+        ([str(tmp_path / 'empty'), f'--out={tmp_path}/a.png'], 'no log.jsonl there'),
+        ([str(tmp_path / 'run'), f'--out={tmp_path}/nodir/a.png'], 'does not exist'),
+        ([str(tmp_path / 'run'), f'--out={tmp_path}/a.html'], 'should end in .png'),
+        ([str(tmp_path / 'run'), '--labels=a,b', f'--out={tmp_path}/a.png'], 'one distinct label per run'),
+        ([f'--bench={tmp_path}/bad.json', f'--out={tmp_path}/a.png'], 'is not a bench.py JSON'),
+        ([f'--bench={tmp_path}/none.json', f'--out={tmp_path}/a.png'], 'not found'),
+        (['--concepts', f'--out={tmp_path}/a.html'], 'needs --ckpt'),
+        ([f'--out={tmp_path}/a.png'], 'one of the three'),
+        (['--nonsense=1'], 'unrecognized arguments'),
+    ]
+    import plot
+    for args, message in cases:  # in this process: SystemExit's message is the line the user sees
+        with pytest.raises(SystemExit) as e:
+            plot.main(args)
+        assert message in str(e.value) and '\n' not in str(e.value), (args, e.value)
+    assert sorted(os.listdir(tmp_path)) == ['bad.json', 'empty', 'run']
