@@ -35,12 +35,13 @@ def one_line_failure(res):
 DIVERGE = ['--learning_rate=1e6', '--warmup_iters=0', '--max_iters=40']
 
 
-@pytest.mark.parametrize('eval_interval', [2, 20])
-def test_divergence_stops_in_one_line_and_names_no_missing_checkpoint(data_dir, tmp_path, eval_interval):
+@pytest.mark.parametrize('script, eval_interval', [('train_mlm.py', 2), ('train_mlm.py', 20),
+                                                   ('train_tsdae.py', 2), ('train_diffusion.py', 2)])
+def test_divergence_stops_in_one_line_and_names_no_missing_checkpoint(data_dir, tmp_path, script, eval_interval):
     """The first update is finite and diverges: an evaluation right after it, or the skipped steps
     that follow, stop the run without a traceback and say that no checkpoint exists."""
     out = str(tmp_path / 'run')
-    res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', *DIVERGE,
+    res = run_script(script, *TINY, f'--dataset={data_dir}', f'--out_dir={out}', *DIVERGE,
                      f'--eval_interval={eval_interval}', check=False)
     line = one_line_failure(res)
     assert 'no checkpoint was written' in line and 'last good checkpoint' not in line, line
@@ -313,8 +314,11 @@ def test_concept_geometry_of_a_diverged_checkpoint_or_bad_arguments_is_one_line(
     out = str(tmp_path / 'run')
     run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=1',
                '--eval_interval=1')
+    import prepare_data
     with pytest.raises(ValueError, match='n_batches=0'):
         runtime.concept_geometry(ckpt_of(out), n_batches=0)
+    with pytest.raises(prepare_data.DataError, match='does not exist'):
+        runtime.concept_geometry(ckpt_of(out), data_dir=str(tmp_path / 'nowhere'))
     ckpt = torch.load(ckpt_of(out), weights_only=True)
     ckpt['model']['lm_head.weight'][0, 0] = float('nan')
     torch.save(ckpt, ckpt_of(out))
