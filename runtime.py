@@ -316,20 +316,24 @@ def _alive(pid):
 
 
 def prepare_out_dir(out_dir, rt):
-    """The first step of a stage: out_dir must be a directory this process can write to (not a
-    file, not on a read-only file system), found before any data is read or model built. Also
-    cleans what an interrupted run left there."""
+    """The first step of a stage: out_dir must be a directory this process can write to, or one it
+    can create (not under a file, not on a read-only file system), found before any data is read
+    or model built, and without creating it (a run that then fails on its data leaves nothing).
+    Also cleans what an interrupted run left there."""
     if not rt.master:
         return
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise SystemExit(f"out_dir {out_dir} is a file, not a directory: choose another --out_dir")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(out_dir) else f"is under {existing}, a file"
+        raise SystemExit(f"out_dir {out_dir} {where}, not a directory: choose another --out_dir")
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix='.write_test.')
-        probe.close()
+        tempfile.NamedTemporaryFile(dir=existing, prefix='.write_test.').close()
     except OSError as e:
-        raise SystemExit(f"out_dir {out_dir} is not writable: {_cause(e)}; choose another --out_dir")
-    remove_stale_temporaries(out_dir, rt.print0)
+        raise SystemExit(f"out_dir {out_dir} cannot be written ({existing}: {_cause(e)}); choose another --out_dir")
+    if existing == os.path.abspath(out_dir):
+        remove_stale_temporaries(out_dir, rt.print0)
 
 
 CHECKPOINT_KEYS = ('model', 'model_args')
