@@ -707,11 +707,17 @@ def resume_differences(old, new):
 def restore_training_state(ckpt, optimizer, scaler, sampler, rt, config=None):
     """Everything besides the weights that exact resume needs. With config (this run's settings):
     a note for each way the continuation differs from the run's own course."""
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if ckpt.get('scaler'):
-        scaler.load_state_dict(ckpt['scaler'])
-    sampler.load_state_dict(ckpt['sampler'])
-    set_rng_state(ckpt['rng'], rt.rank)
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        sampler.load_state_dict(ckpt['sampler'])
+        set_rng_state(ckpt['rng'], rt.rank)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SystemExit(f"the training state in the checkpoint does not fit this run ({type(e).__name__}: {first}); "
+                         f"it was written by another version or edited: warm-start from it with --init_from=<its path>"
+                         f" and another --out_dir")
     if config is not None and isinstance(ckpt.get('config'), dict):
         for note in resume_differences(ckpt['config'], config):
             rt.print0(f"note: resuming at iter {ckpt['iter_num']}, {note}")
@@ -722,7 +728,12 @@ def save_training_checkpoint(rt, path, stage, raw_model, optimizer, scaler, mode
                              best_val_loss, sampler, meta, data_dir):
     """Called on every rank (each contributes its RNG state); rank 0 writes ckpt.pt atomically.
     Its contents are tensors and plain Python values only (it loads with weights_only=True); the
-    tokenizer recipe and data directory travel along, so eval_glue.py and sample.py need only --ckpt."""
+    tokenizer recipe and data directory travel along, so eval_glue.py and sample.py need only --ckpt.
+    Non-finite weights are never written (a diverged model would replace the last good one)."""
+    bad = nonfinite_tensors(raw_model.state_dict())
+    if bad:
+        raise SystemExit(f"iter {iter_num}: the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}): not saved, "
+                         f"{path} is left as it was; try a lower learning_rate, more warmup_iters or grad_clip > 0")
     rng_states = gather_rng_states(rt)
     if not rt.master:
         return

@@ -90,6 +90,20 @@ def test_non_finite_weights_stop_at_the_first_skipped_step():
         step([w], float('nan'), 7)
 
 
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """The last line of defence: a parameter the validation loss does not see can still diverge."""
+    import runtime
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.bias[0] = float('nan')
+    step, optimizer = optimizer_step_for(list(model.parameters()))
+    path = str(tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit, match='weights are not finite .*bias.*not saved'):
+        runtime.save_training_checkpoint(step.rt, path, 'mlm', model, optimizer, step.scaler, {}, {}, 4, 1.0,
+                                         None, None, None)
+    assert os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # issue 17, defect 7: the float16 GradScaler's own skipped steps
 
@@ -307,6 +321,10 @@ def test_resuming_a_checkpoint_without_training_state_is_one_line(data_dir, tmp_
     res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=2',
                      '--init_from=resume', check=False)
     assert 'no training state' in one_line_failure(res)
+    torch.save({**ckpt, 'sampler': {'generator': torch.zeros(3, dtype=torch.uint8), 'step': 1}}, ckpt_of(out))
+    res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=2',
+                     '--init_from=resume', check=False)
+    assert 'training state in the checkpoint does not fit' in one_line_failure(res)
 
 
 def test_concept_geometry_of_a_diverged_checkpoint_or_bad_arguments_is_one_line(data_dir, tmp_path):
