@@ -397,7 +397,8 @@ def load_weights(model, state, path):
 
 def nonfinite_tensors(state):
     """Names of the floating-point tensors of a state_dict that hold a nan or an inf."""
-    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
 
 
 def check_vocab(ckpt, meta, ckpt_path, data_dir):
