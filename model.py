@@ -777,10 +777,16 @@ def concept_diagnostics(concepts):
       the concepts' energy, weighted by σ² where erank weights by σ. Uncentred, so it agrees
       with erank at the extremes (1 parallel, C orthogonal with equal norms) and is not 0/0 for
       identical concepts. The original's PR (÷H) was pooled over B·C concepts: not comparable.
+
+    Concepts that hold a nan or an inf (a diverged model) give nan for every key: svdvals cannot
+    factor them, and a number would hide the divergence.
     """
+    keys = ('erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio')
     with _no_autocast(concepts):
         c = concepts.detach().float()
         B, C, H = c.shape
+        if not bool(torch.isfinite(c).all()):
+            return dict.fromkeys(keys, float('nan'))
         sv = torch.linalg.svdvals(c)                                    # (B, min(C, H))
         p = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
         erank = torch.exp(-(torch.special.xlogy(p, p)).sum(-1))         # (B,)
@@ -793,7 +799,6 @@ def concept_diagnostics(concepts):
         cos_max = S.masked_fill(eye, float('-inf')).amax(dim=(1, 2)) if C > 1 else S.new_zeros(B)
         values = torch.stack([erank.mean(), erank_batchmean, _mean_off_diagonal(S),
                               cos_max.mean(), pr.mean()]).tolist()
-    keys = ('erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio')
     return dict(zip(keys, values))
 
 

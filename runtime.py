@@ -4,12 +4,14 @@ stage: device and DDP setup, the memmap batch loader over a prepared data direct
 schedule, checkpoint I/O, and logging (console, log.jsonl, run.json, optional wandb).
 Nothing here knows about a particular objective.
 """
+import errno
 import json
 import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -291,39 +293,164 @@ class Budget:
 # ----------------------------------------------------------------------------------------------
 # checkpoints: tensors and plain Python values only, written atomically
 
+def _cause(e):
+    """The reason a write failed, in a few words: the OS's for an OSError, and for torch's own
+    'unexpected pos' (its zip writer's short write) what that means."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{os.strerror(e.errno)} (errno {errno.errorcode.get(e.errno, e.errno)})"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if 'unexpected pos' in text or 'PytorchStreamWriter' in text:
+        return "the write was cut short: the disk is full or the file-size limit (ulimit -f) was reached"
+    return text[:200]
+
+
 def save_checkpoint(path, state):
     """torch.save to a temporary file beside path, then os.replace: a crash mid-write never
-    leaves a truncated ckpt.pt."""
+    leaves a truncated ckpt.pt, and a failed write (full disk, file-size limit) removes its
+    temporary file, leaves the previous ckpt.pt as it was and ends in one line."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            then = ("the previous one is unchanged: free space there (or raise the limit), then continue with "
+                    "--init_from=resume" if os.path.exists(path) else
+                    "no checkpoint exists yet: free space there (or raise the limit, or choose another --out_dir) "
+                    "and run again")
+            raise SystemExit(f"could not write checkpoint {path}: {_cause(e)}; {then}")
+        raise
+
+
+def remove_stale_temporaries(out_dir, print0=print):
+    """Remove the ckpt.pt.tmp.<pid> files that an interrupted save_checkpoint left in out_dir
+    (kill -9 mid-write), except those of a process that is still alive (it may be writing)."""
+    removed = 0
+    for name in os.listdir(out_dir):
+        stem, _, pid = name.rpartition('.tmp.')
+        if not stem or not pid.isdigit() or not os.path.isfile(os.path.join(out_dir, name)):
+            continue
+        if int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        os.remove(os.path.join(out_dir, name))
+        removed += 1
+    if removed:
+        print0(f"removed {removed} temporary file(s) that an interrupted run left in {out_dir}")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def prepare_out_dir(out_dir, rt):
+    """The first step of a stage: out_dir must be a directory this process can write to, or one it
+    can create (not under a file, not on a read-only file system), found before any data is read
+    or model built, and without creating it (a run that then fails on its data leaves nothing).
+    Also cleans what an interrupted run left there."""
+    if not rt.master:
+        return
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(out_dir) else f"is under {existing}, a file"
+        raise SystemExit(f"out_dir {out_dir} {where}, not a directory: choose another --out_dir")
+    try:
+        tempfile.NamedTemporaryFile(dir=existing, prefix='.write_test.').close()
+    except OSError as e:
+        raise SystemExit(f"out_dir {out_dir} cannot be written ({existing}: {_cause(e)}); choose another --out_dir")
+    if existing == os.path.abspath(out_dir):
+        remove_stale_temporaries(out_dir, rt.print0)
+
+
+CHECKPOINT_KEYS = ('model', 'model_args')
+TRAINING_KEYS = ('optimizer', 'iter_num', 'best_val_loss', 'rng', 'sampler')
+
+
+def _describe(obj):
+    if torch.is_tensor(obj):
+        return f"a bare tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        return f"a bare state_dict ({len(obj)} tensors, e.g. {next(iter(obj))!r})"
+    if isinstance(obj, dict):
+        return f"a dict with keys {', '.join(map(repr, list(obj)[:6]))}{', ...' if len(obj) > 6 else ''}"
+    return f"a {type(obj).__name__}"
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """A ckpt.pt, a directory written by export.py, or a hub repo id of one -> the checkpoint dict."""
+    """A ckpt.pt that train_*.py wrote, a directory written by export.py, or a hub repo id of one
+    -> the checkpoint dict, with at least 'model' (a state_dict) and 'model_args'. Anything else (a
+    missing path, a corrupt file, a bare state_dict, a saved tensor) is one line saying what was
+    found and what is expected."""
     import export
     if os.path.isdir(path) or export.is_hub_id(path):
         return export.load_exported(path, map_location)
     if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path} not found (train one first, e.g. python train_mlm.py config/tiny.py)")
+        what = "is a directory (pass the ckpt.pt inside it)" if os.path.isdir(path) else "not found"
+        raise SystemExit(f"checkpoint {path} {what} (train one first, e.g. python train_mlm.py config/tiny.py)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise SystemExit(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it may be corrupt")
+        first = (str(e).strip().splitlines() or [''])[0][:200]
+        raise SystemExit(f"checkpoint {path} could not be read ({type(e).__name__}: {first}); it is corrupt or not "
+                         f"a checkpoint of this project (train_*.py writes them)")
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
+        raise SystemExit(f"{path} holds {_describe(ckpt)}, not a checkpoint of this project: expected the dict "
+                         f"train_*.py writes, with {', '.join(map(repr, CHECKPOINT_KEYS))} and more")
+    if not isinstance(ckpt['model'], dict) or not isinstance(ckpt['model_args'], dict):
+        raise SystemExit(f"{path}: 'model' must be a state_dict and 'model_args' a dict, found "
+                         f"{_describe(ckpt['model'])} and {_describe(ckpt['model_args'])}")
     ckpt['model'] = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
     return ckpt
+
+
+def require_training_state(ckpt, path):
+    """--init_from=resume needs what exact resume restores besides the weights."""
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if missing:
+        raise SystemExit(f"{path} has weights but no training state ({', '.join(missing)} missing), so it cannot be "
+                         f"resumed; warm-start from it instead: --init_from={path} with another --out_dir")
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state), with a mismatch (another version of model.py, a hand-edited
+    file) said in one line rather than torch's list of every missing key."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    reshaped = [k for k in own if k in state and (not torch.is_tensor(state[k]) or state[k].shape != own[k].shape)]
+    if missing or unexpected or reshaped:
+        parts = [f"{label} {len(names)} (e.g. {names[0]})" for label, names in
+                 (('missing', missing), ('unexpected', unexpected), ('of another shape', reshaped)) if names]
+        raise SystemExit(f"{path}: the weights do not fit the model its model_args describe: {', '.join(parts)}; "
+                         f"it was written by another version of model.py or edited")
+    model.load_state_dict(state)
+
+
+def nonfinite_tensors(state):
+    """Names of the floating-point tensors of a state_dict that hold a nan or an inf."""
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
 
 
 def check_vocab(ckpt, meta, ckpt_path, data_dir):
     """A checkpoint is only meaningful with the tokenizer it was trained with: the same size, and
     the same recipe (two BPEs of one size trained on different text share no ids)."""
-    if ckpt['model_args']['vocab_size'] != meta['vocab_size']:
-        raise SystemExit(f"checkpoint {ckpt_path} has vocab_size {ckpt['model_args']['vocab_size']} but {data_dir} "
-                         f"has {meta['vocab_size']}: use the data directory the checkpoint was trained on")
+    if ckpt['model_args'].get('vocab_size') != meta['vocab_size']:
+        raise SystemExit(f"checkpoint {ckpt_path} has vocab_size {ckpt['model_args'].get('vocab_size')} but "
+                         f"{data_dir} has {meta['vocab_size']}: use the data directory the checkpoint was trained on")
     if ckpt.get('tokenizer') not in (None, meta['tokenizer']):
+        name = ckpt['tokenizer'].get('name') if isinstance(ckpt['tokenizer'], dict) else ckpt['tokenizer']
         raise SystemExit(f"checkpoint {ckpt_path} was trained with another tokenizer than {data_dir}'s "
-                         f"({ckpt['tokenizer'].get('name')} vs {meta['tokenizer'].get('name')}, or the same name "
+                         f"({name} vs {meta['tokenizer'].get('name')}, or the same name "
                          f"trained on other text): use the data directory the checkpoint was trained on")
 
 
@@ -422,6 +549,44 @@ def erank_text(metrics):
     return f", concept erank {metrics['erank']:.2f}" if 'erank' in metrics else ''
 
 
+def write_text_atomically(path, text):
+    """Write text to path through a temporary file and os.replace: an interrupted write leaves the
+    old file whole; a failed one (full disk) removes its temporary file and ends in one line."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise SystemExit(f"could not write {path}: {_cause(e)}; free space there or choose another --out_dir")
+        raise
+
+
+def read_log_records(path, print0=print):
+    """The records of a log.jsonl. A line that does not parse (a crash mid-write tears the last
+    one) is dropped with a one-line note instead of failing the resume."""
+    records, torn = [], []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get('iter'), int):
+                records.append(record)
+            else:
+                torn.append(number)
+    if torn:
+        print0(f"{path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}; "
+               f"a write was interrupted); the other {len(records)} records are kept")
+    return records
+
+
 class RunLog:
     """Console + out_dir/log.jsonl (one JSON object per evaluation) + out_dir/run.json + wandb.
     Only the master process writes. wandb is optional and never needs an account: without an
@@ -440,12 +605,11 @@ class RunLog:
         self.log_path = os.path.join(out_dir, 'log.jsonl')
         records = []
         if resumed_at is not None and os.path.exists(self.log_path):
-            with open(self.log_path) as f:
-                records = [r for r in map(json.loads, f) if r['iter'] <= resumed_at]
-        with open(self.log_path, 'w') as f:  # a fresh run starts a fresh log
-            f.writelines(json.dumps(r) + '\n' for r in records)
+            records = [r for r in read_log_records(self.log_path, rt.print0) if r['iter'] <= resumed_at]
+        # a fresh run starts a fresh log; replaced atomically, so a crash here loses no record
+        write_text_atomically(self.log_path, ''.join(json.dumps(r) + '\n' for r in records))
         if records:
-            self.t0 -= records[-1]['elapsed_s']
+            self.t0 -= records[-1].get('elapsed_s', 0.0)
             self.logged = {r['iter'] for r in records}
         run = {'script': script, 'config': config, 'git_commit': git_commit(), 'argv': sys.argv,
                'started': time.strftime('%Y-%m-%dT%H:%M:%S'), 'python': platform.python_version(),
@@ -453,8 +617,7 @@ class RunLog:
                'device': rt.device, 'device_name': (torch.cuda.get_device_name(rt.device)
                                                     if rt.device_type == 'cuda' else platform.processor()),
                'world_size': rt.world_size, 'dtype': rt.dtype}
-        with open(os.path.join(out_dir, 'run.json'), 'w') as f:
-            json.dump(run, f, indent=2, default=str)
+        write_text_atomically(os.path.join(out_dir, 'run.json'), json.dumps(run, indent=2, default=str))
         if wandb_log:
             try:
                 import wandb
@@ -470,8 +633,12 @@ class RunLog:
             return
         record = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
         record['elapsed_s'] = round(time.time() - self.t0, 3)
-        with open(self.log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(self.log_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:
+            raise SystemExit(f"could not append to {self.log_path}: {_cause(e)}; free space there, then continue "
+                             f"with --init_from=resume (a torn last line is dropped)")
         if self.wandb is not None:
             self.wandb.log(record, step=record.get('iter'))
 
@@ -503,6 +670,10 @@ def warm_start(model, ckpt_path, print0=print):
     """Load every tensor of another stage's checkpoint whose name and shape match (the encoder,
     and the decoder where the architectures agree); report what was loaded and what is new."""
     ckpt = load_checkpoint(ckpt_path)
+    bad = nonfinite_tensors(ckpt['model'])
+    if bad:
+        raise SystemExit(f"{ckpt_path} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run that wrote "
+                         f"it diverged; warm-start from an earlier checkpoint")
     own = model.state_dict()
     loaded, skipped = [], []
     for name, tensor in ckpt['model'].items():
@@ -542,6 +713,7 @@ def build_model(stage, model_class, config_class, model_args, init_from, ckpt_pa
     ckpt = None
     if init_from == 'resume':
         ckpt = load_checkpoint(ckpt_path, map_location=rt.device)
+        require_training_state(ckpt, ckpt_path)
         if ckpt.get('stage') != stage:
             raise SystemExit(f"{ckpt_path} is a {ckpt.get('stage')} checkpoint and --init_from=resume continues the "
                              f"same stage; to start {stage} from it: --init_from={ckpt_path} with another --out_dir")
@@ -554,7 +726,7 @@ def build_model(stage, model_class, config_class, model_args, init_from, ckpt_pa
         model_args = ckpt['model_args']
     model = model_class(config_class(**model_args))
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
+        load_weights(model, ckpt['model'], ckpt_path)
         rt.print0(f"resumed from {ckpt_path} at iter {ckpt['iter_num']}")
     elif init_from != 'scratch':
         warm, _, _ = warm_start(model, init_from, rt.print0)
@@ -562,13 +734,49 @@ def build_model(stage, model_class, config_class, model_args, init_from, ckpt_pa
     return model.to(rt.device), model_args, ckpt
 
 
-def restore_training_state(ckpt, optimizer, scaler, sampler, rt):
-    """Everything besides the weights that exact resume needs."""
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if ckpt.get('scaler'):
-        scaler.load_state_dict(ckpt['scaler'])
-    sampler.load_state_dict(ckpt['sampler'])
-    set_rng_state(ckpt['rng'], rt.rank)
+# the settings besides the architecture that shape a run's trajectory: a resume that changes one
+# goes on, but not as the uninterrupted run would have
+TRAJECTORY_KEYS = ('learning_rate', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1', 'beta2', 'grad_clip',
+                   'batch_size', 'gradient_accumulation_steps', 'doc_aligned', 'seed', 'dtype', 'mask_prob',
+                   'deletion_rate', 'deletion_mode', 't_min', 'label_smoothing', 'elbo_weight', 'stratified_t')
+
+
+def resume_differences(old, new):
+    """One line for each way the resumed run (config new) leaves the run it continues (config old,
+    from its checkpoint), with the flag that keeps the run's own course; [] when it goes on as one
+    uninterrupted run of new's max_iters would."""
+    notes = []
+    decay_old = old.get('lr_decay_iters') or old.get('max_iters')
+    decay_new = new.get('lr_decay_iters') or new.get('max_iters')
+    if decay_old != decay_new:
+        default = " (lr_decay_iters=0 means max_iters)" if not new.get('lr_decay_iters') else ""
+        notes.append(f"the LR schedule changes: it now decays over {decay_new} iterations, the run's own over "
+                     f"{decay_old}{default}; --lr_decay_iters={decay_old} keeps the run's own schedule")
+    changed = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in TRAJECTORY_KEYS
+               if k in old and k in new and old[k] != new[k]]
+    if changed:
+        notes.append(f"settings differ from the run's ({'; '.join(changed)}): pass the run's values to continue it "
+                     f"exactly")
+    return notes
+
+
+def restore_training_state(ckpt, optimizer, scaler, sampler, rt, config=None):
+    """Everything besides the weights that exact resume needs. With config (this run's settings):
+    a note for each way the continuation differs from the run's own course."""
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        sampler.load_state_dict(ckpt['sampler'])
+        set_rng_state(ckpt['rng'], rt.rank)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SystemExit(f"the training state in the checkpoint does not fit this run ({type(e).__name__}: {first}); "
+                         f"it was written by another version or edited: warm-start from it with --init_from=<its path>"
+                         f" and another --out_dir")
+    if config is not None and isinstance(ckpt.get('config'), dict):
+        for note in resume_differences(ckpt['config'], config):
+            rt.print0(f"note: resuming at iter {ckpt['iter_num']}, {note}")
     return ckpt['iter_num'], ckpt['best_val_loss']
 
 
@@ -576,7 +784,12 @@ def save_training_checkpoint(rt, path, stage, raw_model, optimizer, scaler, mode
                              best_val_loss, sampler, meta, data_dir, train_seconds=0.0):
     """Called on every rank (each contributes its RNG state); rank 0 writes ckpt.pt atomically.
     Its contents are tensors and plain Python values only (it loads with weights_only=True); the
-    tokenizer recipe and data directory travel along, so eval_glue.py and sample.py need only --ckpt."""
+    tokenizer recipe and data directory travel along, so eval_glue.py and sample.py need only --ckpt.
+    Non-finite weights are never written (a diverged model would replace the last good one)."""
+    bad = nonfinite_tensors(raw_model.state_dict())
+    if bad:
+        raise SystemExit(f"iter {iter_num}: the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}): not saved, "
+                         f"{path} is left as it was; try a lower learning_rate, more warmup_iters or grad_clip > 0")
     rng_states = gather_rng_states(rt)
     if not rt.master:
         return
@@ -590,52 +803,105 @@ def save_training_checkpoint(rt, path, stage, raw_model, optimizer, scaler, mode
 
 
 class OptimizerStep:
-    """unscale -> clip -> step, skipping any step whose loss or gradient is not finite. All ranks
-    take the same decision; max_nonfinite skips in a row stop the run, leaving the last good
-    checkpoint untouched."""
+    """unscale -> clip -> step, skipping any step whose loss or gradient is not finite; all ranks
+    take the same decision. The run stops, naming the last good checkpoint only if this run wrote
+    or resumed one (saved_iter): after max_nonfinite skips in a row; at the first skip that finds
+    the weights themselves non-finite (an earlier update with a finite loss and gradient diverged:
+    no later step can recover); and when validation is not finite (check_validation), before it
+    is logged or saved. With float16 the GradScaler skips steps of its own while it finds its
+    scale (finite loss, overflowing gradient, the scale halves): those are not counted while the
+    scale is >= 1. The checks beyond the step's finite/non-finite decision run on skips only."""
 
-    def __init__(self, optimizer, scaler, grad_clip, max_nonfinite, ckpt_path, rt):
+    def __init__(self, optimizer, scaler, grad_clip, max_nonfinite, ckpt_path, rt, saved_iter=None):
         self.optimizer, self.scaler, self.grad_clip = optimizer, scaler, grad_clip
         self.max_nonfinite, self.ckpt_path, self.rt = max_nonfinite, ckpt_path, rt
+        self.saved_iter = saved_iter  # the iteration of the good checkpoint in ckpt_path, None if none
         self.streak = 0
 
     def __call__(self, params, loss_value, iter_num):
+        params = list(params)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float('inf'))
-        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+        loss_finite = torch.isfinite(loss_value).all() if torch.is_tensor(loss_value) else math.isfinite(loss_value)
+        finite = bool(loss_finite & torch.isfinite(grad_norm))  # the step's host sync
         if self.rt.ddp:
             finite = all_reduce_mean(float(finite), self.rt) == 1.0
         if finite:
             self.scaler.step(self.optimizer)
             self.streak = 0
         else:
-            self.streak += 1
-            self.rt.print0(f"iter {iter_num}: non-finite loss or gradient, step skipped ({self.streak} in a row)")
-            if self.streak >= self.max_nonfinite:
-                raise SystemExit(f"{self.streak} non-finite steps in a row; stopping. The last good checkpoint is "
-                                 f"{self.ckpt_path}; try a lower learning_rate or dtype='float32'")
+            self._skipped(params, bool(loss_finite), iter_num)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
+
+    def _skipped(self, params, loss_finite, iter_num):
+        bad = [i for i, p in enumerate(params) if not bool(torch.isfinite(p).all())]
+        if self.rt.ddp:
+            loss_finite = all_reduce_mean(float(loss_finite), self.rt) == 1.0
+        if bad:
+            self.stop(f"the weights are not finite ({len(bad)} of {len(params)} tensors): an earlier update "
+                      f"diverged", iter_num)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
+        if loss_finite and scale >= 1:  # the GradScaler's own skip: it halves the scale in update()
+            self.rt.print0(f"iter {iter_num}: float16 gradient overflow at loss scale {scale:g}, step skipped "
+                           f"(the GradScaler lowers the scale)")
+            return
+        self.streak += 1
+        self.rt.print0(f"iter {iter_num}: non-finite loss or gradient, step skipped ({self.streak} in a row)")
+        if self.streak >= self.max_nonfinite:
+            self.stop(f"{self.streak} non-finite steps in a row", iter_num)
+
+    def checkpoint_note(self):
+        if self.saved_iter is not None:
+            return f"the last good checkpoint is {self.ckpt_path} (iter {self.saved_iter})"
+        if os.path.exists(self.ckpt_path):
+            return f"this run wrote no checkpoint ({self.ckpt_path} is an earlier run's, left as it was)"
+        return f"no checkpoint was written ({self.ckpt_path} does not exist)"
+
+    def stop(self, what, iter_num):
+        dtype = " or dtype='float32'" if self.rt.dtype != 'float32' else ""
+        raise SystemExit(f"iter {iter_num}: {what}; stopping, {self.checkpoint_note()}. Try a lower learning_rate, "
+                         f"more warmup_iters, grad_clip > 0{dtype}")
+
+    def check_validation(self, value, iter_num, model):
+        """A validation loss that is not finite means the model diverged: stop before it is logged
+        or saved (a nan is never the best)."""
+        if math.isfinite(value):
+            return
+        bad = nonfinite_tensors(model.state_dict())
+        why = f"the weights are not finite ({len(bad)} tensors, e.g. {bad[0]})" if bad else \
+            "the weights are finite but the model's outputs are not"
+        self.stop(f"validation loss is {value}: {why}", iter_num)
 
 
 # ----------------------------------------------------------------------------------------------
 # using a trained checkpoint
 
-def model_from_checkpoint(ckpt, **overrides):
+def model_from_checkpoint(ckpt, path='the checkpoint', **overrides):
     """A checkpoint dict's model (ConceptDiffusion for the diffusion stage, ConceptMLM otherwise)
-    with its weights, on the CPU; overrides replace ConceptConfig fields (e.g. dropout=0.1)."""
+    with its weights, on the CPU; overrides replace ConceptConfig fields (e.g. dropout=0.1).
+    model_args or weights that do not fit this model.py, and non-finite weights (a diverged run),
+    are one line."""
     from model import ConceptConfig, ConceptDiffusion, ConceptMLM
     args = {**ckpt['model_args'], **overrides}
-    model = (ConceptDiffusion if args.get('decoder') == 'diffusion' else ConceptMLM)(ConceptConfig(**args))
-    model.load_state_dict(ckpt['model'])
+    try:
+        cfg = ConceptConfig(**args)
+    except TypeError as e:
+        raise SystemExit(f"{path}: its model_args do not fit this model.py ({e}); it was written by another version")
+    model = (ConceptDiffusion if args.get('decoder') == 'diffusion' else ConceptMLM)(cfg)
+    load_weights(model, ckpt['model'], path)
+    bad = nonfinite_tensors(ckpt['model'])
+    if bad:
+        raise SystemExit(f"{path} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run that wrote it "
+                         f"diverged; use an earlier checkpoint or train again with a lower learning_rate")
     return model
 
 
 def load_model(ckpt_path, device='cpu'):
     """Any stage's checkpoint file -> (model in eval mode on device, the checkpoint dict)."""
     ckpt = load_checkpoint(ckpt_path, map_location='cpu')
-    return model_from_checkpoint(ckpt).to(device).eval(), ckpt
+    return model_from_checkpoint(ckpt, ckpt_path).to(device).eval(), ckpt
 
 
 @torch.no_grad()
@@ -644,11 +910,20 @@ def concept_geometry(ckpt_path, data_dir=None, split='val', n_batches=10, batch_
     concept_cos_mean/max, participation_ratio) for any checkpoint, averaged over n_batches fixed
     windows of clean text from a prepared data directory (by default the checkpoint's own)."""
     from model import average_diagnostics, concept_diagnostics
+    for name, value in (('n_batches', n_batches), ('batch_size', batch_size)):
+        if not (isinstance(value, int) and value > 0):
+            raise ValueError(f"concept_geometry: {name}={value!r} must be a positive int")
     model, ckpt = load_model(ckpt_path, device)
     if model.standard:
         raise ConfigError(f"{ckpt_path} is an encoder='standard' checkpoint: its token states are not a fixed set of "
                           f"C concept vectors, so the collapse diagnostics do not apply")
-    data_dir = data_dir or ckpt.get('trained_on') or ckpt['data_dir']  # an export's data_dir holds only its tokenizer
+    data_dir = data_dir or ckpt.get('trained_on') or ckpt.get('data_dir')  # an export's data_dir holds only its tokenizer
+    if not data_dir:
+        raise SystemExit(f"{ckpt_path} does not record its data directory: pass data_dir=<a prepared data directory>")
     check_vocab(ckpt, prepare_data.load_meta(data_dir), ckpt_path, data_dir)
     batches = fixed_batches(data_dir, split, model.cfg.block_size, batch_size, n_batches, True, seed, 0, device)
-    return average_diagnostics([concept_diagnostics(model.encoder(idx)) for idx, _ in batches])
+    report = average_diagnostics([concept_diagnostics(model.encoder(idx)) for idx, _ in batches])
+    if not all(math.isfinite(v) for v in report.values()):
+        raise SystemExit(f"{ckpt_path}: the concepts are not finite on {data_dir}'s {split} windows (the weights are "
+                         f"finite, the model's outputs overflow): the run diverged; use an earlier checkpoint")
+    return report

@@ -95,6 +95,7 @@ if gradient_accumulation_steps % rt.world_size:
 accum = gradient_accumulation_steps // rt.world_size
 lr_decay_iters = lr_decay_iters or max_iters
 out_dir = out_dir or runtime.default_out_dir('diffusion', encoder)
+runtime.prepare_out_dir(out_dir, rt)  # a file or read-only out_dir fails here, before any long work
 tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
 rt.print0(f"tokens per iteration: {tokens_per_iter:,} ({batch_size} x {block_size} x {gradient_accumulation_steps})")
 
@@ -130,11 +131,13 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
 iter_num, best_val_loss = 0, float('inf')
 if ckpt is not None:
-    iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows, rt)
+    iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows, rt, config)
 budget = runtime.Budget(rt, max_iters, max_minutes, log_interval, learning_rate, min_lr, warmup_iters, lr_decay_iters,
                         spent=ckpt.get('train_seconds', 0.0) if ckpt else 0.0)
 ckpt = None  # free memory
-optimizer_step = runtime.OptimizerStep(optimizer, scaler, grad_clip, max_nonfinite_steps, ckpt_path, rt)
+start_iter = iter_num  # a resumed run's checkpoint of start_iter exists: it is not written again
+optimizer_step = runtime.OptimizerStep(optimizer, scaler, grad_clip, max_nonfinite_steps, ckpt_path, rt,
+                                       saved_iter=start_iter if init_from == 'resume' else None)
 
 raw_model = model
 if compile:
@@ -154,7 +157,8 @@ def evaluate():
             _, _, stats = raw_model(idx, generator=runtime.noise_generator(nseed, idx.device))
             bound, tokens = raw_model.nll_bound(idx, n_grid=bound_levels,
                                                 generator=runtime.noise_generator(nseed + 1, idx.device))
-        ce_sum += stats['ce'].item()
+        if stats['n_pred']:  # a batch weighs by its scored tokens (the mean of none is nan)
+            ce_sum += stats['ce'].item() * stats['n_pred']
         n_pred += stats['n_pred']
         n_correct += int(stats['n_correct'])
         bound_sum += bound
@@ -162,10 +166,16 @@ def evaluate():
         if 'concepts' in stats:  # the concept arm's (model.ConceptLM.concept_stats)
             geometry.append(concept_diagnostics(stats['concepts']))
     raw_model.train()
-    bound = bound_sum / max(1, n_tokens)
-    metrics = {'val_loss': ce_sum / len(val_batches), 'val_accuracy': n_correct / max(1, n_pred),
-               'val_nll_bound': bound, 'val_ppl_bound': math.exp(min(bound, 50)), **average_diagnostics(geometry)}
-    return {k: runtime.all_reduce_mean(v, rt) for k, v in metrics.items()}
+    n_pred = runtime.all_reduce_mean(n_pred, rt)  # means over ranks: their ratios are the ratios of the sums
+    n_tokens = runtime.all_reduce_mean(n_tokens, rt)
+    if n_pred == 0 or n_tokens == 0:
+        raise SystemExit(f"validation has no token to score in its {eval_iters} batches of {batch_size} windows: "
+                         f"raise eval_iters or batch_size")
+    bound = runtime.all_reduce_mean(bound_sum, rt) / n_tokens
+    metrics = {'val_loss': runtime.all_reduce_mean(ce_sum, rt) / n_pred,
+               'val_accuracy': runtime.all_reduce_mean(n_correct, rt) / n_pred,
+               'val_nll_bound': bound, 'val_ppl_bound': math.exp(min(bound, 50))}
+    return {**metrics, **{k: runtime.all_reduce_mean(v, rt) for k, v in average_diagnostics(geometry).items()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +193,7 @@ while True:
     if iter_num % eval_interval == 0 or budget.done(iter_num):
         metrics = evaluate()
         val_nll_bound = metrics['val_nll_bound']
+        optimizer_step.check_validation(val_nll_bound, iter_num, raw_model)  # a nan stops the run, unsaved
         rt.print0(f"step {iter_num}: train loss {'-' if train_loss is None else f'{train_loss:.4f}'}, "
                   f"val loss {metrics['val_loss']:.4f}, "
                   f"val accuracy {metrics['val_accuracy']:.4f}, val nll bound {val_nll_bound:.4f} "
@@ -190,10 +201,11 @@ while True:
         log.log_eval({'iter': iter_num, 'train_loss': train_loss, **metrics, 'lr': lr, 'tokens_seen': tokens_seen})
         improved = val_nll_bound < best_val_loss  # the bound is the comparable number across settings
         best_val_loss = min(best_val_loss, val_nll_bound)
-        if iter_num > 0 and (improved or always_save_checkpoint):  # on every rank: each adds its RNG state
+        if iter_num > start_iter and (improved or always_save_checkpoint):  # every rank: each adds its RNG state
             runtime.save_training_checkpoint(rt, ckpt_path, 'diffusion', raw_model, optimizer, scaler, model_args,
                                              config, iter_num, best_val_loss, train_windows, meta, data_dir,
                                              budget.spent)
+            optimizer_step.saved_iter = iter_num
     if budget.done(iter_num):
         break
 
