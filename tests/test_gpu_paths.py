@@ -174,6 +174,10 @@ def test_the_cpu_gets_a_measured_peak_once():
     first = runtime.peak_flops(rt)
     assert first > 1e8  # a real machine does more than 0.1 GFLOP/s
     assert runtime.peak_flops(rt) == first  # cached: measured once per process and dtype
+    runtime._measured_cpu_peak.clear()
+    state = torch.get_rng_state()
+    runtime.peak_flops(rt)
+    assert torch.equal(torch.get_rng_state(), state)  # measuring draws nothing from the global RNG
     assert runtime.peak_flops(fake_rt('mps', 'mps')) is None
 
 
