@@ -691,9 +691,12 @@ class ConceptLossWeighting(nn.Module):
         warm = self.warm(step)
         losses = torch.stack([task_loss.float()] + [reg_losses[n].float() for n in self.names])  # (1+K,)
         K = len(self.names)
-        gate = torch.tensor([1.0] + [warm] * K, device=losses.device)  # (1+K,) warm on the regs
+        # filled on the device: a tensor built from a Python list is a host-to-device copy, which
+        # waits for the device on CUDA
+        one = torch.ones(1, device=losses.device)
+        gate = torch.cat([one, torch.full((K,), float(warm), device=losses.device)])  # (1+K,) warm on the regs
         if self.strategy == 'fixed' or K == 0:
-            w = gate * torch.tensor([1.0] + [self.weight / max(K, 1)] * K, device=losses.device)
+            w = gate * torch.cat([one, torch.full((K,), self.weight / max(K, 1), device=losses.device)])
             total = (w * losses).sum()
         elif self.strategy == 'learnable':
             logits = self.logits.float() + torch.log(gate)  # log 0 = -inf: weight 0, no gradient
@@ -1121,7 +1124,9 @@ class ConceptDiffusion(ConceptLM):
         return self.cfg.t_min + (1.0 - self.cfg.t_min) * u
 
     def maskable(self, idx, attn_mask=None):
-        ok = ~torch.isin(idx, torch.tensor(self.cfg.special_ids, device=idx.device))
+        ok = torch.ones_like(idx, dtype=torch.bool)
+        for special in self.cfg.special_ids:  # against Python ints: no host-to-device copy (a CUDA sync)
+            ok &= idx != special
         return ok if attn_mask is None else ok & attn_mask
 
     def add_noise(self, idx, t, attn_mask=None, generator=None):

@@ -224,7 +224,8 @@ def test_the_math_sdpa_precision_flag_is_set_only_inside_cpu_attention():
 
 class HostReads(TorchDispatchMode):
     """Counts the ops that make the host wait for the device: reading a value (item, bool, int,
-    float) and data-dependent shapes (nonzero, boolean-mask indexing)."""
+    float), data-dependent shapes (nonzero, boolean-mask indexing), and tensors made from host
+    data (torch.tensor(list, device=...): a copy from pageable memory, synchronous on CUDA)."""
 
     def __init__(self):
         super().__init__()
@@ -232,7 +233,7 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
-        if name in ('aten._local_scalar_dense', 'aten.nonzero', 'aten.masked_select') or (
+        if name in ('aten._local_scalar_dense', 'aten.nonzero', 'aten.masked_select', 'aten.lift_fresh') or (
                 name == 'aten.index' and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                              for i in (args[1] if len(args) > 1 else []) if i is not None)):
             self.reads.append(name)
