@@ -3,13 +3,14 @@
 #                     model trained on the CPU, then samples (~6 minutes on 2 cores).
 #                     make quickstart TSDAE=1 also trains the TSDAE stage, warm-started from the MLM.
 #   make test         the test suite (pytest, CPU, offline)
+#   make gpu-check    on a CUDA machine: CUDA tests, short bf16 compiled runs, torchrun, bench (gpu_check.sh)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TINY := config/tiny.py --dataset=data/pydocs
 SMALL_BATCH := --batch_size=32 --eval_iters=10
 
-.PHONY: venv quickstart test clean
+.PHONY: venv quickstart test gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ quickstart: venv data/pydocs/meta.json
 
 test: venv
 	$(PY) -m pytest -q tests
+
+gpu-check: venv data/pydocs/meta.json
+	PY=$(PY) bash gpu_check.sh
 
 clean:
 	rm -rf $(VENV) data/pydocs out/tiny_mlm out/tiny_tsdae out/tiny_diffusion

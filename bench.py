@@ -36,7 +36,8 @@ from statistics import median
 import torch
 import torch.nn as nn
 
-from model import ConceptConfig, ConceptDiffusion, ConceptMLM
+from model import ConceptConfig, ConceptDiffusion, ConceptMLM, ConfigError
+from runtime import gpu_peak_flops, resolve_device
 
 # ----------------------------------------------------------------------------------------------
 # defaults (a config file such as config/h512l2.py sets the model shape; its training keys are
@@ -53,11 +54,11 @@ seq_lens = '512,2048,8192'       # comma-separated sequence lengths
 stages = 'mlm,tsdae,diffusion'   # and 'generate' (sampling speed; not in the default)
 generate_steps = 8               # denoising steps of a generate row
 models = 'concept,standard'
-tokens_per_batch = 8192          # batch size = max(1, tokens_per_batch // seq_len)
-warmup_steps = 1                 # untimed steps before timing (compile, allocator, caches)
-timed_steps = 3                  # tokens/s from the median timed step
+tokens_per_batch = 0             # batch size = max(1, tokens_per_batch // seq_len); 0: by device (below)
+warmup_steps = -1                # untimed steps before timing (compile, autotuning, caches); -1: by device
+timed_steps = 0                  # tokens/s from the median timed step; 0: by device
 timed_seconds = 5.0              # but stop after 2 steps once this much has been timed (slow rows)
-device = 'auto'
+device = 'auto'                  # 'auto' | 'cpu' | 'cuda' | 'mps'
 dtype = 'bfloat16'               # autocast dtype; 'float32' runs without autocast
 compile = False                  # torch.compile the models (measure with and without)
 mem_limit_gb = 20.0              # CPU: address-space limit of a worker; beyond it the row says oom
@@ -67,10 +68,21 @@ worker = ''                      # internal: 'model:stage:seq_len' runs one meas
 if any(a.startswith('--json=') for a in sys.argv):  # --json is the documented spelling
     sys.argv = [a.replace('--json=', '--json_out=', 1) if a.startswith('--json=') else a for a in sys.argv]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+try:
+    device = resolve_device(device)
+except ConfigError as e:
+    raise SystemExit(f"bench.py: {e}")
+device_type = 'cuda' if device.startswith('cuda') else device  # 'cuda' | 'mps' | 'cpu'
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+if device_type == 'mps' and dtype == 'bfloat16':
+    dtype = 'float16'  # as the training scripts do on MPS (runtime.setup_runtime)
+# A GPU step at the CPU's 8192 tokens takes about a millisecond, launch overhead included: the
+# GPU needs a training-sized batch (the h512l2 config's 64 x 512 tokens) and more steps to mean
+# anything, and compiled rows a few more warm-up steps (autotuning, the dynamic decoder graph).
+DEVICE_SIZES = {'cuda': (32768, 3, 20), 'mps': (8192, 2, 5), 'cpu': (8192, 1, 3)}  # tokens, warm-up, timed
+tokens_per_batch = tokens_per_batch or DEVICE_SIZES[device_type][0]
+warmup_steps = DEVICE_SIZES[device_type][1] if warmup_steps < 0 else warmup_steps
+timed_steps = timed_steps or DEVICE_SIZES[device_type][2]
 
 
 def setting_list(name, value, allowed=None):
@@ -93,8 +105,6 @@ model_list = setting_list('models', models, ('concept', 'standard'))
 seq_len_list = setting_list('seq_lens', seq_lens)
 if dtype not in DTYPES:
     raise SystemExit(f"bench.py: --dtype={dtype!r}; use one of {', '.join(DTYPES)}")
-if device_type == 'cuda' and not torch.cuda.is_available():
-    raise SystemExit(f"bench.py: device={device!r}, but this torch sees no CUDA device; use --device=cpu or auto")
 if timed_steps < 1 or warmup_steps < 0 or tokens_per_batch < 1:
     raise SystemExit("bench.py: timed_steps and tokens_per_batch must be >= 1, warmup_steps >= 0")
 if json_out and (os.path.isdir(json_out) or not os.path.isdir(os.path.dirname(os.path.abspath(json_out)))):
@@ -213,6 +223,8 @@ def finish_row(row):
     """The row's peak memory."""
     if device_type == 'cuda':
         row['peak_mem_mb'] = torch.cuda.max_memory_allocated() / 2**20
+    elif device_type == 'mps':  # MPS keeps no peak: what the driver holds at the end of the row
+        row['peak_mem_mb'] = torch.mps.driver_allocated_memory() / 2**20
     else:
         row['peak_mem_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
@@ -224,8 +236,11 @@ def timed_enough(times):
 
 
 def sync():
+    """Wait for the device: its kernels run asynchronously, and a timing must include them."""
     if device_type == 'cuda':
         torch.cuda.synchronize()
+    elif device_type == 'mps':
+        torch.mps.synchronize()
 
 
 def matmul_peak():
@@ -250,8 +265,16 @@ if worker:
 
 # ----------------------------------------------------------------------------------------------
 # the driver: one fresh process per row, then a table and the JSON
-peak = matmul_peak()
-print(f"{device} {dtype}: measured matmul peak {peak / 1e12:.2f} TFLOP/s")
+measured_peak = matmul_peak()
+device_name = (torch.cuda.get_device_name(device) if device_type == 'cuda'
+               else platform.processor() or platform.machine())
+listed_peak = gpu_peak_flops(device_name, dtype) if device_type == 'cuda' else None
+# MFU on a known GPU is against its listed dense peak (the usual definition); elsewhere against the
+# matmul peak measured here (a CPU has no meaningful datasheet figure)
+peak = listed_peak or measured_peak
+print(f"{device} ({device_name}) {dtype}: measured matmul peak {measured_peak / 1e12:.2f} TFLOP/s; MFU against "
+      + (f"the listed peak {listed_peak / 1e12:.0f} TFLOP/s" if listed_peak else "the measured peak")
+      + f"; {tokens_per_batch} tokens per batch, {warmup_steps} warm-up + {timed_steps} timed steps")
 rows = []
 argv = [a for a in sys.argv[1:] if not a.startswith('--worker=')]
 for stage in stage_list:
@@ -308,8 +331,8 @@ if 'generate' in stage_list:
         speed = f"{c['generate_tokens_per_s'] / s['generate_tokens_per_s']:.1f}x" if both else '-'
         print(f"| {N} | {rate[0]} | {rate[1]} | {speed} |")
 if json_out:
-    machine = {'device': device, 'device_name': (torch.cuda.get_device_name() if device_type == 'cuda'
-                                                 else platform.processor() or platform.machine()),
+    machine = {'device': device, 'device_name': device_name, 'measured_peak_flops': measured_peak,
+               'peak_source': 'listed' if listed_peak else 'measured', 'tokens_per_batch': tokens_per_batch,
                'cpu_count': os.cpu_count(), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
                'shape': dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_concepts=n_concepts,
                              ffn_size=ffn_size, vocab_size=vocab_size, shared_token_kv=shared_token_kv),

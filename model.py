@@ -81,10 +81,8 @@ ENCODERS = ('concept', 'standard')
 # building blocks
 
 SHORT_SIDE = 1024  # CPU training: attentions with at most this many queries or keys use the math kernel
-# SDPA's math kernel would otherwise upcast bf16 inputs to float32 (half-speed matmuls); kept in
-# bf16, its matmuls accumulate in float32 like every other bf16 matmul of the model. Process-wide,
-# and it only matters where the math kernel runs: in attention() below, or as SDPA's fallback.
-torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+# the process's setting of the math-SDPA precision flag, which attention() restores after its CPU calls
+_MATH_SDP_REDUCTION_DEFAULT = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
 
 
 def attention(q, k, v, key_mask=None, dropout_p=0.0):
@@ -104,8 +102,16 @@ def attention(q, k, v, key_mask=None, dropout_p=0.0):
     own choice."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
     if q.device.type == 'cpu' and q.requires_grad and min(q.shape[-2], k.shape[-2]) <= SHORT_SIDE:
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        # The math kernel would upcast bf16 inputs to float32 (half-speed matmuls); kept in bf16,
+        # its matmuls accumulate in float32 like every other bf16 matmul of the model. The flag is
+        # process-wide, so it is set for this call only: CUDA's and MPS's math fallbacks keep the
+        # default. (torch.compile traces the set and the restore, and compiles this call with it.)
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        finally:
+            torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(_MATH_SDP_REDUCTION_DEFAULT)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -284,8 +290,9 @@ class ConceptEncoder(Encoder):
         self.ln_tok = nn.LayerNorm(cfg.n_embd)  # one norm on the token stream, shared by all layers
         self.concepts = nn.Parameter(torch.randn(cfg.n_concepts, cfg.n_embd) * 0.02)
         n_distinct = 1 if cfg.recursive_iters > 0 else cfg.n_layer
-        if cfg.bixt:  # the last distinct layer updates tokens only if it is applied again (recursion)
-            self.layers = nn.ModuleList([BiXTLayer(cfg, token_update=(i < n_distinct - 1 or cfg.recursive_iters > 0))
+        if cfg.bixt:  # a layer updates tokens only if a layer runs after it: never the last one, nor a
+            # recursive layer applied once (its token update would be parameters DDP never sees used)
+            self.layers = nn.ModuleList([BiXTLayer(cfg, token_update=(i < n_distinct - 1 or cfg.recursive_iters > 1))
                                          for i in range(n_distinct)])
         else:  # with shared_token_kv only the first layer owns a token K/V projection
             self.layers = nn.ModuleList([ConceptLayer(cfg, project_tokens=(i == 0 or not cfg.shared_token_kv))
@@ -400,11 +407,22 @@ def gather_positions(select):
     positions are padded with unselected positions that `valid` marks False. This ragged-to-
     padded layout lets every decoded position attend to its own sample's concepts in one SDPA
     call, and it is exact because decoder positions never attend to each other."""
-    counts = select.sum(1)
-    m_max = int(counts.max()) if select.numel() else 0
+    pos, valid, _ = gather_and_pack(select)
+    return pos, valid
+
+
+def gather_and_pack(select):
+    """gather_positions and the Packing of its valid slots, -> (pos, valid, packing), with one
+    host synchronisation: the largest and the total count of selected positions, read together
+    (the two shapes that depend on the data)."""
+    counts = select.sum(1)                                       # (B,)
+    if select.numel() == 0:
+        m_max = m_total = 0
+    else:
+        m_max, m_total = torch.stack([counts.max(), counts.sum()]).tolist()  # the one sync
     order = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :m_max]
     valid = torch.arange(m_max, device=select.device)[None, :] < counts[:, None]
-    return order, valid
+    return order, valid, Packing.of(valid, counts, m_total)
 
 
 class Packing(NamedTuple):
@@ -417,8 +435,17 @@ class Packing(NamedTuple):
     index: torch.Tensor  # (M',) long: b·T + t of each valid slot, in order
 
     @classmethod
-    def of(cls, valid):
-        return cls(valid, valid.flatten().nonzero().squeeze(1))
+    def of(cls, valid, counts=None, n_valid=None):
+        """valid (B, T) bool whose True slots come first in each row (gather_positions' layout).
+        Given its row counts (B,) and their total n_valid (an int), the index is built without a
+        host synchronisation; otherwise with one (nonzero)."""
+        if counts is None or n_valid is None:
+            return cls(valid, valid.flatten().nonzero().squeeze(1))
+        T = valid.shape[1]
+        ends = counts.cumsum(0)                                               # (B,)
+        r = torch.arange(n_valid, device=valid.device)                        # (M',) packed row
+        row = torch.searchsorted(ends, r, right=True)                         # (M',) its sample
+        return cls(valid, row * T + r - (ends - counts)[row])
 
     def pack(self, x):
         """(B, T, ...) -> (M', ...)"""
@@ -735,13 +762,18 @@ class ConceptLossWeighting(nn.Module):
         cap = s[:1].detach() - math.log(self.max_reg_ratio)
         return torch.cat([s[:1], torch.maximum(s[1:], cap)])
 
-    def forward(self, task_loss, reg_losses, step):
+    def forward(self, task_loss, reg_losses, step, as_floats=True):
+        """as_floats=False leaves the info values as 0-d tensors on the device: a training step
+        then reads nothing back to the host (the float() happens when something is logged)."""
         warm = self.warm(step)
         losses = torch.stack([task_loss.float()] + [reg_losses[n].float() for n in self.names])  # (1+K,)
         K = len(self.names)
-        gate = torch.tensor([1.0] + [warm] * K, device=losses.device)  # (1+K,) warm on the regs
+        # filled on the device: a tensor built from a Python list is a host-to-device copy, which
+        # waits for the device on CUDA
+        one = torch.ones(1, device=losses.device)
+        gate = torch.cat([one, torch.full((K,), float(warm), device=losses.device)])  # (1+K,) warm on the regs
         if self.strategy == 'fixed' or K == 0:
-            w = gate * torch.tensor([1.0] + [self.weight / max(K, 1)] * K, device=losses.device)
+            w = gate * torch.cat([one, torch.full((K,), self.weight / max(K, 1), device=losses.device)])
             total = (w * losses).sum()
         elif self.strategy == 'learnable':
             logits = self.logits.float() + torch.log(gate)  # log 0 = -inf: weight 0, no gradient
@@ -751,7 +783,8 @@ class ConceptLossWeighting(nn.Module):
             s = self.log_variances()
             w = gate * 0.5 * torch.exp(-s)
             total = (w * losses).sum() + (gate * 0.5 * s).sum()
-        values = torch.cat([w.detach(), losses.detach()]).tolist()  # one device sync
+        values = torch.cat([w.detach(), losses.detach()])
+        values = values.tolist() if as_floats else values.unbind()  # tolist: one device sync
         info = {'warm': warm, 'w_task': values[0]}
         for k, name in enumerate(self.names):
             info[f'w_{name}'] = values[1 + k]
@@ -879,11 +912,12 @@ class ConceptLM(nn.Module):
 
     def add_concept_losses(self, task_loss, concepts, step, stats):
         """In training with concept_losses set: the weighted total of the task loss and the
-        regularisers on the concepts; stats gets the task loss and every weight for the log."""
+        regularisers on the concepts; stats gets the task loss and every weight for the log (0-d
+        tensors on the device, read when logged)."""
         if self.loss_weighting is None or not self.training:
             return task_loss
         regs = concept_reg_losses(concepts, self.reg_names, pooled=self.cfg.concept_loss_pooled)
-        total, info = self.loss_weighting(task_loss, regs, step)
+        total, info = self.loss_weighting(task_loss, regs, step, as_floats=False)
         stats['task_loss'] = task_loss.detach()
         stats['weighting'] = info
         return total
@@ -951,7 +985,9 @@ class ConceptLM(nn.Module):
 
     def compile_for_training(self, device_type):
         """torch.compile the parts of a training step: the encoder (fixed [B, N] shapes), the
-        decoder and logits_and_ce (M decoded positions, which vary per batch: dynamic). On the
+        decoder and logits_and_ce, in which only the number of decoded positions (M, and the M'
+        packed rows) varies per batch: that dimension alone is marked dynamic, so one graph
+        serves every batch and every other size stays a constant for the compiler. On the
         CPU, inductor's pattern matcher is off: its attention patterns would turn the math-kernel
         attentions that attention() picks back into the slower flash kernel; and the token
         embedding stays eager: inductor's CPU backward of an embedding is one atomic add per
@@ -960,9 +996,27 @@ class ConceptLM(nn.Module):
         if device_type == 'cpu':
             self.encoder.embed = torch.compiler.disable(self.encoder.embed)
         self.encoder.compile(options=options)
-        if self.decoder is not None:
-            self.decoder.compile(dynamic=True, options=options)
-        self.logits_and_ce = torch.compile(self.logits_and_ce, dynamic=True, options=options)
+        logits_and_ce = torch.compile(self.logits_and_ce, options=options)
+
+        def loss(h, labels, label_smoothing=0.0):  # h (M', H), labels (M',)
+            _mark_decoded_dim(h, 0)
+            _mark_decoded_dim(labels, 0)
+            return logits_and_ce(h, labels, label_smoothing)
+        self.logits_and_ce = loss
+        if self.decoder is None:  # the standard arm: the encoder's states feed the loss directly
+            return
+        decoder = torch.compile(self.decoder.forward, options=options)
+
+        def decode(concepts, pos, *args):  # args: the decoder's own (query embeddings, t, packing)
+            _mark_decoded_dim(pos, 1)
+            for a in args:
+                if isinstance(a, Packing):
+                    _mark_decoded_dim(a.valid, 1)
+                    _mark_decoded_dim(a.index, 0)
+                elif isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[:2] == pos.shape:
+                    _mark_decoded_dim(a, 1)  # (B, M, H) query embeddings
+            return decoder(concepts, pos, *args)
+        self.decoder.forward = decode  # the module (its parameters, state_dict) stays as it was
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; weight decay only on matrices (>= 2-D), never on norms, biases or gains.
@@ -1047,11 +1101,11 @@ class ConceptMLM(ConceptLM):
             B, N = idx.shape
             pos = torch.arange(N, device=idx.device).expand(B, N)
             return self.lm_logits(self.decode(concepts, idx, pos)), None, {}
-        pos, valid = gather_positions(targets != IGNORE_INDEX)
+        pos, valid, packing = gather_and_pack(targets != IGNORE_INDEX)
         if pos.shape[1] == 0:  # nothing to predict: a zero that still has a graph
             return None, self.lm_head.weight.sum() * 0.0, {'n_pred': 0, 'n_correct': 0, **self.concept_stats(concepts)}
-        h = self.decode(concepts, idx, pos, Packing.of(valid))  # (M, H)
-        labels = torch.gather(targets, 1, pos)[valid]         # (M,)
+        h = self.decode(concepts, idx, pos, packing)           # (M, H)
+        labels = packing.pack(torch.gather(targets, 1, pos))  # (M,)
         logits, ce = self.logits_and_ce(h, labels)            # (M, V): never (B, N, V); (M,)
         loss = ce.mean()
         stats = {'n_pred': labels.numel(), **self.concept_stats(concepts)}
@@ -1059,6 +1113,16 @@ class ConceptMLM(ConceptLM):
             with torch.no_grad():
                 stats['n_correct'] = (logits.argmax(-1) == labels).sum()
         return None, self.add_concept_losses(loss, concepts, step, stats), stats
+
+
+def _mark_decoded_dim(x, dim):
+    """Tell torch.compile that x's size along dim (the number of decoded positions) varies."""
+    torch._dynamo.maybe_mark_dynamic(x, dim)
+
+
+def widest_float(device):
+    """float64 where the device has it; MPS has no float64, so float32 there."""
+    return torch.float32 if torch.device(device).type == 'mps' else torch.float64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1177,7 +1241,9 @@ class ConceptDiffusion(ConceptLM):
         return self.cfg.t_min + (1.0 - self.cfg.t_min) * u
 
     def maskable(self, idx, attn_mask=None):
-        ok = ~torch.isin(idx, torch.tensor(self.cfg.special_ids, device=idx.device))
+        ok = torch.ones_like(idx, dtype=torch.bool)
+        for special in self.cfg.special_ids:  # against Python ints: no host-to-device copy (a CUDA sync)
+            ok &= idx != special
         return ok if attn_mask is None else ok & attn_mask
 
     def add_noise(self, idx, t, attn_mask=None, generator=None):
@@ -1227,10 +1293,9 @@ class ConceptDiffusion(ConceptLM):
             t = self.sample_t(B, generator, idx.device)
         noisy, masked, maskable = self.add_noise(idx, t, attn_mask, generator)
         concepts = self.encode(idx, noisy, t, attn_mask)
-        pos, valid = gather_positions(masked)
-        packing = Packing.of(valid)
+        pos, valid, packing = gather_and_pack(masked)
         h = self.denoise(concepts, noisy, pos, t, packing)                        # (M, H)
-        labels = torch.gather(idx, 1, pos)[valid]
+        labels = packing.pack(torch.gather(idx, 1, pos))
         logits, ce = self.logits_and_ce(h, labels, self.cfg.label_smoothing)      # (M, V), (M,)
         row = packing.sample()  # sample of each target
         if self.cfg.elbo_weight:
@@ -1253,16 +1318,17 @@ class ConceptDiffusion(ConceptLM):
         the prefix, conditionally on it: each level draws its own prefix, so the count is their
         mean over the levels; counting the prefix too would halve the bound per token)."""
         B = idx.shape[0]
-        total = torch.zeros((), device=idx.device, dtype=torch.float64)
+        wide = widest_float(idx.device)
+        total = torch.zeros((), device=idx.device, dtype=wide)
         n_scored = 0.0
         for k in range(n_grid):
             t = torch.full((B,), (k + 0.5) / n_grid, device=idx.device)
             noisy, masked, maskable = self.add_noise(idx, t, attn_mask, generator)
             concepts = self.encode(idx, noisy, t, attn_mask)
-            pos, valid = gather_positions(masked)
-            logits = self.lm_logits(self.denoise(concepts, noisy, pos, t, Packing.of(valid)))
-            nll = F.cross_entropy(logits.float(), torch.gather(idx, 1, pos)[valid], reduction='sum')
-            total += nll.double() / t[0].double() / n_grid
+            pos, valid, packing = gather_and_pack(masked)
+            logits = self.lm_logits(self.denoise(concepts, noisy, pos, t, packing))
+            nll = F.cross_entropy(logits.float(), packing.pack(torch.gather(idx, 1, pos)), reduction='sum')
+            total += nll.to(wide) / t[0].to(wide) / n_grid
             n_scored += maskable.sum().item() / n_grid
         return total.item(), n_scored
 
@@ -1284,6 +1350,7 @@ class ConceptDiffusion(ConceptLM):
         self.eval()
         x = idx.clone()
         B, N = x.shape
+        wide = widest_float(x.device)  # float64 for the Gumbel noise and confidences (float32 on MPS)
         if attn_mask is None:
             attn_mask = torch.ones_like(x, dtype=torch.bool)
         to_fill = (x == self.cfg.mask_id) & attn_mask
@@ -1305,28 +1372,28 @@ class ConceptDiffusion(ConceptLM):
                 t = masked.sum(1) / n_real  # the model's noise level: the masked fraction
                 concepts = self.encode(x, x, t, attn_mask)
                 pos, valid = gather_positions(masked & attn_mask)
-                logits = self.lm_logits(self.denoise(concepts, x, pos, t)).double()  # (B, M, V)
+                logits = self.lm_logits(self.denoise(concepts, x, pos, t)).to(wide)  # (B, M, V)
                 logits[..., self.cfg.special_ids] = -float('inf')  # never predict [MASK], pad, ...
                 if top_k > 0:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
                     logits = logits.masked_fill(logits < kth, -float('inf'))
                 probs = F.softmax(logits, dim=-1)
                 if temperature > 0:
-                    u = torch.rand(logits.shape, generator=generator, device=x.device, dtype=torch.float64)
-                    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+                    u = torch.rand(logits.shape, generator=generator, device=x.device, dtype=wide)
+                    gumbel = -torch.log(-torch.log(u.clamp_min(max(1e-300, torch.finfo(wide).tiny))))
                     choice = (logits / temperature + gumbel).argmax(-1)
                 else:
                     choice = logits.argmax(-1)
                 confidence = probs.gather(-1, choice[..., None]).squeeze(-1)  # p of the chosen token
                 # scatter back to (B, N); positions not eligible this step get -inf confidence
-                conf_full = torch.full((B, N), -float('inf'), dtype=torch.float64, device=x.device)
+                conf_full = torch.full((B, N), -float('inf'), dtype=wide, device=x.device)
                 pred_full = x.clone()
                 rows = Packing.of(valid).sample()
                 conf_full[rows, pos[valid]] = confidence[valid]
                 pred_full[rows, pos[valid]] = choice[valid]
                 conf_full[~eligible] = -float('inf')
                 left = block_steps - s
-                quota = torch.ceil(eligible.sum(1).double() / left).long()  # (B,)
+                quota = torch.ceil(eligible.sum(1).to(wide) / left).long()  # (B,)
                 order = conf_full.argsort(dim=1, descending=True)
                 commit = torch.zeros_like(eligible)
                 commit.scatter_(1, order, torch.arange(N, device=x.device)[None, :] < quota[:, None])

@@ -112,8 +112,9 @@ def setup_runtime(device='auto', dtype='bfloat16', seed=1337):
     device_type = 'cuda' if device.startswith('cuda') else device
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise SystemExit(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    if device_type == 'cuda' and dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
-        print("this GPU has no bfloat16; using float16 with a GradScaler", file=sys.stderr)
+    if device_type == 'cuda' and dtype == 'bfloat16' and not torch.cuda.is_bf16_supported(including_emulation=False):
+        # emulated bf16 (V100, T4) is slower than float16 with a GradScaler
+        print("this GPU has no native bfloat16; using float16 with a GradScaler", file=sys.stderr)
         dtype = 'float16'
     if device_type == 'mps' and dtype == 'bfloat16':
         dtype = 'float16'
@@ -149,6 +150,35 @@ def all_reduce_mean(value, rt):
     t = torch.tensor([value], dtype=torch.float64, device=rt.device)
     dist.all_reduce(t)
     return t.item() / rt.world_size
+
+
+def mean_over_ranks(value, rt):
+    """A 0-d tensor kept on the device (a step's loss) -> the Python float of its mean across
+    ranks: one all-reduce and one host synchronisation, so call it at log time, not every step."""
+    if rt.ddp:
+        value = value.detach().float().clone()
+        dist.all_reduce(value)
+        value = value / rt.world_size
+    return value.item()
+
+
+def micro_batches_per_rank(gradient_accumulation_steps, batch_size, world_size):
+    """The global batch (batch_size x gradient_accumulation_steps sequences) is the contract: each
+    rank runs ceil(accum / world_size) micro-batches, shrunk to the largest micro-batch that still
+    gives exactly that global batch, so a 16-GPU run of an accum-8 config needs no arithmetic.
+    Returns (micro-batches per rank, micro-batch size)."""
+    global_batch = batch_size * gradient_accumulation_steps
+    accum = -(-gradient_accumulation_steps // world_size)
+    if global_batch % (accum * world_size) == 0:
+        return accum, global_batch // (accum * world_size)
+    if global_batch % world_size == 0:
+        # the fewest micro-batches per rank whose size divides this rank's share of the batch
+        share = global_batch // world_size
+        accum = next(a for a in range(accum, share + 1) if share % a == 0)
+        return accum, share // accum
+    raise ConfigError(f"the global batch of {global_batch} sequences (batch_size={batch_size} x "
+                      f"gradient_accumulation_steps={gradient_accumulation_steps}) cannot be split evenly over "
+                      f"{world_size} processes; choose batch_size x gradient_accumulation_steps divisible by {world_size}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +217,7 @@ class TokenWindows:
             self.starts = None
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
+        self._prefetched = None  # (sampler state before the draw, the drawn step) or None
 
     def _tokens(self):
         # re-open the memmap per draw: keeps the process's RSS from growing as pages are touched
@@ -195,7 +226,21 @@ class TokenWindows:
 
     def next_step(self):
         """The micro-batches of this rank for one optimizer step: a list of accum pairs
-        (idx (B, T) int64 on device, noise_seed int)."""
+        (idx (B, T) int64 on device, noise_seed int); the prefetched step if there is one."""
+        if self._prefetched is not None:
+            batches, self._prefetched = self._prefetched[1], None
+            return batches
+        return self._draw()
+
+    def prefetch(self):
+        """Draw the next step now and start its host-to-device copy (pinned, non-blocking), so that
+        it travels while the device computes the current step (call it once the step is queued).
+        The checkpointed state stays that before this draw: a resume draws the same step again."""
+        if self._prefetched is None:
+            before = self.state_dict()
+            self._prefetched = (before, self._draw())
+
+    def _draw(self):
         n_global = self.world_size * self.accum
         n = n_global * self.batch_size
         if self.starts is None:
@@ -218,11 +263,14 @@ class TokenWindows:
         return out
 
     def state_dict(self):
+        if self._prefetched is not None:
+            return self._prefetched[0]
         return {'generator': self.generator.get_state(), 'step': self.step}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state['generator'])
+        self.generator.set_state(state['generator'].cpu())
         self.step = state['step']
+        self._prefetched = None
 
 
 def noise_seed(seed, step, micro):
@@ -475,33 +523,67 @@ def set_rng_state(states, rank=0):
     """states: gather_rng_states' list. With another number of processes than the run had, rank r
     takes state r mod the old count (the run goes on, no longer bit for bit)."""
     state = states[rank % len(states)] if isinstance(states, list) else states  # a dict: older checkpoints
-    torch.set_rng_state(state['torch'])
+    # the setters take CPU ByteTensors only, wherever the checkpoint was mapped to
+    torch.set_rng_state(state['torch'].cpu())
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
 
 # ----------------------------------------------------------------------------------------------
 # throughput accounting
 
-# dense peak FLOP/s per GPU by name fragment: (bf16/fp16 tensor core, tf32). Unknown -> None, and
-# the log says "n/a" rather than a wrong MFU.
+# dense peak FLOP/s per GPU (bf16/fp16 tensor core, tf32), by the exact name that
+# torch.cuda.get_device_name reports (the vendor prefix removed). A name not listed -> None and the
+# log says "n/a" rather than a wrong MFU: "NVIDIA L40" is not an L4, an "H200 NVL" not an SXM H200.
 GPU_PEAK_FLOPS = {
-    'H200': (989e12, 494e12), 'H100 NVL': (835e12, 418e12), 'H100 PCIe': (756e12, 378e12),
-    'H100': (989e12, 494e12), 'A100': (312e12, 156e12), 'A10G': (125e12, 62.5e12),
-    'L40S': (362e12, 183e12), 'L4': (121e12, 60e12), 'RTX 4090': (165e12, 82.6e12),
-    'RTX 3090': (71e12, 35.6e12), 'V100': (125e12, 15.7e12),
+    'H200': (989e12, 494e12), 'H100 80GB HBM3': (989e12, 494e12), 'H100 SXM': (989e12, 494e12),
+    'H100 NVL': (835e12, 418e12), 'H100 PCIe': (756e12, 378e12), 'H200 NVL': (835e12, 418e12),
+    'A100-SXM4-40GB': (312e12, 156e12), 'A100-SXM4-80GB': (312e12, 156e12),
+    'A100-PCIE-40GB': (312e12, 156e12), 'A100 80GB PCIe': (312e12, 156e12),
+    'A10G': (125e12, 62.5e12), 'A10': (125e12, 62.5e12), 'L40S': (362e12, 183e12), 'L40': (181e12, 90.5e12),
+    'L4': (121e12, 60e12), 'GeForce RTX 4090': (165e12, 82.6e12), 'GeForce RTX 3090': (71e12, 35.6e12),
+    'Tesla V100-SXM2-16GB': (125e12, 15.7e12), 'Tesla V100-SXM2-32GB': (125e12, 15.7e12),
+    'Tesla V100-PCIE-16GB': (112e12, 14e12), 'Tesla V100-PCIE-32GB': (112e12, 14e12),
+    'Tesla T4': (65e12, 8.1e12),
 }
 
 
-def peak_flops(rt):
-    """Peak dense FLOP/s of one device in the run's dtype, or None when unknown (CPUs: bench.py
-    measures theirs)."""
-    if rt.device_type != 'cuda':
+def gpu_peak_flops(name, dtype):
+    """The listed peak of a GPU by its reported name, or None when the name is not listed exactly."""
+    peaks = GPU_PEAK_FLOPS.get(name.removeprefix('NVIDIA ').strip())
+    if peaks is None:
         return None
-    name = torch.cuda.get_device_name(rt.device)
-    for key, (half, tf32) in GPU_PEAK_FLOPS.items():
-        if key in name:
-            return tf32 if rt.dtype == 'float32' else half
+    return peaks[1] if dtype == 'float32' else peaks[0]
+
+
+_measured_cpu_peak = {}
+
+
+def cpu_matmul_peak(dtype, n=1024, seconds=0.3):
+    """The CPU's dense matmul FLOP/s in dtype, measured once per process and cached: the best of
+    repeated (n x n) @ (n x n) products over about `seconds`. A measured figure, not a datasheet
+    one: the MFU against it says how close the step is to what matmuls reach on this machine now."""
+    if dtype not in _measured_cpu_peak:
+        ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+        g = torch.Generator().manual_seed(0)  # its own: the global RNG (dropout, exact resume) is untouched
+        a, b = torch.randn(n, n, generator=g).to(ptdtype), torch.randn(n, n, generator=g).to(ptdtype)
+        a @ b  # first call: thread pool and kernel selection
+        best, t_end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n ** 3 / max(time.perf_counter() - t0, 1e-9))
+        _measured_cpu_peak[dtype] = best
+    return _measured_cpu_peak[dtype]
+
+
+def peak_flops(rt):
+    """Peak dense FLOP/s of one device in the run's dtype: the listed peak of a known GPU, the
+    measured matmul peak of the CPU, None otherwise (an unlisted GPU, MPS)."""
+    if rt.device_type == 'cuda':
+        return gpu_peak_flops(torch.cuda.get_device_name(rt.device), rt.dtype)
+    if rt.device_type == 'cpu':
+        return cpu_matmul_peak(rt.dtype)
     return None
 
 
@@ -510,23 +592,45 @@ def format_mfu(flops_per_s, peak):
 
 
 class Throughput:
-    """tokens/s and MFU over the iterations since the last log line (the stages' log mechanics)."""
+    """tokens/s and MFU over the training steps since the last log line (the stages' log
+    mechanics). The first `skip` steps after the start (compilation, allocator warm-up) and the
+    time between pause() and the next add() (evaluation, checkpoints) are not counted."""
 
-    def __init__(self, rt):
+    def __init__(self, rt, skip=1):
         self.rt, self.peak = rt, peak_flops(rt)
+        self.skip, self.paused_at = skip, None
         self.reset()
 
     def reset(self):
         self.t0, self.flops, self.tokens = time.time(), 0.0, 0
 
+    def pause(self):
+        """Stop the clock until the next step: time spent outside training steps from here on
+        (evaluation, a checkpoint) is left out of the window."""
+        self.paused_at = time.time()
+
+    def resume(self):
+        """Called at the start of a step: a paused clock goes on as if no time had passed."""
+        if self.paused_at is not None:
+            self.t0 += time.time() - self.paused_at
+            self.paused_at = None
+
     def add(self, tokens, flops):
+        """One training step done: its tokens and FLOPs."""
+        if self.skip > 0:  # a warm-up step: the window starts after it
+            self.skip -= 1
+            self.reset()
+            return
         self.tokens += tokens
         self.flops += flops
 
     def report(self):
         """'N tok/s, mfu X%' since the last report, and start counting anew."""
-        dt = time.time() - self.t0
-        text = f"{self.tokens / dt:,.0f} tok/s, mfu {format_mfu(self.flops / dt / self.rt.world_size, self.peak)}"
+        dt = max(time.time() - self.t0, 1e-9)
+        if self.tokens == 0:
+            text = "tok/s n/a (warm-up step), mfu n/a"
+        else:
+            text = f"{self.tokens / dt:,.0f} tok/s, mfu {format_mfu(self.flops / dt / self.rt.world_size, self.peak)}"
         self.reset()
         return text
 
@@ -712,7 +816,9 @@ def build_model(stage, model_class, config_class, model_args, init_from, ckpt_pa
     Returns (model on rt.device, model_args actually used, the resume checkpoint or None)."""
     ckpt = None
     if init_from == 'resume':
-        ckpt = load_checkpoint(ckpt_path, map_location=rt.device)
+        # on the CPU: the RNG and sampler states must stay CPU ByteTensors; the weights and the
+        # optimizer state move to rt.device with the model (load_state_dict casts and places them)
+        ckpt = load_checkpoint(ckpt_path, map_location='cpu')
         require_training_state(ckpt, ckpt_path)
         if ckpt.get('stage') != stage:
             raise SystemExit(f"{ckpt_path} is a {ckpt.get('stage')} checkpoint and --init_from=resume continues the "
@@ -822,18 +928,20 @@ class OptimizerStep:
         params = list(params)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float('inf'))
-        loss_finite = torch.isfinite(loss_value).all() if torch.is_tensor(loss_value) else math.isfinite(loss_value)
-        finite = bool(loss_finite & torch.isfinite(grad_norm))  # the step's host sync
-        if self.rt.ddp:
-            finite = all_reduce_mean(float(finite), self.rt) == 1.0
+        # loss_value: a float or a 0-d tensor on the device; the decision is the step's one read of it
+        finite = torch.isfinite(torch.as_tensor(loss_value, device=grad_norm.device)) & torch.isfinite(grad_norm)
+        if self.rt.ddp:  # every rank takes the same decision
+            finite = finite.float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        finite = bool(finite)
         if finite:
             self.scaler.step(self.optimizer)
             self.streak = 0
-        else:
-            self._skipped(params, bool(loss_finite), iter_num)
+        else:  # on skips only: was it the loss, or only the gradient (a float16 overflow)?
+            self._skipped(params, bool(torch.isfinite(torch.as_tensor(loss_value))), iter_num)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm  # a 0-d tensor on the device: float() it when it is logged
 
     def _skipped(self, params, loss_finite, iter_num):
         bad = [i for i, p in enumerate(params) if not bool(torch.isfinite(p).all())]

@@ -89,10 +89,9 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 runtime.one_line_errors()
 runtime.check_settings(config)
 rt = runtime.setup_runtime(device, dtype, seed)
-if gradient_accumulation_steps % rt.world_size:
-    raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by "
-                     f"the number of processes ({rt.world_size})")
-accum = gradient_accumulation_steps // rt.world_size
+# the global batch (batch_size x gradient_accumulation_steps sequences) is the contract at any world size
+accum, batch_size = runtime.micro_batches_per_rank(gradient_accumulation_steps, batch_size, rt.world_size)
+gradient_accumulation_steps = accum * rt.world_size
 lr_decay_iters = lr_decay_iters or max_iters
 out_dir = out_dir or runtime.default_out_dir('diffusion', encoder)
 runtime.prepare_out_dir(out_dir, rt)  # a file or read-only out_dir fails here, before any long work
@@ -184,13 +183,15 @@ def evaluate():
 log = runtime.RunLog(rt, out_dir, config, 'train_diffusion.py', wandb_log, wandb_project, wandb_run_name,
                      resumed_at=iter_num if init_from == 'resume' else None)
 meter = runtime.Throughput(rt)
-train_loss, tokens_seen = None, iter_num * tokens_per_iter
+step_loss, tokens_seen = None, iter_num * tokens_per_iter
 while True:
     lr = budget.lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
 
     if iter_num % eval_interval == 0 or budget.done(iter_num):
+        meter.pause()  # evaluation and checkpoints are left out of the throughput window
+        train_loss = None if step_loss is None else runtime.mean_over_ranks(step_loss, rt)
         metrics = evaluate()
         val_nll_bound = metrics['val_nll_bound']
         optimizer_step.check_validation(val_nll_bound, iter_num, raw_model)  # a nan stops the run, unsaved
@@ -208,29 +209,31 @@ while True:
             optimizer_step.saved_iter = iter_num
     if budget.done(iter_num):
         break
+    meter.resume()
 
     # one optimizer step over `accum` micro-batches
     budget.step_begins()
-    step_loss, n_pred_step = 0.0, 0
+    step_loss, n_pred_step = torch.zeros((), device=rt.device), 0  # on the device, read when logged
     for micro, (idx, nseed) in enumerate(train_windows.next_step()):
         if rt.ddp:
             model.require_backward_grad_sync = (micro == accum - 1)
         with rt.autocast():
             _, loss, stats = model(idx, generator=runtime.noise_generator(nseed, idx.device), step=iter_num)
-        step_loss += float(stats.get('task_loss', loss.detach())) / accum  # the task loss, without regularisers
+        step_loss += stats.get('task_loss', loss.detach()).float() / accum  # the task loss, without regularisers
         n_pred_step += stats['n_pred']
         scaler.scale(loss / accum).backward()
+    train_windows.prefetch()  # the next step's batch is copied while the device computes this one
     grad_norm = optimizer_step(raw_model.parameters(), step_loss, iter_num)
 
     # accounting
-    train_loss = runtime.all_reduce_mean(step_loss, rt)
     tokens_seen += tokens_per_iter
     meter.add(tokens_per_iter, raw_model.estimate_flops(block_size, 0) * batch_size * gradient_accumulation_steps
               + 3 * raw_model.decoder_flops(n_pred_step) * rt.world_size)
     iter_num += 1
     budget.step_ends(iter_num)
-    if iter_num % log_interval == 0:
-        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, {meter.report()}")
+    if iter_num % log_interval == 0:  # the one all-reduce and read of the loss per log_interval
+        train_loss = runtime.mean_over_ranks(step_loss, rt)
+        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {float(grad_norm):.3f}, {meter.report()}")
 
 log.finish()
 runtime.teardown(rt)
