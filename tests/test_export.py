@@ -110,7 +110,7 @@ def test_a_compiled_older_checkpoint_exports_without_prefixes_and_with_the_encod
     import export
     ckpt = torch.load(f'{mlm_run}/ckpt.pt', weights_only=True)
     ckpt['model'] = {f'_orig_mod.{k}': v for k, v in ckpt['model'].items()}  # what a compiled model saves
-    assert 'encoder' not in ckpt['model_args']  # checkpoints older than the encoder key
+    ckpt['model_args'].pop('encoder')  # as in checkpoints older than the encoder key
     os.makedirs(tmp_path / 'run')
     torch.save(ckpt, tmp_path / 'run' / 'ckpt.pt')
     export.export(f'{tmp_path}/run/ckpt.pt', f'{tmp_path}/hub')
