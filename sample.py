@@ -209,5 +209,6 @@ if quality:
     line = f"validation unigram cross-entropy: {unigram_ce:.3f} nats/token"
     if model.cfg.condition != 'clean' and 'best_val_loss' in state:
         bound = state['best_val_loss']
-        line += f"; this run's best val_nll_bound: {bound:.3f} ({unigram_ce - bound:+.3f} nats under it)"
+        line += (f"; this run's best val_nll_bound: {bound:.3f}, {abs(unigram_ce - bound):.3f} nats "
+                 f"{'under' if bound < unigram_ce else 'above'} it")
     print(line)

@@ -231,9 +231,12 @@ def test_stage_lowers_the_bound_and_samples(data_dir, tmp_path):
     counts = load_function('sample.py', 'unigram_counts', np=np)(train, 1024, specials)
     unigram_ce = load_function('sample.py', 'unigram_cross_entropy', np=np)(counts, val, specials)
     line = re.search(r"validation unigram cross-entropy: ([\d.]+) nats/token; this run's best val_nll_bound: "
-                     r"([\d.]+) \(([-+][\d.]+) nats under it\)", report)
+                     r"([\d.]+), ([\d.]+) nats (under|above) it", report)
     assert line and float(line[1]) == pytest.approx(unigram_ce, abs=1e-3), report
-    assert float(line[2]) == pytest.approx(min(r['val_nll_bound'] for r in records), abs=1e-3)
+    bound = min(r['val_nll_bound'] for r in records)
+    assert float(line[2]) == pytest.approx(bound, abs=1e-3)
+    assert float(line[3]) == pytest.approx(abs(unigram_ce - bound), abs=2e-3)
+    assert line[4] == ('under' if bound < unigram_ce else 'above')
 
 
 def test_sample_refuses_a_non_diffusion_checkpoint(data_dir, tmp_path):
