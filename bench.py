@@ -13,10 +13,16 @@ same dtype, measured by this script on the same machine in the same run. Data ar
 speed does not depend on the text. A row that ran out of memory (or whose process the OOM killer
 ended) says "oom": true instead of numbers; one whose process crashed says "error": its last line.
 
-The peer ('standard') is a bidirectional transformer encoder built from the same blocks as
-model.py (SDPA self-attention over the tokens, the same gated FFN, the same n_layer, n_embd,
-n_head, ffn_size and vocabulary) with the same objective and the lm_head only at the positions
-that carry a loss. Its attention is O(N²) in compute (SDPA's fused kernels keep its memory low).
+The peer ('standard') is model.py's encoder='standard' arm, the one the training scripts train:
+a bidirectional transformer encoder from the same blocks (SDPA self-attention over the tokens,
+the same gated FFN, the same n_layer, n_embd, n_head, ffn_size and vocabulary) with the same
+objective, the lm_head only at the positions that carry a loss, and for diffusion MDLM's
+AdaLN-conditioned denoiser. Its attention is O(N²) in compute (SDPA's fused kernels keep its
+memory low).
+
+--stages=generate measures sampling instead: ConceptDiffusion.generate() filling a fully masked
+sequence in generate_steps denoising steps (tokens/s of finished text, eager, no gradients).
+Every step re-encodes the sequence: O(C·N) for the concept arm, O(N²) for the standard one.
 """
 import json
 import os
@@ -30,8 +36,7 @@ from statistics import median
 import torch
 import torch.nn as nn
 
-from model import (ConceptConfig, ConceptDiffusion, ConceptMLM, GatedMLP, SelfAttention, gather_positions,
-                   lm_cross_entropy)
+from model import ConceptConfig, ConceptDiffusion, ConceptMLM
 
 # ----------------------------------------------------------------------------------------------
 # defaults (a config file such as config/h512l2.py sets the model shape; its training keys are
@@ -45,7 +50,8 @@ n_dec_layer = 1                  # MLM / TSDAE decoder layers (the diffusion dec
 shared_token_kv = False          # the concept encoder's ablation flag (model.py): one token K/V projection
 vocab_size = 8192
 seq_lens = '512,2048,8192'       # comma-separated sequence lengths
-stages = 'mlm,tsdae,diffusion'
+stages = 'mlm,tsdae,diffusion'   # and 'generate' (sampling speed; not in the default)
+generate_steps = 8               # denoising steps of a generate row
 models = 'concept,standard'
 tokens_per_batch = 8192          # batch size = max(1, tokens_per_batch // seq_len)
 warmup_steps = 1                 # untimed steps before timing (compile, allocator, caches)
@@ -82,7 +88,7 @@ def setting_list(name, value, allowed=None):
     return items
 
 
-stage_list = setting_list('stages', stages, ('mlm', 'tsdae', 'diffusion'))
+stage_list = setting_list('stages', stages, ('mlm', 'tsdae', 'diffusion', 'generate'))
 model_list = setting_list('models', models, ('concept', 'standard'))
 seq_len_list = setting_list('seq_lens', seq_lens)
 if dtype not in DTYPES:
@@ -96,56 +102,6 @@ if json_out and (os.path.isdir(json_out) or not os.path.isdir(os.path.dirname(os
 ptdtype = DTYPES[dtype]
 MASK_ID, PAD_ID = vocab_size - 3, vocab_size - 4  # the last ids play the special tokens
 N_REGULAR = vocab_size - 5
-
-
-class StandardEncoder(nn.Module):
-    """The O(N²) peer: tokens attend to tokens in every layer (pre-LN, SDPA, gated FFN)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.blocks = nn.ModuleList([nn.ModuleDict(dict(ln_1=nn.LayerNorm(cfg.n_embd), attn=SelfAttention(cfg),
-                                                        ln_2=nn.LayerNorm(cfg.n_embd), mlp=GatedMLP(cfg)))
-                                     for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight
-        self.cfg = cfg
-
-    def embed(self, idx):
-        return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))  # (B, N, H)
-
-    def encode(self, idx):
-        x = self.embed(idx)
-        for b in self.blocks:
-            x = x + b['attn'](b['ln_1'](x))
-            x = x + b['mlp'](b['ln_2'](x))
-        return self.ln_f(x)  # (B, N, H)
-
-    def forward(self, idx, targets):
-        h = self.encode(idx)
-        pos, valid = gather_positions(targets != -100)
-        h = torch.gather(h, 1, pos[..., None].expand(-1, -1, h.shape[-1]))[valid]
-        return self.loss(h, torch.gather(targets, 1, pos)[valid])
-
-    def loss(self, h, labels):
-        return lm_cross_entropy(self.lm_head, h, labels)[1].mean()  # the concept model's loss code
-
-    def compile_for_training(self, device_type):
-        """As the concept model is compiled: the encoder with fixed shapes, the loss with a dynamic
-        number of positions (no recompilation when it changes), inductor's default options, the
-        token embedding eager on the CPU (its atomic-add backward there is slow)."""
-        if device_type == 'cpu':
-            self.embed = torch.compiler.disable(self.embed)
-        self.encode = torch.compile(self.encode)
-        self.loss = torch.compile(self.loss, dynamic=True)
-
-    def flops(self, n, m):
-        """Training FLOPs of one sequence of n tokens with m decoded positions (x3 for backward)."""
-        H, I, V = self.cfg.n_embd, self.cfg.ffn_size, self.cfg.vocab_size
-        per_layer = n * (4 * H * H + 3 * H * I) + 2 * n * n * H
-        return 3 * 2 * (per_layer * self.cfg.n_layer + m * H * V)
 
 
 def stage_batch(stage, B, N, g):
@@ -162,27 +118,18 @@ def stage_batch(stage, B, N, g):
 
 
 def build(model_name, stage, N):
-    cfg = ConceptConfig(vocab_size=vocab_size, block_size=N, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                        n_concepts=n_concepts, ffn_size=ffn_size, n_dec_layer=n_dec_layer, pad_id=PAD_ID,
-                        mask_id=MASK_ID, shared_token_kv=shared_token_kv,
+    cfg = ConceptConfig(encoder=model_name, vocab_size=vocab_size, block_size=N, n_layer=n_layer, n_head=n_head,
+                        n_embd=n_embd, n_concepts=n_concepts, ffn_size=ffn_size, n_dec_layer=n_dec_layer,
+                        pad_id=PAD_ID, mask_id=MASK_ID, shared_token_kv=shared_token_kv and model_name == 'concept',
                         decoder={'mlm': 'perceiver', 'tsdae': 'posonly'}.get(stage, 'diffusion'))
-    if model_name == 'standard':
-        return StandardEncoder(cfg)
-    if stage == 'diffusion':
+    if stage in ('diffusion', 'generate'):
         cfg.n_dec_layer = 2
         return ConceptDiffusion(cfg)
     return ConceptMLM(cfg)
 
 
-def loss_and_decoded(model, model_name, stage, batch, g):
+def loss_and_decoded(model, stage, batch):
     idx, targets, visible = batch
-    if model_name == 'standard':
-        if stage == 'diffusion':  # the peer's diffusion: mask a fraction t ~ U(0.3, 1) and predict it
-            t = 0.3 + 0.7 * torch.rand(idx.shape[0], 1, generator=g)
-            picked = torch.rand(idx.shape, generator=g) < t
-            targets, idx = torch.where(picked, idx, -100), torch.where(picked, MASK_ID, idx)
-        loss = model(idx.to(device), targets.to(device))
-        return loss, int((targets != -100).sum())
     if stage == 'diffusion':
         _, loss, stats = model(idx.to(device), generator=torch.Generator(device=device).manual_seed(0))
     else:
@@ -194,7 +141,7 @@ def measure(spec):
     """One row, in this (fresh) process."""
     model_name, stage, N = spec.split(':')
     N = int(N)
-    B = max(1, tokens_per_batch // N)
+    B = 1 if stage == 'generate' else max(1, tokens_per_batch // N)  # sampling: one sequence, as a user waits for it
     if device_type == 'cpu' and mem_limit_gb > 0:
         limit = int(mem_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -204,8 +151,11 @@ def measure(spec):
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(0)
         model = build(model_name, stage, N).to(device)
+        if stage == 'generate':
+            row.update(measure_generate(model, B, N, ctx))
+            return finish_row(row)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device_type in ('cuda', 'cpu'))
-        encode = model.encode if model_name == 'standard' else model.encoder.forward  # eager, both
+        encode = model.encoder.forward  # eager, both
         if compile:  # as the training scripts compile the concept model
             model.compile_for_training(device_type)
         batches = [stage_batch(stage, B, N, g) for _ in range(2)]
@@ -215,15 +165,14 @@ def measure(spec):
             sync()
             t0 = time.perf_counter()
             with ctx:
-                loss, n_decoded = loss_and_decoded(model, model_name, stage, batches[step % 2], g)
+                loss, n_decoded = loss_and_decoded(model, stage, batches[step % 2])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync()
             if step >= warmup_steps:
                 step_times.append(time.perf_counter() - t0)
-                step_flops.append((model.flops(N, n_decoded / B) if model_name == 'standard'
-                                   else model.estimate_flops(N, n_decoded / B)) * B)
+                step_flops.append(model.estimate_flops(N, n_decoded / B) * B)
             step += 1
         # the median step: one step slowed down by a neighbour on a shared machine moves it little
         row['train_tokens_per_s'] = B * N / median(step_times)
@@ -242,6 +191,26 @@ def measure(spec):
         if 'memory' not in str(e).lower() and not isinstance(e, MemoryError):
             raise
         row['oom'] = True
+    return finish_row(row)
+
+
+def measure_generate(model, B, N, ctx):
+    """Sampling speed: generate() fills a fully masked sequence of N tokens in generate_steps
+    steps; tokens/s of finished text, the median of the timed runs (eager: no warm-up run)."""
+    idx = torch.full((B, N), MASK_ID, device=device)
+    times = []
+    with ctx:
+        while not timed_enough(times):
+            sync()
+            t0 = time.perf_counter()
+            model.generate(idx, steps=generate_steps, generator=torch.Generator(device=device).manual_seed(0))
+            sync()
+            times.append(time.perf_counter() - t0)
+    return {'steps': generate_steps, 'generate_tokens_per_s': B * N / median(times)}
+
+
+def finish_row(row):
+    """The row's peak memory."""
     if device_type == 'cuda':
         row['peak_mem_mb'] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -305,13 +274,15 @@ for stage in stage_list:
             rows.append(row)
             print(f"{stage:9s} N={N:6d} {model_name:8s} " + (
                 'out of memory' if row.get('oom') else f"crashed: {row['error']}" if 'error' in row else
+                f"generate {row['generate_tokens_per_s']:10,.0f} tok/s in {row['steps']} steps  "
+                f"peak {row['peak_mem_mb']:8,.0f} MB" if stage == 'generate' else
                 f"train {row['train_tokens_per_s']:10,.0f} tok/s  infer {row['infer_tokens_per_s']:11,.0f} tok/s  "
                 f"peak {row['peak_mem_mb']:8,.0f} MB  mfu {100 * row['mfu']:5.1f}%") +
                 f"  ({time.perf_counter() - t_row:.0f} s)", flush=True)
 
 print("\n| stage | N | concept train tok/s | standard train tok/s | train speed-up | infer speed-up | "
       "concept MB | standard MB | concept MFU |\n|---|---|---|---|---|---|---|---|---|")
-for stage in stage_list:
+for stage in [s for s in stage_list if s != 'generate']:
     for N in seq_len_list:
         c = next((r for r in rows if r['model'] == 'concept' and r['stage'] == stage and r['seq_len'] == N), None)
         s = next((r for r in rows if r['model'] == 'standard' and r['stage'] == stage and r['seq_len'] == N), None)
@@ -325,6 +296,17 @@ for stage in stage_list:
         infer = '-' if failed else f"{c['infer_tokens_per_s'] / s['infer_tokens_per_s']:.1f}x"
         print(f"| {stage} | {N} | {fmt(c, 'train_tokens_per_s')} | {fmt(s, 'train_tokens_per_s')} | {speed} | {infer} | "
               f"{fmt(c, 'peak_mem_mb')} | {fmt(s, 'peak_mem_mb')} | {fmt(c, 'mfu', '{:.1%}')} |")
+if 'generate' in stage_list:
+    print(f"\n| N | concept generate tok/s | standard generate tok/s | speed-up ({generate_steps} steps) |"
+          "\n|---|---|---|---|")
+    for N in seq_len_list:
+        c, s = (next((r for r in rows if r['model'] == m and r['stage'] == 'generate' and r['seq_len'] == N), {})
+                for m in ('concept', 'standard'))
+        rate = [f"{r['generate_tokens_per_s']:,.0f}" if 'generate_tokens_per_s' in r else 'oom' if r.get('oom') else '-'
+                for r in (c, s)]
+        both = all('generate_tokens_per_s' in r for r in (c, s))
+        speed = f"{c['generate_tokens_per_s'] / s['generate_tokens_per_s']:.1f}x" if both else '-'
+        print(f"| {N} | {rate[0]} | {rate[1]} | {speed} |")
 if json_out:
     machine = {'device': device, 'device_name': (torch.cuda.get_device_name() if device_type == 'cuda'
                                                  else platform.processor() or platform.machine()),

@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ConceptConfig:
+    encoder: str = 'concept'    # 'concept' (tokens -> C concepts) | 'standard' (the O(N²) peer, StandardEncoder)
     vocab_size: int = 8192      # the data directory's vocab_size (every id < vocab_size)
     block_size: int = 512       # the longest sequence; sizes the learned position tables
     n_layer: int = 2            # encoder layers (or, with recursive_iters, the default iteration count)
@@ -73,6 +74,7 @@ class ConceptConfig:
 
 
 DECODERS = ('weighted', 'perceiver', 'posonly', 'diffusion')
+ENCODERS = ('concept', 'standard')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ class CrossAttention(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional self-attention among the C concepts (never among tokens)."""
+    """Bidirectional self-attention: among the C concepts, or among the tokens in the standard arm."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -150,10 +152,10 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x):
+    def forward(self, x, key_mask=None):
         B, T, H = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, H // self.n_head).permute(2, 0, 3, 1, 4)
-        y = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, key_mask, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
 
 
@@ -256,16 +258,30 @@ class BiXTLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # the encoder
 
-class ConceptEncoder(nn.Module):
-    """tokens (B, N) -> concepts (B, C, H). Cost and memory are linear in N."""
+class Encoder(nn.Module):
+    """What both arms share: token and learned position embeddings, dropout on their sum."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.ln_tok = nn.LayerNorm(cfg.n_embd)  # one norm on the token stream, shared by all layers
         self.drop = nn.Dropout(cfg.dropout)
+
+    def embed(self, idx):
+        B, N = idx.shape
+        if N > self.cfg.block_size:
+            raise ValueError(f"sequence of {N} tokens exceeds block_size={self.cfg.block_size}")
+        pos = torch.arange(N, device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, N, H)
+
+
+class ConceptEncoder(Encoder):
+    """tokens (B, N) -> concepts (B, C, H). Cost and memory are linear in N."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.ln_tok = nn.LayerNorm(cfg.n_embd)  # one norm on the token stream, shared by all layers
         self.concepts = nn.Parameter(torch.randn(cfg.n_concepts, cfg.n_embd) * 0.02)
         n_distinct = 1 if cfg.recursive_iters > 0 else cfg.n_layer
         if cfg.bixt:  # the last distinct layer updates tokens only if it is applied again (recursion)
@@ -279,13 +295,6 @@ class ConceptEncoder(nn.Module):
     @property
     def n_iters(self):
         return self.cfg.recursive_iters if self.cfg.recursive_iters > 0 else self.cfg.n_layer
-
-    def embed(self, idx):
-        B, N = idx.shape
-        if N > self.cfg.block_size:
-            raise ValueError(f"sequence of {N} tokens exceeds block_size={self.cfg.block_size}")
-        pos = torch.arange(N, device=idx.device)
-        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, N, H)
 
     def forward(self, idx, attn_mask=None, n_iters=None):
         """idx: (B, N) token ids; attn_mask: (B, N) bool, True where the encoder may look (False
@@ -313,8 +322,76 @@ class ConceptEncoder(nn.Module):
         return self.ln_f(c)
 
 
+def adaln_modulation(adaLN, cond, packing=None):
+    """AdaLN-Zero (DiT): the timestep embedding cond (B, H) -> shift, scale and gate of two
+    sub-blocks, six tensors broadcast over each sample's rows: (B, 1, H), or (M', H) for the
+    packed rows of a Packing."""
+    m = adaLN(F.silu(cond))  # (B, 6H)
+    m = m[:, None, :] if packing is None else m[packing.sample()]
+    return m.chunk(6, dim=-1)
+
+
+class TokenLayer(nn.Module):
+    """Pre-LN transformer layer over the tokens, the standard arm's: every token attends to every
+    real token, O(N²), then the FFN. With time_cond (the standard diffusion denoiser, MDLM's
+    design) both sub-blocks are modulated by AdaLN-Zero, as in DiffusionLayer."""
+
+    def __init__(self, cfg, time_cond=False):
+        super().__init__()
+        self.time_cond = time_cond
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not time_cond)
+        self.self_attn = SelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not time_cond)
+        self.mlp = GatedMLP(cfg)
+        if time_cond:
+            self.adaLN = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
+
+    def forward(self, x, key_mask=None, cond=None):
+        """x (B, N, H); key_mask (B, N) True = may be attended; cond (B, H) with time_cond."""
+        if not self.time_cond:
+            x = x + self.self_attn(self.ln_1(x), key_mask)
+            return x + self.mlp(self.ln_2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(self.adaLN, cond)
+        x = x + gate1 * self.self_attn(self.ln_1(x) * (1 + scale1) + shift1, key_mask)
+        return x + gate2 * self.mlp(self.ln_2(x) * (1 + scale2) + shift2)
+
+
+class StandardEncoder(Encoder):
+    """tokens (B, N) -> token states (B, N, H): the standard bidirectional transformer encoder,
+    the peer the concept arm is measured against (encoder='standard'). Same embeddings, FFN,
+    norms and widths as the concept arm; its attention is O(N²) in compute (SDPA's fused kernels
+    keep its memory linear). What attn_mask hides (padding, TSDAE-deleted tokens) is masked as a
+    key and replaced by [MASK] at its own position, so no position sees a hidden token. As the
+    diffusion denoiser (time_cond) it reads the noise level t; without one it encodes clean text
+    (t = 0), which is what encode() and the evaluation heads ask of it."""
+
+    def __init__(self, cfg, time_cond=False):
+        super().__init__(cfg)
+        self.time_emb = TimestepEmbedding(cfg) if time_cond else None
+        self.layers = nn.ModuleList([TokenLayer(cfg, time_cond) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+
+    def forward(self, idx, attn_mask=None, n_iters=None, t=None):
+        """idx (B, N); attn_mask (B, N) bool, True where the encoder may look; t (B,) the noise
+        level, for the diffusion denoiser. n_iters is the concept arm's (recursion)."""
+        if attn_mask is not None:
+            idx = torch.where(attn_mask, idx, self.cfg.mask_id)
+        cond = None
+        if self.time_emb is not None:
+            cond = self.time_emb(t if t is not None else idx.new_zeros(idx.shape[0], dtype=torch.float))
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x, attn_mask, cond)
+        return self.ln_f(x)  # (B, N, H)
+
+
 # ----------------------------------------------------------------------------------------------
 # decoders: concepts -> hidden states at the positions that need them
+
+def gather_states(states, pos):
+    """states (B, N, H) at positions pos (B, M) -> (B, M, H)"""
+    return torch.gather(states, 1, pos[..., None].expand(-1, -1, states.shape[-1]))
+
 
 def gather_positions(select):
     """select: (B, N) bool -> pos (B, Mmax) long, valid (B, Mmax) bool.
@@ -753,10 +830,16 @@ def lm_cross_entropy(lm_head, h, labels, label_smoothing=0.0):
 # full models
 
 class ConceptLM(nn.Module):
-    """What every objective shares: the encoder, the lm_head, init, optimizer and FLOP count."""
+    """What every objective shares: the encoder, the lm_head, init, optimizer and FLOP count.
+
+    encoder='concept' reads the text into C concepts and a decoder reads them back out;
+    encoder='standard' is the peer: a StandardEncoder whose own token states feed the lm_head at
+    the positions that carry a loss (self.decoder is None), trained by the same objectives."""
 
     def __init__(self, cfg):
         super().__init__()
+        if cfg.encoder not in ENCODERS:
+            raise ConfigError(f"unknown encoder '{cfg.encoder}'; choose one of {', '.join(ENCODERS)}")
         if cfg.decoder not in DECODERS:
             raise ConfigError(f"unknown decoder '{cfg.decoder}'; choose one of {', '.join(DECODERS)}")
         if cfg.n_embd % cfg.n_head:
@@ -765,11 +848,29 @@ class ConceptLM(nn.Module):
             raise ConfigError("shared_token_kv=True needs static tokens, but bixt=True updates them; "
                               "set one of them False")
         self.cfg = cfg
-        self.encoder = ConceptEncoder(cfg)
+        self.standard = cfg.encoder == 'standard'
+        if self.standard:
+            concept_only = [k for k in ('bixt', 'recursive_iters', 'shared_token_kv', 'concept_losses') if getattr(cfg, k)]
+            if concept_only:
+                raise ConfigError(f"encoder='standard' has no concepts: {', '.join(concept_only)} apply to the concept "
+                                  f"arm only; leave them unset or use encoder='concept'")
+            if cfg.decoder == 'weighted':
+                raise ConfigError("decoder='weighted' mixes concepts, which encoder='standard' does not have; "
+                                  "its lm_head reads the token states (decoder='perceiver' for MLM, 'posonly' for TSDAE)")
+            if cfg.mask_id < 0:
+                raise ConfigError("encoder='standard' needs mask_id (from the data directory's meta.json)")
+            self.encoder = StandardEncoder(cfg, time_cond=cfg.decoder == 'diffusion' and cfg.time_cond)
+        else:
+            self.encoder = ConceptEncoder(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.reg_names = parse_concept_losses(cfg.concept_losses)
         self.loss_weighting = (ConceptLossWeighting(self.reg_names, cfg.loss_weighting, cfg.concept_loss_weight,
                                                     cfg.concept_loss_warmup) if self.reg_names else None)
+
+    def concept_stats(self, memory):
+        """{'concepts': memory} for the stats of the concept arm (the diagnostics read it); the
+        standard arm's token states are not a fixed set of C vectors, so it has none."""
+        return {} if self.standard else {'concepts': memory}
 
     def add_concept_losses(self, task_loss, concepts, step, stats):
         """In training with concept_losses set: the weighted total of the task loss and the
@@ -786,7 +887,7 @@ class ConceptLM(nn.Module):
         self.apply(self._init_weights)
         # scaled init of the residual projections (GPT-2): keeps the residual stream's variance
         # independent of depth
-        n_res = 2 * max(self.cfg.n_layer, self.cfg.recursive_iters) + 2 * self.cfg.n_dec_layer
+        n_res = 2 * max(self.cfg.n_layer, self.cfg.recursive_iters) + (0 if self.standard else 2 * self.cfg.n_dec_layer)
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight') or name.endswith('t_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_res))
@@ -854,7 +955,8 @@ class ConceptLM(nn.Module):
         if device_type == 'cpu':
             self.encoder.embed = torch.compiler.disable(self.encoder.embed)
         self.encoder.compile(options=options)
-        self.decoder.compile(dynamic=True, options=options)
+        if self.decoder is not None:
+            self.decoder.compile(dynamic=True, options=options)
         self.logits_and_ce = torch.compile(self.logits_and_ce, dynamic=True, options=options)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -872,6 +974,9 @@ class ConceptLM(nn.Module):
         """Forward FLOPs of the encoder for one sequence of n_tokens: linear in n_tokens."""
         cfg, N = self.cfg, n_tokens
         H, C, I = cfg.n_embd, cfg.n_concepts, cfg.ffn_size
+        if self.standard:  # QKV and out projections, QKᵀ and AV over N x N, FFN; AdaLN per sequence
+            per_layer = N * (4 * H * H + 3 * H * I) + 2 * N * N * H + (6 * H * H if self.encoder.layers[0].time_cond else 0)
+            return 2 * per_layer * cfg.n_layer
         concept_core = C * 4 * H * H + 2 * C * C * H + C * 3 * H * I  # self-attention, FFN
         if cfg.bixt:
             macs = C * 2 * H * H + N * 2 * H * H + 2 * C * N * H + C * H * H  # R, V; A; A V_t; out
@@ -888,7 +993,9 @@ class ConceptLM(nn.Module):
         """Forward FLOPs of decoding n_decoded positions of one sequence, lm_head included."""
         cfg, M = self.cfg, n_decoded
         H, C, I = cfg.n_embd, cfg.n_concepts, cfg.ffn_size
-        if cfg.decoder == 'weighted':
+        if self.standard:  # no decoder: the lm_head reads the token states
+            macs = 0
+        elif cfg.decoder == 'weighted':
             macs = M * (C * H + H * H)
         else:
             per_layer = M * (2 * H * H + 2 * C * H + 3 * H * I) + C * 2 * H * H
@@ -910,14 +1017,18 @@ class ConceptMLM(ConceptLM):
         super().__init__(cfg)
         if cfg.decoder == 'diffusion':
             raise ConfigError("decoder='diffusion' belongs to ConceptDiffusion (train_diffusion.py)")
-        self.decoder = MLMDecoder(cfg)
+        self.decoder = None if self.standard else MLMDecoder(cfg)
         self._finish_init()
 
-    def decode(self, concepts, idx, pos, packing=None):
+    def decode(self, memory, idx, pos, packing=None):
         """Hidden states (B, M, H) at positions pos (B, M) of the input idx; (M', H) at the valid
-        ones only, given the Packing of gather_positions' valid (B, M)."""
+        ones only, given the Packing of gather_positions' valid (B, M). memory: the concepts
+        (B, C, H), or the standard arm's token states (B, N, H), read at pos as they are."""
+        if self.standard:
+            h = gather_states(memory, pos)
+            return h if packing is None else packing.pack(h)
         tok = self.encoder.wte(torch.gather(idx, 1, pos)) if self.cfg.decoder == 'perceiver' else None
-        return self.decoder(concepts, pos, tok, packing)
+        return self.decoder(memory, pos, tok, packing)
 
     def forward(self, idx, targets=None, attn_mask=None, n_iters=None, step=0):
         """idx (B, N) input ids; targets (B, N) with IGNORE_INDEX where there is no loss;
@@ -933,12 +1044,12 @@ class ConceptMLM(ConceptLM):
             return self.lm_logits(self.decode(concepts, idx, pos)), None, {}
         pos, valid = gather_positions(targets != IGNORE_INDEX)
         if pos.shape[1] == 0:  # nothing to predict: a zero that still has a graph
-            return None, self.lm_head.weight.sum() * 0.0, {'n_pred': 0, 'n_correct': 0, 'concepts': concepts}
+            return None, self.lm_head.weight.sum() * 0.0, {'n_pred': 0, 'n_correct': 0, **self.concept_stats(concepts)}
         h = self.decode(concepts, idx, pos, Packing.of(valid))  # (M, H)
         labels = torch.gather(targets, 1, pos)[valid]         # (M,)
         logits, ce = self.logits_and_ce(h, labels)            # (M, V): never (B, N, V); (M,)
         loss = ce.mean()
-        stats = {'n_pred': labels.numel(), 'concepts': concepts}
+        stats = {'n_pred': labels.numel(), **self.concept_stats(concepts)}
         if not self.training:  # accuracy, for evaluation
             with torch.no_grad():
                 stats['n_correct'] = (logits.argmax(-1) == labels).sum()
@@ -992,12 +1103,7 @@ class DiffusionLayer(nn.Module):
         if not self.time_cond:
             q = q + self.cross_attn(self.ln_1(q), kv, packing=packing)
             return q + self.mlp(self.ln_2(q))
-        modulation = self.adaLN(F.silu(cond))  # (B, 6H)
-        if packing is None:
-            modulation = modulation[:, None, :]  # (B, 1, 6H)
-        else:  # the modulation of each packed row's sample
-            modulation = modulation[packing.sample()]
-        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(self.adaLN, cond, packing)
         q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, packing=packing)
         return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
 
@@ -1035,6 +1141,9 @@ class ConceptDiffusion(ConceptLM):
                give the encoder the partly masked sequence it has;
       prefix - like noisy, but a random-length prefix is never masked, as a prompt is never
                masked at sampling time (LLaDA's SFT recipe), so the model learns continuation.
+    With encoder='standard' the denoiser is MDLM's: transformer layers over the noisy sequence,
+    AdaLN-Zero-conditioned on t (time_cond), the lm_head on their states at the masked positions;
+    'clean' would show it the answer, so it takes 'noisy' or 'prefix'.
     """
 
     def __init__(self, cfg):
@@ -1044,12 +1153,15 @@ class ConceptDiffusion(ConceptLM):
             raise ConfigError(f"unknown condition '{cfg.condition}'; choose one of {', '.join(CONDITIONS)}")
         if cfg.mask_id < 0:
             raise ConfigError("ConceptDiffusion needs mask_id (from the data directory's meta.json)")
-        self.decoder = DiffusionDecoder(cfg)
+        if self.standard and cfg.condition == 'clean':
+            raise ConfigError("condition='clean' shows the clean text to the denoiser itself with encoder='standard'; "
+                              "use condition='noisy' or 'prefix'")
+        self.decoder = None if self.standard else DiffusionDecoder(cfg)
         self._finish_init()
-        for layer in self.decoder.layers:  # AdaLN-Zero: every layer starts as the identity
-            if cfg.time_cond:
-                nn.init.zeros_(layer.adaLN.weight)
-                nn.init.zeros_(layer.adaLN.bias)
+        for m in self.modules():  # AdaLN-Zero: every modulated layer starts as the identity
+            if getattr(m, 'adaLN', None) is not None:
+                nn.init.zeros_(m.adaLN.weight)
+                nn.init.zeros_(m.adaLN.bias)
 
     # --- the forward (noising) process
     def sample_t(self, B, generator, device):
@@ -1081,13 +1193,21 @@ class ConceptDiffusion(ConceptLM):
         return torch.where(masked, self.cfg.mask_id, idx), masked, maskable
 
     # --- the reverse model
-    def denoise(self, concepts, noisy, pos, t, packing=None):
-        """Hidden states (B, M, H) at positions pos of the noisy sequence, at noise level t (B,);
-        (M', H) at the valid ones only, given the Packing of gather_positions' valid (B, M)."""
-        return self.decoder(concepts, pos, self.encoder.wte(torch.gather(noisy, 1, pos)), t, packing)
+    def encode(self, idx, noisy, t, attn_mask=None):
+        """What the denoiser reads: the concepts (B, C, H) of the condition's input (clean idx or
+        the noisy ids); for the standard arm, its token states (B, N, H) of the noisy ids at t (B,)."""
+        if self.standard:
+            return self.encoder(noisy, attn_mask, t=t)
+        return self.encoder(idx if self.cfg.condition == 'clean' else noisy, attn_mask)
 
-    def encoder_input(self, idx, noisy):
-        return idx if self.cfg.condition == 'clean' else noisy
+    def denoise(self, memory, noisy, pos, t, packing=None):
+        """Hidden states (B, M, H) at positions pos of the noisy sequence, at noise level t (B,);
+        (M', H) at the valid ones only, given the Packing of gather_positions' valid (B, M).
+        memory: encode()'s output."""
+        if self.standard:
+            h = gather_states(memory, pos)
+            return h if packing is None else packing.pack(h)
+        return self.decoder(memory, pos, self.encoder.wte(torch.gather(noisy, 1, pos)), t, packing)
 
     def forward(self, idx, attn_mask=None, t=None, generator=None, step=0):
         """Training loss on a batch of clean ids (B, N). Returns (None, loss, stats).
@@ -1101,7 +1221,7 @@ class ConceptDiffusion(ConceptLM):
         if t is None:
             t = self.sample_t(B, generator, idx.device)
         noisy, masked, maskable = self.add_noise(idx, t, attn_mask, generator)
-        concepts = self.encoder(self.encoder_input(idx, noisy), attn_mask)
+        concepts = self.encode(idx, noisy, t, attn_mask)
         pos, valid = gather_positions(masked)
         packing = Packing.of(valid)
         h = self.denoise(concepts, noisy, pos, t, packing)                        # (M, H)
@@ -1112,7 +1232,7 @@ class ConceptDiffusion(ConceptLM):
             loss = (ce / t[row]).sum() / maskable.sum().clamp(min=1)
         else:
             loss = ce.mean()
-        stats = {'n_pred': labels.numel(), 'concepts': concepts}
+        stats = {'n_pred': labels.numel(), **self.concept_stats(concepts)}
         if not self.training:  # evaluation metrics: the plain cross-entropy and the accuracy
             with torch.no_grad():
                 stats['ce'] = F.cross_entropy(logits.float(), labels)
@@ -1133,7 +1253,7 @@ class ConceptDiffusion(ConceptLM):
         for k in range(n_grid):
             t = torch.full((B,), (k + 0.5) / n_grid, device=idx.device)
             noisy, masked, maskable = self.add_noise(idx, t, attn_mask, generator)
-            concepts = self.encoder(self.encoder_input(idx, noisy), attn_mask)
+            concepts = self.encode(idx, noisy, t, attn_mask)
             pos, valid = gather_positions(masked)
             logits = self.lm_logits(self.denoise(concepts, noisy, pos, t, Packing.of(valid)))
             nll = F.cross_entropy(logits.float(), torch.gather(idx, 1, pos)[valid], reduction='sum')
@@ -1178,7 +1298,7 @@ class ConceptDiffusion(ConceptLM):
                 if not eligible.any():
                     break
                 t = masked.sum(1) / n_real  # the model's noise level: the masked fraction
-                concepts = self.encoder(x, attn_mask)
+                concepts = self.encode(x, x, t, attn_mask)
                 pos, valid = gather_positions(masked & attn_mask)
                 logits = self.lm_logits(self.denoise(concepts, x, pos, t)).double()  # (B, M, V)
                 logits[..., self.cfg.special_ids] = -float('inf')  # never predict [MASK], pad, ...

@@ -43,7 +43,7 @@ POSITIVE = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_int
             'n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'n_dec_layer', 'learning_rate',
             'max_nonfinite_steps', 'bound_levels', 'eval_batch_size')
 NON_NEGATIVE = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip',
-                'recursive_iters', 'concept_loss_weight', 'concept_loss_warmup')
+                'recursive_iters', 'concept_loss_weight', 'concept_loss_warmup', 'max_minutes')
 FRACTIONS = {'dropout': (0, 1), 'beta1': (0, 1), 'beta2': (0, 1), 'deletion_rate': (0, 1), 't_min': (0, 1),
              'label_smoothing': (0, 1)}  # lo <= value < hi
 
@@ -242,14 +242,50 @@ def fixed_batches(data_dir, split, block_size, batch_size, n_batches, doc_aligne
 # ----------------------------------------------------------------------------------------------
 # schedule
 
-def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then flat (nanoGPT)."""
+def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, budget_fraction=None):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then flat (nanoGPT). A
+    time-budgeted run passes budget_fraction (training time spent / budget) instead of counting
+    to lr_decay_iters: the decay follows it and reaches min_lr at the end of the budget."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:
+    if budget_fraction is not None:
+        ratio = min(1.0, budget_fraction)
+    elif it >= lr_decay_iters:
         return min_lr
-    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    else:
+        ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+class Budget:
+    """When a run ends, and its learning rate: after max_iters iterations, or with max_minutes > 0
+    after that much training time, whatever max_iters says (crammedBERT's budgeted training).
+    Evaluation and checkpoints do not count against the budget; the cosine decay follows the spent
+    fraction of it. The ranks agree on the time spent once every log_interval iterations (the log
+    synchronises then anyway), so all of them take the same learning rate and stop at the same
+    iteration; a run can overrun its budget by up to log_interval steps. `spent` goes into the
+    checkpoint, so --init_from=resume continues the budget where it stopped."""
+
+    def __init__(self, rt, max_iters, max_minutes, log_interval, learning_rate, min_lr, warmup_iters,
+                 lr_decay_iters, spent=0.0):
+        self.rt, self.max_iters, self.log_interval = rt, max_iters, log_interval
+        self.schedule = (learning_rate, min_lr, warmup_iters, lr_decay_iters)
+        self.seconds = 60.0 * max_minutes
+        self.spent = self.clock = spent  # agreed by the ranks / this rank's own
+
+    def lr(self, it):
+        return get_lr(it, *self.schedule, budget_fraction=self.spent / self.seconds if self.seconds else None)
+
+    def done(self, it):
+        return self.spent >= self.seconds if self.seconds else it >= self.max_iters
+
+    def step_begins(self):
+        self.t0 = time.time()
+
+    def step_ends(self, it):
+        self.clock += time.time() - self.t0
+        if self.seconds and it % self.log_interval == 0:
+            self.spent = all_reduce_mean(self.clock, self.rt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,6 +411,11 @@ def git_commit():
         return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def erank_text(metrics):
+    """', concept erank X' for the evaluation line; nothing for the standard arm, which has no concepts."""
+    return f", concept erank {metrics['erank']:.2f}" if 'erank' in metrics else ''
 
 
 class RunLog:
@@ -518,7 +559,7 @@ def restore_training_state(ckpt, optimizer, scaler, sampler, rt):
 
 
 def save_training_checkpoint(rt, path, stage, raw_model, optimizer, scaler, model_args, config, iter_num,
-                             best_val_loss, sampler, meta, data_dir):
+                             best_val_loss, sampler, meta, data_dir, train_seconds=0.0):
     """Called on every rank (each contributes its RNG state); rank 0 writes ckpt.pt atomically.
     Its contents are tensors and plain Python values only (it loads with weights_only=True); the
     tokenizer recipe and data directory travel along, so eval_glue.py and sample.py need only --ckpt."""
@@ -529,7 +570,7 @@ def save_training_checkpoint(rt, path, stage, raw_model, optimizer, scaler, mode
         'stage': stage, 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict() if scaler.is_enabled() else None,
         'model_args': model_args, 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-        'rng': rng_states, 'sampler': sampler.state_dict(), 'tokenizer': meta['tokenizer'],
+        'rng': rng_states, 'sampler': sampler.state_dict(), 'train_seconds': train_seconds, 'tokenizer': meta['tokenizer'],
         'special_tokens': meta['special_tokens'], 'data_dir': os.path.abspath(data_dir)})
 
 
@@ -590,6 +631,9 @@ def concept_geometry(ckpt_path, data_dir=None, split='val', n_batches=10, batch_
     windows of clean text from a prepared data directory (by default the checkpoint's own)."""
     from model import average_diagnostics, concept_diagnostics
     model, ckpt = load_model(ckpt_path, device)
+    if model.standard:
+        raise ConfigError(f"{ckpt_path} is an encoder='standard' checkpoint: its token states are not a fixed set of "
+                          f"C concept vectors, so the collapse diagnostics do not apply")
     data_dir = data_dir or ckpt['data_dir']
     check_vocab(ckpt, prepare_data.load_meta(data_dir), ckpt_path, data_dir)
     batches = fixed_batches(data_dir, split, model.cfg.block_size, batch_size, n_batches, True, seed, 0, device)

@@ -34,6 +34,7 @@ block_size = 256                 # tokens per window
 gradient_accumulation_steps = 1  # global: divided by the number of processes
 doc_aligned = True               # windows start at a document start
 # model
+encoder = 'concept'               # 'concept' | 'standard': the O(N²) transformer peer, same blocks and objective
 n_layer = 2
 n_head = 8
 n_embd = 512
@@ -69,6 +70,7 @@ beta2 = 0.999
 grad_clip = 1.0                  # 0 disables clipping
 warmup_iters = 100
 lr_decay_iters = 0               # 0: equal to max_iters
+max_minutes = 0.0                # >0: train this long (evaluation not counted), decay over the budget; max_iters unused
 min_lr = 5e-5
 max_nonfinite_steps = 10         # consecutive skipped (non-finite) steps before the run stops
 # system
@@ -110,7 +112,7 @@ val_batches = runtime.fixed_batches(data_dir, 'val', block_size, batch_size, eva
 # ----------------------------------------------------------------------------------------------
 # model
 
-model_keys = ['n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'n_dec_layer', 'bixt',
+model_keys = ['encoder', 'n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'n_dec_layer', 'bixt',
               'recursive_iters', 'shared_token_kv', 'tie_weights', 'block_size', 'condition', 'time_cond', 't_min',
               'stratified_t', 'label_smoothing', 'elbo_weight',
               'concept_losses', 'concept_loss_weight', 'concept_loss_warmup', 'loss_weighting',
@@ -121,7 +123,7 @@ model_args.update(decoder='diffusion', vocab_size=meta['vocab_size'], pad_id=spe
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 model, model_args, ckpt = runtime.build_model('diffusion', ConceptDiffusion, ConceptConfig, model_args, init_from,
                                               ckpt_path, meta, data_dir, rt)
-rt.print0(f"ConceptDiffusion: {model.get_num_params() / 1e6:.2f}M parameters, condition={model.cfg.condition}, "
+rt.print0(f"ConceptDiffusion: {model.get_num_params() / 1e6:.2f}M parameters, encoder={model.cfg.encoder}, condition={model.cfg.condition}, "
           f"time_cond={model.cfg.time_cond}, bixt={model.cfg.bixt}, recursive_iters={model.cfg.recursive_iters}")
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
@@ -129,6 +131,8 @@ scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
 iter_num, best_val_loss = 0, float('inf')
 if ckpt is not None:
     iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows, rt)
+budget = runtime.Budget(rt, max_iters, max_minutes, log_interval, learning_rate, min_lr, warmup_iters, lr_decay_iters,
+                        spent=ckpt.get('train_seconds', 0.0) if ckpt else 0.0)
 ckpt = None  # free memory
 optimizer_step = runtime.OptimizerStep(optimizer, scaler, grad_clip, max_nonfinite_steps, ckpt_path, rt)
 
@@ -155,7 +159,8 @@ def evaluate():
         n_correct += int(stats['n_correct'])
         bound_sum += bound
         n_tokens += tokens
-        geometry.append(concept_diagnostics(stats['concepts']))
+        if 'concepts' in stats:  # the concept arm's (model.ConceptLM.concept_stats)
+            geometry.append(concept_diagnostics(stats['concepts']))
     raw_model.train()
     bound = bound_sum / max(1, n_tokens)
     metrics = {'val_loss': ce_sum / len(val_batches), 'val_accuracy': n_correct / max(1, n_pred),
@@ -171,27 +176,29 @@ log = runtime.RunLog(rt, out_dir, config, 'train_diffusion.py', wandb_log, wandb
 meter = runtime.Throughput(rt)
 train_loss, tokens_seen = None, iter_num * tokens_per_iter
 while True:
-    lr = runtime.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
+    lr = budget.lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
 
-    if iter_num % eval_interval == 0 or iter_num == max_iters:
+    if iter_num % eval_interval == 0 or budget.done(iter_num):
         metrics = evaluate()
         val_nll_bound = metrics['val_nll_bound']
         rt.print0(f"step {iter_num}: train loss {'-' if train_loss is None else f'{train_loss:.4f}'}, "
                   f"val loss {metrics['val_loss']:.4f}, "
                   f"val accuracy {metrics['val_accuracy']:.4f}, val nll bound {val_nll_bound:.4f} "
-                  f"(ppl <= {metrics['val_ppl_bound']:.1f}), concept erank {metrics['erank']:.2f}")
+                  f"(ppl <= {metrics['val_ppl_bound']:.1f}){runtime.erank_text(metrics)}")
         log.log_eval({'iter': iter_num, 'train_loss': train_loss, **metrics, 'lr': lr, 'tokens_seen': tokens_seen})
         improved = val_nll_bound < best_val_loss  # the bound is the comparable number across settings
         best_val_loss = min(best_val_loss, val_nll_bound)
         if iter_num > 0 and (improved or always_save_checkpoint):  # on every rank: each adds its RNG state
             runtime.save_training_checkpoint(rt, ckpt_path, 'diffusion', raw_model, optimizer, scaler, model_args,
-                                             config, iter_num, best_val_loss, train_windows, meta, data_dir)
-    if iter_num >= max_iters:
+                                             config, iter_num, best_val_loss, train_windows, meta, data_dir,
+                                             budget.spent)
+    if budget.done(iter_num):
         break
 
     # one optimizer step over `accum` micro-batches
+    budget.step_begins()
     step_loss, n_pred_step = 0.0, 0
     for micro, (idx, nseed) in enumerate(train_windows.next_step()):
         if rt.ddp:
@@ -209,6 +216,7 @@ while True:
     meter.add(tokens_per_iter, raw_model.estimate_flops(block_size, 0) * batch_size * gradient_accumulation_steps
               + 3 * raw_model.decoder_flops(n_pred_step) * rt.world_size)
     iter_num += 1
+    budget.step_ends(iter_num)
     if iter_num % log_interval == 0:
         rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, {meter.report()}")
 

@@ -22,6 +22,18 @@ def test_bench_writes_rows_for_both_models(tmp_path):
             assert r[key] > 0, (key, r)
 
 
+def test_generate_rows_for_both_arms(tmp_path):
+    out = tmp_path / 'g.json'
+    run = run_script('bench.py', '--n_layer=1', '--n_head=2', '--n_embd=32', '--n_concepts=8', '--ffn_size=64',
+                     '--vocab_size=256', '--seq_lens=64', '--stages=generate', '--generate_steps=3', '--timed_steps=1',
+                     '--dtype=float32', f'--json={out}')
+    rows = json.loads(out.read_text())['rows']
+    assert {(r['model'], r['stage']) for r in rows} == {('concept', 'generate'), ('standard', 'generate')}
+    for r in rows:
+        assert r['steps'] == 3 and r['batch_size'] == 1 and r['generate_tokens_per_s'] > 0, r
+    assert 'standard generate tok/s' in run.stdout
+
+
 def test_bad_settings_are_one_line_before_any_work(tmp_path):
     for arg, message in (('--stages=mlmm', "mlmm; use mlm, tsdae, diffusion"),
                          ('--seq_lens=0', '0; use positive integers'), (f'--json={tmp_path}', 'not a file')):

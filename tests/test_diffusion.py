@@ -203,10 +203,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     assert float(out.stdout.strip().splitlines()[-1]) < 1024
 
 
-def test_stage_lowers_the_bound_and_samples(data_dir, tmp_path):
+@pytest.mark.parametrize('arm', ['concept', 'standard'])
+def test_stage_lowers_the_bound_and_samples(data_dir, tmp_path, arm):
     out_dir = str(tmp_path / 'diff')
     run_script('train_diffusion.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out_dir}', '--max_iters=60',
-               '--eval_interval=30', '--bound_levels=4')
+               '--eval_interval=30', '--bound_levels=4', f'--encoder={arm}')
     records = read_log(out_dir)
     assert records[-1]['val_nll_bound'] < records[0]['val_nll_bound'] - 0.3
     assert records[-1]['val_ppl_bound'] == pytest.approx(math.exp(records[-1]['val_nll_bound']))

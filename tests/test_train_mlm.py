@@ -84,7 +84,7 @@ def test_smoke_logs_and_checkpoint(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize('variant', [['--decoder=perceiver'], ['--decoder=posonly'], ['--decoder=weighted'],
-                                     ['--bixt=True'], ['--recursive_iters=2']])
+                                     ['--bixt=True'], ['--recursive_iters=2'], ['--encoder=standard']])
 def test_loss_falls_on_real_text(data_dir, tmp_path, variant):
     out = str(tmp_path / 'run')
     run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=60',
@@ -97,9 +97,11 @@ def final_weights(out):
     return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
 
 
-def test_resume_is_exact(data_dir, tmp_path):
+@pytest.mark.parametrize('arm', ['concept', 'standard'])
+def test_resume_is_exact(data_dir, tmp_path, arm):
     """N iterations + resume + N iterations == 2N uninterrupted, bit for bit (CPU, float32)."""
-    common = [*TINY, f'--dataset={data_dir}', '--lr_decay_iters=8', '--eval_interval=2', '--dropout=0.1']
+    common = [*TINY, f'--dataset={data_dir}', '--lr_decay_iters=8', '--eval_interval=2', '--dropout=0.1',
+              f'--encoder={arm}']
     straight, halves = str(tmp_path / 'straight'), str(tmp_path / 'halves')
     run_script('train_mlm.py', *common, f'--out_dir={straight}', '--max_iters=8')
     run_script('train_mlm.py', *common, f'--out_dir={halves}', '--max_iters=4')
@@ -126,9 +128,11 @@ def torchrun_mlm(*args):
     return res
 
 
-def test_ddp_two_processes_match_gradient_accumulation(data_dir, tmp_path):
+@pytest.mark.parametrize('arm', ['concept', 'standard'])
+def test_ddp_two_processes_match_gradient_accumulation(data_dir, tmp_path, arm):
     """2 gloo processes x accumulation 1 == 1 process x accumulation 2 (same data, same noise)."""
-    common = [*TINY, f'--dataset={data_dir}', '--max_iters=3', '--eval_interval=3', '--gradient_accumulation_steps=2']
+    common = [*TINY, f'--dataset={data_dir}', '--max_iters=3', '--eval_interval=3', '--gradient_accumulation_steps=2',
+              f'--encoder={arm}']
     single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
     run_script('train_mlm.py', *common, f'--out_dir={single}')
     res = torchrun_mlm(*common, f'--out_dir={ddp}')
