@@ -7,6 +7,10 @@ and let ConceptDiffusion.generate() unmask them over a number of steps.
     python sample.py --ckpt=... --text="The ___ of the ___ is returned."      # infill every ___
 
 The tokenizer comes from the checkpoint (its recipe and the data directory it was trained on).
+After the samples (quality=True) come signs of their quality that need no other model: the longest
+run of one repeated token, the share of distinct tokens and the share of word bigrams that occur in
+the training split, each beside the same numbers for real validation text and for samples of the
+unigram distribution, and the validation split's unigram cross-entropy beside the run's NLL bound.
 """
 import os
 import re
