@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TINY := config/tiny.py --dataset=data/pydocs
 SMALL_BATCH := --batch_size=32 --eval_iters=10
-SAMPLE := --prompt="Return the" --num_samples=3 --length=48 --steps=48 --block_len=1 --temperature=0.8 --top_k=40
+SAMPLE := --prompt="Return the" --num_samples=3 --length=48 --steps=48 --block_len=1 --top_k=100
 
 .PHONY: venv quickstart test clean
 
