@@ -309,7 +309,8 @@ def test_sample_quality_measures_count_repeats_distinct_tokens_and_seen_bigrams(
     word_id, codes = q['training_bigrams'](WordTokenizer(), np.array([0, 1, 2, 3, 2, 0, 3]), 3)
     seen = lambda text: q['bigrams_seen']([text], word_id, codes)  # noqa: E731
     assert seen('alpha beta, gamma.') == (2, 2) and seen('gamma alpha') == (1, 1)
-    assert seen('gamma gamma') == (0, 1)                     # not across documents
+    assert seen('gamma gamma') == (0, 1)                     # not across documents,
+    assert seen('gamma endofdoc gamma') == (0, 2)            # nor with the end-of-document token's name
     assert seen('beta alpha') == (0, 1) and seen('alpha delta beta') == (0, 2) and seen('alpha') == (0, 0)
 
 
