@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, TINY, read_log, run_script
+from conftest import ROOT, TINY, load_function, read_log, run_script
 from model import ConceptConfig, ConceptDiffusion, DiffusionLayer, Packing, gather_positions
 
 SPECIAL = dict(eod_id=96, pad_id=97, mask_id=98, cls_id=99, sep_id=95)
@@ -216,8 +216,28 @@ def test_stage_lowers_the_bound_and_samples(data_dir, tmp_path, arm):
     chunks = out.stdout.split('-' * 80 + '\n')  # trajectory, then one chunk per sample (text may hold newlines)
     steps = re.findall(r'^step +\d+: (.*)$', chunks[0], flags=re.M)
     assert len(steps) == 7 and '_' in steps[0] and steps[-1].startswith('Return the')
-    samples = [c for c in chunks[1:] if c]
+    samples, report = chunks[1:-1], chunks[-1]
     assert len(samples) == 2 and all(s.startswith('Return the') and '<|mask|>' not in s for s in samples)
+    # the quality report: the samples beside real text and unigram samples, and the unigram level
+    rows = re.findall(r'^(these 2 samples|\d+ validation documents\' starts|32 unigram samples) +(\d+) +([\d.]+) +([\d.]+) '
+                      r'\((\d+) bigrams\)$', report, flags=re.M)
+    assert [r[0] for r in rows] == ['these 2 samples', "32 validation documents' starts", '32 unigram samples']
+    assert all(1 <= int(r[1]) <= 24 and 0 < float(r[2]) <= 1 and 0 <= float(r[3]) <= 1 for r in rows), report
+    assert float(rows[1][3]) > float(rows[2][3])  # real text's bigrams occur in training more than salad's
+    import numpy as np
+    import prepare_data
+    train, _ = prepare_data.open_split(data_dir, 'train')
+    val, _ = prepare_data.open_split(data_dir, 'val')
+    specials = prepare_data.load_tokenizer(data_dir).special_ids
+    counts = load_function('sample.py', 'unigram_counts', np=np)(train, 1024, specials)
+    unigram_ce = load_function('sample.py', 'unigram_cross_entropy', np=np)(counts, val, specials)
+    line = re.search(r"validation unigram cross-entropy: ([\d.]+) nats/token; this run's best val_nll_bound: "
+                     r"([\d.]+), ([\d.]+) nats (under|above) it", report)
+    assert line and float(line[1]) == pytest.approx(unigram_ce, abs=1e-3), report
+    bound = min(r['val_nll_bound'] for r in records)
+    assert float(line[2]) == pytest.approx(bound, abs=1e-3)
+    assert float(line[3]) == pytest.approx(abs(unigram_ce - bound), abs=2e-3)
+    assert line[4] == ('under' if bound < unigram_ce else 'above')
 
 
 def test_sample_refuses_a_non_diffusion_checkpoint(data_dir, tmp_path):
@@ -261,3 +281,49 @@ def test_sample_says_when_it_cuts_and_refuses_when_nothing_is_left_to_fill(data_
         assert out.returncode == 0, (args, out.stderr)
         notes_printed = [line for line in out.stderr.splitlines() if line.startswith('note:')]
         assert len(notes_printed) == 1 and notes_printed[0].startswith(note), (args, out.stderr)
+
+
+def quality_functions():
+    import numpy as np
+    words = load_function('sample.py', 'words', re=re)
+    word_pairs = load_function('sample.py', 'word_pairs', words=words)
+    return {name: load_function('sample.py', name, np=np, re=re, words=words, word_pairs=word_pairs)
+            for name in ('longest_repeat', 'distinct_share', 'training_bigrams', 'bigrams_seen', 'unigram_counts',
+                         'unigram_cross_entropy')}
+
+
+def test_sample_quality_measures_count_repeats_distinct_tokens_and_seen_bigrams():
+    import numpy as np
+    q = quality_functions()
+    assert q['longest_repeat']([5, 5, 5, 1, 5, 5]) == 3 and q['longest_repeat']([1, 2, 3]) == 1
+    assert q['longest_repeat']([]) == 0 and q['longest_repeat']([7] * 9) == 9
+    assert q['distinct_share']([1, 2, 2, 2]) == 0.5 and q['distinct_share']([4, 5, 6]) == 1.0
+
+    class WordTokenizer:  # one id per word; id 3 ends a document
+        vocab = ['alpha ', 'beta ', 'gamma ', '<|endofdoc|>']
+
+        def decode(self, ids):
+            return ''.join(self.vocab[i] for i in np.asarray(ids).tolist())
+
+    # two documents: "alpha beta gamma" and "gamma alpha"; "gamma gamma" spans the boundary
+    word_id, codes = q['training_bigrams'](WordTokenizer(), np.array([0, 1, 2, 3, 2, 0, 3]), 3)
+    seen = lambda text: q['bigrams_seen']([text], word_id, codes)  # noqa: E731
+    assert seen('alpha beta, gamma.') == (2, 2) and seen('gamma alpha') == (1, 1)
+    assert seen('gamma gamma') == (0, 1)                     # not across documents,
+    assert seen('gamma endofdoc gamma') == (0, 2)            # nor with the end-of-document token's name
+    assert seen('beta alpha') == (0, 1) and seen('alpha delta beta') == (0, 2) and seen('alpha') == (0, 0)
+
+
+def test_unigram_cross_entropy_is_the_smoothed_training_frequencies_on_val():
+    import numpy as np
+    q = quality_functions()
+    special = [4]  # vocabulary 0..4, id 4 special: it is neither counted nor scored
+    counts = q['unigram_counts'](np.array([0, 0, 0, 1, 4, 4, 2, 0], dtype=np.uint16), 5, special)
+    assert counts.tolist() == [4, 1, 1, 0, 0]
+    # add-one over the 4 ordinary ids: p = (5, 2, 2, 1) / 10
+    val = np.array([0, 3, 4, 1], dtype=np.uint16)
+    expected = -(math.log(0.5) + math.log(0.1) + math.log(0.2)) / 3
+    assert q['unigram_cross_entropy'](counts, val, special) == pytest.approx(expected)
+    # the same numbers whatever the chunking of the count (a split longer than one chunk)
+    long = np.tile(np.array([0, 1, 2, 4], dtype=np.uint16), (1 << 22) + 1)
+    assert q['unigram_counts'](long, 5, special).tolist() == [(1 << 22) + 1] * 3 + [0, 0]
