@@ -182,8 +182,15 @@ def read_tsv(path):
     if not os.path.isfile(path):
         raise prepare_data.DataError(f"{path} not found; --data_dir must hold the GLUE layout "
                                      f"(<TASK>/train.tsv, dev.tsv, SICK/SICK.txt, PAWS/train.tsv), or '' for the hub")
-    with open(path, encoding='utf-8', errors='replace', newline='\n') as f:
-        return [line.rstrip('\r\n').split('\t') for line in f if line.strip()]
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        text = raw.decode('utf-8-sig')
+    except UnicodeDecodeError:
+        text = raw.decode('utf-8-sig', errors='replace')
+        print(f"note: {path} is not UTF-8: {text.count(chr(0xFFFD))} undecodable bytes read as U+FFFD "
+              f"(re-encode it as UTF-8 for exact text)")
+    return [line.rstrip('\r').split('\t') for line in text.split('\n') if line.strip()]
 
 
 def rows_to_split(task, rows, col_a, col_b, col_y, n_cols):
@@ -638,8 +645,8 @@ def fit_logistic(X, y, n_classes, lam, init=None):
     d = X.shape[1]
     W = (init[0].clone() if init else torch.zeros(d, n_classes)).requires_grad_(True)
     b = (init[1].clone() if init else torch.zeros(n_classes)).requires_grad_(True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=200, history_size=20, tolerance_grad=1e-6,
-                            tolerance_change=1e-9, line_search_fn='strong_wolfe')
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=100, history_size=20, tolerance_grad=1e-5,
+                            tolerance_change=1e-7, line_search_fn='strong_wolfe')
 
     def closure():
         opt.zero_grad()
@@ -687,7 +694,7 @@ def fit_probe(X, y, n_labels, metrics):
     its first metric (ties: by its loss; a small holdout often ties), then refitted on the whole
     training split. Returns (model, λ)."""
     fit_rows, hold_rows = holdout_split(len(y))
-    best, best_lam, init = None, REG_GRID[0], None
+    best, best_lam, best_model, init = None, REG_GRID[0], None, None
     if len(hold_rows):
         X_fit, X_hold = take_rows(X, fit_rows), take_rows(X, hold_rows)
         for lam in REG_GRID:
@@ -696,8 +703,8 @@ def fit_probe(X, y, n_labels, metrics):
             s = (score(linear_predict(model, X_hold), y[hold_rows], metrics[:1])[metrics[0]],
                  -linear_loss(model, X_hold, y[hold_rows]))
             if best is None or s > best:
-                best, best_lam = s, lam
-    return fit_linear(X, y, n_labels, best_lam), best_lam
+                best, best_lam, best_model = s, lam, model
+    return fit_linear(X, y, n_labels, best_lam, best_model if n_labels > 1 else None), best_lam
 
 
 def standardise(train, *others):
@@ -1052,6 +1059,12 @@ def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir_tok='
     similarity between these vectors is what head=cosine scores on STS-B and SICK-R."""
     if isinstance(texts, str):
         texts = [texts]
+    texts = list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        bad = next(t for t in texts if not isinstance(t, str))
+        raise ConfigError(f"encode() takes a string or a list of strings, got a {type(bad).__name__} among them")
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
     check_max_len(max_len, False)
     model, tok = load_encoder(ckpt, device, data_dir_tok)
     length = min(max_len, model.cfg.block_size)

@@ -681,3 +681,21 @@ def test_cli_probe_with_random_init_control(ckpts, tmp_path):
     bad = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--control=random',
                      check=False)
     assert bad.returncode != 0 and 'Traceback' not in bad.stderr and "unknown control 'random'" in bad.stderr
+
+
+def test_encode_refuses_what_is_not_text_in_one_line(ckpts):
+    with pytest.raises(G.ConfigError, match='list of strings, got a int'):
+        G.encode(['fine', 3], ckpts['mlm'])
+    with pytest.raises(G.ConfigError, match='batch_size'):
+        G.encode(['fine'], ckpts['mlm'], batch_size=0)
+
+
+def test_a_tsv_that_is_not_utf8_is_read_with_a_note(tmp_path, capsys):
+    os.makedirs(tmp_path / 'SST-2')
+    for stem in ('train', 'dev'):
+        (tmp_path / 'SST-2' / f'{stem}.tsv').write_bytes('\ufeffsentence\tlabel\ncaf\u00e9 ok\t1\nbad\t0\n'.encode('utf-8')
+                                                         if stem == 'train' else
+                                                         'sentence\tlabel\ncaf\u00e9 ok\t1\n'.encode('latin-1'))
+    data = G.load_task('sst2', str(tmp_path))
+    assert data['train']['a'] == ['caf\u00e9 ok', 'bad'] and data['skipped'] == {'train.tsv': 0, 'dev.tsv': 0}
+    assert 'dev.tsv is not UTF-8: 1 undecodable bytes' in capsys.readouterr().out
