@@ -24,11 +24,25 @@ Heads (--head):
     pair     a and b encoded apart and pooled; features [a; b; |a-b|; a*b] -> linear (one-sentence
              tasks: the pool head)
     decoder  the pretrained decoder read out at every position, mean over real tokens -> linear
+    probe    the encoder frozen (SentEval's protocol): mean-pooled features computed once per
+             example (a pair encoded apart: [a; b; |a-b|; a*b]), standardised, then ridge regression
+             (closed form) or multinomial logistic regression (L-BFGS); the L2 strength is chosen
+             on a fixed 20% holdout of the training split, never on the reported dev set
     cosine   zero-shot: cosine of the mean-pooled concepts of a and b (stsb, sick_r)
+Pooling goes through pooled(), the one place that knows the encoder arm: the concept arm pools
+its C concepts, the standard arm (cfg.encoder == 'standard') its real tokens only.
+
+Controls in every result: 'majority' (below) and 'bow', a tf-idf bag of word unigrams and
+bigrams fitted on the same training examples with the probe's own linear model and holdout;
+--control=random_init also runs the same head and protocol on the same architecture with
+untrained weights (one draw per seed). The table marks each score against them ('>bow' clears
+it; with several seeds, by more than the larger seed spread). Results are written atomically
+after each task, so an interrupted run keeps the tasks it finished.
 
 Protocol: crammedBERT's (Geiping & Goldstein 2023): one global set of hyperparameters for every
 task, brief fine-tuning (5 epochs; 3 for the large qqp, mnli, qnli, as in the original), batch 16,
-lr 4e-5, 10% warmup then cosine decay, AdamW (0.9, 0.98), no weight decay, max_len 128. The
+lr 4e-5, 10% warmup then cosine decay, AdamW (0.9, 0.98), no weight decay, max_len 128, and
+head_learning_rate for the new head (see the README for the setting measured at small scale). The
 headline is the LAST epoch's score (mean and sample std over seeds); the best epoch on
 validation is reported beside it, separately: choosing it on the set one reports is optimistic,
 which is what the original project did (load_best_model_at_end). Every metric is on a 0-100

@@ -581,7 +581,7 @@ def test_pooling_ignores_padding_for_token_states_and_means_concepts():
     with torch.no_grad():
         scorer.weight.fill_(10.0)
         scorer.bias.zero_()
-    assert G.pooled(standard, idx, mask, scorer)[0, 0] == pytest.approx(3.0, abs=1e-3)  # the padded 99s get none
+        assert G.pooled(standard, idx, mask, scorer)[0, 0].item() == pytest.approx(3.0, abs=1e-3)  # 99s get none
 
 
 def test_random_init_control_is_the_same_architecture_untrained(ckpts):
