@@ -313,7 +313,7 @@ def synthetic_data(pair=False, regression=False, n_train=160, n_eval=64):
             'evals': {'synthetic': split(synthetic(n_eval, 2, pair, regression))}, 'skipped': {}}
 
 
-FAST = dict(learning_rate=3e-3, batch_size=16, dropout=0.0, epochs=4, warmup_steps=4)
+FAST = dict(learning_rate=3e-3, head_learning_rate=0.0, batch_size=16, dropout=0.0, epochs=4, warmup_steps=4)
 
 
 @pytest.mark.parametrize('stage,head,pair', [('mlm', 'pool', False), ('mlm', 'pair', True), ('mlm', 'decoder', False),
