@@ -1092,8 +1092,11 @@ def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir_tok='
 
 # ----------------------------------------------------------------------------------------------
 
-def check_settings(seeds, hp, head, task_list):
+def check_settings(seeds, hp, head, task_list, max_train=0, max_eval=0):
     """The settings' ranges, before anything loads; returns the seeds as a list of ints."""
+    for name, value in (('max_train_examples', max_train), ('max_eval_examples', max_eval)):
+        if not value >= 0:
+            raise ConfigError(f"{name}={value!r} must be >= 0 (0 = all examples)")
     parts = [s.strip() for s in str(seeds).split(',') if s.strip()]
     if not parts or not all(p.isascii() and p.isdigit() for p in parts) or len({int(p) for p in parts}) < len(parts):
         raise ConfigError(f"seeds={seeds!r} must be distinct non-negative integers, comma-separated "
@@ -1171,7 +1174,7 @@ def main():
         raise ConfigError(f"head=cosine scores sentence similarity without training: tasks stsb and sick_r only, "
                           f"not {', '.join(t for t in task_list if TASKS[t][1] != 1)}")
     hp = {k: globals()[k] for k in HPARAMS}
-    seed_list = check_settings(seeds, hp, head, task_list)
+    seed_list = check_settings(seeds, hp, head, task_list, max_train_examples, max_eval_examples)
 
     path = out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f'glue_{head}.json')
     check_out(path)

@@ -411,6 +411,13 @@ def test_settings_out_of_range_are_one_clear_error(seeds, override, match):
         G.check_settings(seeds, {**GOOD_HP, **override}, 'pool', ['sst2'])
 
 
+def test_negative_example_counts_are_one_clear_error():
+    with pytest.raises(G.ConfigError, match='max_train_examples=-5 must be >= 0'):
+        G.check_settings('1', GOOD_HP, 'probe', ['sst2'], max_train=-5)
+    with pytest.raises(G.ConfigError, match='max_eval_examples'):
+        G.check_settings('1', GOOD_HP, 'probe', ['sst2'], max_eval=-1)
+
+
 def test_settings_in_range_pass_and_max_len_counts_the_joined_pair():
     assert G.check_settings('1, 2,3,', GOOD_HP, 'pool', ['sst2']) == [1, 2, 3]
     assert G.check_settings('0', {**GOOD_HP, 'epochs': 0, 'dropout': 0.0, 'max_len': 2}, 'pool', ['sst2']) == [0]
