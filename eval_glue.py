@@ -611,7 +611,7 @@ def predict(clf, enc, batch_size, device, autocast=nullcontext):
 # ----------------------------------------------------------------------------------------------
 # linear models on fixed features: the probe head and the bag-of-words baseline share them
 
-REG_GRID = tuple(10.0 ** k for k in range(2, -6, -1))  # λ candidates, strongest first (ties keep the stronger)
+REG_GRID = tuple(10.0 ** k for k in range(2, -6, -1))  # λ candidates, strongest first (warm starts go down the grid)
 HOLDOUT_FRACTION = 0.2  # of the training split, carved once with a fixed seed, picks λ: the dev set never does
 
 
