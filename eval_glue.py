@@ -44,7 +44,7 @@ every task, brief fine-tuning (5 epochs; 3 for the large qqp, mnli, qnli, as in 
 batch 16, 10% warmup then cosine decay, AdamW (0.9, 0.98), no weight decay, max_len 128; the
 encoder at lr 1e-4 and the new head at 1e-3, and pair tasks read through the pair head (the
 README has the measurements that chose these; crammedBERT's single lr 4e-5 left a small model's
-fresh head nearly untrained, and a pretrained checkpoint no better than a random one). The
+fresh head nearly untrained, its fine-tuned scores far under the frozen probe's). The
 headline is the LAST epoch's score (mean and sample std over seeds); the best epoch on
 validation is reported beside it, separately: choosing it on the set one reports is optimistic,
 which is what the original project did (load_best_model_at_end). Every metric is on a 0-100
