@@ -313,7 +313,7 @@ def synthetic_data(pair=False, regression=False, n_train=160, n_eval=64):
             'evals': {'synthetic': split(synthetic(n_eval, 2, pair, regression))}, 'skipped': {}}
 
 
-FAST = dict(learning_rate=3e-3, batch_size=16, dropout=0.0, epochs=4, warmup_steps=4)
+FAST = dict(learning_rate=3e-3, head_learning_rate=0.0, batch_size=16, dropout=0.0, epochs=4, warmup_steps=4)
 
 
 @pytest.mark.parametrize('stage,head,pair', [('mlm', 'pool', False), ('mlm', 'pair', True), ('mlm', 'decoder', False),
@@ -411,6 +411,13 @@ def test_settings_out_of_range_are_one_clear_error(seeds, override, match):
         G.check_settings(seeds, {**GOOD_HP, **override}, 'pool', ['sst2'])
 
 
+def test_negative_example_counts_are_one_clear_error():
+    with pytest.raises(G.ConfigError, match='max_train_examples=-5 must be >= 0'):
+        G.check_settings('1', GOOD_HP, 'probe', ['sst2'], max_train=-5)
+    with pytest.raises(G.ConfigError, match='max_eval_examples'):
+        G.check_settings('1', GOOD_HP, 'probe', ['sst2'], max_eval=-1)
+
+
 def test_settings_in_range_pass_and_max_len_counts_the_joined_pair():
     assert G.check_settings('1, 2,3,', GOOD_HP, 'pool', ['sst2']) == [1, 2, 3]
     assert G.check_settings('0', {**GOOD_HP, 'epochs': 0, 'dropout': 0.0, 'max_len': 2}, 'pool', ['sst2']) == [0]
@@ -457,3 +464,245 @@ def test_cli_fails_fast_before_any_fine_tuning(ckpts, tmp_path, case):
     assert run.returncode != 0 and 'Traceback' not in run.stderr, run.stderr
     assert message in run.stderr.strip().splitlines()[-1], run.stderr
     assert 'epoch 1/1' not in run.stdout and '| task |' not in run.stdout  # nothing was trained
+
+
+# ----------------------------------------------------------------------------------------------
+# the linear models of the probe and of the bag-of-words control
+
+def test_ridge_is_the_closed_form_solution_in_primal_and_dual_dense_and_sparse():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 5)) * (rng.random((30, 5)) < 0.5)  # half zeros, so the sparse form differs
+    y = X @ np.array([1.0, -2.0, 0.5, 0.0, 3.0]) + 4.0 + 0.1 * rng.normal(size=30)
+    lam = 0.3
+    Xc, yc = X - X.mean(0), y - y.mean()
+    w_ref = np.linalg.solve(Xc.T @ Xc / 30 + lam * np.eye(5), Xc.T @ yc / 30)
+    b_ref = y.mean() - X.mean(0) @ w_ref
+    dense = torch.tensor(X)
+    sparse = dense.to_sparse().coalesce()
+    for Xt in (dense, sparse):  # dense d <= n: the primal; sparse: the dual with the centring folded in
+        w, b = G.fit_ridge(Xt, y, lam)
+        np.testing.assert_allclose(w.numpy(), w_ref, rtol=1e-6, atol=1e-8)
+        assert float(b) == pytest.approx(b_ref, rel=1e-6)
+    wide = torch.tensor(np.hstack([X, X[:, :1] * 2]))[:4]  # d = 6 > n = 4: the dual, dense
+    w, b = G.fit_ridge(wide, y[:4], lam)
+    Wc = wide.numpy() - wide.numpy().mean(0)
+    w_ref = np.linalg.solve(Wc.T @ Wc / 4 + lam * np.eye(6), Wc.T @ (y[:4] - y[:4].mean()) / 4)
+    np.testing.assert_allclose(w.numpy(), w_ref, rtol=1e-6, atol=1e-8)
+    assert G.linear_predict((w, b), wide).shape == (4,)
+
+
+def test_logistic_regression_reaches_the_regularised_optimum():
+    """At the L-BFGS solution the gradient of mean cross-entropy + (λ/2)|W|² is zero, dense or sparse."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 4))
+    y = (X[:, 0] - X[:, 1] + 0.5 * rng.normal(size=60) > 0).astype(np.int64) + (X[:, 2] > 1.2)  # 3 classes
+    for Xt in (torch.tensor(X), torch.tensor(X).to_sparse().coalesce()):
+        fitted = G.fit_logistic(Xt, y, 3, 0.01)
+        W, b = (t.double().requires_grad_(True) for t in fitted)
+        loss = torch.nn.functional.cross_entropy(torch.tensor(X) @ W + b, torch.tensor(y)) + 0.005 * (W * W).sum()
+        loss.backward()
+        assert W.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
+        assert G.accuracy(G.linear_predict(fitted, Xt), y) > 0.8
+
+
+def test_probe_regularisation_is_chosen_on_a_holdout_of_train_never_on_dev(ckpts):
+    """The dev labels are only ever scored: shuffling them changes the dev score, never λ."""
+    ck, tok = G.load_pretrained(ckpts['mlm'])
+    data = synthetic_data(n_train=80, n_eval=40)
+    res = G.evaluate_task(ck, tok, data, 'probe')['synthetic']
+    shuffled = synthetic_data(n_train=80, n_eval=40)
+    ev = shuffled['evals']['synthetic']
+    ev['label'] = np.random.default_rng(0).permutation(ev['label'])
+    res2 = G.evaluate_task(ck, tok, shuffled, 'probe')['synthetic']
+    assert res['probe_lambda'] == res2['probe_lambda'] and res['bow_lambda'] == res2['bow_lambda']
+    assert res['accuracy'] != res2['accuracy']
+    fit, hold = G.holdout_split(80)
+    assert len(hold) == 16 and not set(fit) & set(hold) and len(fit) + len(hold) == 80
+    assert G.holdout_split(80)[1].tolist() == hold.tolist()  # the same split every time
+
+
+def test_tfidf_of_unigrams_and_bigrams_by_hand():
+    vec = G.TfIdf(['the cat sat', 'the cat ran', 'a dog'])  # df: the 2, cat 2, 'the cat' 2; the rest 1
+    assert sorted(vec.index) == ['cat', 'the', 'the cat']
+    idf = math.log(4 / 3) + 1
+    assert vec.idf['the'] == pytest.approx(idf)
+    row = vec.rows(['The cat, the CAT!'])[0]  # the 2, cat 2, 'the cat' 2 ('cat the' is not kept)
+    assert {vec.index['the']: 2, vec.index['cat']: 2, vec.index['the cat']: 2}.keys() == row.keys()
+    assert all(v == pytest.approx(1 / math.sqrt(3)) for v in row.values())
+    assert vec.rows(['unknown words'])[0] == {}
+
+
+def test_bow_pair_features_are_a_b_absdiff_product():
+    vec = G.TfIdf(['x y', 'x y', 'y z', 'y z'])  # x, y, z, 'x y', 'y z': V = 5
+    split = {'a': ['x y'], 'b': ['y z'], 'label': np.array([1])}
+    X = G.bow_features(vec, split).to_dense()[0]
+    a = G.sparse_rows(vec.rows(['x y']), 5).to_dense()[0]
+    b = G.sparse_rows(vec.rows(['y z']), 5).to_dense()[0]
+    torch.testing.assert_close(X, torch.cat([a, b, (a - b).abs(), a * b]))
+
+
+def test_probe_and_bow_learn_a_synthetic_task_with_every_control(ckpts):
+    ck, tok = G.load_pretrained(ckpts['mlm'])
+    for pair in (False, True):
+        res = G.evaluate_task(ck, tok, synthetic_data(pair), 'probe', seeds=(0, 1), control='random_init')['synthetic']
+        assert res['bow']['accuracy'] > 90  # the label is a word: the bag of words must find it
+        assert res['accuracy'] > 75, res
+        assert res['seeds'] == [0] and res['std']['accuracy'] == 0.0  # a pretrained probe is deterministic
+        rand = res['random_init']
+        assert rand['seeds'] == [0, 1] and math.isfinite(rand['accuracy'])
+        assert res['majority']['accuracy'] < 65 and res['head'] == 'probe' and res['control'] == 'random_init'
+    res = G.evaluate_task(ck, tok, synthetic_data(regression=True), 'probe')['synthetic']
+    assert res['pearson'] > 50 and res['bow']['pearson'] > 90 and 'random_init' not in res
+
+
+def test_controls_are_marked_against_each_score():
+    e = {'accuracy': 70.0, 'std': {'accuracy': 1.0}, 'majority': {'accuracy': 50.0}, 'bow': {'accuracy': 73.0},
+         'random_init': {'accuracy': 69.5, 'std': {'accuracy': 0.2}, 'seeds': [1, 2]}, 'seeds': [1, 2], 'head': 'pool',
+         'n_train': 10, 'n_eval': 5, 'seconds': 1.0}
+    assert G.versus(e, 'accuracy') == '>maj <bow <rand'  # 0.5 above random init is within the 1.0 spread
+    e['random_init']['accuracy'] = 68.0
+    assert G.versus(e, 'accuracy') == '>maj <bow >rand'
+    row = G.markdown_table({'sst2': e}).splitlines()[-1]
+    assert '| 70.0 ± 1.0 |' in row and '| 73.0 |' in row and '| 68.0 ± 0.2 |' in row and '>maj <bow >rand' in row
+
+
+# ----------------------------------------------------------------------------------------------
+# one pooling function for both encoder arms; the random-init control; the head's learning rate
+
+class TokenStateEncoder(torch.nn.Module):
+    """A stand-in for the standard arm: encoder(idx, mask) returns token states (B, N, H)."""
+
+    def forward(self, idx, mask):
+        return torch.stack([idx.float(), 2 * idx.float()], dim=-1)  # (B, N, 2)
+
+
+def test_pooling_ignores_padding_for_token_states_and_means_concepts():
+    from types import SimpleNamespace
+    standard = SimpleNamespace(cfg=SimpleNamespace(encoder='standard', n_embd=2), encoder=TokenStateEncoder())
+    idx = torch.tensor([[1, 3, 99, 99], [2, 4, 6, 8]])
+    mask = torch.tensor([[True, True, False, False], [True] * 4])
+    torch.testing.assert_close(G.pooled(standard, idx, mask), torch.tensor([[2.0, 4.0], [5.0, 10.0]]))
+    concept = SimpleNamespace(cfg=SimpleNamespace(n_embd=2), encoder=TokenStateEncoder())  # no .encoder: concepts
+    torch.testing.assert_close(G.pooled(concept, idx, mask), torch.tensor([[50.5, 101.0], [5.0, 10.0]]))
+    scorer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        scorer.weight.fill_(10.0)
+        scorer.bias.zero_()
+        assert G.pooled(standard, idx, mask, scorer)[0, 0].item() == pytest.approx(3.0, abs=1e-3)  # 99s get none
+
+
+def test_random_init_control_is_the_same_architecture_untrained(ckpts):
+    ck, _ = G.load_pretrained(ckpts['mlm'])
+    ck = {**ck, 'model': {k: v + 1.0 if v.is_floating_point() else v for k, v in ck['model'].items()}}  # "trained"
+    trained = G.build_model(ck)
+    torch.manual_seed(3)
+    a = G.build_model(ck, random_init=True)
+    torch.manual_seed(3)
+    b = G.build_model(ck, random_init=True)
+    assert type(a) is type(trained) and a.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())  # seeded
+    assert not torch.equal(a.encoder.wte.weight, trained.encoder.wte.weight)
+
+
+def test_head_learning_rate_moves_the_head_while_the_encoder_barely_moves(ckpts):
+    ck, tok = G.load_pretrained(ckpts['mlm'])
+    data = synthetic_data(n_train=64, n_eval=32)
+    captured = {}
+    original = G.Classifier.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        captured['clf'] = self
+    G.Classifier.__init__ = keep
+    try:
+        res = G.evaluate_task(ck, tok, data, 'pool', seeds=(0,),
+                              hp={**FAST, 'learning_rate': 1e-9, 'head_learning_rate': 3e-2})['synthetic']
+    finally:
+        G.Classifier.__init__ = original
+    clf = captured['clf']
+    before = G.build_model(ck).state_dict()
+    moved = max((clf.model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert moved < 1e-5 and res['per_seed']['0']['train_loss'][-1] < res['per_seed']['0']['train_loss'][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# results are written as each task finishes, atomically, and nothing is left behind
+
+def test_an_interrupted_run_keeps_the_tasks_it_finished(ckpts, tmp_path):
+    root = str(tmp_path / 'glue')
+    for task in ('sst2', 'mrpc'):
+        for split, n, seed in (('train', 32, 1), ('dev', 16, 2)):
+            write_task(root, task, split, synthetic(n, seed, task == 'mrpc'))
+    out = tmp_path / 'r.json'
+    stray = tmp_path / 'r.json.tmp.999999999'  # left by a run killed mid-write (no such process)
+    stray.write_text('{"torn')
+    code = ("import sys, eval_glue as G\n"
+            "real = G.evaluate_task\n"
+            "def second_is_interrupted(ck, tok, data, *a, **k):\n"
+            "    if data['task'] == 'mrpc':\n"
+            "        raise KeyboardInterrupt\n"
+            "    return real(ck, tok, data, *a, **k)\n"
+            "G.evaluate_task = second_is_interrupted\n"
+            "G.main()\n")
+    import subprocess
+    import sys
+    from conftest import ROOT
+    run = subprocess.run([sys.executable, '-c', code, f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}',
+                          '--tasks=sst2,mrpc', '--head=probe', f'--out={out}', '--device=cpu', '--dtype=float32'],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                         timeout=300)
+    assert run.returncode != 0 and 'KeyboardInterrupt' in run.stderr
+    results = json.load(open(out))
+    assert list(results) == ['sst2'] and 'bow' in results['sst2'] and 'majority' in results['sst2']
+    assert sorted(os.listdir(tmp_path)) == ['glue', 'r.json']  # the stray temporary is gone, no new one
+
+
+def test_a_failed_results_write_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = str(tmp_path / 'r.json')
+    G.write_results(path, {'a': 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(G.json, 'dump', full_disk)
+    with pytest.raises(prepare_data.DataError, match='No space left on device.*--out'):
+        G.write_results(path, {'a': 2})
+    assert os.listdir(tmp_path) == ['r.json'] and json.load(open(path)) == {'a': 1}  # the old file intact
+
+
+def test_cli_probe_with_random_init_control(ckpts, tmp_path):
+    root = str(tmp_path / 'glue')
+    for task in ('sst2', 'stsb'):
+        for split, n, seed in (('train', 40, 1), ('dev', 20, 2)):
+            ex = synthetic(n, seed, task == 'stsb')
+            write_task(root, task, split, [(a, b, 4.0 * y + 0.5) for a, b, y in ex] if task == 'stsb' else ex)
+    out = str(tmp_path / 'p.json')
+    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--tasks=sst2,stsb',
+                     '--head=probe', '--control=random_init', '--seeds=1,2', f'--out={out}', '--device=cpu',
+                     '--dtype=float32')
+    results = json.load(open(out))
+    for task, m in (('sst2', 'accuracy'), ('stsb', 'pearson')):
+        r = results[task]
+        assert all(math.isfinite(x[m]) for x in (r, r['majority'], r['bow'], r['random_init']))
+        assert r['random_init']['seeds'] == [1, 2] and r['head'] == 'probe'
+    assert '| sst2 | accuracy | probe |' in run.stdout and 'maj' in run.stdout
+    bad = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--control=random',
+                     check=False)
+    assert bad.returncode != 0 and 'Traceback' not in bad.stderr and "unknown control 'random'" in bad.stderr
+
+
+def test_encode_refuses_what_is_not_text_in_one_line(ckpts):
+    with pytest.raises(G.ConfigError, match='list of strings, got a int'):
+        G.encode(['fine', 3], ckpts['mlm'])
+    with pytest.raises(G.ConfigError, match='batch_size'):
+        G.encode(['fine'], ckpts['mlm'], batch_size=0)
+
+
+def test_a_tsv_that_is_not_utf8_is_read_with_a_note(tmp_path, capsys):
+    os.makedirs(tmp_path / 'SST-2')
+    for stem in ('train', 'dev'):
+        (tmp_path / 'SST-2' / f'{stem}.tsv').write_bytes('\ufeffsentence\tlabel\ncaf\u00e9 ok\t1\nbad\t0\n'.encode('utf-8')
+                                                         if stem == 'train' else
+                                                         'sentence\tlabel\ncaf\u00e9 ok\t1\n'.encode('latin-1'))
+    data = G.load_task('sst2', str(tmp_path))
+    assert data['train']['a'] == ['caf\u00e9 ok', 'bad'] and data['skipped'] == {'train.tsv': 0, 'dev.tsv': 0}
+    assert 'dev.tsv is not UTF-8: 1 undecodable bytes' in capsys.readouterr().out
