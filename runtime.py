@@ -311,10 +311,11 @@ class Budget:
     """When a run ends, and its learning rate: after max_iters iterations, or with max_minutes > 0
     after that much training time, whatever max_iters says (crammedBERT's budgeted training).
     Evaluation and checkpoints do not count against the budget; the cosine decay follows the spent
-    fraction of it. The ranks agree on the time spent once every log_interval iterations (the log
-    synchronises then anyway), so all of them take the same learning rate and stop at the same
-    iteration; a run can overrun its budget by up to log_interval steps. `spent` goes into the
-    checkpoint, so --init_from=resume continues the budget where it stopped."""
+    fraction of it. A single process reads its clock after every step; under DDP the ranks agree on
+    the time spent once every log_interval iterations (the log synchronises then anyway), so all of
+    them take the same learning rate and stop at the same iteration, and a run can overrun its
+    budget by up to log_interval steps. `spent` goes into the checkpoint, so --init_from=resume
+    continues the budget where it stopped."""
 
     def __init__(self, rt, max_iters, max_minutes, log_interval, learning_rate, min_lr, warmup_iters,
                  lr_decay_iters, spent=0.0):
@@ -334,7 +335,9 @@ class Budget:
 
     def step_ends(self, it):
         self.clock += time.time() - self.t0
-        if self.seconds and it % self.log_interval == 0:
+        if not self.rt.ddp:
+            self.spent = self.clock
+        elif self.seconds and it % self.log_interval == 0:
             self.spent = all_reduce_mean(self.clock, self.rt)
 
 
