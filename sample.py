@@ -53,9 +53,13 @@ model, state = runtime.load_model(ckpt, device)
 if not isinstance(model, ConceptDiffusion):
     raise SystemExit(f"{ckpt} is a {state.get('stage', '?')} checkpoint; sample.py needs one from train_diffusion.py")
 tok = prepare_data.tokenizer_from_recipe(state['tokenizer'], data_dir or state['data_dir'])
+corpus_dir = data_dir or state.get('trained_on') or state['data_dir']  # an export records its training data
+if quality and not os.path.exists(os.path.join(corpus_dir, 'meta.json')):
+    print(f"quality: skipped, the training data ({corpus_dir}) is not on this machine; pass --data_dir=<it> for it")
+    quality = False
 if quality:  # the splits are checked now, so that a damaged data directory fails before sampling
-    train_tokens, _ = prepare_data.open_split(data_dir or state['data_dir'], 'train')
-    val_tokens, val_starts = prepare_data.open_split(data_dir or state['data_dir'], 'val')
+    train_tokens, _ = prepare_data.open_split(corpus_dir, 'train')
+    val_tokens, val_starts = prepare_data.open_split(corpus_dir, 'val')
 mask_id = model.cfg.mask_id
 block_size = model.cfg.block_size
 if length > block_size:
