@@ -1042,8 +1042,9 @@ def markdown_table(results):
             best = (f"{e['best_epoch'][m]:.1f} (ep {','.join(map(str, e['best_epoch']['epoch']))})"
                     if 'best_epoch' in e else '-')
             rand = shown(e['random_init'], m) if 'random_init' in e else '-'
+            bow = f"{e['bow'][m]:.1f}" if 'bow' in e else '-'  # results files older than the bow control
             lines.append(f"| {name} | {m} | {e['head']} | {shown(e, m)} | {best} | {e['majority'][m]:.1f} | "
-                         f"{e['bow'][m]:.1f} | {rand} | {versus(e, m)} | {e['n_train']} | {e['n_eval']} | "
+                         f"{bow} | {rand} | {versus(e, m)} | {e['n_train']} | {e['n_eval']} | "
                          f"{e['seconds']:.1f} |")
     return '\n'.join(lines)
 

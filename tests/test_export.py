@@ -181,8 +181,8 @@ def test_the_card_reports_eval_results_beside_the_checkpoint(mlm_run, tmp_path):
     export.export(f'{tmp_path}/run/ckpt.pt', f'{tmp_path}/hub', name='me/tiny-mlm')
     card = open(tmp_path / 'hub' / 'README.md').read()
     assert "encode(['a sentence'], 'me/tiny-mlm')" in card and 'final (iter 3)' in card
-    assert '## Evaluation (`glue_pool.json`, eval_glue.py)' in card and '| sst2 | accuracy | 71.2 |' in card
-    assert '| 50.9 | 100 | 872 |' in card  # the majority baseline beside the score
+    assert '## Evaluation (`glue_pool.json`, eval_glue.py)' in card and '| sst2 | accuracy | pool | 71.2 |' in card
+    assert '| 50.9 | - | - | >maj | 100 | 872 |' in card  # the majority baseline beside the score (no bow: an older file)
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(mlm_run, mlm_export, tmp_path, monkeypatch):
