@@ -910,6 +910,13 @@ class ConceptLM(nn.Module):
         standard arm's token states are not a fixed set of C vectors, so it has none."""
         return {} if self.standard else {'concepts': memory}
 
+    @staticmethod
+    def read_states(states, pos, packing=None):
+        """The standard arm's decoding: its token states (B, N, H) read at pos (B, M) as they are;
+        (M', H) at the valid slots only, given a Packing of (B, M)."""
+        h = gather_states(states, pos)
+        return h if packing is None else packing.pack(h)
+
     def add_concept_losses(self, task_loss, concepts, step, stats):
         """In training with concept_losses set: the weighted total of the task loss and the
         regularisers on the concepts; stats gets the task loss and every weight for the log (0-d
@@ -1084,8 +1091,7 @@ class ConceptMLM(ConceptLM):
         ones only, given the Packing of gather_positions' valid (B, M). memory: the concepts
         (B, C, H), or the standard arm's token states (B, N, H), read at pos as they are."""
         if self.standard:
-            h = gather_states(memory, pos)
-            return h if packing is None else packing.pack(h)
+            return self.read_states(memory, pos, packing)
         tok = self.encoder.wte(torch.gather(idx, 1, pos)) if self.cfg.decoder == 'perceiver' else None
         return self.decoder(memory, pos, tok, packing)
 
@@ -1276,8 +1282,7 @@ class ConceptDiffusion(ConceptLM):
         (M', H) at the valid ones only, given the Packing of gather_positions' valid (B, M).
         memory: encode()'s output."""
         if self.standard:
-            h = gather_states(memory, pos)
-            return h if packing is None else packing.pack(h)
+            return self.read_states(memory, pos, packing)
         return self.decoder(memory, pos, self.encoder.wte(torch.gather(noisy, 1, pos)), t, packing)
 
     def forward(self, idx, attn_mask=None, t=None, generator=None, step=0):

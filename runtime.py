@@ -651,6 +651,17 @@ def git_commit():
         return None
 
 
+def token_means(rt, n_scored, sums, n_batches, batch_size, hint=''):
+    """Validation metrics as means over every scored token of every batch and rank, so that a batch
+    with nothing to score weighs nothing: {name: sum / n_scored} for each of sums. No token to score
+    at all is a one-line error (hint: the stage's own setting to raise)."""
+    n = all_reduce_mean(n_scored, rt)  # means over ranks: their ratios are the ratios of the sums
+    if n == 0:
+        raise SystemExit(f"validation has no token to score in its {n_batches} batches of {batch_size} windows: "
+                         f"raise eval_iters or batch_size{hint}")
+    return {k: all_reduce_mean(v, rt) / n for k, v in sums.items()}
+
+
 def erank_text(metrics):
     """', concept erank X' for the evaluation line; nothing for the standard arm, which has no concepts."""
     return f", concept erank {metrics['erank']:.2f}" if 'erank' in metrics else ''

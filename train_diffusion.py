@@ -165,15 +165,9 @@ def evaluate():
         if 'concepts' in stats:  # the concept arm's (model.ConceptLM.concept_stats)
             geometry.append(concept_diagnostics(stats['concepts']))
     raw_model.train()
-    n_pred = runtime.all_reduce_mean(n_pred, rt)  # means over ranks: their ratios are the ratios of the sums
-    n_tokens = runtime.all_reduce_mean(n_tokens, rt)
-    if n_pred == 0 or n_tokens == 0:
-        raise SystemExit(f"validation has no token to score in its {eval_iters} batches of {batch_size} windows: "
-                         f"raise eval_iters or batch_size")
-    bound = runtime.all_reduce_mean(bound_sum, rt) / n_tokens
-    metrics = {'val_loss': runtime.all_reduce_mean(ce_sum, rt) / n_pred,
-               'val_accuracy': runtime.all_reduce_mean(n_correct, rt) / n_pred,
-               'val_nll_bound': bound, 'val_ppl_bound': math.exp(min(bound, 50))}
+    metrics = runtime.token_means(rt, n_pred, {'val_loss': ce_sum, 'val_accuracy': n_correct}, eval_iters, batch_size)
+    bound = runtime.token_means(rt, n_tokens, {'bound': bound_sum}, eval_iters, batch_size)['bound']
+    metrics.update(val_nll_bound=bound, val_ppl_bound=math.exp(min(bound, 50)))
     return {**metrics, **{k: runtime.all_reduce_mean(v, rt) for k, v in average_diagnostics(geometry).items()}}
 
 

@@ -190,12 +190,8 @@ def evaluate():
         if 'concepts' in stats:  # the concept arm's (model.ConceptLM.concept_stats)
             geometry.append(concept_diagnostics(stats['concepts']))
     raw_model.train()
-    n_pred = runtime.all_reduce_mean(n_pred, rt)  # means over ranks: their ratios are the ratios of the sums
-    if n_pred == 0:
-        raise SystemExit(f"validation has no token to score in its {eval_iters} batches of {batch_size} windows: "
-                         f"raise eval_iters or batch_size{' or mask_prob' if 'mask_prob' in config else ''}")
-    metrics = {'val_loss': runtime.all_reduce_mean(loss_sum, rt) / n_pred,
-               'val_accuracy': runtime.all_reduce_mean(n_correct, rt) / n_pred}
+    metrics = runtime.token_means(rt, n_pred, {'val_loss': loss_sum, 'val_accuracy': n_correct}, eval_iters,
+                                  batch_size)
     return {**metrics, **{k: runtime.all_reduce_mean(v, rt) for k, v in average_diagnostics(geometry).items()}}
 
 
