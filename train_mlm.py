@@ -178,6 +178,13 @@ def evaluate():
     return {**metrics, **{k: runtime.all_reduce_mean(v, rt) for k, v in average_diagnostics(geometry).items()}}
 
 
+def masked_token_mean(loss_sum, n_pred):
+    """The last step's train loss as a mean over its masked tokens on every rank, or None when
+    it had none (mask_prob x tokens per step too small to pick any): a loss of 0 would be a lie."""
+    n = runtime.all_reduce_mean(n_pred, rt)
+    return None if n == 0 else runtime.mean_over_ranks(loss_sum, rt) / n
+
+
 # ----------------------------------------------------------------------------------------------
 # training loop
 
@@ -192,7 +199,7 @@ while True:
 
     if iter_num % eval_interval == 0 or budget.done(iter_num):
         meter.pause()  # evaluation and checkpoints are left out of the throughput window
-        train_loss = None if step_loss is None else runtime.mean_over_ranks(step_loss, rt)
+        train_loss = None if step_loss is None else masked_token_mean(step_loss, n_pred_step)
         metrics = evaluate()
         val_loss = metrics['val_loss']
         optimizer_step.check_validation(val_loss, iter_num, raw_model)  # a nan stops the run, unsaved
@@ -221,7 +228,8 @@ while True:
             model.require_backward_grad_sync = (micro == accum - 1)
         with rt.autocast():
             _, loss, stats = model(inputs, targets, step=iter_num)
-        step_loss += stats.get('task_loss', loss.detach()).float() / accum  # the task loss, without regularisers
+        # the task loss (without regularisers), weighted by its masked tokens: a micro-batch with none weighs nothing
+        step_loss += stats.get('task_loss', loss.detach()).float() * stats['n_pred']
         n_pred_step += stats['n_pred']
         scaler.scale(loss / accum).backward()
     train_windows.prefetch()  # the next step's batch is copied while the device computes this one
@@ -234,8 +242,9 @@ while True:
     iter_num += 1
     budget.step_ends(iter_num)
     if iter_num % log_interval == 0:  # the one all-reduce and read of the loss per log_interval
-        train_loss = runtime.mean_over_ranks(step_loss, rt)
-        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {float(grad_norm):.3f}, {meter.report()}")
+        train_loss = masked_token_mean(step_loss, n_pred_step)
+        rt.print0(f"iter {iter_num}: loss {'-' if train_loss is None else f'{train_loss:.4f}'}, lr {lr:.2e}, "
+                  f"grad norm {float(grad_norm):.3f}, {meter.report()}")
 
 log.finish()
 runtime.teardown(rt)

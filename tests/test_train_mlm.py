@@ -63,6 +63,28 @@ def test_the_stage_feeds_the_model_the_masked_input(data_dir, tmp_path, monkeypa
         assert (idx[~picked] != mask_id).all()
 
 
+def test_a_step_with_no_masked_token_logs_no_train_loss(data_dir, tmp_path, monkeypatch):
+    """Training steps whose micro-batches have nothing to score log no train loss ('-', null),
+    never a 0 that reads as a perfect model; validation is scored as usual."""
+    import runpy
+
+    from model import ConceptMLM
+    forward = ConceptMLM.forward
+
+    def no_targets_in_training(self, idx, targets=None, *args, **kwargs):
+        if self.training:
+            targets = torch.full_like(targets, -100)
+        return forward(self, idx, targets, *args, **kwargs)
+    monkeypatch.setattr(ConceptMLM, 'forward', no_targets_in_training)
+    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # the script installs its own
+    monkeypatch.setattr(sys, 'argv', ['train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}',
+                                      '--max_iters=2', '--eval_interval=2'])
+    runpy.run_path(os.path.join(ROOT, 'train_mlm.py'), run_name='__main__')
+    records = read_log(str(tmp_path))
+    assert [r['train_loss'] for r in records] == [None, None]
+    assert records[-1]['val_loss'] > 0
+
+
 def test_smoke_logs_and_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / 'run')
     res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=4',
