@@ -620,9 +620,20 @@ def _meta_on_disk(data_dir):
         return None
 
 
+_versions_seen = {}  # .bin path -> (inode, mtime) of the file this process last read for it
+
+
+def _changed_under_job(data_dir):
+    return DataError(f"{data_dir} changed while this job ran (prepared again or removed: its meta.json "
+                     f"is not the one the job started with), so the job's data is gone; start the job "
+                     f"again on the new data, or prepare the old corpus into another --out_dir")
+
+
 def open_split(data_dir, split, meta=None):
     """(tokens, doc_starts) of one split: a read-only np.memmap of the token ids and the int64 start
-    offset of each document (also memory-mapped, so re-opening per batch is cheap)."""
+    offset of each document (also memory-mapped, so re-opening per batch is cheap). With the job's
+    meta, a split whose file was replaced since the last open (even by one of the same size) is
+    checked against it, so a job never trains on another corpus unnoticed."""
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, not {split!r}")
     if meta is None:
@@ -631,10 +642,14 @@ def open_split(data_dir, split, meta=None):
         doc_starts = _check_split(data_dir, meta, split, _remedy(data_dir, meta['source'].get('dataset')))
     except DataError:
         if _meta_on_disk(data_dir) != meta:  # not damage: the directory was replaced (or removed)
-            raise DataError(f"{data_dir} changed while this job ran (prepared again or removed: its meta.json "
-                            f"is not the one the job started with), so the job's data is gone; start the job "
-                            f"again on the new data, or prepare the old corpus into another --out_dir") from None
+            raise _changed_under_job(data_dir) from None
         raise
+    bin_path = os.path.join(data_dir, f'{split}.bin')
+    st = os.stat(bin_path)
+    version, seen = (st.st_ino, st.st_mtime_ns), _versions_seen.get(bin_path)
+    if seen is not None and seen != version and _meta_on_disk(data_dir) != meta:
+        raise _changed_under_job(data_dir)
+    _versions_seen[bin_path] = version
     tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r',
                        shape=(meta['splits'][split]['tokens'],))
     return tokens, doc_starts

@@ -541,6 +541,30 @@ def test_a_data_dir_prepared_again_under_a_running_job_is_not_called_corrupt(pre
     assert 'truncated' not in str(e.value) and 'prepare_data.py --dataset' not in str(e.value)
 
 
+def test_a_data_dir_replaced_by_one_of_the_same_size_under_a_running_job_is_refused(prepared, tmp_path):
+    """Sizes and offsets all agree, so only the file's identity and meta.json can tell: the job
+    stops in one line instead of training on another corpus."""
+    import runtime
+    _, corpus_path, _ = prepared
+    out = tmp_path / 'd'
+    _prepare(corpus_path, out, max_docs=200)
+    windows = runtime.TokenWindows(str(out), 'train', block_size=16, batch_size=2)
+    windows.next_step()
+    other = tmp_path / 'other'
+    shutil.copytree(out, other)
+    tokens = np.memmap(other / 'train.bin', dtype=np.uint16, mode='r+')
+    tokens[:] = tokens[::-1].copy()  # another corpus of exactly the same size
+    tokens.flush()
+    del tokens
+    meta = json.load(open(other / 'meta.json'))
+    meta['source']['note'] = 'prepared again'
+    json.dump(meta, open(other / 'meta.json', 'w'))
+    os.rename(out, tmp_path / 'gone')
+    os.rename(other, out)
+    with pytest.raises(P.DataError, match='changed while this job ran'):
+        windows.next_step()
+
+
 def test_a_corpus_passed_to_training_says_prepare_it_first(tmp_path):
     import runtime
     corpus = _write_txt(tmp_path / 'notes.txt', PARAGRAPHS)

@@ -303,10 +303,12 @@ def test_init_from_a_foreign_file_is_one_line(data_dir, tmp_path, foreign_files)
         assert what in line and str(path) in line, line
 
 
-def test_load_model_and_concept_geometry_refuse_foreign_files_in_one_line(data_dir, foreign_files):
+def test_load_model_encode_and_concept_geometry_refuse_foreign_files_in_one_line(data_dir, foreign_files):
+    import eval_glue
     import runtime
     for what, path in foreign_files.items():
-        for call in (lambda: runtime.load_model(str(path)), lambda: runtime.concept_geometry(str(path), data_dir)):
+        for call in (lambda: runtime.load_model(str(path)), lambda: runtime.concept_geometry(str(path), data_dir),
+                     lambda: eval_glue.encode(['a sentence'], str(path))):
             with pytest.raises(SystemExit) as e:
                 call()
             assert what in str(e.value) and '\n' not in str(e.value)
