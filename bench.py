@@ -114,16 +114,15 @@ MASK_ID, PAD_ID = vocab_size - 3, vocab_size - 4  # the last ids play the specia
 N_REGULAR = vocab_size - 5
 
 
-def stage_batch(stage, B, N, g):
-    """Random token ids and the stage's targets (the count of decoded positions follows the stage)."""
+def stage_batch(model, stage, B, N, g):
+    """Random token ids and the stage's own noise (model.py), so the count of decoded positions
+    follows the stage: (ids, targets, attn_mask)."""
     idx = torch.randint(N_REGULAR, (B, N), generator=g)
     if stage == 'mlm':
-        picked = torch.rand(B, N, generator=g) < 0.15
-        return torch.where(picked, MASK_ID, idx), torch.where(picked, idx, -100), None
+        return (*model.mlm_noise(idx, g, 0.15), None)
     if stage == 'tsdae':
-        visible = torch.rand(B, N, generator=g) >= 0.6
-        visible[:, 0] = True
-        return idx, idx.clone(), visible
+        inputs, visible, targets = model.tsdae_noise(idx, g, 0.6)
+        return inputs, targets, visible
     return idx, None, None  # diffusion: the model draws its own noise
 
 
@@ -168,7 +167,7 @@ def measure(spec):
         encode = model.encoder.forward  # eager, both
         if compile:  # as the training scripts compile the concept model
             model.compile_for_training(device_type)
-        batches = [stage_batch(stage, B, N, g) for _ in range(2)]
+        batches = [stage_batch(model, stage, B, N, g) for _ in range(2)]
         step_times, step_flops = [], []
         step = 0
         while not timed_enough(step_times):

@@ -905,6 +905,13 @@ class ConceptLM(nn.Module):
         self.loss_weighting = (ConceptLossWeighting(self.reg_names, cfg.loss_weighting, cfg.concept_loss_weight,
                                                     cfg.concept_loss_warmup) if self.reg_names else None)
 
+    def maskable(self, idx, attn_mask=None):
+        """(B, N) bool: the ordinary tokens (not special, not padding) that a stage's noise may touch."""
+        ok = torch.ones_like(idx, dtype=torch.bool)
+        for special in self.cfg.special_ids:  # against Python ints: no host-to-device copy (a CUDA sync)
+            ok &= idx != special
+        return ok if attn_mask is None else ok & attn_mask
+
     def concept_stats(self, memory):
         """{'concepts': memory} for the stats of the concept arm (the diagnostics read it); the
         standard arm's token states are not a fixed set of C vectors, so it has none."""
@@ -1086,6 +1093,43 @@ class ConceptMLM(ConceptLM):
         self.decoder = None if self.standard else MLMDecoder(cfg)
         self._finish_init()
 
+    # --- the two stages' noise (diffusion's is ConceptDiffusion.add_noise)
+    def mlm_noise(self, idx, generator, mask_prob):
+        """BERT masking (Devlin et al. 2019): pick mask_prob of the ordinary tokens; of those 80%
+        become [MASK], 10% a random ordinary token, 10% stay. Returns (inputs, targets (B, N)),
+        targets = IGNORE_INDEX where there is no loss."""
+        u = torch.rand(idx.shape, generator=generator, device=idx.device)
+        picked = (u < mask_prob) & self.maskable(idx)
+        action = torch.rand(idx.shape, generator=generator, device=idx.device)
+        n_ordinary = min(self.cfg.special_ids)  # the specials sit on top of the vocabulary
+        random_ids = torch.randint(n_ordinary, idx.shape, generator=generator, device=idx.device)
+        inputs = torch.where(picked & (action < 0.8), self.cfg.mask_id, idx)
+        inputs = torch.where(picked & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+        return inputs, torch.where(picked, idx, IGNORE_INDEX)
+
+    def tsdae_noise(self, idx, generator, deletion_rate, deletion_mode='hide', attn_mask=None):
+        """TSDAE deletion (Wang et al. 2021): delete deletion_rate of each row's ordinary tokens,
+        keeping at least one. Returns (encoder ids, encoder attn_mask, targets (B, N)): targets are
+        the original ids at every real position and IGNORE_INDEX at padding, so the model is never
+        trained to emit padding.
+        hide: ids and positions unchanged, deleted tokens masked out of the encoder's keys.
+        drop: deleted tokens removed and the rest shifted left (the paper's deletion); the decoder
+              still rebuilds the original positions."""
+        real = torch.ones_like(idx, dtype=torch.bool) if attn_mask is None else attn_mask
+        deletable = self.maskable(idx, real)
+        u = torch.rand(idx.shape, generator=generator, device=idx.device)
+        deleted = (u < deletion_rate) & deletable
+        keep_one = torch.where(deletable, u, -1.0).argmax(1, keepdim=True)  # the deletable token least likely deleted
+        deleted.scatter_(1, keep_one, False)
+        visible = real & ~deleted
+        targets = torch.where(real, idx, IGNORE_INDEX)
+        if deletion_mode == 'hide':
+            return idx, visible, targets
+        order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)  # survivors first, in order
+        n_left = visible.sum(1, keepdim=True)
+        packed_mask = torch.arange(idx.shape[1], device=idx.device)[None, :] < n_left
+        return torch.where(packed_mask, torch.gather(idx, 1, order), self.cfg.pad_id), packed_mask, targets
+
     def decode(self, memory, idx, pos, packing=None):
         """Hidden states (B, M, H) at positions pos (B, M) of the input idx; (M', H) at the valid
         ones only, given the Packing of gather_positions' valid (B, M). memory: the concepts
@@ -1245,12 +1289,6 @@ class ConceptDiffusion(ConceptLM):
         if self.cfg.stratified_t:
             u = (u + torch.arange(B, device=device)) / B
         return self.cfg.t_min + (1.0 - self.cfg.t_min) * u
-
-    def maskable(self, idx, attn_mask=None):
-        ok = torch.ones_like(idx, dtype=torch.bool)
-        for special in self.cfg.special_ids:  # against Python ints: no host-to-device copy (a CUDA sync)
-            ok &= idx != special
-        return ok if attn_mask is None else ok & attn_mask
 
     def add_noise(self, idx, t, attn_mask=None, generator=None):
         """Mask each maskable token with probability t (B,); at least one per sample that has

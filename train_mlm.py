@@ -105,22 +105,8 @@ meta = train_windows.meta
 special = meta['special_tokens']
 val_batches = runtime.fixed_batches(data_dir, 'val', block_size, batch_size, eval_iters, doc_aligned,
                                     seed, rt.rank, rt.device)
-special_ids = torch.tensor(sorted(special.values()), device=rt.device)
-n_regular = min(special.values())  # ids below this are ordinary tokens (the specials sit on top)
 
 
-def mlm_noise(idx, generator):
-    """BERT masking (Devlin et al. 2019): pick mask_prob of the real tokens; of those 80% become
-    [MASK], 10% a random ordinary token, 10% stay. Specials and padding are never picked.
-    Returns (inputs, targets) with targets = IGNORE_INDEX (-100) where there is no loss."""
-    u = torch.rand(idx.shape, generator=generator, device=idx.device)
-    picked = (u < mask_prob) & ~torch.isin(idx, special_ids)
-    action = torch.rand(idx.shape, generator=generator, device=idx.device)
-    random_ids = torch.randint(n_regular, idx.shape, generator=generator, device=idx.device)
-    inputs = torch.where(picked & (action < 0.8), special['mask'], idx)
-    inputs = torch.where(picked & (action >= 0.8) & (action < 0.9), random_ids, inputs)
-    targets = torch.where(picked, idx, -100)
-    return inputs, targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +150,7 @@ def evaluate():
     raw_model.eval()
     loss_sum, n_pred, n_correct, geometry = 0.0, 0, 0, []
     for idx, nseed in val_batches:
-        inputs, targets = mlm_noise(idx, runtime.noise_generator(nseed, idx.device))
+        inputs, targets = raw_model.mlm_noise(idx, runtime.noise_generator(nseed, idx.device), mask_prob)
         with rt.autocast():
             _, loss, stats = raw_model(inputs, targets)
         loss_sum += loss.item() * stats['n_pred']  # a batch weighs by its scored tokens
@@ -223,7 +209,7 @@ while True:
     budget.step_begins()
     step_loss, n_pred_step = torch.zeros((), device=rt.device), 0  # on the device, read when logged
     for micro, (idx, nseed) in enumerate(train_windows.next_step()):
-        inputs, targets = mlm_noise(idx, runtime.noise_generator(nseed, idx.device))
+        inputs, targets = raw_model.mlm_noise(idx, runtime.noise_generator(nseed, idx.device), mask_prob)
         if rt.ddp:
             model.require_backward_grad_sync = (micro == accum - 1)
         with rt.autocast():

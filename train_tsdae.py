@@ -112,32 +112,8 @@ meta = train_windows.meta
 special = meta['special_tokens']
 val_batches = runtime.fixed_batches(data_dir, 'val', block_size, batch_size, eval_iters, doc_aligned,
                                     seed, rt.rank, rt.device)
-special_ids = torch.tensor(sorted(special.values()), device=rt.device)
 
 
-def tsdae_noise(idx, generator, attn_mask=None):
-    """Delete deletion_rate of the real, non-special tokens of each row, keeping at least one.
-    Returns (encoder ids, encoder attn_mask, targets): targets are the original ids at every real
-    (non-padding) position, -100 at padding, so the loss never trains the model to emit padding
-    (the original project's TSDAE bug, origin_spec §11.3).
-    hide: ids and positions unchanged, deleted tokens masked out of the encoder's keys.
-    drop: deleted tokens removed and the rest shifted left (the paper's deletion); the decoder
-          still rebuilds the original positions."""
-    real = torch.ones_like(idx, dtype=torch.bool) if attn_mask is None else attn_mask
-    deletable = real & ~torch.isin(idx, special_ids)
-    u = torch.rand(idx.shape, generator=generator, device=idx.device)
-    deleted = (u < deletion_rate) & deletable
-    keep_one = torch.where(deletable, u, -1.0).argmax(1, keepdim=True)  # the deletable token least likely deleted
-    deleted.scatter_(1, keep_one, False)
-    visible = real & ~deleted
-    targets = torch.where(real, idx, -100)
-    if deletion_mode == 'hide':
-        return idx, visible, targets
-    order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)  # survivors first, in order
-    n_left = visible.sum(1, keepdim=True)
-    packed_mask = torch.arange(idx.shape[1], device=idx.device)[None, :] < n_left
-    packed = torch.where(packed_mask, torch.gather(idx, 1, order), special['pad'])
-    return packed, packed_mask, targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +157,7 @@ def evaluate():
     raw_model.eval()
     loss_sum, n_pred, n_correct, geometry = 0.0, 0, 0, []
     for idx, nseed in val_batches:
-        inputs, visible, targets = tsdae_noise(idx, runtime.noise_generator(nseed, idx.device))
+        inputs, visible, targets = raw_model.tsdae_noise(idx, runtime.noise_generator(nseed, idx.device), deletion_rate, deletion_mode)
         with rt.autocast():
             _, loss, stats = raw_model(inputs, targets, visible)
         loss_sum += loss.item() * stats['n_pred']  # a batch weighs by its scored tokens
@@ -233,7 +209,7 @@ while True:
     budget.step_begins()
     step_loss, n_pred_step = torch.zeros((), device=rt.device), 0  # on the device, read when logged
     for micro, (idx, nseed) in enumerate(train_windows.next_step()):
-        inputs, visible, targets = tsdae_noise(idx, runtime.noise_generator(nseed, idx.device))
+        inputs, visible, targets = raw_model.tsdae_noise(idx, runtime.noise_generator(nseed, idx.device), deletion_rate, deletion_mode)
         if rt.ddp:
             model.require_backward_grad_sync = (micro == accum - 1)
         with rt.autocast():

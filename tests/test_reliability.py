@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, load_function, read_log, run_script
+from conftest import ROOT, TINY, read_log, run_script
 
 
 def ckpt_of(out):
@@ -233,21 +233,16 @@ def test_a_new_run_removes_the_temporaries_of_a_killed_one(data_dir, tmp_path):
 def test_validation_loss_is_a_mean_over_tokens_not_over_batches(data_dir, tmp_path):
     """mask_prob=0.01 on 64-token windows leaves some validation batches without a masked token:
     they must not count as a loss of 0. The logged loss equals the token mean recomputed here."""
-    import prepare_data
     import runtime
     from model import IGNORE_INDEX
     out = str(tmp_path / 'run')
     run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=2',
                '--eval_interval=2', '--mask_prob=0.01', '--eval_iters=6', '--batch_size=1')
     model, _ = runtime.load_model(ckpt_of(out))
-    special = prepare_data.load_meta(data_dir)['special_tokens']
-    mlm_noise = load_function('train_mlm.py', 'mlm_noise', torch=torch, mask_prob=0.01, special=special,
-                              n_regular=min(special.values()),
-                              special_ids=torch.tensor(sorted(special.values())))
     loss_sum, n_tokens, empty = 0.0, 0, 0
     with torch.no_grad():
         for idx, nseed in runtime.fixed_batches(data_dir, 'val', 64, 1, 6, True, 1337, 0, 'cpu'):
-            inputs, targets = mlm_noise(idx, runtime.noise_generator(nseed, 'cpu'))
+            inputs, targets = model.mlm_noise(idx, runtime.noise_generator(nseed, 'cpu'), 0.01)
             n = int((targets != IGNORE_INDEX).sum())
             empty += n == 0
             if n:

@@ -7,14 +7,15 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, load_function, read_log, run_script
+from conftest import ROOT, TINY, read_log, run_script
+from model import ConceptConfig, ConceptMLM
 
 
 def load_mlm_noise(mask_prob=0.15):
     special = {'eod': 1000, 'pad': 1001, 'mask': 1002, 'cls': 1003, 'sep': 1004}
-    fn = load_function('train_mlm.py', 'mlm_noise', torch=torch, mask_prob=mask_prob, special=special,
-                       n_regular=1000, special_ids=torch.tensor(sorted(special.values())))
-    return fn, special
+    model = ConceptMLM(ConceptConfig(vocab_size=1005, block_size=512, n_layer=1, n_head=2, n_embd=32, n_concepts=4,
+                                     ffn_size=64, pad_id=1001, mask_id=1002, eod_id=1000, cls_id=1003, sep_id=1004))
+    return (lambda idx, generator: model.mlm_noise(idx, generator, mask_prob)), special
 
 
 def test_mlm_masking_rules():

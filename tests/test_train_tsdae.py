@@ -2,15 +2,17 @@
 import pytest
 import torch
 
-from conftest import TINY, load_function, read_log, run_script
+from conftest import TINY, read_log, run_script
 from model import ConceptConfig, ConceptMLM
 
 SPECIAL = {'eod': 1000, 'pad': 1001, 'mask': 1002, 'cls': 1003, 'sep': 1004}
+NOISE_MODEL = ConceptMLM(ConceptConfig(vocab_size=1005, block_size=256, n_layer=1, n_head=2, n_embd=32, n_concepts=4,
+                                       ffn_size=64, decoder='posonly', pad_id=1001, mask_id=1002, eod_id=1000,
+                                       cls_id=1003, sep_id=1004))
 
 
 def tsdae_noise(mode='hide', rate=0.6):
-    return load_function('train_tsdae.py', 'tsdae_noise', torch=torch, deletion_rate=rate, deletion_mode=mode,
-                         special=SPECIAL, special_ids=torch.tensor(sorted(SPECIAL.values())))
+    return lambda idx, generator, attn_mask=None: NOISE_MODEL.tsdae_noise(idx, generator, rate, mode, attn_mask)
 
 
 def batch(seed=0):
