@@ -15,10 +15,12 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+import dataclasses
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_data
 from model import ConfigError
@@ -995,6 +997,194 @@ class OptimizerStep:
         why = f"the weights are not finite ({len(bad)} tensors, e.g. {bad[0]})" if bad else \
             "the weights are finite but the model's outputs are not"
         self.stop(f"validation loss is {value}: {why}", iter_num)
+
+
+# ----------------------------------------------------------------------------------------------
+# one training run: everything a stage script does around its own noise, loss and evaluation
+
+def model_args_from(config, meta, **fixed):
+    """The ConceptConfig fields a stage's settings give (its config keys that are fields), the
+    special ids of the data directory, and what the stage fixes (decoder='diffusion')."""
+    from model import ConceptConfig
+    args = {f.name: config[f.name] for f in dataclasses.fields(ConceptConfig) if f.name in config}
+    special = meta['special_tokens']
+    args.update(vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'], eod_id=special['eod'],
+                cls_id=special['cls'], sep_id=special['sep'], **fixed)
+    return args
+
+
+class TrainingRun:
+    """Setup, the step's mechanics and the evaluation's bookkeeping of a stage: one-line errors and
+    checked settings; device, precision and DDP; the global batch at any world size; out_dir
+    checked before any long work; the data; the model (scratch, resume or warm start), AdamW, the
+    budget and the non-finite guard; compile and DDP; the run log. The script keeps its noise, its
+    forward pass, its evaluation and the loop that calls these in order."""
+
+    def __init__(self, config, stage, model_class, **fixed_model_args):
+        one_line_errors()
+        check_settings(config)
+        self.config, self.stage, c = config, stage, config
+        self.rt = rt = setup_runtime(c['device'], c['dtype'], c['seed'])
+        # the global batch (batch_size x gradient_accumulation_steps sequences) is the contract at any world size
+        self.accum, self.batch_size = micro_batches_per_rank(c['gradient_accumulation_steps'], c['batch_size'],
+                                                             rt.world_size)
+        self.out_dir = c['out_dir'] or default_out_dir(stage, c['encoder'])
+        prepare_out_dir(self.out_dir, rt)  # a file or read-only out_dir fails here, before any long work
+        self.tokens_per_iter = self.batch_size * c['block_size'] * self.accum * rt.world_size
+        rt.print0(f"tokens per iteration: {self.tokens_per_iter:,} ({self.batch_size} x {c['block_size']} x "
+                  f"{self.accum * rt.world_size})")
+
+        self.data_dir = resolve_data_dir(c['dataset'])
+        self.train_windows = TokenWindows(self.data_dir, 'train', c['block_size'], self.batch_size, c['doc_aligned'],
+                                          c['seed'], rt.rank, rt.world_size, self.accum, rt.device)
+        self.meta = self.train_windows.meta
+        self.val_batches = fixed_batches(self.data_dir, 'val', c['block_size'], self.batch_size, c['eval_iters'],
+                                         c['doc_aligned'], c['seed'], rt.rank, rt.device)
+
+        from model import ConceptConfig
+        self.ckpt_path = os.path.join(self.out_dir, 'ckpt.pt')
+        model, self.model_args, ckpt = build_model(stage, model_class, ConceptConfig,
+                                                   model_args_from(c, self.meta, **fixed_model_args), c['init_from'],
+                                                   self.ckpt_path, self.meta, self.data_dir, rt)
+        cfg = model.cfg
+        rt.print0(f"{model_class.__name__} ({stage}): {model.get_num_params() / 1e6:.2f}M parameters, "
+                  f"encoder={cfg.encoder}, decoder={cfg.decoder}, bixt={cfg.bixt}, recursive_iters={cfg.recursive_iters}")
+        self.optimizer = model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
+                                                    rt.device_type)
+        self.scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
+        self.iter_num, self.best_val_loss = 0, float('inf')
+        if ckpt is not None:
+            self.iter_num, self.best_val_loss = restore_training_state(ckpt, self.optimizer, self.scaler,
+                                                                       self.train_windows, rt, config)
+        self.budget = Budget(rt, c['max_iters'], c['max_minutes'], c['log_interval'], c['learning_rate'], c['min_lr'],
+                             c['warmup_iters'], c['lr_decay_iters'] or c['max_iters'],
+                             spent=ckpt.get('train_seconds', 0.0) if ckpt else 0.0)
+        resumed = c['init_from'] == 'resume'
+        self.start_iter = self.iter_num  # a resumed run's checkpoint of start_iter exists: it is not written again
+        self.optimizer_step = OptimizerStep(self.optimizer, self.scaler, c['grad_clip'], c['max_nonfinite_steps'],
+                                            self.ckpt_path, rt, saved_iter=self.start_iter if resumed else None)
+        self.raw_model = self.model = model
+        if c['compile']:
+            model.compile_for_training(rt.device_type)  # encoder: fixed shapes; decoder and loss: dynamic M
+        if rt.ddp:
+            self.model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+
+        self.log = RunLog(rt, self.out_dir, config, f'train_{stage}.py', c['wandb_log'], c['wandb_project'],
+                          c['wandb_run_name'], resumed_at=self.iter_num if resumed else None)
+        self.meter = Throughput(rt)
+        self.tokens_seen = self.iter_num * self.tokens_per_iter
+        self.last_step = None  # (loss sum, its weight) of the last step, on the device; read when logged
+
+    # --- the loop's steps, in the order a script calls them
+    def evaluate_and_continue(self, evaluate):
+        """Every eval_interval iterations and at the end: evaluate() (the stage's metrics, the model in
+        eval mode, no gradients), stop on a non-finite value, print and log it, keep the best,
+        checkpoint. False once the run is done."""
+        it, rt = self.iter_num, self.rt
+        if it % self.config['eval_interval'] == 0 or self.budget.done(it):
+            self.meter.pause()  # evaluation and checkpoints are left out of the throughput window
+            train_loss = self.train_loss()
+            self.raw_model.eval()
+            with torch.no_grad():
+                metrics = evaluate()
+            self.raw_model.train()
+            best_key = 'val_nll_bound' if 'val_nll_bound' in metrics else 'val_loss'  # the bound compares settings
+            value = metrics[best_key]
+            self.optimizer_step.check_validation(value, it, self.raw_model)  # a nan stops the run, unsaved
+            bound = (f", val nll bound {value:.4f} (ppl <= {metrics['val_ppl_bound']:.1f})"
+                     if best_key == 'val_nll_bound' else '')
+            rt.print0(f"step {it}: train loss {'-' if train_loss is None else f'{train_loss:.4f}'}, "
+                      f"val loss {metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f}{bound}"
+                      f"{erank_text(metrics)}")
+            self.log.log_eval({'iter': it, 'train_loss': train_loss, **metrics, 'lr': self.budget.lr(it),
+                               'tokens_seen': self.tokens_seen})
+            improved = value < self.best_val_loss
+            self.best_val_loss = min(self.best_val_loss, value)
+            if it > self.start_iter and (improved or self.config['always_save_checkpoint']):  # every rank: its RNG
+                save_training_checkpoint(rt, self.ckpt_path, self.stage, self.raw_model, self.optimizer, self.scaler,
+                                         self.model_args, self.config, it, self.best_val_loss, self.train_windows,
+                                         self.meta, self.data_dir, self.budget.spent)
+                self.optimizer_step.saved_iter = it
+        return not self.budget.done(it)
+
+    def train_loss(self):
+        """The last step's loss (the sum over its micro-batches / their weight, over every rank), or
+        None before the first step and after a step with nothing to score."""
+        if self.last_step is None:
+            return None
+        loss_sum, weight = self.last_step
+        weight = all_reduce_mean(weight, self.rt)
+        return None if weight == 0 else mean_over_ranks(loss_sum, self.rt) / weight
+
+    def micro_batches(self):
+        """The step's `accum` micro-batches (ids (B, N) and their noise seed); under DDP the
+        gradients are all-reduced after the last one only."""
+        self.meter.resume()
+        self.lr = self.budget.lr(self.iter_num)
+        for group in self.optimizer.param_groups:
+            group['lr'] = self.lr
+        self.budget.step_begins()
+        for micro, batch in enumerate(self.train_windows.next_step()):
+            if self.rt.ddp:
+                self.model.require_backward_grad_sync = (micro == self.accum - 1)
+            yield batch
+
+    def backward(self, loss):
+        self.scaler.scale(loss / self.accum).backward()
+
+    def step(self, loss_sum, loss_weight, n_decoded):
+        """The optimizer step after the micro-batches; loss_sum / loss_weight is the step's train
+        loss (a 0-d tensor on the device and a number); n_decoded: positions the decoder ran at."""
+        self.train_windows.prefetch()  # the next step's batch is copied while the device computes this one
+        grad_norm = self.optimizer_step(self.raw_model.parameters(), loss_sum, self.iter_num)
+        self.last_step = (loss_sum, loss_weight)
+        self.tokens_seen += self.tokens_per_iter
+        sequences = self.batch_size * self.accum * self.rt.world_size
+        self.meter.add(self.tokens_per_iter, self.raw_model.estimate_flops(self.config['block_size'], 0) * sequences
+                       + 3 * self.raw_model.decoder_flops(n_decoded) * self.rt.world_size)
+        self.iter_num += 1
+        self.budget.step_ends(self.iter_num)
+        if self.iter_num % self.config['log_interval'] == 0:  # the one all-reduce and read of the loss per log_interval
+            train_loss = self.train_loss()
+            self.rt.print0(f"iter {self.iter_num}: loss {'-' if train_loss is None else f'{train_loss:.4f}'}, "
+                           f"lr {self.lr:.2e}, grad norm {float(grad_norm):.3f}, {self.meter.report()}")
+
+    def finish(self):
+        self.log.finish()
+        teardown(self.rt)
+
+
+class ValidationTally:
+    """Sums over the fixed validation batches, turned into means over every scored token of every
+    batch and rank (a batch with nothing to score weighs nothing), with the concept diagnostics."""
+
+    def __init__(self):
+        self.sums, self.counts, self.geometry = {}, {}, []
+
+    def add(self, stats, loss=None, **sums):
+        """One batch's model stats: loss (its mean over stats['n_pred'] tokens) and accuracy count
+        toward val_loss / val_accuracy; other sums name (total, tokens) pairs of their own."""
+        from model import concept_diagnostics
+        if stats['n_pred']:  # the mean of nothing is nan
+            self._add('val_loss', loss.item() * stats['n_pred'], stats['n_pred'])
+            self._add('val_accuracy', int(stats['n_correct']), stats['n_pred'])
+        for name, (total, n) in sums.items():
+            self._add(name, total, n)
+        if 'concepts' in stats:  # the concept arm's (model.ConceptLM.concept_stats)
+            self.geometry.append(concept_diagnostics(stats['concepts']))
+
+    def _add(self, name, total, n):
+        self.sums[name] = self.sums.get(name, 0.0) + total
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def means(self, run, hint=''):
+        from model import average_diagnostics
+        metrics = {}
+        for name in ('val_loss', 'val_accuracy', *[k for k in self.sums if k not in ('val_loss', 'val_accuracy')]):
+            metrics[name] = token_means(run.rt, self.counts.get(name, 0), {name: self.sums.get(name, 0.0)},
+                                        run.config['eval_iters'], run.batch_size, hint)[name]
+        diagnostics = {k: all_reduce_mean(v, run.rt) for k, v in average_diagnostics(self.geometry).items()}
+        return {**metrics, **diagnostics}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,10 +13,9 @@ import math
 import os
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
-from model import ConceptConfig, ConceptDiffusion, average_diagnostics, concept_diagnostics
+from model import ConceptDiffusion
 
 # ----------------------------------------------------------------------------------------------
 # defaults
@@ -84,150 +83,40 @@ wandb_run_name = ''
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # ----------------------------------------------------------------------------------------------
-# setup
+# setup: device, data, model, optimizer, resume or warm start, log (runtime.TrainingRun); the
+# diffusion noise lives in model.py, as generate() and the NLL bound use it too
 
-runtime.one_line_errors()
-runtime.check_settings(config)
-rt = runtime.setup_runtime(device, dtype, seed)
-# the global batch (batch_size x gradient_accumulation_steps sequences) is the contract at any world size
-accum, batch_size = runtime.micro_batches_per_rank(gradient_accumulation_steps, batch_size, rt.world_size)
-gradient_accumulation_steps = accum * rt.world_size
-lr_decay_iters = lr_decay_iters or max_iters
-out_dir = out_dir or runtime.default_out_dir('diffusion', encoder)
-runtime.prepare_out_dir(out_dir, rt)  # a file or read-only out_dir fails here, before any long work
-tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
-rt.print0(f"tokens per iteration: {tokens_per_iter:,} ({batch_size} x {block_size} x {gradient_accumulation_steps})")
-
-# ----------------------------------------------------------------------------------------------
-# data (the diffusion noise lives in model.py: generate() and the NLL bound use it too)
-
-data_dir = runtime.resolve_data_dir(dataset)
-train_windows = runtime.TokenWindows(data_dir, 'train', block_size, batch_size, doc_aligned, seed,
-                                     rt.rank, rt.world_size, accum, rt.device)
-meta = train_windows.meta
-special = meta['special_tokens']
-val_batches = runtime.fixed_batches(data_dir, 'val', block_size, batch_size, eval_iters, doc_aligned,
-                                    seed, rt.rank, rt.device)
-
-# ----------------------------------------------------------------------------------------------
-# model
-
-model_keys = ['encoder', 'n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'dropout', 'bias', 'n_dec_layer', 'bixt',
-              'recursive_iters', 'shared_token_kv', 'tie_weights', 'block_size', 'condition', 'time_cond', 't_min',
-              'stratified_t', 'label_smoothing', 'elbo_weight',
-              'concept_losses', 'concept_loss_weight', 'concept_loss_warmup', 'loss_weighting',
-              'concept_loss_pooled']
-model_args = {k: globals()[k] for k in model_keys}
-model_args.update(decoder='diffusion', vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
-                  eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model, model_args, ckpt = runtime.build_model('diffusion', ConceptDiffusion, ConceptConfig, model_args, init_from,
-                                              ckpt_path, meta, data_dir, rt)
-rt.print0(f"ConceptDiffusion: {model.get_num_params() / 1e6:.2f}M parameters, encoder={model.cfg.encoder}, condition={model.cfg.condition}, "
-          f"time_cond={model.cfg.time_cond}, bixt={model.cfg.bixt}, recursive_iters={model.cfg.recursive_iters}")
-
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
-scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
-iter_num, best_val_loss = 0, float('inf')
-if ckpt is not None:
-    iter_num, best_val_loss = runtime.restore_training_state(ckpt, optimizer, scaler, train_windows, rt, config)
-budget = runtime.Budget(rt, max_iters, max_minutes, log_interval, learning_rate, min_lr, warmup_iters, lr_decay_iters,
-                        spent=ckpt.get('train_seconds', 0.0) if ckpt else 0.0)
-ckpt = None  # free memory
-start_iter = iter_num  # a resumed run's checkpoint of start_iter exists: it is not written again
-optimizer_step = runtime.OptimizerStep(optimizer, scaler, grad_clip, max_nonfinite_steps, ckpt_path, rt,
-                                       saved_iter=start_iter if init_from == 'resume' else None)
-
-raw_model = model
-if compile:
-    model.compile_for_training(rt.device_type)  # encoder: fixed shapes; decoder and loss: dynamic M
-if rt.ddp:
-    model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+run = runtime.TrainingRun(config, 'diffusion', ConceptDiffusion, decoder='diffusion')
+rt, model, raw_model = run.rt, run.model, run.raw_model  # model: the DDP-wrapped one under torchrun
+rt.print0(f"condition={raw_model.cfg.condition}, time_cond={raw_model.cfg.time_cond}")
 
 
-@torch.no_grad()
 def evaluate():
-    """On the fixed validation windows, averaged over ranks: the plain masked cross-entropy and
+    """On the fixed validation windows, over every rank: the plain masked cross-entropy and
     accuracy at t ~ U(t_min, 1) (no smoothing, no weighting), and the NLL bound in nats/token."""
-    raw_model.eval()
-    ce_sum, n_pred, n_correct, bound_sum, n_tokens, geometry = 0.0, 0, 0, 0.0, 0, []
-    for idx, nseed in val_batches:
+    tally = runtime.ValidationTally()
+    for idx, nseed in run.val_batches:
         with rt.autocast():
             _, _, stats = raw_model(idx, generator=runtime.noise_generator(nseed, idx.device))
             bound, tokens = raw_model.nll_bound(idx, n_grid=bound_levels,
                                                 generator=runtime.noise_generator(nseed + 1, idx.device))
-        if stats['n_pred']:  # a batch weighs by its scored tokens (the mean of none is nan)
-            ce_sum += stats['ce'].item() * stats['n_pred']
-        n_pred += stats['n_pred']
-        n_correct += int(stats['n_correct'])
-        bound_sum += bound
-        n_tokens += tokens
-        if 'concepts' in stats:  # the concept arm's (model.ConceptLM.concept_stats)
-            geometry.append(concept_diagnostics(stats['concepts']))
-    raw_model.train()
-    metrics = runtime.token_means(rt, n_pred, {'val_loss': ce_sum, 'val_accuracy': n_correct}, eval_iters, batch_size)
-    bound = runtime.token_means(rt, n_tokens, {'bound': bound_sum}, eval_iters, batch_size)['bound']
-    metrics.update(val_nll_bound=bound, val_ppl_bound=math.exp(min(bound, 50)))
-    return {**metrics, **{k: runtime.all_reduce_mean(v, rt) for k, v in average_diagnostics(geometry).items()}}
+        tally.add(stats, stats['ce'], val_nll_bound=(bound, tokens))
+    metrics = tally.means(run)
+    return {**metrics, 'val_ppl_bound': math.exp(min(metrics['val_nll_bound'], 50))}
 
 
 # ----------------------------------------------------------------------------------------------
 # training loop
 
-log = runtime.RunLog(rt, out_dir, config, 'train_diffusion.py', wandb_log, wandb_project, wandb_run_name,
-                     resumed_at=iter_num if init_from == 'resume' else None)
-meter = runtime.Throughput(rt)
-step_loss, tokens_seen = None, iter_num * tokens_per_iter
-while True:
-    lr = budget.lr(iter_num)
-    for group in optimizer.param_groups:
-        group['lr'] = lr
-
-    if iter_num % eval_interval == 0 or budget.done(iter_num):
-        meter.pause()  # evaluation and checkpoints are left out of the throughput window
-        train_loss = None if step_loss is None else runtime.mean_over_ranks(step_loss, rt)
-        metrics = evaluate()
-        val_nll_bound = metrics['val_nll_bound']
-        optimizer_step.check_validation(val_nll_bound, iter_num, raw_model)  # a nan stops the run, unsaved
-        rt.print0(f"step {iter_num}: train loss {'-' if train_loss is None else f'{train_loss:.4f}'}, "
-                  f"val loss {metrics['val_loss']:.4f}, "
-                  f"val accuracy {metrics['val_accuracy']:.4f}, val nll bound {val_nll_bound:.4f} "
-                  f"(ppl <= {metrics['val_ppl_bound']:.1f}){runtime.erank_text(metrics)}")
-        log.log_eval({'iter': iter_num, 'train_loss': train_loss, **metrics, 'lr': lr, 'tokens_seen': tokens_seen})
-        improved = val_nll_bound < best_val_loss  # the bound is the comparable number across settings
-        best_val_loss = min(best_val_loss, val_nll_bound)
-        if iter_num > start_iter and (improved or always_save_checkpoint):  # every rank: each adds its RNG state
-            runtime.save_training_checkpoint(rt, ckpt_path, 'diffusion', raw_model, optimizer, scaler, model_args,
-                                             config, iter_num, best_val_loss, train_windows, meta, data_dir,
-                                             budget.spent)
-            optimizer_step.saved_iter = iter_num
-    if budget.done(iter_num):
-        break
-    meter.resume()
-
-    # one optimizer step over `accum` micro-batches
-    budget.step_begins()
-    step_loss, n_pred_step = torch.zeros((), device=rt.device), 0  # on the device, read when logged
-    for micro, (idx, nseed) in enumerate(train_windows.next_step()):
-        if rt.ddp:
-            model.require_backward_grad_sync = (micro == accum - 1)
+while run.evaluate_and_continue(evaluate):  # every eval_interval steps and at the end: log, best, checkpoint
+    # one optimizer step: each window masked at its own t (model.add_noise); the train loss is their mean
+    loss_sum, n_decoded = torch.zeros((), device=rt.device), 0  # on the device, read when logged
+    for idx, nseed in run.micro_batches():
         with rt.autocast():
-            _, loss, stats = model(idx, generator=runtime.noise_generator(nseed, idx.device), step=iter_num)
-        step_loss += stats.get('task_loss', loss.detach()).float() / accum  # the task loss, without regularisers
-        n_pred_step += stats['n_pred']
-        scaler.scale(loss / accum).backward()
-    train_windows.prefetch()  # the next step's batch is copied while the device computes this one
-    grad_norm = optimizer_step(raw_model.parameters(), step_loss, iter_num)
+            _, loss, stats = model(idx, generator=runtime.noise_generator(nseed, idx.device), step=run.iter_num)
+        loss_sum += stats.get('task_loss', loss.detach()).float()  # the task loss, without regularisers
+        n_decoded += stats['n_pred']
+        run.backward(loss)
+    run.step(loss_sum, run.accum, n_decoded)
 
-    # accounting
-    tokens_seen += tokens_per_iter
-    meter.add(tokens_per_iter, raw_model.estimate_flops(block_size, 0) * batch_size * gradient_accumulation_steps
-              + 3 * raw_model.decoder_flops(n_pred_step) * rt.world_size)
-    iter_num += 1
-    budget.step_ends(iter_num)
-    if iter_num % log_interval == 0:  # the one all-reduce and read of the loss per log_interval
-        train_loss = runtime.mean_over_ranks(step_loss, rt)
-        rt.print0(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {float(grad_norm):.3f}, {meter.report()}")
-
-log.finish()
-runtime.teardown(rt)
+run.finish()
