@@ -39,18 +39,13 @@ untrained weights (one draw per seed). The table marks each score against them (
 it; with several seeds, by more than the larger seed spread). Results are written atomically
 after each task, so an interrupted run keeps the tasks it finished.
 
-Protocol: after crammedBERT's (Geiping & Goldstein 2023): one global set of hyperparameters for
-every task, brief fine-tuning (5 epochs; 3 for the large qqp, mnli, qnli, as in the original),
-batch 16, 10% warmup then cosine decay, AdamW (0.9, 0.98), no weight decay, max_len 128; the
-encoder at lr 1e-4 and the new head at 1e-3, and pair tasks read through the pair head (the
-README has the measurements that chose these; crammedBERT's single lr 4e-5 left a small model's
-fresh head nearly untrained, its fine-tuned scores far under the frozen probe's). The
-headline is the LAST epoch's score (mean and sample std over seeds); the best epoch on
-validation is reported beside it, separately: choosing it on the set one reports is optimistic,
-which is what the original project did (load_best_model_at_end). Every metric is on a 0-100
-scale (MCC, Pearson and Spearman x100 as on the GLUE leaderboard), and every task shows the
-majority-class baseline (the train split's most frequent label; for regression a constant, whose
-correlation is 0 by convention).
+Protocol, after crammedBERT's (Geiping & Goldstein 2023): one set of hyperparameters for every
+task, brief fine-tuning (5 epochs; 3 for the large qqp, mnli, qnli), batch 16, 10% warmup then
+cosine decay, AdamW (0.9, 0.98), no weight decay, max_len 128; the encoder at lr 1e-4 and the new
+head at 1e-3 (a fresh head needs the larger rate). The headline is the LAST epoch's score (mean
+and sample std over seeds); the best epoch is reported beside it, since choosing it on the set
+one reports is optimistic. Metrics are on a 0-100 scale (MCC, Pearson, Spearman x100 as on the
+GLUE leaderboard) beside the majority-class baseline (regression: a constant, correlation 0).
 """
 import glob
 import json
@@ -86,7 +81,7 @@ batch_size = 16                # crammedBERT: large fine-tuning batches hurt
 eval_batch_size = 128
 max_len = 128                  # tokens per sequence (a pair packed in one: both sentences), capped at block_size
 warmup_steps = -1              # -1 = 10% of the run's steps; then cosine decay to 0
-weight_decay = 0.0             # crammedBERT and HF run_glue (the original used 0.01)
+weight_decay = 0.0             # crammedBERT and HF run_glue
 grad_clip = 1.0                # 0 disables clipping
 dropout = 0.1                  # in the encoder and the head while fine-tuning (BERT's)
 max_train_examples = 0         # 0 = all; else a fixed random subset (the same for every seed): quick runs

@@ -250,7 +250,7 @@ def test_kendall_gal_cannot_lower_the_total_by_shrinking_the_task_weight():
         totals.append(w(task, regs, 0)[0].item())
     assert all(b >= a - 1e-6 for a, b in zip(totals, totals[1:]))  # nondecreasing as w_task shrinks
 
-    # the original's failure (origin_spec §10.3), replayed: with losses fixed, optimise the weights
+    # the original's failure, replayed: with losses fixed, optimise the weights
     w = ConceptLossWeighting(names, 'kendall_gal')
     opt = torch.optim.Adam(w.parameters(), lr=0.1)
     for step in range(500):
