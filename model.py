@@ -460,251 +460,69 @@ class MLMDecoder(nn.Module):
         return self.ln_f(q)  # (B, M, H) or (M', H)
 
 
-# ----------------------------------------------------------------------------------------------
-# concept geometry: regularisers against concept collapse, their weighting, and diagnostics.
-# Each regulariser maps concepts (B, C, H) to a float32 scalar, computed within each sample across
-# its C concepts (pooled statistics cannot see concepts identical within a sample).
+# the diffusion decoder: the noisy positions read the concepts, conditioned on t
 
+class TimestepEmbedding(nn.Module):
+    """t in [0, 1] -> (B, H): sinusoidal features of 1000·t (spread over the frequencies), then an MLP (DiT)."""
 
-def _no_autocast(x):
-    """A context in which matmuls on x's device run in the dtype of their inputs."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
-def _concept_cosines(concepts):
-    """Cosine similarity between the concepts of each sample: (B, C, H) -> (B, C, C), float32."""
-    with _no_autocast(concepts):
-        u = F.normalize(concepts.float(), dim=-1)
-        return u @ u.transpose(1, 2)
-
-
-def _mean_off_diagonal(m):
-    """Mean of the off-diagonal entries of (B, C, C) over the pairs and the batch."""
-    B, C, _ = m.shape
-    off = 1.0 - torch.eye(C, device=m.device, dtype=m.dtype)
-    return (m * off).sum() / (B * max(C * (C - 1), 1))
-
-
-def _vicreg_rows(concepts, pooled):
-    """(B, C, H) -> (G, n, H), the sets VICReg's statistics are taken over: B sets of C concepts, or
-    pooled, one set of B·C (which diverse samples satisfy even with identical concepts in each)."""
-    x = concepts.float()
-    return x.reshape(1, -1, x.shape[-1]) if pooled else x
-
-
-def _off_diagonal_cov_sq(x):
-    """(G, n, H) -> (G,): Σ_{d≠e} Cov_de² of the n rows; for n < H via ‖XcᵀXc‖_F = ‖XcXcᵀ‖_F,
-    in (n, n) memory instead of (H, H)."""
-    G, n, H = x.shape
-    xc = x - x.mean(dim=1, keepdim=True)
-    with _no_autocast(x):
-        if n < H:
-            fro2 = (xc @ xc.transpose(1, 2)).pow(2).sum((1, 2))          # (G,) = ‖XcᵀXc‖_F²
-            diag2 = xc.pow(2).sum(1).pow(2).sum(1)                        # (G,) = Σ_d (XcᵀXc)_dd²
-            off2 = (fro2 - diag2).clamp_min(0.0)
-        else:
-            cov = xc.transpose(1, 2) @ xc                                 # (G, H, H), unnormalised
-            off2 = (cov.pow(2) * (1.0 - torch.eye(H, device=x.device))).sum((1, 2))
-    return off2 / max(n - 1, 1) ** 2
-
-
-def orthogonality_loss(concepts):
-    """Mean squared cosine between distinct concepts of a sample: 0 iff pairwise orthogonal (C <= H)."""
-    return _mean_off_diagonal(_concept_cosines(concepts).pow(2))
-
-
-def soft_orthogonality_loss(concepts, threshold=0.1):
-    """Orthogonality that tolerates |cos| <= threshold, leaving room for C > H."""
-    return _mean_off_diagonal(F.relu(_concept_cosines(concepts).abs() - threshold).pow(2))
-
-
-def uniformity_loss(concepts, temperature=2.0):
-    """Mean Gaussian potential exp(-T·‖û_i − û_j‖²) between distinct unit concepts (Wang & Isola 2020,
-    without the log): 1 when they coincide, minimised by spreading them on the sphere."""
-    return _mean_off_diagonal(torch.exp(-temperature * (2.0 - 2.0 * _concept_cosines(concepts))))
-
-
-def variance_loss(concepts, pooled=False):
-    """VICReg variance hinge (Bardes et al. 2022): mean_d relu(1 − sqrt(Var_d + 1e-4)), the variance
-    over each sample's C concepts (pooled=True: over all B·C)."""
-    x = _vicreg_rows(concepts, pooled)                                       # (G, n, H)
-    std = torch.sqrt(x.var(dim=1, correction=min(1, x.shape[1] - 1)) + 1e-4)  # (G, H)
-    return F.relu(1.0 - std).mean()
-
-
-def covariance_loss(concepts, pooled=False):
-    """VICReg covariance term Σ_{d≠e} Cov_de² / H. Within a sample Cov has rank <= C−1, so for C <= H
-    it cannot vanish at unit variance: it trades off against variance_loss."""
-    x = _vicreg_rows(concepts, pooled)
-    return (_off_diagonal_cov_sq(x) / x.shape[-1]).mean()
-
-
-def vicreg_loss(concepts, pooled=False):
-    """VICReg variance + covariance with unit weights."""
-    return variance_loss(concepts, pooled) + covariance_loss(concepts, pooled)
-
-
-def combined_loss(concepts, pooled=False, temperature=2.0):
-    """Variance + uniformity with unit weights."""
-    return variance_loss(concepts, pooled) + uniformity_loss(concepts, temperature)
-
-
-def t_regs_mst_loss(concepts):
-    """Minus the mean chordal distance from each unit concept to its nearest neighbour in the sample,
-    a cheap proxy for the minimum spanning tree's length; 0 when the concepts coincide."""
-    S = _concept_cosines(concepts)                                  # (B, C, C)
-    C = S.shape[-1]
-    if C < 2:
-        return S.sum() * 0.0
-    d = torch.sqrt((2.0 - 2.0 * S).clamp_min(1e-8))                 # (B, C, C) ‖û_i − û_j‖
-    eye = torch.eye(C, dtype=torch.bool, device=S.device)
-    nearest = d.masked_fill(eye, float('inf')).min(dim=-1).values   # (B, C)
-    return -nearest.mean()
-
-
-# name (as written in the concept_losses setting) -> loss function(concepts) -> scalar
-CONCEPT_LOSSES = {
-    'orthogonality': orthogonality_loss,
-    'soft_orthogonality': soft_orthogonality_loss,
-    'uniformity': uniformity_loss,
-    'variance': variance_loss,
-    'covariance': covariance_loss,
-    'vicreg': vicreg_loss,
-    'combined': combined_loss,
-    't_regs_mst': t_regs_mst_loss,
-}
-
-
-def parse_concept_losses(spec):
-    """'vicreg,t_regs_mst' -> ['vicreg', 't_regs_mst']; '' or 'none' -> []; ConfigError otherwise."""
-    spec = spec.strip()
-    if spec.lower() in ('', 'none'):
-        return []
-    names = [s.strip() for s in spec.split(',') if s.strip()]
-    valid = ', '.join(CONCEPT_LOSSES)
-    for name in names:
-        if name not in CONCEPT_LOSSES:
-            raise ConfigError(f"unknown concept loss '{name}' in concept_losses='{spec}'; "
-                             f"choose a comma-separated subset of: {valid} (or 'none')")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"concept_losses='{spec}' lists a loss twice; valid names: {valid}")
-    return names
-
-
-def concept_reg_losses(concepts, names, pooled=False, threshold=0.1, temperature=2.0):
-    """{name: scalar loss} of the named regularisers on concepts (B, C, H), each with its options."""
-    options = {'soft_orthogonality': {'threshold': threshold},
-               'uniformity': {'temperature': temperature},
-               'variance': {'pooled': pooled}, 'covariance': {'pooled': pooled},
-               'vicreg': {'pooled': pooled},
-               'combined': {'pooled': pooled, 'temperature': temperature}}
-    return {name: CONCEPT_LOSSES[name](concepts, **options.get(name, {})) for name in names}
-
-
-class ConceptLossWeighting(nn.Module):
-    """forward(task_loss, reg_losses, step) -> (total, info): 'warm', 'w_task', and per regulariser
-    its value and weight 'w_<name>'. warm = min(1, step / warmup_iters) phases the regularisers in.
-    fixed: task + Σ_k (weight / K)·warm·L_k. learnable: softmax weights over [task, regs] (it can
-    shrink the task's weight). kendall_gal (Kendall et al. 2018): Σ_i 0.5·e^−s_i·L_i + 0.5·s_i,
-    with s = s_bound·tanh(raw / s_bound) and each regulariser's weight capped at max_reg_ratio
-    times the task's (s_task detached), so a near-zero regulariser can neither outweigh the task
-    nor drive the total below −(K+1)·s_bound/2. Parameters are 1-D float32: never weight-decayed."""
-
-    STRATEGIES = ('fixed', 'learnable', 'kendall_gal')
-
-    def __init__(self, names, strategy='fixed', weight=0.02, warmup_iters=0, s_bound=5.0,
-                 max_reg_ratio=1.0):
+    def __init__(self, cfg, n_freq=256):
         super().__init__()
-        if strategy not in self.STRATEGIES:
-            raise ConfigError(f"unknown concept loss weighting '{strategy}'; "
-                             f"choose one of {', '.join(self.STRATEGIES)}")
-        if s_bound <= 0 or max_reg_ratio <= 0:
-            raise ConfigError(f"s_bound={s_bound} and max_reg_ratio={max_reg_ratio} must be > 0")
-        self.names = list(names)
-        self.strategy = strategy
-        self.weight = weight
-        self.warmup_iters = warmup_iters
-        self.s_bound = s_bound
-        self.max_reg_ratio = max_reg_ratio
-        n = 1 + len(self.names)  # index 0 is the task
-        if strategy == 'learnable' and self.names:
-            self.logits = nn.Parameter(torch.zeros(n, dtype=torch.float32))
-        elif strategy == 'kendall_gal' and self.names:
-            self.log_var = nn.Parameter(torch.zeros(n, dtype=torch.float32))  # raw, before the box
+        self.n_freq = n_freq
+        self.mlp = nn.Sequential(nn.Linear(n_freq, cfg.n_embd), nn.SiLU(), nn.Linear(cfg.n_embd, cfg.n_embd))
 
-    def warm(self, step):
-        """Warmup factor of the regularisers at this step, in [0, 1]."""
-        return 1.0 if self.warmup_iters <= 0 else min(1.0, max(step, 0) / self.warmup_iters)
-
-    def log_variances(self):
-        """Kendall–Gal s = (s_task, s_reg...) after the box and the ratio cap: (1 + K,) float32."""
-        b = self.s_bound
-        s = b * torch.tanh(self.log_var.float() / b)
-        cap = s[:1].detach() - math.log(self.max_reg_ratio)
-        return torch.cat([s[:1], torch.maximum(s[1:], cap)])
-
-    def forward(self, task_loss, reg_losses, step, as_floats=True):
-        """as_floats=False leaves info's values as 0-d device tensors: no host sync in the step."""
-        warm = self.warm(step)
-        losses = torch.stack([task_loss.float()] + [reg_losses[n].float() for n in self.names])  # (1+K,)
-        K = len(self.names)
-        # filled on the device: a tensor from a Python list would be a host-to-device copy (a CUDA sync)
-        one = torch.ones(1, device=losses.device)
-        gate = torch.cat([one, torch.full((K,), float(warm), device=losses.device)])  # (1+K,) warm on the regs
-        if self.strategy == 'fixed' or K == 0:
-            w = gate * torch.cat([one, torch.full((K,), self.weight / max(K, 1), device=losses.device)])
-            total = (w * losses).sum()
-        elif self.strategy == 'learnable':
-            logits = self.logits.float() + torch.log(gate)  # log 0 = -inf: weight 0, no gradient
-            w = torch.softmax(logits, dim=0)
-            total = (w * losses).sum()
-        else:
-            s = self.log_variances()
-            w = gate * 0.5 * torch.exp(-s)
-            total = (w * losses).sum() + (gate * 0.5 * s).sum()
-        values = torch.cat([w.detach(), losses.detach()])
-        values = values.tolist() if as_floats else values.unbind()  # tolist: one device sync
-        info = {'warm': warm, 'w_task': values[0]}
-        for k, name in enumerate(self.names):
-            info[f'w_{name}'] = values[1 + k]
-            info[name] = values[2 + K + k]
-        return total, info
+    def forward(self, t):
+        half = self.n_freq // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None, :]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, H)
 
 
-@torch.no_grad()
-def concept_diagnostics(concepts):
-    """Collapse diagnostics of concepts (B, C, H) as floats, each averaged over the batch: erank,
-    the entropy effective rank exp(−Σ p log p), p = σ/Σσ, of each sample's C×H matrix (Roy &
-    Vetterli 2007); erank_batchmean, Σσ/σ_max of the batch-mean matrix; concept_cos_mean and
-    concept_cos_max over a sample's distinct pairs; participation_ratio (Σσ²)²/Σσ⁴. The ranks and the ratio
-    are 1 for parallel concepts, C for orthogonal ones of equal norm; non-finite concepts give nan."""
-    keys = ('erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio')
-    with _no_autocast(concepts):
-        c = concepts.detach().float()
-        B, C, H = c.shape
-        if not bool(torch.isfinite(c).all()):
-            return dict.fromkeys(keys, float('nan'))
-        sv = torch.linalg.svdvals(c)                                    # (B, min(C, H))
-        p = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
-        erank = torch.exp(-(torch.special.xlogy(p, p)).sum(-1))         # (B,)
-        sv_mean = torch.linalg.svdvals(c.mean(0))                      # (min(C, H),)
-        erank_batchmean = sv_mean.sum() / sv_mean.max().clamp_min(1e-30)
-        lam = sv.pow(2)                                                 # ∝ eigenvalues of cᵀc/C
-        pr = lam.sum(-1).pow(2) / lam.pow(2).sum(-1).clamp_min(1e-30)  # (B,)
-        S = _concept_cosines(c)                                         # (B, C, C)
-        eye = torch.eye(C, dtype=torch.bool, device=c.device)
-        cos_max = S.masked_fill(eye, float('-inf')).amax(dim=(1, 2)) if C > 1 else S.new_zeros(B)
-        values = torch.stack([erank.mean(), erank_batchmean, _mean_off_diagonal(S),
-                              cos_max.mean(), pr.mean()]).tolist()
-    return dict(zip(keys, values))
+class DiffusionLayer(nn.Module):
+    """The noisy positions read the concepts, then an FFN: O(M·C). With time_cond, AdaLN-Zero: a
+    zero-initialised map from t to shift, scale and gate, so the layer starts as the identity."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.time_cond = cfg.time_cond
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.time_cond)
+        self.cross_attn = CrossAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.time_cond)
+        self.mlp = GatedMLP(cfg)
+        if cfg.time_cond:
+            self.adaLN = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
+
+    def forward(self, q, concepts, cond=None, packing=None):
+        """q (B, M, H), or (M', H) with a Packing; concepts (B, C, H); cond (B, H)."""
+        kv = self.cross_attn.project_kv(concepts)
+        if not self.time_cond:
+            q = q + self.cross_attn(self.ln_1(q), kv, packing=packing)
+            return q + self.mlp(self.ln_2(q))
+        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(self.adaLN, cond, packing)
+        q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, packing=packing)
+        return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
 
 
-def average_diagnostics(dicts):
-    """Key-wise mean of a list of concept_diagnostics dicts (e.g. over validation batches)."""
-    if not dicts:
-        return {}
-    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
+class DiffusionDecoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.time_emb = TimestepEmbedding(cfg) if cfg.time_cond else None
+        self.layers = nn.ModuleList([DiffusionLayer(cfg) for _ in range(cfg.n_dec_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
 
+    def forward(self, concepts, pos, query_tok_emb, t, packing=None):
+        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H); t (B,) -> (B, M, H) or (M', H)."""
+        q = query_tok_emb + self.wpe(pos)
+        if packing is not None:
+            q = packing.pack(q)  # (M', H)
+        cond = self.time_emb(t) if self.time_emb is not None else None
+        for layer in self.layers:
+            q = layer(q, concepts, cond, packing)
+        return self.ln_f(q)  # (B, M, H) or (M', H)
+
+
+# ----------------------------------------------------------------------------------------------
+# full models
 
 def lm_cross_entropy(lm_head, h, labels, label_smoothing=0.0):
     """h (M, H) -> logits (M, V), detached (read only for accuracy), and the float32 cross-entropy
@@ -721,9 +539,6 @@ def lm_cross_entropy(lm_head, h, labels, label_smoothing=0.0):
         ce = ce - label_smoothing * z.mean(-1)
     return logits.detach(), ce
 
-
-# ----------------------------------------------------------------------------------------------
-# full models
 
 class ConceptLM(nn.Module):
     """What every objective shares: the encoder, the lm_head, init, optimizer and FLOP count. With
@@ -1012,65 +827,6 @@ def widest_float(device):
 CONDITIONS = ('noisy', 'clean', 'prefix')
 
 
-class TimestepEmbedding(nn.Module):
-    """t in [0, 1] -> (B, H): sinusoidal features of 1000·t (spread over the frequencies), then an MLP (DiT)."""
-
-    def __init__(self, cfg, n_freq=256):
-        super().__init__()
-        self.n_freq = n_freq
-        self.mlp = nn.Sequential(nn.Linear(n_freq, cfg.n_embd), nn.SiLU(), nn.Linear(cfg.n_embd, cfg.n_embd))
-
-    def forward(self, t):
-        half = self.n_freq // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000.0 * t.float()[:, None] * freqs[None, :]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, H)
-
-
-class DiffusionLayer(nn.Module):
-    """The noisy positions read the concepts, then an FFN: O(M·C). With time_cond, AdaLN-Zero: a
-    zero-initialised map from t to shift, scale and gate, so the layer starts as the identity."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.time_cond = cfg.time_cond
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.time_cond)
-        self.cross_attn = CrossAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.time_cond)
-        self.mlp = GatedMLP(cfg)
-        if cfg.time_cond:
-            self.adaLN = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
-
-    def forward(self, q, concepts, cond=None, packing=None):
-        """q (B, M, H), or (M', H) with a Packing; concepts (B, C, H); cond (B, H)."""
-        kv = self.cross_attn.project_kv(concepts)
-        if not self.time_cond:
-            q = q + self.cross_attn(self.ln_1(q), kv, packing=packing)
-            return q + self.mlp(self.ln_2(q))
-        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(self.adaLN, cond, packing)
-        q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, packing=packing)
-        return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
-
-
-class DiffusionDecoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.time_emb = TimestepEmbedding(cfg) if cfg.time_cond else None
-        self.layers = nn.ModuleList([DiffusionLayer(cfg) for _ in range(cfg.n_dec_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-
-    def forward(self, concepts, pos, query_tok_emb, t, packing=None):
-        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H); t (B,) -> (B, M, H) or (M', H)."""
-        q = query_tok_emb + self.wpe(pos)
-        if packing is not None:
-            q = packing.pack(q)  # (M', H)
-        cond = self.time_emb(t) if self.time_emb is not None else None
-        for layer in self.layers:
-            q = layer(q, concepts, cond, packing)
-        return self.ln_f(q)  # (B, M, H) or (M', H)
-
-
 class ConceptDiffusion(ConceptLM):
     """Masked discrete diffusion (MDLM, LLaDA) whose denoiser reads the text through the concepts:
     each ordinary token is masked with probability t and predicted at masked positions only. The
@@ -1241,3 +997,249 @@ class ConceptDiffusion(ConceptLM):
                     trajectory.append(x.clone())
         self.train(was_training)
         return x
+
+
+# ----------------------------------------------------------------------------------------------
+# concept geometry: regularisers against concept collapse, their weighting, and diagnostics.
+# Each regulariser maps concepts (B, C, H) to a float32 scalar, computed within each sample across
+# its C concepts (pooled statistics cannot see concepts identical within a sample).
+
+
+def _no_autocast(x):
+    """A context in which matmuls on x's device run in the dtype of their inputs."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _concept_cosines(concepts):
+    """Cosine similarity between the concepts of each sample: (B, C, H) -> (B, C, C), float32."""
+    with _no_autocast(concepts):
+        u = F.normalize(concepts.float(), dim=-1)
+        return u @ u.transpose(1, 2)
+
+
+def _mean_off_diagonal(m):
+    """Mean of the off-diagonal entries of (B, C, C) over the pairs and the batch."""
+    B, C, _ = m.shape
+    off = 1.0 - torch.eye(C, device=m.device, dtype=m.dtype)
+    return (m * off).sum() / (B * max(C * (C - 1), 1))
+
+
+def _vicreg_rows(concepts, pooled):
+    """(B, C, H) -> (G, n, H), the sets VICReg's statistics are taken over: B sets of C concepts, or
+    pooled, one set of B·C (which diverse samples satisfy even with identical concepts in each)."""
+    x = concepts.float()
+    return x.reshape(1, -1, x.shape[-1]) if pooled else x
+
+
+def _off_diagonal_cov_sq(x):
+    """(G, n, H) -> (G,): Σ_{d≠e} Cov_de² of the n rows; for n < H via ‖XcᵀXc‖_F = ‖XcXcᵀ‖_F,
+    in (n, n) memory instead of (H, H)."""
+    G, n, H = x.shape
+    xc = x - x.mean(dim=1, keepdim=True)
+    with _no_autocast(x):
+        if n < H:
+            fro2 = (xc @ xc.transpose(1, 2)).pow(2).sum((1, 2))          # (G,) = ‖XcᵀXc‖_F²
+            diag2 = xc.pow(2).sum(1).pow(2).sum(1)                        # (G,) = Σ_d (XcᵀXc)_dd²
+            off2 = (fro2 - diag2).clamp_min(0.0)
+        else:
+            cov = xc.transpose(1, 2) @ xc                                 # (G, H, H), unnormalised
+            off2 = (cov.pow(2) * (1.0 - torch.eye(H, device=x.device))).sum((1, 2))
+    return off2 / max(n - 1, 1) ** 2
+
+
+def orthogonality_loss(concepts):
+    """Mean squared cosine between distinct concepts of a sample: 0 iff pairwise orthogonal (C <= H)."""
+    return _mean_off_diagonal(_concept_cosines(concepts).pow(2))
+
+
+def soft_orthogonality_loss(concepts, threshold=0.1):
+    """Orthogonality that tolerates |cos| <= threshold, leaving room for C > H."""
+    return _mean_off_diagonal(F.relu(_concept_cosines(concepts).abs() - threshold).pow(2))
+
+
+def uniformity_loss(concepts, temperature=2.0):
+    """Mean Gaussian potential exp(-T·‖û_i − û_j‖²) between distinct unit concepts (Wang & Isola 2020,
+    without the log): 1 when they coincide, minimised by spreading them on the sphere."""
+    return _mean_off_diagonal(torch.exp(-temperature * (2.0 - 2.0 * _concept_cosines(concepts))))
+
+
+def variance_loss(concepts, pooled=False):
+    """VICReg variance hinge (Bardes et al. 2022): mean_d relu(1 − sqrt(Var_d + 1e-4)), the variance
+    over each sample's C concepts (pooled=True: over all B·C)."""
+    x = _vicreg_rows(concepts, pooled)                                       # (G, n, H)
+    std = torch.sqrt(x.var(dim=1, correction=min(1, x.shape[1] - 1)) + 1e-4)  # (G, H)
+    return F.relu(1.0 - std).mean()
+
+
+def covariance_loss(concepts, pooled=False):
+    """VICReg covariance term Σ_{d≠e} Cov_de² / H. Within a sample Cov has rank <= C−1, so for C <= H
+    it cannot vanish at unit variance: it trades off against variance_loss."""
+    x = _vicreg_rows(concepts, pooled)
+    return (_off_diagonal_cov_sq(x) / x.shape[-1]).mean()
+
+
+def vicreg_loss(concepts, pooled=False):
+    """VICReg variance + covariance with unit weights."""
+    return variance_loss(concepts, pooled) + covariance_loss(concepts, pooled)
+
+
+def combined_loss(concepts, pooled=False, temperature=2.0):
+    """Variance + uniformity with unit weights."""
+    return variance_loss(concepts, pooled) + uniformity_loss(concepts, temperature)
+
+
+def t_regs_mst_loss(concepts):
+    """Minus the mean chordal distance from each unit concept to its nearest neighbour in the sample,
+    a cheap proxy for the minimum spanning tree's length; 0 when the concepts coincide."""
+    S = _concept_cosines(concepts)                                  # (B, C, C)
+    C = S.shape[-1]
+    if C < 2:
+        return S.sum() * 0.0
+    d = torch.sqrt((2.0 - 2.0 * S).clamp_min(1e-8))                 # (B, C, C) ‖û_i − û_j‖
+    eye = torch.eye(C, dtype=torch.bool, device=S.device)
+    nearest = d.masked_fill(eye, float('inf')).min(dim=-1).values   # (B, C)
+    return -nearest.mean()
+
+
+# name (as written in the concept_losses setting) -> loss function(concepts) -> scalar
+CONCEPT_LOSSES = {
+    'orthogonality': orthogonality_loss,
+    'soft_orthogonality': soft_orthogonality_loss,
+    'uniformity': uniformity_loss,
+    'variance': variance_loss,
+    'covariance': covariance_loss,
+    'vicreg': vicreg_loss,
+    'combined': combined_loss,
+    't_regs_mst': t_regs_mst_loss,
+}
+
+
+def parse_concept_losses(spec):
+    """'vicreg,t_regs_mst' -> ['vicreg', 't_regs_mst']; '' or 'none' -> []; ConfigError otherwise."""
+    spec = spec.strip()
+    if spec.lower() in ('', 'none'):
+        return []
+    names = [s.strip() for s in spec.split(',') if s.strip()]
+    valid = ', '.join(CONCEPT_LOSSES)
+    for name in names:
+        if name not in CONCEPT_LOSSES:
+            raise ConfigError(f"unknown concept loss '{name}' in concept_losses='{spec}'; "
+                             f"choose a comma-separated subset of: {valid} (or 'none')")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"concept_losses='{spec}' lists a loss twice; valid names: {valid}")
+    return names
+
+
+def concept_reg_losses(concepts, names, pooled=False, threshold=0.1, temperature=2.0):
+    """{name: scalar loss} of the named regularisers on concepts (B, C, H), each with its options."""
+    options = {'soft_orthogonality': {'threshold': threshold},
+               'uniformity': {'temperature': temperature},
+               'variance': {'pooled': pooled}, 'covariance': {'pooled': pooled},
+               'vicreg': {'pooled': pooled},
+               'combined': {'pooled': pooled, 'temperature': temperature}}
+    return {name: CONCEPT_LOSSES[name](concepts, **options.get(name, {})) for name in names}
+
+
+class ConceptLossWeighting(nn.Module):
+    """forward(task_loss, reg_losses, step) -> (total, info): 'warm', 'w_task', and per regulariser
+    its value and weight 'w_<name>'. warm = min(1, step / warmup_iters) phases the regularisers in.
+    fixed: task + Σ_k (weight / K)·warm·L_k. learnable: softmax weights over [task, regs] (it can
+    shrink the task's weight). kendall_gal (Kendall et al. 2018): Σ_i 0.5·e^−s_i·L_i + 0.5·s_i,
+    with s = s_bound·tanh(raw / s_bound) and each regulariser's weight capped at max_reg_ratio
+    times the task's (s_task detached), so a near-zero regulariser can neither outweigh the task
+    nor drive the total below −(K+1)·s_bound/2. Parameters are 1-D float32: never weight-decayed."""
+
+    STRATEGIES = ('fixed', 'learnable', 'kendall_gal')
+
+    def __init__(self, names, strategy='fixed', weight=0.02, warmup_iters=0, s_bound=5.0,
+                 max_reg_ratio=1.0):
+        super().__init__()
+        if strategy not in self.STRATEGIES:
+            raise ConfigError(f"unknown concept loss weighting '{strategy}'; "
+                             f"choose one of {', '.join(self.STRATEGIES)}")
+        if s_bound <= 0 or max_reg_ratio <= 0:
+            raise ConfigError(f"s_bound={s_bound} and max_reg_ratio={max_reg_ratio} must be > 0")
+        self.names = list(names)
+        self.strategy = strategy
+        self.weight = weight
+        self.warmup_iters = warmup_iters
+        self.s_bound = s_bound
+        self.max_reg_ratio = max_reg_ratio
+        n = 1 + len(self.names)  # index 0 is the task
+        if strategy == 'learnable' and self.names:
+            self.logits = nn.Parameter(torch.zeros(n, dtype=torch.float32))
+        elif strategy == 'kendall_gal' and self.names:
+            self.log_var = nn.Parameter(torch.zeros(n, dtype=torch.float32))  # raw, before the box
+
+    def warm(self, step):
+        """Warmup factor of the regularisers at this step, in [0, 1]."""
+        return 1.0 if self.warmup_iters <= 0 else min(1.0, max(step, 0) / self.warmup_iters)
+
+    def log_variances(self):
+        """Kendall–Gal s = (s_task, s_reg...) after the box and the ratio cap: (1 + K,) float32."""
+        b = self.s_bound
+        s = b * torch.tanh(self.log_var.float() / b)
+        cap = s[:1].detach() - math.log(self.max_reg_ratio)
+        return torch.cat([s[:1], torch.maximum(s[1:], cap)])
+
+    def forward(self, task_loss, reg_losses, step, as_floats=True):
+        """as_floats=False leaves info's values as 0-d device tensors: no host sync in the step."""
+        warm = self.warm(step)
+        losses = torch.stack([task_loss.float()] + [reg_losses[n].float() for n in self.names])  # (1+K,)
+        K = len(self.names)
+        # filled on the device: a tensor from a Python list would be a host-to-device copy (a CUDA sync)
+        one = torch.ones(1, device=losses.device)
+        gate = torch.cat([one, torch.full((K,), float(warm), device=losses.device)])  # (1+K,) warm on the regs
+        if self.strategy == 'fixed' or K == 0:
+            w = gate * torch.cat([one, torch.full((K,), self.weight / max(K, 1), device=losses.device)])
+            total = (w * losses).sum()
+        elif self.strategy == 'learnable':
+            logits = self.logits.float() + torch.log(gate)  # log 0 = -inf: weight 0, no gradient
+            w = torch.softmax(logits, dim=0)
+            total = (w * losses).sum()
+        else:
+            s = self.log_variances()
+            w = gate * 0.5 * torch.exp(-s)
+            total = (w * losses).sum() + (gate * 0.5 * s).sum()
+        values = torch.cat([w.detach(), losses.detach()])
+        values = values.tolist() if as_floats else values.unbind()  # tolist: one device sync
+        info = {'warm': warm, 'w_task': values[0]}
+        for k, name in enumerate(self.names):
+            info[f'w_{name}'] = values[1 + k]
+            info[name] = values[2 + K + k]
+        return total, info
+
+
+@torch.no_grad()
+def concept_diagnostics(concepts):
+    """Collapse diagnostics of concepts (B, C, H) as floats, each averaged over the batch: erank,
+    the entropy effective rank exp(−Σ p log p), p = σ/Σσ, of each sample's C×H matrix (Roy &
+    Vetterli 2007); erank_batchmean, Σσ/σ_max of the batch-mean matrix; concept_cos_mean and
+    concept_cos_max over a sample's distinct pairs; participation_ratio (Σσ²)²/Σσ⁴. The ranks and the ratio
+    are 1 for parallel concepts, C for orthogonal ones of equal norm; non-finite concepts give nan."""
+    keys = ('erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio')
+    with _no_autocast(concepts):
+        c = concepts.detach().float()
+        B, C, H = c.shape
+        if not bool(torch.isfinite(c).all()):
+            return dict.fromkeys(keys, float('nan'))
+        sv = torch.linalg.svdvals(c)                                    # (B, min(C, H))
+        p = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
+        erank = torch.exp(-(torch.special.xlogy(p, p)).sum(-1))         # (B,)
+        sv_mean = torch.linalg.svdvals(c.mean(0))                      # (min(C, H),)
+        erank_batchmean = sv_mean.sum() / sv_mean.max().clamp_min(1e-30)
+        lam = sv.pow(2)                                                 # ∝ eigenvalues of cᵀc/C
+        pr = lam.sum(-1).pow(2) / lam.pow(2).sum(-1).clamp_min(1e-30)  # (B,)
+        S = _concept_cosines(c)                                         # (B, C, C)
+        eye = torch.eye(C, dtype=torch.bool, device=c.device)
+        cos_max = S.masked_fill(eye, float('-inf')).amax(dim=(1, 2)) if C > 1 else S.new_zeros(B)
+        values = torch.stack([erank.mean(), erank_batchmean, _mean_off_diagonal(S),
+                              cos_max.mean(), pr.mean()]).tolist()
+    return dict(zip(keys, values))
+
+
+def average_diagnostics(dicts):
+    """Key-wise mean of a list of concept_diagnostics dicts (e.g. over validation batches)."""
+    if not dicts:
+        return {}
+    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
