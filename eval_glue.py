@@ -407,21 +407,21 @@ def majority(train_label, eval_label, n_labels, metrics):
 def load_pretrained(path, tok_dir=''):
     """(checkpoint dict, Tokenizer). The tokenizer is rebuilt from the recipe the checkpoint holds;
     a bpe recipe needs the data directory with its ranks file, by default the one it records."""
-    ck = runtime.load_checkpoint(path)
-    where = tok_dir or ck.get('data_dir')
+    ckpt = runtime.load_checkpoint(path)
+    where = tok_dir or ckpt.get('data_dir')
     try:
-        tok = prepare_data.tokenizer_from_recipe(ck['tokenizer'], where)
+        tok = prepare_data.tokenizer_from_recipe(ckpt['tokenizer'], where)
     except prepare_data.DataError as e:
         raise prepare_data.DataError(f"{e} (the tokenizer of {path}; if its data directory moved, pass "
                                      f"--data_dir_tok=<that directory>)")
-    return ck, tok
+    return ckpt, tok
 
 
-def build_model(ck, dropout=None, random_init=False):
+def fresh_model(ckpt, dropout=None, random_init=False):
     """A fresh copy of the checkpoint's model on the CPU, optionally with another dropout for
     fine-tuning. random_init: the same architecture with untrained weights, drawn from torch's
     current seed (the control that says what pretraining bought)."""
-    model = runtime.model_from_checkpoint(ck, **({} if dropout is None else {'dropout': dropout}))
+    model = runtime.model_from_checkpoint(ckpt, **({} if dropout is None else {'dropout': dropout}))
     return type(model)(model.cfg) if random_init else model
 
 
@@ -815,7 +815,7 @@ def bow_baseline(data):
 # ----------------------------------------------------------------------------------------------
 # fine-tuning
 
-def finetune(ck, data, head, seed, hp, device='cpu', autocast=nullcontext, progress=False, dtype='float32',
+def finetune(ckpt, data, head, seed, hp, device='cpu', autocast=nullcontext, progress=False, dtype='float32',
              random_init=False):
     """One run: a fresh copy of the pretrained model (random_init: untrained) and a new head,
     trained for the task's epochs and scored on every evaluation set after every epoch. data
@@ -832,7 +832,7 @@ def finetune(ck, data, head, seed, hp, device='cpu', autocast=nullcontext, progr
     y_mean, y_std = (float(labels.mean()), float(labels.std()) or 1.0) if regression else (0.0, 1.0)
     targets = torch.tensor((labels - y_mean) / y_std, dtype=torch.float32) if regression else torch.tensor(labels)
 
-    model = build_model(ck, hp['dropout'], random_init)
+    model = fresh_model(ckpt, hp['dropout'], random_init)
     clf = Classifier(model, head, n_labels, head == 'pair' and train['x_b'] is not None, hp['dropout']).to(device)
     n_epochs = hp['epochs'] or data['epochs']
     per_epoch = math.ceil(len(train['x']) / hp['batch_size'])
@@ -899,12 +899,12 @@ def features(model, enc, batch_size, device, autocast):
     return pair_features(a, embed(model, enc['x_b'], enc['pad'], batch_size, device, autocast))
 
 
-def probe(ck, data, seed, hp, device='cpu', autocast=nullcontext, random_init=False):
+def probe(ckpt, data, seed, hp, device='cpu', autocast=nullcontext, random_init=False):
     """The frozen encoder read by a linear model (SentEval's protocol): features computed once
     per example, ridge or logistic regression fitted on the training split, λ chosen on a
     holdout carved from it. Returns ([{eval name: scores}], λ)."""
     torch.manual_seed(seed)
-    model = build_model(ck, random_init=random_init).to(device)
+    model = fresh_model(ckpt, random_init=random_init).to(device)
     X = features(model, data['train_tok'], hp['eval_batch_size'], device, autocast)
     evals = {name: features(model, enc, hp['eval_batch_size'], device, autocast)
              for name, enc in data['evals_tok'].items()}
@@ -914,10 +914,10 @@ def probe(ck, data, seed, hp, device='cpu', autocast=nullcontext, random_init=Fa
              for name, Xe in zip(evals, X_evals)}], lam
 
 
-def cosine(ck, data, seed, hp, device='cpu', autocast=nullcontext, random_init=False):
+def cosine(ckpt, data, seed, hp, device='cpu', autocast=nullcontext, random_init=False):
     """Zero-shot similarity: the cosine of the mean-pooled states of a and b. Returns [{eval name: scores}]."""
     torch.manual_seed(seed)
-    model = build_model(ck, random_init=random_init).to(device)
+    model = fresh_model(ckpt, random_init=random_init).to(device)
     scores = {}
     for name, enc in data['evals_tok'].items():
         a = embed(model, enc['x'], enc['pad'], hp['eval_batch_size'], device, autocast)
@@ -927,7 +927,7 @@ def cosine(ck, data, seed, hp, device='cpu', autocast=nullcontext, random_init=F
     return [scores]
 
 
-def run_head(ck, data, head, seeds, hp, device, autocast, progress, dtype, random_init):
+def run_head(ckpt, data, head, seeds, hp, device, autocast, progress, dtype, random_init):
     """[(scores per epoch, train losses, probe λ or None)] for each seed. A pretrained probe or
     cosine is deterministic and runs once; every other run (fine-tuning, any random init) draws
     from its seed."""
@@ -936,12 +936,12 @@ def run_head(ck, data, head, seeds, hp, device, autocast, progress, dtype, rando
     runs = []
     for s in seeds:
         if head == 'probe':
-            history, lam = probe(ck, data, s, hp, device, autocast, random_init)
+            history, lam = probe(ckpt, data, s, hp, device, autocast, random_init)
             runs.append((history, [], lam))
         elif head == 'cosine':
-            runs.append((cosine(ck, data, s, hp, device, autocast, random_init), [], None))
+            runs.append((cosine(ckpt, data, s, hp, device, autocast, random_init), [], None))
         else:
-            runs.append((*finetune(ck, data, head, s, hp, device, autocast, progress, dtype, random_init), None))
+            runs.append((*finetune(ckpt, data, head, s, hp, device, autocast, progress, dtype, random_init), None))
     return runs, list(seeds)
 
 
@@ -960,7 +960,7 @@ def summarise(runs, seeds, name, first, metrics):
     return entry
 
 
-def evaluate_task(ck, tok, data, head='pool', seeds=(42,), hp=None, device='cpu', autocast=nullcontext,
+def evaluate_task(ckpt, tok, data, head='pool', seeds=(42,), hp=None, device='cpu', autocast=nullcontext,
                   progress=False, dtype='float32', control=''):
     """Fine-tune once per seed (head='probe': fit a linear model on the frozen features;
     'cosine': score zero-shot) and summarise with the controls beside every score:
@@ -971,17 +971,17 @@ def evaluate_task(ck, tok, data, head='pool', seeds=(42,), hp=None, device='cpu'
     metrics, n_labels = data['metrics'], data['n_labels']
     if head == 'cosine' and (n_labels != 1 or data['train']['b'] is None):
         raise ConfigError(f"head=cosine scores sentence similarity (stsb, sick_r), not {data['task']}")
-    length = min(hp['max_len'], ck['model_args']['block_size'])
+    length = min(hp['max_len'], ckpt['model_args']['block_size'])
     joined = head in ('pool', 'decoder')  # one sequence per example; pair, probe and cosine read a and b apart
     check_max_len(length, joined and data['train']['b'] is not None)
     data['evals_tok'] = {name: tokenize(tok, e, joined, length) for name, e in data['evals'].items()}
     if head != 'cosine':
         data['train_tok'] = tokenize(tok, data['train'], joined, length)
     seeds = list(seeds)
-    runs, used_seeds = run_head(ck, data, head, seeds, hp, device, autocast, progress, dtype, False)
+    runs, used_seeds = run_head(ckpt, data, head, seeds, hp, device, autocast, progress, dtype, False)
     controls = None
     if control == 'random_init':
-        controls = run_head(ck, data, head, seeds, hp, device, autocast, progress, dtype, True)
+        controls = run_head(ckpt, data, head, seeds, hp, device, autocast, progress, dtype, True)
     bow = bow_baseline(data)
     first = next(iter(data['evals']))
     seconds = round(time.time() - t0, 2)
@@ -1056,8 +1056,8 @@ def load_encoder(path, device='cpu', tok_dir=''):
     device = runtime.resolve_device(device)
     key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else None, device, tok_dir)
     if key not in _ENCODERS:
-        ck, tok = load_pretrained(path, tok_dir)
-        _ENCODERS[key] = (build_model(ck).to(device).eval(), tok)
+        ckpt, tok = load_pretrained(path, tok_dir)
+        _ENCODERS[key] = (fresh_model(ckpt).to(device).eval(), tok)
         while len(_ENCODERS) > 2:
             del _ENCODERS[next(iter(_ENCODERS))]
     return _ENCODERS[key]
@@ -1177,12 +1177,13 @@ def main():
     remove_stray_temporaries(path)
 
     rt = runtime.setup_runtime(device, dtype, seed_list[0])
-    ck, tok = load_pretrained(ckpt, data_dir_tok)
-    block = ck['model_args']['block_size']
+    checkpoint, tok = load_pretrained(ckpt, data_dir_tok)
+    args = checkpoint['model_args']  # (`ckpt` is the --ckpt path here)
+    block = args['block_size']
     if max_len > block:
         print(f"max_len {max_len} exceeds the model's block_size; sequences are cut at {block} tokens")
-    print(f"checkpoint {ckpt}: stage {ck.get('stage', '?')}, decoder {ck['model_args'].get('decoder')}, "
-          f"n_embd {ck['model_args']['n_embd']}, {len(ck['model'])} tensors; head {head}, seeds {seed_list}, "
+    print(f"checkpoint {ckpt}: stage {checkpoint.get('stage', '?')}, decoder {args.get('decoder')}, "
+          f"n_embd {args['n_embd']}, {len(checkpoint['model'])} tensors; head {head}, seeds {seed_list}, "
           f"device {rt.device}, dtype {rt.dtype}" + (f", control {control}" if control else ''))
     datas = [load_task(task, data_dir, max_train_examples, max_eval_examples) for task in task_list]  # all, first
     results = {}
@@ -1191,7 +1192,7 @@ def main():
         skipped = sum(data['skipped'].values())
         print(f"{task}: train {len(data['train']['label'])}, {sizes}"
               + (f"; skipped {skipped} malformed rows {data['skipped']}" if skipped else ''), flush=True)
-        res = evaluate_task(ck, tok, data, head, seed_list, hp, rt.device, rt.autocast, progress, rt.dtype,
+        res = evaluate_task(checkpoint, tok, data, head, seed_list, hp, rt.device, rt.autocast, progress, rt.dtype,
                             control)
         for name, e in res.items():
             shown = ', '.join(f"{m} {e[m]:.1f} ({versus(e, m)}: majority {e['majority'][m]:.1f}, bow {e['bow'][m]:.1f}"

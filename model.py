@@ -5,7 +5,7 @@ Shapes: B batch, N tokens, C concepts, H n_embd, nh heads, hs head size, M decod
 V vocabulary. No [N, N] tensor exists anywhere in this file.
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -180,17 +180,17 @@ class BiXTLayer(nn.Module):
     of shared references, read row-wise (concepts <- tokens) and column-wise (tokens <- concepts),
     both through SDPA. Padding tokens are never updated and never read; tokens get their own FFN."""
 
-    def __init__(self, cfg, token_update=True):
+    def __init__(self, cfg, has_token_update=True):
         super().__init__()
         H = cfg.n_embd
         self.n_head = cfg.n_head
-        self.token_update = token_update
+        self.has_token_update = has_token_update
         self.ln_c = nn.LayerNorm(H)
         self.ln_t = nn.LayerNorm(H)
         self.c_ref_val = nn.Linear(H, 2 * H, bias=cfg.bias)   # concepts -> R_c, V_c
         self.t_ref_val = nn.Linear(H, 2 * H, bias=cfg.bias)   # tokens   -> R_t, V_t
         self.c_proj = nn.Linear(H, H, bias=cfg.bias)
-        if token_update:  # the last layer's token update would never be read: it has none (as in BiXT)
+        if has_token_update:  # the last layer's token update would never be read: it has none (as in BiXT)
             self.t_proj = nn.Linear(H, H, bias=cfg.bias)
             self.ln_tm = nn.LayerNorm(H)
             self.token_mlp = GatedMLP(cfg)
@@ -209,7 +209,7 @@ class BiXTLayer(nn.Module):
         """c (B, C, H) concepts, x (B, N, H) tokens, key_mask (B, N) -> updated (c, x)."""
         B, C, H = c.shape
         N = x.shape[1]
-        update_tokens = update_tokens and self.token_update
+        update_tokens = update_tokens and self.has_token_update
         r_c, v_c = self._heads(self.c_ref_val(self.ln_c(c)))
         r_t, v_t = self._heads(self.t_ref_val(self.ln_t(x)))
         p = self.dropout if self.training else 0.0
@@ -258,7 +258,7 @@ class ConceptEncoder(Encoder):
         n_distinct = 1 if cfg.recursive_iters > 0 else cfg.n_layer
         if cfg.bixt:  # a layer updates tokens only if a layer runs after it: never the last one, nor a
             # recursive layer applied once (its token update would be parameters DDP never sees used)
-            self.layers = nn.ModuleList([BiXTLayer(cfg, token_update=(i < n_distinct - 1 or cfg.recursive_iters > 1))
+            self.layers = nn.ModuleList([BiXTLayer(cfg, has_token_update=(i < n_distinct - 1 or cfg.recursive_iters > 1))
                                          for i in range(n_distinct)])
         else:  # with shared_token_kv only the first layer owns a token K/V projection
             self.layers = nn.ModuleList([ConceptLayer(cfg, project_tokens=(i == 0 or not cfg.shared_token_kv))
@@ -298,7 +298,7 @@ def adaln_modulation(adaLN, cond, packing=None):
     """AdaLN-Zero (DiT): cond (B, H) -> shift, scale, gate of two sub-blocks, each (B, 1, H), or
     (M', H) for the packed rows of a Packing."""
     m = adaLN(F.silu(cond))  # (B, 6H)
-    m = m[:, None, :] if packing is None else m[packing.sample()]
+    m = m[:, None, :] if packing is None else m[packing.rows()]
     return m.chunk(6, dim=-1)
 
 
@@ -405,8 +405,8 @@ class Packing(NamedTuple):
         B, T = self.valid.shape
         return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x).view(B, T, *x.shape[1:])
 
-    def sample(self):
-        """(M',) the sample (row of the batch) of each packed row"""
+    def rows(self):
+        """(M',) the batch row of each packed row"""
         return self.index // self.valid.shape[1]
 
 
@@ -540,7 +540,7 @@ def lm_cross_entropy(lm_head, h, labels, label_smoothing=0.0):
     return logits.detach(), ce
 
 
-class ConceptLM(nn.Module):
+class StageModel(nn.Module):
     """What every objective shares: the encoder, the lm_head, init, optimizer and FLOP count. With
     encoder='standard' there is no decoder: the encoder's token states feed the lm_head."""
 
@@ -627,7 +627,7 @@ class ConceptLM(nn.Module):
                     m.c_ref_val.weight[H:] = eye
                     m.t_ref_val.weight[H:] = eye
                     m.c_proj.weight.copy_(eye)
-                    if m.token_update:
+                    if m.has_token_update:
                         m.t_proj.weight.copy_(eye)
                 elif isinstance(m, MLMDecoder) and m.kind == 'weighted':
                     m.proj.weight.copy_(eye)
@@ -642,9 +642,6 @@ class ConceptLM(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def model_args(self):
-        return asdict(self.cfg)
 
     def get_num_params(self, non_embedding=True):
         """Parameter count, by default without the position tables (as in nanoGPT)."""
@@ -737,7 +734,7 @@ class ConceptLM(nn.Module):
         return 3 * (self.encoder_flops(n_tokens) + self.decoder_flops(n_decoded))
 
 
-class ConceptMLM(ConceptLM):
+class ConceptMLM(StageModel):
     """Encoder + MLM decoder + lm_head, for MLM (labels at masked positions) and TSDAE (labels at
     every real token, deleted ones hidden from the encoder)."""
 
@@ -827,7 +824,7 @@ def widest_float(device):
 CONDITIONS = ('noisy', 'clean', 'prefix')
 
 
-class ConceptDiffusion(ConceptLM):
+class ConceptDiffusion(StageModel):
     """Masked discrete diffusion (MDLM, LLaDA) whose denoiser reads the text through the concepts:
     each ordinary token is masked with probability t and predicted at masked positions only. The
     encoder sees `condition`: noisy, the noisy text, as generate() gives it; clean, the clean text
@@ -901,7 +898,7 @@ class ConceptDiffusion(ConceptLM):
         h = self.denoise(concepts, noisy, pos, t, packing)                        # (M, H)
         labels = packing.pack(torch.gather(idx, 1, pos))
         logits, ce = self.logits_and_ce(h, labels, self.cfg.label_smoothing)      # (M, V), (M,)
-        row = packing.sample()  # sample of each target
+        row = packing.rows()  # the batch row of each target
         if self.cfg.elbo_weight:
             loss = (ce / t[row]).sum() / maskable.sum().clamp(min=1)
         else:
@@ -982,7 +979,7 @@ class ConceptDiffusion(ConceptLM):
                 # scatter back to (B, N); positions not eligible this step get -inf confidence
                 conf_full = torch.full((B, N), -float('inf'), dtype=wide, device=x.device)
                 pred_full = x.clone()
-                rows = Packing.of(valid).sample()
+                rows = Packing.of(valid).rows()
                 conf_full[rows, pos[valid]] = confidence[valid]
                 pred_full[rows, pos[valid]] = choice[valid]
                 conf_full[~eligible] = -float('inf')
@@ -1003,6 +1000,11 @@ class ConceptDiffusion(ConceptLM):
 # concept geometry: regularisers against concept collapse, their weighting, and diagnostics.
 # Each regulariser maps concepts (B, C, H) to a float32 scalar, computed within each sample across
 # its C concepts (pooled statistics cannot see concepts identical within a sample).
+
+SOFT_ORTHOGONALITY_THRESHOLD = 0.1  # |cos| tolerated by soft_orthogonality_loss
+UNIFORMITY_TEMPERATURE = 2.0        # T of uniformity_loss's Gaussian potential
+S_BOUND = 5.0                       # kendall_gal: each log-variance s lies in (-S_BOUND, S_BOUND)
+MAX_REG_RATIO = 1.0                 # kendall_gal: no regulariser weighs more than this times the task
 
 
 def _no_autocast(x):
@@ -1052,15 +1054,15 @@ def orthogonality_loss(concepts):
     return _mean_off_diagonal(_concept_cosines(concepts).pow(2))
 
 
-def soft_orthogonality_loss(concepts, threshold=0.1):
-    """Orthogonality that tolerates |cos| <= threshold, leaving room for C > H."""
-    return _mean_off_diagonal(F.relu(_concept_cosines(concepts).abs() - threshold).pow(2))
+def soft_orthogonality_loss(concepts):
+    """Orthogonality that tolerates |cos| <= SOFT_ORTHOGONALITY_THRESHOLD, leaving room for C > H."""
+    return _mean_off_diagonal(F.relu(_concept_cosines(concepts).abs() - SOFT_ORTHOGONALITY_THRESHOLD).pow(2))
 
 
-def uniformity_loss(concepts, temperature=2.0):
+def uniformity_loss(concepts):
     """Mean Gaussian potential exp(-T·‖û_i − û_j‖²) between distinct unit concepts (Wang & Isola 2020,
     without the log): 1 when they coincide, minimised by spreading them on the sphere."""
-    return _mean_off_diagonal(torch.exp(-temperature * (2.0 - 2.0 * _concept_cosines(concepts))))
+    return _mean_off_diagonal(torch.exp(-UNIFORMITY_TEMPERATURE * (2.0 - 2.0 * _concept_cosines(concepts))))
 
 
 def variance_loss(concepts, pooled=False):
@@ -1083,9 +1085,9 @@ def vicreg_loss(concepts, pooled=False):
     return variance_loss(concepts, pooled) + covariance_loss(concepts, pooled)
 
 
-def combined_loss(concepts, pooled=False, temperature=2.0):
+def combined_loss(concepts, pooled=False):
     """Variance + uniformity with unit weights."""
-    return variance_loss(concepts, pooled) + uniformity_loss(concepts, temperature)
+    return variance_loss(concepts, pooled) + uniformity_loss(concepts)
 
 
 def t_regs_mst_loss(concepts):
@@ -1130,14 +1132,11 @@ def parse_concept_losses(spec):
     return names
 
 
-def concept_reg_losses(concepts, names, pooled=False, threshold=0.1, temperature=2.0):
-    """{name: scalar loss} of the named regularisers on concepts (B, C, H), each with its options."""
-    options = {'soft_orthogonality': {'threshold': threshold},
-               'uniformity': {'temperature': temperature},
-               'variance': {'pooled': pooled}, 'covariance': {'pooled': pooled},
-               'vicreg': {'pooled': pooled},
-               'combined': {'pooled': pooled, 'temperature': temperature}}
-    return {name: CONCEPT_LOSSES[name](concepts, **options.get(name, {})) for name in names}
+def concept_reg_losses(concepts, names, pooled=False):
+    """{name: scalar loss} of the named regularisers on concepts (B, C, H); pooled reaches VICReg's."""
+    takes_pooled = ('variance', 'covariance', 'vicreg', 'combined')
+    return {name: CONCEPT_LOSSES[name](concepts, **({'pooled': pooled} if name in takes_pooled else {}))
+            for name in names}
 
 
 class ConceptLossWeighting(nn.Module):
@@ -1145,26 +1144,21 @@ class ConceptLossWeighting(nn.Module):
     its value and weight 'w_<name>'. warm = min(1, step / warmup_iters) phases the regularisers in.
     fixed: task + Σ_k (weight / K)·warm·L_k. learnable: softmax weights over [task, regs] (it can
     shrink the task's weight). kendall_gal (Kendall et al. 2018): Σ_i 0.5·e^−s_i·L_i + 0.5·s_i,
-    with s = s_bound·tanh(raw / s_bound) and each regulariser's weight capped at max_reg_ratio
+    with s = S_BOUND·tanh(raw / S_BOUND) and each regulariser's weight capped at MAX_REG_RATIO
     times the task's (s_task detached), so a near-zero regulariser can neither outweigh the task
-    nor drive the total below −(K+1)·s_bound/2. Parameters are 1-D float32: never weight-decayed."""
+    nor drive the total below −(K+1)·S_BOUND/2. Parameters are 1-D float32: never weight-decayed."""
 
     STRATEGIES = ('fixed', 'learnable', 'kendall_gal')
 
-    def __init__(self, names, strategy='fixed', weight=0.02, warmup_iters=0, s_bound=5.0,
-                 max_reg_ratio=1.0):
+    def __init__(self, names, strategy='fixed', weight=0.02, warmup_iters=0):
         super().__init__()
         if strategy not in self.STRATEGIES:
             raise ConfigError(f"unknown concept loss weighting '{strategy}'; "
                              f"choose one of {', '.join(self.STRATEGIES)}")
-        if s_bound <= 0 or max_reg_ratio <= 0:
-            raise ConfigError(f"s_bound={s_bound} and max_reg_ratio={max_reg_ratio} must be > 0")
         self.names = list(names)
         self.strategy = strategy
         self.weight = weight
         self.warmup_iters = warmup_iters
-        self.s_bound = s_bound
-        self.max_reg_ratio = max_reg_ratio
         n = 1 + len(self.names)  # index 0 is the task
         if strategy == 'learnable' and self.names:
             self.logits = nn.Parameter(torch.zeros(n, dtype=torch.float32))
@@ -1177,9 +1171,8 @@ class ConceptLossWeighting(nn.Module):
 
     def log_variances(self):
         """Kendall–Gal s = (s_task, s_reg...) after the box and the ratio cap: (1 + K,) float32."""
-        b = self.s_bound
-        s = b * torch.tanh(self.log_var.float() / b)
-        cap = s[:1].detach() - math.log(self.max_reg_ratio)
+        s = S_BOUND * torch.tanh(self.log_var.float() / S_BOUND)
+        cap = s[:1].detach() - math.log(MAX_REG_RATIO)
         return torch.cat([s[:1], torch.maximum(s[1:], cap)])
 
     def forward(self, task_loss, reg_losses, step, as_floats=True):

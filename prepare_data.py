@@ -383,7 +383,7 @@ class Tokenizer:
 
     def decode(self, ids):
         """Text of a list / 1-D tensor / ndarray of ids; specials render as their names ('<|mask|>'),
-        ids outside the vocabulary (a model's padded rows) as '<|unk:ID|>'."""
+        ids outside the vocabulary (no model here emits them; a caller may pass them) as '<|unk:ID|>'."""
         ids = ids.tolist() if hasattr(ids, 'tolist') else list(ids)
         try:
             return self.enc.decode(ids)
