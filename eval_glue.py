@@ -29,7 +29,7 @@ Heads (--head):
              (closed form) or multinomial logistic regression (L-BFGS); the L2 strength is chosen
              on a fixed 20% holdout of the training split, never on the reported dev set
     cosine   zero-shot: cosine of the mean-pooled concepts of a and b (stsb, sick_r)
-Pooling goes through pooled(), the one place that knows the encoder arm: the concept arm pools
+Pooling goes through model.pooled(), the one place that knows the encoder arm: the concept arm pools
 its C concepts, the standard arm (cfg.encoder == 'standard') its real tokens only.
 
 Controls in every result: 'majority' (below) and 'bow', a tf-idf bag of word unigrams and
@@ -58,12 +58,11 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare_data
 import runtime
-from model import ConceptDiffusion, ConfigError
+from model import Classifier, ConfigError, pair_features, pooled
 
 # ----------------------------------------------------------------------------------------------
 # defaults (python eval_glue.py --key=value; see configurator.py)
@@ -504,77 +503,7 @@ def batch_inputs(enc, rows, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# the heads
-
-def encoder_kind(model):
-    """'concept' (states: C concepts) or 'standard' (states: one per token); checkpoints from
-    before the standard arm existed are concept encoders."""
-    return getattr(model.cfg, 'encoder', 'concept')
-
-
-def pooled(model, idx, mask, scorer=None):
-    """(B, H): one vector per sequence, the one place where the two encoder arms differ. The
-    concept arm's states are its C concepts (B, C, H), every one real; the standard arm's are
-    token states (B, N, H), of which only the real tokens (mask True) count. scorer (H -> 1)
-    weights the states by a softmax of its scores; without one (or at its zero init), the mean."""
-    states = model.encoder(idx, mask)                                          # (B, S, H)
-    logits = (scorer(states).squeeze(-1).float() if scorer is not None
-              else states.new_zeros(states.shape[:2], dtype=torch.float32))   # (B, S)
-    if encoder_kind(model) == 'standard':
-        logits = logits.masked_fill(~mask, float('-inf'))
-    alpha = F.softmax(logits, dim=-1).to(states.dtype)
-    return torch.einsum('bs,bsh->bh', alpha, states)
-
-
-class Classifier(nn.Module):
-    """The pretrained model plus a new head; everything is fine-tuned (the lm_head goes unused).
-    n_out = 1 is a regression. pair=True (head 'pair' on a two-sentence task) pools a and b apart."""
-
-    def __init__(self, model, head, n_out, pair, dropout):
-        super().__init__()
-        H = model.cfg.n_embd
-        self.model, self.head, self.pair = model, head, pair
-        if head in ('pool', 'pair'):
-            # weighted pooling: score_i = w·s_i, softmax over the states. Zero init: it starts
-            # as the plain mean, the embedding that encode(), the probe and the cosine head use
-            self.score = nn.Linear(H, 1)
-            nn.init.zeros_(self.score.weight)
-            nn.init.zeros_(self.score.bias)
-        self.ln = nn.LayerNorm(H)
-        self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(4 * H if pair else H, n_out)
-        nn.init.normal_(self.out.weight, std=0.02)
-        nn.init.zeros_(self.out.bias)
-
-    def head_parameters(self):
-        """The parameters this class adds to the pretrained model (a learning rate of their own)."""
-        return [p for name, p in self.named_parameters() if not name.startswith('model.')]
-
-    def pool(self, idx, mask):
-        return self.ln(pooled(self.model, idx, mask, self.score))             # (B, H)
-
-    def read_decoder(self, idx, mask):
-        """The pretrained decoder at every position, mean over the real tokens (the original's
-        ViaDecoder head). Diffusion: the denoiser at t = 0, the clean tokens as its queries."""
-        c = self.model.encoder(idx, mask)
-        B, N = idx.shape
-        pos = torch.arange(N, device=idx.device).expand(B, N)
-        if isinstance(self.model, ConceptDiffusion):
-            h = self.model.denoise(c, idx, pos, torch.zeros(B, device=idx.device))
-        else:
-            h = self.model.decode(c, idx, pos)                                  # (B, N, H)
-        m = mask[..., None].to(h.dtype)
-        return self.ln((h * m).sum(1) / m.sum(1))
-
-    def forward(self, idx, mask, idx_b=None, mask_b=None):
-        if self.head == 'decoder':
-            z = self.read_decoder(idx, mask)
-        elif self.pair:
-            z = pair_features(self.pool(idx, mask), self.pool(idx_b, mask_b))  # (B, 4H)
-        else:
-            z = self.pool(idx, mask)
-        return self.out(self.drop(z))                                           # (B, n_out)
-
+# running a model (model.Classifier, model.pooled) over tokenised examples
 
 @torch.no_grad()
 def embed(model, seqs, pad_id, batch_size=64, device='cpu', autocast=nullcontext):
@@ -723,11 +652,6 @@ def standardise(train, *others):
     mean, std = train.mean(0), train.std(0)
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
     return [(x - mean) / std for x in (train, *others)]
-
-
-def pair_features(a, b):
-    """[a; b; |a - b|; a ⊙ b] (B, 4H): SentEval's features for a pair encoded apart."""
-    return torch.cat([a, b, (a - b).abs(), a * b], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------

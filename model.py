@@ -522,6 +522,75 @@ class DiffusionDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# classification heads: a stage model read out for a downstream task (eval_glue.py)
+
+def pair_features(a, b):
+    """[a; b; |a - b|; a ⊙ b] (B, 4H): SentEval's features for a pair encoded apart."""
+    return torch.cat([a, b, (a - b).abs(), a * b], dim=-1)
+
+
+def pooled(model, idx, mask, scorer=None):
+    """(B, H): the encoder's states, the C concepts or the standard arm's real tokens, weighted by
+    a softmax of scorer's (H -> 1) scores; without one, or at its zero init, their mean."""
+    states = model.encoder(idx, mask)                                          # (B, S, H)
+    logits = (scorer(states).squeeze(-1).float() if scorer is not None
+              else states.new_zeros(states.shape[:2], dtype=torch.float32))   # (B, S)
+    if getattr(model.cfg, 'encoder', 'concept') == 'standard':  # only its real tokens count
+        logits = logits.masked_fill(~mask, float('-inf'))
+    alpha = F.softmax(logits, dim=-1).to(states.dtype)
+    return torch.einsum('bs,bsh->bh', alpha, states)
+
+
+class Classifier(nn.Module):
+    """A stage model plus a new head for classification (n_out classes) or regression (n_out = 1);
+    head 'pool' | 'pair' | 'decoder'; pair=True pools the two texts apart."""
+
+    def __init__(self, model, head, n_out, pair, dropout):
+        super().__init__()
+        H = model.cfg.n_embd
+        self.model, self.head, self.pair = model, head, pair
+        if head in ('pool', 'pair'):
+            # weighted pooling: score_i = w·s_i, softmax over the states. Zero init: it starts
+            # as the plain mean, the embedding that encode(), the probe and the cosine head use
+            self.score = nn.Linear(H, 1)
+            nn.init.zeros_(self.score.weight)
+            nn.init.zeros_(self.score.bias)
+        self.ln = nn.LayerNorm(H)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(4 * H if pair else H, n_out)
+        nn.init.normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
+    def head_parameters(self):
+        """The parameters this class adds to the pretrained model (a learning rate of their own)."""
+        return [p for name, p in self.named_parameters() if not name.startswith('model.')]
+
+    def pool(self, idx, mask):
+        return self.ln(pooled(self.model, idx, mask, self.score))             # (B, H)
+
+    def read_decoder(self, idx, mask):
+        """The decoder's mean over the real tokens (diffusion: the denoiser at t = 0 on clean text)."""
+        c = self.model.encoder(idx, mask)
+        B, N = idx.shape
+        pos = torch.arange(N, device=idx.device).expand(B, N)
+        if isinstance(self.model, ConceptDiffusion):
+            h = self.model.denoise(c, idx, pos, torch.zeros(B, device=idx.device))
+        else:
+            h = self.model.decode(c, idx, pos)                                  # (B, N, H)
+        m = mask[..., None].to(h.dtype)
+        return self.ln((h * m).sum(1) / m.sum(1))
+
+    def forward(self, idx, mask, idx_b=None, mask_b=None):
+        if self.head == 'decoder':
+            z = self.read_decoder(idx, mask)
+        elif self.pair:
+            z = pair_features(self.pool(idx, mask), self.pool(idx_b, mask_b))  # (B, 4H)
+        else:
+            z = self.pool(idx, mask)
+        return self.out(self.drop(z))                                           # (B, n_out)
+
+
+# ----------------------------------------------------------------------------------------------
 # full models
 
 def lm_cross_entropy(lm_head, h, labels, label_smoothing=0.0):

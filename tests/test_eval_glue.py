@@ -13,7 +13,7 @@ from conftest import run_script
 import eval_glue as G
 import prepare_data
 import runtime
-from model import ConceptConfig, ConceptDiffusion, ConceptMLM
+from model import Classifier, ConceptConfig, ConceptDiffusion, ConceptMLM, pooled
 
 # ----------------------------------------------------------------------------------------------
 # a tiny prepared data directory and one checkpoint per stage, written as the train scripts do
@@ -581,14 +581,14 @@ def test_pooling_ignores_padding_for_token_states_and_means_concepts():
     standard = SimpleNamespace(cfg=SimpleNamespace(encoder='standard', n_embd=2), encoder=TokenStateEncoder())
     idx = torch.tensor([[1, 3, 99, 99], [2, 4, 6, 8]])
     mask = torch.tensor([[True, True, False, False], [True] * 4])
-    torch.testing.assert_close(G.pooled(standard, idx, mask), torch.tensor([[2.0, 4.0], [5.0, 10.0]]))
+    torch.testing.assert_close(pooled(standard, idx, mask), torch.tensor([[2.0, 4.0], [5.0, 10.0]]))
     concept = SimpleNamespace(cfg=SimpleNamespace(n_embd=2), encoder=TokenStateEncoder())  # no .encoder: concepts
-    torch.testing.assert_close(G.pooled(concept, idx, mask), torch.tensor([[50.5, 101.0], [5.0, 10.0]]))
+    torch.testing.assert_close(pooled(concept, idx, mask), torch.tensor([[50.5, 101.0], [5.0, 10.0]]))
     scorer = torch.nn.Linear(2, 1)
     with torch.no_grad():
         scorer.weight.fill_(10.0)
         scorer.bias.zero_()
-        assert G.pooled(standard, idx, mask, scorer)[0, 0].item() == pytest.approx(3.0, abs=1e-3)  # 99s get none
+        assert pooled(standard, idx, mask, scorer)[0, 0].item() == pytest.approx(3.0, abs=1e-3)  # 99s get none
 
 
 def test_random_init_control_is_the_same_architecture_untrained(ckpts):
@@ -608,17 +608,17 @@ def test_head_learning_rate_moves_the_head_while_the_encoder_barely_moves(ckpts)
     ckpt, tok = G.load_pretrained(ckpts['mlm'])
     data = synthetic_data(n_train=64, n_eval=32)
     captured = {}
-    original = G.Classifier.__init__
+    original = Classifier.__init__
 
     def keep(self, *args, **kwargs):
         original(self, *args, **kwargs)
         captured['clf'] = self
-    G.Classifier.__init__ = keep
+    Classifier.__init__ = keep
     try:
         res = G.evaluate_task(ckpt, tok, data, 'pool', seeds=(0,),
                               hp={**FAST, 'learning_rate': 1e-9, 'head_learning_rate': 3e-2})['synthetic']
     finally:
-        G.Classifier.__init__ = original
+        Classifier.__init__ = original
     clf = captured['clf']
     before = G.fresh_model(ckpt).state_dict()
     moved = max((clf.model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
