@@ -78,8 +78,9 @@ _MATH_SDP_REDUCTION_DEFAULT = torch.backends.cuda.fp16_bf16_reduction_math_sdp_a
 def attention(q, k, v, key_mask=None, dropout_p=0.0):
     """SDPA over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values; key_mask (B, S) bool, True =
     may be attended. Every attention goes through here. CPU training sends short-sided attentions
-    (C x N, C x C, M x C) to the math kernel in bf16, whose backward beats the flash kernel's for
-    so few queries; its (T, S) scores grow only with the long side. Elsewhere SDPA chooses."""
+    (C x N, C x C, M x C) to the math kernel, kept in bf16 under autocast, whose backward beats the
+    flash kernel's for so few queries; its (T, S) scores grow with the long side only. Elsewhere
+    SDPA chooses."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
     if q.device.type == 'cpu' and q.requires_grad and min(q.shape[-2], k.shape[-2]) <= SHORT_SIDE:
         # The math kernel would upcast bf16 inputs to float32 (half-speed matmuls); kept in bf16,
