@@ -29,7 +29,7 @@ Heads (--head):
              (closed form) or multinomial logistic regression (L-BFGS); the L2 strength is chosen
              on a fixed 20% holdout of the training split, never on the reported dev set
     cosine   zero-shot: cosine of the mean-pooled concepts of a and b (stsb, sick_r)
-Pooling goes through pooled(), the one place that knows the encoder arm: the concept arm pools
+Pooling goes through model.pooled(), the one place that knows the encoder arm: the concept arm pools
 its C concepts, the standard arm (cfg.encoder == 'standard') its real tokens only.
 
 Controls in every result: 'majority' (below) and 'bow', a tf-idf bag of word unigrams and
@@ -39,18 +39,13 @@ untrained weights (one draw per seed). The table marks each score against them (
 it; with several seeds, by more than the larger seed spread). Results are written atomically
 after each task, so an interrupted run keeps the tasks it finished.
 
-Protocol: after crammedBERT's (Geiping & Goldstein 2023): one global set of hyperparameters for
-every task, brief fine-tuning (5 epochs; 3 for the large qqp, mnli, qnli, as in the original),
-batch 16, 10% warmup then cosine decay, AdamW (0.9, 0.98), no weight decay, max_len 128; the
-encoder at lr 1e-4 and the new head at 1e-3, and pair tasks read through the pair head (the
-README has the measurements that chose these; crammedBERT's single lr 4e-5 left a small model's
-fresh head nearly untrained, its fine-tuned scores far under the frozen probe's). The
-headline is the LAST epoch's score (mean and sample std over seeds); the best epoch on
-validation is reported beside it, separately: choosing it on the set one reports is optimistic,
-which is what the original project did (load_best_model_at_end). Every metric is on a 0-100
-scale (MCC, Pearson and Spearman x100 as on the GLUE leaderboard), and every task shows the
-majority-class baseline (the train split's most frequent label; for regression a constant, whose
-correlation is 0 by convention).
+Protocol, after crammedBERT's (Geiping & Goldstein 2023): one set of hyperparameters for every
+task, brief fine-tuning (5 epochs; 3 for the large qqp, mnli, qnli), batch 16, 10% warmup then
+cosine decay, AdamW (0.9, 0.98), no weight decay, max_len 128; the encoder at lr 1e-4 and the new
+head at 1e-3 (a fresh head needs the larger rate). The headline is the LAST epoch's score (mean
+and sample std over seeds); the best epoch is reported beside it, since choosing it on the set
+one reports is optimistic. Metrics are on a 0-100 scale (MCC, Pearson, Spearman x100 as on the
+GLUE leaderboard) beside the majority-class baseline (regression: a constant, correlation 0).
 """
 import glob
 import json
@@ -63,12 +58,11 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare_data
 import runtime
-from model import ConceptDiffusion, ConfigError
+from model import Classifier, ConfigError, pair_features, pooled
 
 # ----------------------------------------------------------------------------------------------
 # defaults (python eval_glue.py --key=value; see configurator.py)
@@ -86,7 +80,7 @@ batch_size = 16                # crammedBERT: large fine-tuning batches hurt
 eval_batch_size = 128
 max_len = 128                  # tokens per sequence (a pair packed in one: both sentences), capped at block_size
 warmup_steps = -1              # -1 = 10% of the run's steps; then cosine decay to 0
-weight_decay = 0.0             # crammedBERT and HF run_glue (the original used 0.01)
+weight_decay = 0.0             # crammedBERT and HF run_glue
 grad_clip = 1.0                # 0 disables clipping
 dropout = 0.1                  # in the encoder and the head while fine-tuning (BERT's)
 max_train_examples = 0         # 0 = all; else a fixed random subset (the same for every seed): quick runs
@@ -412,21 +406,21 @@ def majority(train_label, eval_label, n_labels, metrics):
 def load_pretrained(path, tok_dir=''):
     """(checkpoint dict, Tokenizer). The tokenizer is rebuilt from the recipe the checkpoint holds;
     a bpe recipe needs the data directory with its ranks file, by default the one it records."""
-    ck = runtime.load_checkpoint(path)
-    where = tok_dir or ck.get('data_dir')
+    ckpt = runtime.load_checkpoint(path)
+    where = tok_dir or ckpt.get('data_dir')
     try:
-        tok = prepare_data.tokenizer_from_recipe(ck['tokenizer'], where)
+        tok = prepare_data.tokenizer_from_recipe(ckpt['tokenizer'], where)
     except prepare_data.DataError as e:
         raise prepare_data.DataError(f"{e} (the tokenizer of {path}; if its data directory moved, pass "
                                      f"--data_dir_tok=<that directory>)")
-    return ck, tok
+    return ckpt, tok
 
 
-def build_model(ck, dropout=None, random_init=False):
+def fresh_model(ckpt, dropout=None, random_init=False):
     """A fresh copy of the checkpoint's model on the CPU, optionally with another dropout for
     fine-tuning. random_init: the same architecture with untrained weights, drawn from torch's
     current seed (the control that says what pretraining bought)."""
-    model = runtime.model_from_checkpoint(ck, **({} if dropout is None else {'dropout': dropout}))
+    model = runtime.model_from_checkpoint(ckpt, **({} if dropout is None else {'dropout': dropout}))
     return type(model)(model.cfg) if random_init else model
 
 
@@ -509,77 +503,7 @@ def batch_inputs(enc, rows, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# the heads
-
-def encoder_kind(model):
-    """'concept' (states: C concepts) or 'standard' (states: one per token); checkpoints from
-    before the standard arm existed are concept encoders."""
-    return getattr(model.cfg, 'encoder', 'concept')
-
-
-def pooled(model, idx, mask, scorer=None):
-    """(B, H): one vector per sequence, the one place where the two encoder arms differ. The
-    concept arm's states are its C concepts (B, C, H), every one real; the standard arm's are
-    token states (B, N, H), of which only the real tokens (mask True) count. scorer (H -> 1)
-    weights the states by a softmax of its scores; without one (or at its zero init), the mean."""
-    states = model.encoder(idx, mask)                                          # (B, S, H)
-    logits = (scorer(states).squeeze(-1).float() if scorer is not None
-              else states.new_zeros(states.shape[:2], dtype=torch.float32))   # (B, S)
-    if encoder_kind(model) == 'standard':
-        logits = logits.masked_fill(~mask, float('-inf'))
-    alpha = F.softmax(logits, dim=-1).to(states.dtype)
-    return torch.einsum('bs,bsh->bh', alpha, states)
-
-
-class Classifier(nn.Module):
-    """The pretrained model plus a new head; everything is fine-tuned (the lm_head goes unused).
-    n_out = 1 is a regression. pair=True (head 'pair' on a two-sentence task) pools a and b apart."""
-
-    def __init__(self, model, head, n_out, pair, dropout):
-        super().__init__()
-        H = model.cfg.n_embd
-        self.model, self.head, self.pair = model, head, pair
-        if head in ('pool', 'pair'):
-            # weighted pooling: score_i = w·s_i, softmax over the states. Zero init: it starts
-            # as the plain mean, the embedding that encode(), the probe and the cosine head use
-            self.score = nn.Linear(H, 1)
-            nn.init.zeros_(self.score.weight)
-            nn.init.zeros_(self.score.bias)
-        self.ln = nn.LayerNorm(H)
-        self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(4 * H if pair else H, n_out)
-        nn.init.normal_(self.out.weight, std=0.02)
-        nn.init.zeros_(self.out.bias)
-
-    def head_parameters(self):
-        """The parameters this class adds to the pretrained model (a learning rate of their own)."""
-        return [p for name, p in self.named_parameters() if not name.startswith('model.')]
-
-    def pool(self, idx, mask):
-        return self.ln(pooled(self.model, idx, mask, self.score))             # (B, H)
-
-    def read_decoder(self, idx, mask):
-        """The pretrained decoder at every position, mean over the real tokens (the original's
-        ViaDecoder head). Diffusion: the denoiser at t = 0, the clean tokens as its queries."""
-        c = self.model.encoder(idx, mask)
-        B, N = idx.shape
-        pos = torch.arange(N, device=idx.device).expand(B, N)
-        if isinstance(self.model, ConceptDiffusion):
-            h = self.model.denoise(c, idx, pos, torch.zeros(B, device=idx.device))
-        else:
-            h = self.model.decode(c, idx, pos)                                  # (B, N, H)
-        m = mask[..., None].to(h.dtype)
-        return self.ln((h * m).sum(1) / m.sum(1))
-
-    def forward(self, idx, mask, idx_b=None, mask_b=None):
-        if self.head == 'decoder':
-            z = self.read_decoder(idx, mask)
-        elif self.pair:
-            z = pair_features(self.pool(idx, mask), self.pool(idx_b, mask_b))  # (B, 4H)
-        else:
-            z = self.pool(idx, mask)
-        return self.out(self.drop(z))                                           # (B, n_out)
-
+# running a model (model.Classifier, model.pooled) over tokenised examples
 
 @torch.no_grad()
 def embed(model, seqs, pad_id, batch_size=64, device='cpu', autocast=nullcontext):
@@ -730,11 +654,6 @@ def standardise(train, *others):
     return [(x - mean) / std for x in (train, *others)]
 
 
-def pair_features(a, b):
-    """[a; b; |a - b|; a ⊙ b] (B, 4H): SentEval's features for a pair encoded apart."""
-    return torch.cat([a, b, (a - b).abs(), a * b], dim=-1)
-
-
 # ----------------------------------------------------------------------------------------------
 # the bag-of-words control: tf-idf of word unigrams and bigrams, the probe's own linear model
 
@@ -820,7 +739,7 @@ def bow_baseline(data):
 # ----------------------------------------------------------------------------------------------
 # fine-tuning
 
-def finetune(ck, data, head, seed, hp, device='cpu', autocast=nullcontext, progress=False, dtype='float32',
+def finetune(ckpt, data, head, seed, hp, device='cpu', autocast=nullcontext, progress=False, dtype='float32',
              random_init=False):
     """One run: a fresh copy of the pretrained model (random_init: untrained) and a new head,
     trained for the task's epochs and scored on every evaluation set after every epoch. data
@@ -837,7 +756,7 @@ def finetune(ck, data, head, seed, hp, device='cpu', autocast=nullcontext, progr
     y_mean, y_std = (float(labels.mean()), float(labels.std()) or 1.0) if regression else (0.0, 1.0)
     targets = torch.tensor((labels - y_mean) / y_std, dtype=torch.float32) if regression else torch.tensor(labels)
 
-    model = build_model(ck, hp['dropout'], random_init)
+    model = fresh_model(ckpt, hp['dropout'], random_init)
     clf = Classifier(model, head, n_labels, head == 'pair' and train['x_b'] is not None, hp['dropout']).to(device)
     n_epochs = hp['epochs'] or data['epochs']
     per_epoch = math.ceil(len(train['x']) / hp['batch_size'])
@@ -904,12 +823,12 @@ def features(model, enc, batch_size, device, autocast):
     return pair_features(a, embed(model, enc['x_b'], enc['pad'], batch_size, device, autocast))
 
 
-def probe(ck, data, seed, hp, device='cpu', autocast=nullcontext, random_init=False):
+def probe(ckpt, data, seed, hp, device='cpu', autocast=nullcontext, random_init=False):
     """The frozen encoder read by a linear model (SentEval's protocol): features computed once
     per example, ridge or logistic regression fitted on the training split, λ chosen on a
     holdout carved from it. Returns ([{eval name: scores}], λ)."""
     torch.manual_seed(seed)
-    model = build_model(ck, random_init=random_init).to(device)
+    model = fresh_model(ckpt, random_init=random_init).to(device)
     X = features(model, data['train_tok'], hp['eval_batch_size'], device, autocast)
     evals = {name: features(model, enc, hp['eval_batch_size'], device, autocast)
              for name, enc in data['evals_tok'].items()}
@@ -919,10 +838,10 @@ def probe(ck, data, seed, hp, device='cpu', autocast=nullcontext, random_init=Fa
              for name, Xe in zip(evals, X_evals)}], lam
 
 
-def cosine(ck, data, seed, hp, device='cpu', autocast=nullcontext, random_init=False):
+def cosine(ckpt, data, seed, hp, device='cpu', autocast=nullcontext, random_init=False):
     """Zero-shot similarity: the cosine of the mean-pooled states of a and b. Returns [{eval name: scores}]."""
     torch.manual_seed(seed)
-    model = build_model(ck, random_init=random_init).to(device)
+    model = fresh_model(ckpt, random_init=random_init).to(device)
     scores = {}
     for name, enc in data['evals_tok'].items():
         a = embed(model, enc['x'], enc['pad'], hp['eval_batch_size'], device, autocast)
@@ -932,7 +851,7 @@ def cosine(ck, data, seed, hp, device='cpu', autocast=nullcontext, random_init=F
     return [scores]
 
 
-def run_head(ck, data, head, seeds, hp, device, autocast, progress, dtype, random_init):
+def run_head(ckpt, data, head, seeds, hp, device, autocast, progress, dtype, random_init):
     """[(scores per epoch, train losses, probe λ or None)] for each seed. A pretrained probe or
     cosine is deterministic and runs once; every other run (fine-tuning, any random init) draws
     from its seed."""
@@ -941,12 +860,12 @@ def run_head(ck, data, head, seeds, hp, device, autocast, progress, dtype, rando
     runs = []
     for s in seeds:
         if head == 'probe':
-            history, lam = probe(ck, data, s, hp, device, autocast, random_init)
+            history, lam = probe(ckpt, data, s, hp, device, autocast, random_init)
             runs.append((history, [], lam))
         elif head == 'cosine':
-            runs.append((cosine(ck, data, s, hp, device, autocast, random_init), [], None))
+            runs.append((cosine(ckpt, data, s, hp, device, autocast, random_init), [], None))
         else:
-            runs.append((*finetune(ck, data, head, s, hp, device, autocast, progress, dtype, random_init), None))
+            runs.append((*finetune(ckpt, data, head, s, hp, device, autocast, progress, dtype, random_init), None))
     return runs, list(seeds)
 
 
@@ -965,7 +884,7 @@ def summarise(runs, seeds, name, first, metrics):
     return entry
 
 
-def evaluate_task(ck, tok, data, head='pool', seeds=(42,), hp=None, device='cpu', autocast=nullcontext,
+def evaluate_task(ckpt, tok, data, head='pool', seeds=(42,), hp=None, device='cpu', autocast=nullcontext,
                   progress=False, dtype='float32', control=''):
     """Fine-tune once per seed (head='probe': fit a linear model on the frozen features;
     'cosine': score zero-shot) and summarise with the controls beside every score:
@@ -976,17 +895,17 @@ def evaluate_task(ck, tok, data, head='pool', seeds=(42,), hp=None, device='cpu'
     metrics, n_labels = data['metrics'], data['n_labels']
     if head == 'cosine' and (n_labels != 1 or data['train']['b'] is None):
         raise ConfigError(f"head=cosine scores sentence similarity (stsb, sick_r), not {data['task']}")
-    length = min(hp['max_len'], ck['model_args']['block_size'])
+    length = min(hp['max_len'], ckpt['model_args']['block_size'])
     joined = head in ('pool', 'decoder')  # one sequence per example; pair, probe and cosine read a and b apart
     check_max_len(length, joined and data['train']['b'] is not None)
     data['evals_tok'] = {name: tokenize(tok, e, joined, length) for name, e in data['evals'].items()}
     if head != 'cosine':
         data['train_tok'] = tokenize(tok, data['train'], joined, length)
     seeds = list(seeds)
-    runs, used_seeds = run_head(ck, data, head, seeds, hp, device, autocast, progress, dtype, False)
+    runs, used_seeds = run_head(ckpt, data, head, seeds, hp, device, autocast, progress, dtype, False)
     controls = None
     if control == 'random_init':
-        controls = run_head(ck, data, head, seeds, hp, device, autocast, progress, dtype, True)
+        controls = run_head(ckpt, data, head, seeds, hp, device, autocast, progress, dtype, True)
     bow = bow_baseline(data)
     first = next(iter(data['evals']))
     seconds = round(time.time() - t0, 2)
@@ -1061,8 +980,8 @@ def load_encoder(path, device='cpu', tok_dir=''):
     device = runtime.resolve_device(device)
     key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else None, device, tok_dir)
     if key not in _ENCODERS:
-        ck, tok = load_pretrained(path, tok_dir)
-        _ENCODERS[key] = (build_model(ck).to(device).eval(), tok)
+        ckpt, tok = load_pretrained(path, tok_dir)
+        _ENCODERS[key] = (fresh_model(ckpt).to(device).eval(), tok)
         while len(_ENCODERS) > 2:
             del _ENCODERS[next(iter(_ENCODERS))]
     return _ENCODERS[key]
@@ -1182,12 +1101,13 @@ def main():
     remove_stray_temporaries(path)
 
     rt = runtime.setup_runtime(device, dtype, seed_list[0])
-    ck, tok = load_pretrained(ckpt, data_dir_tok)
-    block = ck['model_args']['block_size']
+    checkpoint, tok = load_pretrained(ckpt, data_dir_tok)
+    args = checkpoint['model_args']  # (`ckpt` is the --ckpt path here)
+    block = args['block_size']
     if max_len > block:
         print(f"max_len {max_len} exceeds the model's block_size; sequences are cut at {block} tokens")
-    print(f"checkpoint {ckpt}: stage {ck.get('stage', '?')}, decoder {ck['model_args'].get('decoder')}, "
-          f"n_embd {ck['model_args']['n_embd']}, {len(ck['model'])} tensors; head {head}, seeds {seed_list}, "
+    print(f"checkpoint {ckpt}: stage {checkpoint.get('stage', '?')}, decoder {args.get('decoder')}, "
+          f"n_embd {args['n_embd']}, {len(checkpoint['model'])} tensors; head {head}, seeds {seed_list}, "
           f"device {rt.device}, dtype {rt.dtype}" + (f", control {control}" if control else ''))
     datas = [load_task(task, data_dir, max_train_examples, max_eval_examples) for task in task_list]  # all, first
     results = {}
@@ -1196,7 +1116,7 @@ def main():
         skipped = sum(data['skipped'].values())
         print(f"{task}: train {len(data['train']['label'])}, {sizes}"
               + (f"; skipped {skipped} malformed rows {data['skipped']}" if skipped else ''), flush=True)
-        res = evaluate_task(ck, tok, data, head, seed_list, hp, rt.device, rt.autocast, progress, rt.dtype,
+        res = evaluate_task(checkpoint, tok, data, head, seed_list, hp, rt.device, rt.autocast, progress, rt.dtype,
                             control)
         for name, e in res.items():
             shown = ', '.join(f"{m} {e[m]:.1f} ({versus(e, m)}: majority {e['majority'][m]:.1f}, bow {e['bow'][m]:.1f}"

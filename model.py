@@ -1,21 +1,11 @@
 """
-The Concept Encoder: every module and every loss of the project, in one file.
-
-A text of N tokens is read by C learned *concept* vectors through cross-attention, so a layer costs
-O(C·N) instead of the O(N²) of a standard encoder: tokens never attend to each other. Decoders then
-read the C concepts back out at the positions where a loss needs them.
-
-    ConceptEncoder      tokens [B, N] -> concepts [B, C, H]  (standard, BiXT or recursive layers)
-    MLMDecoder          concepts -> hidden states at chosen positions (weighted | perceiver | posonly)
-    DiffusionDecoder    concepts + noisy tokens + t -> hidden states (cross-attention + AdaLN-Zero)
-    ConceptMLM          encoder + MLMDecoder + lm_head: the MLM and TSDAE objectives
-    ConceptDiffusion    encoder + DiffusionDecoder + lm_head: masked discrete diffusion, generate()
-
+The Concept Encoder, every module and loss in one file: C learned concepts read N tokens through
+cross-attention, O(C·N) per layer, and decoders read them back out where a loss needs them.
 Shapes: B batch, N tokens, C concepts, H n_embd, nh heads, hs head size, M decoded positions,
-V vocabulary. No tensor of shape [N, N] exists anywhere in this file.
+V vocabulary. No [N, N] tensor exists anywhere in this file.
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -60,7 +50,7 @@ class ConceptConfig:
     concept_loss_weight: float = 0.02  # fixed: total regulariser weight, split evenly among them
     concept_loss_warmup: int = 0      # iterations of linear warmup of the regularisers
     loss_weighting: str = 'fixed'     # 'fixed' | 'learnable' | 'kendall_gal'
-    concept_loss_pooled: bool = False  # the original's batch-pooled VICReg statistics
+    concept_loss_pooled: bool = False  # VICReg statistics pooled over the batch (blind to within-sample collapse)
     # special token ids, copied from the data directory's meta.json
     pad_id: int = -1
     mask_id: int = -1
@@ -86,20 +76,11 @@ _MATH_SDP_REDUCTION_DEFAULT = torch.backends.cuda.fp16_bf16_reduction_math_sdp_a
 
 
 def attention(q, k, v, key_mask=None, dropout_p=0.0):
-    """SDPA over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values; key_mask (B, S) bool,
-    True = may be attended. Every attention in this project goes through here.
-
-    On the CPU, with gradients, attentions with a short side (the concepts reading the tokens,
-    C x N; C x C; decoded positions reading the concepts) go to SDPA's math kernel, kept in bf16
-    under autocast: bf16 matmuls and a softmax (fused by inductor when compiled), which beat the
-    flash kernel, whose CPU backward is slow for so few queries. Measured on this project's
-    2-core CPU, h512l2 MLM step in bf16: compiled, N = 2048, 485 vs 590 ms; eager, N = 512 / 2048,
-    760 vs 810 and 585 vs 615 ms; float32 eager on config/tiny.py: a tie. The (T, S) scores it
-    materialises grow linearly with the long side. Inductor's attention pattern matcher would turn
-    it back into the flash kernel, so ConceptLM.compile_for_training turns that pass off on the
-    CPU. Inference keeps the flash kernel (faster there: encoding at N = 512, 205 vs 225 ms), as
-    do long-by-long attentions (the standard encoder's N x N beyond N = 1024). CUDA keeps SDPA's
-    own choice."""
+    """SDPA over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values; key_mask (B, S) bool, True =
+    may be attended. Every attention goes through here. CPU training sends short-sided attentions
+    (C x N, C x C, M x C) to the math kernel, kept in bf16 under autocast, whose backward beats the
+    flash kernel's for so few queries; its (T, S) scores grow with the long side only. Elsewhere
+    SDPA chooses."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
     if q.device.type == 'cpu' and q.requires_grad and min(q.shape[-2], k.shape[-2]) <= SHORT_SIDE:
         # The math kernel would upcast bf16 inputs to float32 (half-speed matmuls); kept in bf16,
@@ -116,9 +97,8 @@ def attention(q, k, v, key_mask=None, dropout_p=0.0):
 
 
 class CrossAttention(nn.Module):
-    """Queries from one stream attend to keys/values of another, through SDPA. The key/value
-    projection is a separate method so that a caller can project a static context once and
-    reuse it (the recursive encoder projects the tokens once for all K iterations)."""
+    """Queries from one stream attend to keys/values of another. project_kv is separate so that a
+    static context (the recursive encoder's tokens) is projected once and reused."""
 
     def __init__(self, cfg, project_context=True):
         super().__init__()
@@ -135,9 +115,8 @@ class CrossAttention(nn.Module):
         return k.transpose(1, 2), v.transpose(1, 2)  # 2 x (B, nh, N, hs)
 
     def forward(self, x, kv, key_mask=None, packing=None):
-        """x: (B, T, H) queries; kv: from project_kv; key_mask: (B, N) bool, True = may be attended.
-        With a Packing of the (B, T) layout, x is packed instead: (M', H), the rows of its valid
-        slots; only the attention itself sees the padded (B, T) layout, the projections see M' rows."""
+        """x (B, T, H) queries, or (M', H) packed rows given a Packing of (B, T): then only the
+        attention sees the padded layout; kv from project_kv; key_mask (B, N), True = attend."""
         q = self.c_q(x)
         if packing is not None:
             q = packing.unpack(q)  # (B, T, H), zeros at padding
@@ -180,8 +159,7 @@ class GatedMLP(nn.Module):
 
 
 class ConceptLayer(nn.Module):
-    """Pre-LN layer on the concepts: read the tokens, talk among concepts, think (FFN).
-    The tokens are the static embeddings and are not updated (origin_spec §1.3)."""
+    """Pre-LN layer on the concepts: read the (static) tokens, attend among concepts, FFN."""
 
     def __init__(self, cfg, project_tokens=True):
         super().__init__()
@@ -199,32 +177,21 @@ class ConceptLayer(nn.Module):
 
 
 class BiXTLayer(nn.Module):
-    """Bidirectional cross-attention (BiXT, Hiller et al. NeurIPS 2024, arXiv 2402.12138).
+    """Bidirectional cross-attention (BiXT, Hiller et al. 2024): one similarity A = R_c R_tᵀ / sqrt(hs)
+    of shared references, read row-wise (concepts <- tokens) and column-wise (tokens <- concepts),
+    both through SDPA. Padding tokens are never updated and never read; tokens get their own FFN."""
 
-    Concepts and tokens are each projected to a shared "reference" R and a value V. The one
-    similarity matrix A = R_c R_tᵀ / sqrt(hs) serves both directions: softmax over tokens updates
-    the concepts, softmax of Aᵀ over concepts updates the tokens. Both products run through SDPA
-    (so A is never materialised; it is the same matrix read row-wise and column-wise). Padding
-    tokens are masked as keys before the token-axis softmax; their rows of the concept-axis
-    softmax are computed but their update is zeroed, so a padding token never changes and never
-    influences a concept. Tokens get their own FFN and never attend to each other.
-
-    The original project's "BiXT" (origin_spec §1.4) differs: it ran two independent attentions
-    in sequence (concepts <- tokens, then tokens <- the already updated concepts) with separate
-    Q/K/V weights, no padding mask on the reverse direction and no token FFN.
-    """
-
-    def __init__(self, cfg, token_update=True):
+    def __init__(self, cfg, has_token_update=True):
         super().__init__()
         H = cfg.n_embd
         self.n_head = cfg.n_head
-        self.token_update = token_update
+        self.has_token_update = has_token_update
         self.ln_c = nn.LayerNorm(H)
         self.ln_t = nn.LayerNorm(H)
         self.c_ref_val = nn.Linear(H, 2 * H, bias=cfg.bias)   # concepts -> R_c, V_c
         self.t_ref_val = nn.Linear(H, 2 * H, bias=cfg.bias)   # tokens   -> R_t, V_t
         self.c_proj = nn.Linear(H, H, bias=cfg.bias)
-        if token_update:  # the last layer's token update would never be read: it has none (as in BiXT)
+        if has_token_update:  # the last layer's token update would never be read: it has none (as in BiXT)
             self.t_proj = nn.Linear(H, H, bias=cfg.bias)
             self.ln_tm = nn.LayerNorm(H)
             self.token_mlp = GatedMLP(cfg)
@@ -243,7 +210,7 @@ class BiXTLayer(nn.Module):
         """c (B, C, H) concepts, x (B, N, H) tokens, key_mask (B, N) -> updated (c, x)."""
         B, C, H = c.shape
         N = x.shape[1]
-        update_tokens = update_tokens and self.token_update
+        update_tokens = update_tokens and self.has_token_update
         r_c, v_c = self._heads(self.c_ref_val(self.ln_c(c)))
         r_t, v_t = self._heads(self.t_ref_val(self.ln_t(x)))
         p = self.dropout if self.training else 0.0
@@ -292,7 +259,7 @@ class ConceptEncoder(Encoder):
         n_distinct = 1 if cfg.recursive_iters > 0 else cfg.n_layer
         if cfg.bixt:  # a layer updates tokens only if a layer runs after it: never the last one, nor a
             # recursive layer applied once (its token update would be parameters DDP never sees used)
-            self.layers = nn.ModuleList([BiXTLayer(cfg, token_update=(i < n_distinct - 1 or cfg.recursive_iters > 1))
+            self.layers = nn.ModuleList([BiXTLayer(cfg, has_token_update=(i < n_distinct - 1 or cfg.recursive_iters > 1))
                                          for i in range(n_distinct)])
         else:  # with shared_token_kv only the first layer owns a token K/V projection
             self.layers = nn.ModuleList([ConceptLayer(cfg, project_tokens=(i == 0 or not cfg.shared_token_kv))
@@ -304,8 +271,8 @@ class ConceptEncoder(Encoder):
         return self.cfg.recursive_iters if self.cfg.recursive_iters > 0 else self.cfg.n_layer
 
     def forward(self, idx, attn_mask=None, n_iters=None):
-        """idx: (B, N) token ids; attn_mask: (B, N) bool, True where the encoder may look (False
-        for padding and for TSDAE-deleted tokens); n_iters overrides recursive_iters at inference."""
+        """idx (B, N); attn_mask (B, N) bool, False for padding and TSDAE-deleted tokens; n_iters
+        overrides recursive_iters at inference."""
         B, N = idx.shape
         x = self.ln_tok(self.embed(idx))
         c = self.concepts.expand(B, -1, -1)  # (B, C, H)
@@ -317,9 +284,8 @@ class ConceptEncoder(Encoder):
             for i, layer in enumerate(layer_seq):
                 c, x = layer(c, x, attn_mask, update_tokens=(i < len(layer_seq) - 1))
         else:
-            # The tokens are static here, so a recursive encoder (one layer) and shared_token_kv
-            # project them to keys/values once, saving 2·H²·N MACs per further layer: the bulk
-            # of a layer's cost at N >> C. Otherwise every layer reads them through its own K/V.
+            # static tokens: recursive and shared_token_kv project them to K/V once (2·H²·N MACs
+            # per further layer, the bulk of a layer at N >> C); otherwise each layer has its own
             once = self.cfg.recursive_iters > 0 or self.cfg.shared_token_kv
             token_kv = None
             for layer in layer_seq:
@@ -330,18 +296,16 @@ class ConceptEncoder(Encoder):
 
 
 def adaln_modulation(adaLN, cond, packing=None):
-    """AdaLN-Zero (DiT): the timestep embedding cond (B, H) -> shift, scale and gate of two
-    sub-blocks, six tensors broadcast over each sample's rows: (B, 1, H), or (M', H) for the
-    packed rows of a Packing."""
+    """AdaLN-Zero (DiT): cond (B, H) -> shift, scale, gate of two sub-blocks, each (B, 1, H), or
+    (M', H) for the packed rows of a Packing."""
     m = adaLN(F.silu(cond))  # (B, 6H)
-    m = m[:, None, :] if packing is None else m[packing.sample()]
+    m = m[:, None, :] if packing is None else m[packing.rows()]
     return m.chunk(6, dim=-1)
 
 
 class TokenLayer(nn.Module):
-    """Pre-LN transformer layer over the tokens, the standard arm's: every token attends to every
-    real token, O(N²), then the FFN. With time_cond (the standard diffusion denoiser, MDLM's
-    design) both sub-blocks are modulated by AdaLN-Zero, as in DiffusionLayer."""
+    """The standard arm's pre-LN transformer layer, O(N²); with time_cond (MDLM's denoiser) both
+    sub-blocks are AdaLN-Zero-modulated, as in DiffusionLayer."""
 
     def __init__(self, cfg, time_cond=False):
         super().__init__()
@@ -364,13 +328,8 @@ class TokenLayer(nn.Module):
 
 
 class StandardEncoder(Encoder):
-    """tokens (B, N) -> token states (B, N, H): the standard bidirectional transformer encoder,
-    the peer the concept arm is measured against (encoder='standard'). Same embeddings, FFN,
-    norms and widths as the concept arm; its attention is O(N²) in compute (SDPA's fused kernels
-    keep its memory linear). What attn_mask hides (padding, TSDAE-deleted tokens) is masked as a
-    key and replaced by [MASK] at its own position, so no position sees a hidden token. As the
-    diffusion denoiser (time_cond) it reads the noise level t; without one it encodes clean text
-    (t = 0), which is what encode() and the evaluation heads ask of it."""
+    """tokens (B, N) -> states (B, N, H): the O(N²) peer (encoder='standard'). A token attn_mask
+    hides is masked as a key and replaced by [MASK]; with time_cond it reads the noise level t."""
 
     def __init__(self, cfg, time_cond=False):
         super().__init__(cfg)
@@ -379,8 +338,7 @@ class StandardEncoder(Encoder):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
 
     def forward(self, idx, attn_mask=None, n_iters=None, t=None):
-        """idx (B, N); attn_mask (B, N) bool, True where the encoder may look; t (B,) the noise
-        level, for the diffusion denoiser. n_iters is the concept arm's (recursion)."""
+        """idx (B, N); attn_mask (B, N) bool; t (B,) noise level; n_iters: the concept arm's, unused."""
         if attn_mask is not None:
             idx = torch.where(attn_mask, idx, self.cfg.mask_id)
         cond = None
@@ -401,20 +359,15 @@ def gather_states(states, pos):
 
 
 def gather_positions(select):
-    """select: (B, N) bool -> pos (B, Mmax) long, valid (B, Mmax) bool.
-
-    The selected positions of each row come first, in order; rows with fewer than Mmax selected
-    positions are padded with unselected positions that `valid` marks False. This ragged-to-
-    padded layout lets every decoded position attend to its own sample's concepts in one SDPA
-    call, and it is exact because decoder positions never attend to each other."""
+    """select (B, N) bool -> pos, valid (B, Mmax): each row's selected positions first, padded with
+    unselected ones (valid False); exact, since decoded positions never attend to each other."""
     pos, valid, _ = gather_and_pack(select)
     return pos, valid
 
 
 def gather_and_pack(select):
-    """gather_positions and the Packing of its valid slots, -> (pos, valid, packing), with one
-    host synchronisation: the largest and the total count of selected positions, read together
-    (the two shapes that depend on the data)."""
+    """gather_positions and the Packing of its valid slots -> (pos, valid, packing), with one host
+    synchronisation for the two data-dependent shapes (largest and total count)."""
     counts = select.sum(1)                                       # (B,)
     if select.numel() == 0:
         m_max = m_total = 0
@@ -426,19 +379,16 @@ def gather_and_pack(select):
 
 
 class Packing(NamedTuple):
-    """The valid slots of gather_positions' padded (B, T) layout as the rows of a packed (M', ...)
-    tensor: pack(x) equals x[valid]. The decoders run on packed rows; their attention alone needs
-    the padded layout. The index is built once per batch, outside the compiled decoder: indexing
-    with it, rather than with the boolean mask (whose backward has a data-dependent shape), keeps
-    the compiled decoder one graph (a mask there cost two failed compile attempts per process)."""
+    """The valid slots of gather_positions' (B, T) layout as the rows of a packed (M', ...) tensor:
+    pack(x) == x[valid]. An index built once per batch, not the boolean mask (whose backward has a
+    data-dependent shape), keeps the compiled decoder one graph."""
     valid: torch.Tensor  # (B, T) bool
     index: torch.Tensor  # (M',) long: b·T + t of each valid slot, in order
 
     @classmethod
     def of(cls, valid, counts=None, n_valid=None):
-        """valid (B, T) bool whose True slots come first in each row (gather_positions' layout).
-        Given its row counts (B,) and their total n_valid (an int), the index is built without a
-        host synchronisation; otherwise with one (nonzero)."""
+        """valid (B, T) bool, True slots first in each row; given the row counts (B,) and their
+        total n_valid (int), no host synchronisation."""
         if counts is None or n_valid is None:
             return cls(valid, valid.flatten().nonzero().squeeze(1))
         T = valid.shape[1]
@@ -456,14 +406,13 @@ class Packing(NamedTuple):
         B, T = self.valid.shape
         return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x).view(B, T, *x.shape[1:])
 
-    def sample(self):
-        """(M',) the sample (row of the batch) of each packed row"""
+    def rows(self):
+        """(M',) the batch row of each packed row"""
         return self.index // self.valid.shape[1]
 
 
 class DecoderLayer(nn.Module):
-    """Perceiver-IO decoder layer: each query reads the concepts, then an FFN. No query-query
-    attention, so the output at one position does not depend on which others are decoded."""
+    """Perceiver-IO decoder layer: queries read the concepts, then an FFN; no query-query attention."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -479,14 +428,9 @@ class DecoderLayer(nn.Module):
 
 
 class MLMDecoder(nn.Module):
-    """Reads concepts back out at positions pos (B, M) of the input.
-
-    weighted:  h = softmax(W[pos]) @ concepts, a per-position mixture whose weights depend only on
-               the position, as in the original weighted_mlm (origin_spec §2.1); then LN-Linear (the
-               original's GELU after the Linear is dropped, see ConceptLM._finish_init).
-    perceiver: queries = token embedding of the (corrupted) input + decoder position embedding.
-    posonly:   queries = decoder position embedding only, so every bit of content must come
-               through the concepts (TSDAE's decoder; Perceiver IO's MLM decoder)."""
+    """Reads the concepts back out at positions pos (B, M). weighted: a per-position softmax mixture
+    of the concepts, then LN-Linear; perceiver: queries = input token + position embedding;
+    posonly: position only, so all content must come through the concepts (TSDAE's)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -501,10 +445,8 @@ class MLMDecoder(nn.Module):
             self.ln_f = nn.LayerNorm(cfg.n_embd)
 
     def forward(self, concepts, pos, query_tok_emb=None, packing=None):
-        """concepts (B, C, H); pos (B, M) positions; query_tok_emb (B, M, H) for 'perceiver'.
-        Returns (B, M, H); with a Packing of gather_positions' valid (B, M) only the valid slots
-        are decoded, packed: (M', H). Padding slots then cost nothing beyond the attention itself
-        (diffusion's per-sample masking rate leaves a third of a padded batch empty)."""
+        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H) for 'perceiver' -> (B, M, H), or
+        (M', H) for the valid slots only given a Packing of (B, M)."""
         if self.kind == 'weighted':
             h = torch.bmm(F.softmax(self.mix[pos].float(), dim=-1).to(concepts.dtype), concepts)
             h = h if packing is None else packing.pack(h)
@@ -519,340 +461,144 @@ class MLMDecoder(nn.Module):
         return self.ln_f(q)  # (B, M, H) or (M', H)
 
 
-# ----------------------------------------------------------------------------------------------
-# concept geometry: regularisers against concept collapse, their weighting, and diagnostics
-#
-# The original project's L6 MLM encoder collapsed to an effective rank of 5 of its 128 concepts
-# (origin_spec §10.3, §11.1). Its regularisers (origin_spec §3) pooled VICReg's statistics over
-# batch and concepts together, which cannot see concepts that are identical *within* a sample;
-# its Kendall–Gal weighting then let the nearly-zero regularisers inflate their own weight until
-# the total loss was negative and the MLM loss was muted (§10.3, §11.2). Here every regulariser
-# works within each sample, across its C concepts (the original's pooled form is an option), and
-# the Kendall–Gal weights are bounded so that no regulariser can outweigh the task.
-#
-# Shapes: B batch, C concepts, H width. Every regulariser maps concepts (B, C, H) to a scalar
-# loss computed in float32, whatever the input dtype or autocast.
+# the diffusion decoder: the noisy positions read the concepts, conditioned on t
 
+class TimestepEmbedding(nn.Module):
+    """t in [0, 1] -> (B, H): sinusoidal features of 1000·t (spread over the frequencies), then an MLP (DiT)."""
 
-def _no_autocast(x):
-    """A context in which matmuls on x's device run in the dtype of their inputs."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
-def _concept_cosines(concepts):
-    """Cosine similarity between the concepts of each sample: (B, C, H) -> (B, C, C), float32."""
-    with _no_autocast(concepts):
-        u = F.normalize(concepts.float(), dim=-1)
-        return u @ u.transpose(1, 2)
-
-
-def _mean_off_diagonal(m):
-    """Mean of the off-diagonal entries of (B, C, C) over the pairs and the batch."""
-    B, C, _ = m.shape
-    off = 1.0 - torch.eye(C, device=m.device, dtype=m.dtype)
-    return (m * off).sum() / (B * max(C * (C - 1), 1))
-
-
-def _vicreg_rows(concepts, pooled):
-    """The sets of vectors whose statistics VICReg takes: (B, C, H) -> (G, n, H).
-    Within-sample: G = B sets of the n = C concepts of one sample. Pooled (the original's):
-    one set of n = B·C vectors, which a batch of diverse samples satisfies even when every
-    sample's concepts are identical."""
-    x = concepts.float()
-    return x.reshape(1, -1, x.shape[-1]) if pooled else x
-
-
-def _off_diagonal_cov_sq(x):
-    """Σ_{d≠e} Cov_de² per set, with Cov the (H, H) covariance of the n rows: (G, n, H) -> (G,).
-    For n < H it uses ‖XcᵀXc‖_F = ‖XcXcᵀ‖_F, which costs (n, n) instead of (H, H) memory
-    (within-sample, C = 128 concepts of width 512)."""
-    G, n, H = x.shape
-    xc = x - x.mean(dim=1, keepdim=True)
-    with _no_autocast(x):
-        if n < H:
-            fro2 = (xc @ xc.transpose(1, 2)).pow(2).sum((1, 2))          # (G,) = ‖XcᵀXc‖_F²
-            diag2 = xc.pow(2).sum(1).pow(2).sum(1)                        # (G,) = Σ_d (XcᵀXc)_dd²
-            off2 = (fro2 - diag2).clamp_min(0.0)
-        else:
-            cov = xc.transpose(1, 2) @ xc                                 # (G, H, H), unnormalised
-            off2 = (cov.pow(2) * (1.0 - torch.eye(H, device=x.device))).sum((1, 2))
-    return off2 / max(n - 1, 1) ** 2
-
-
-def orthogonality_loss(concepts):
-    """Mean squared cosine between distinct concepts of a sample (origin_spec §3): 0 iff the
-    concepts of every sample are pairwise orthogonal (possible only for C <= H)."""
-    return _mean_off_diagonal(_concept_cosines(concepts).pow(2))
-
-
-def soft_orthogonality_loss(concepts, threshold=0.1):
-    """Orthogonality that tolerates |cos| <= threshold (origin_spec §3): leaves room for C > H,
-    where exact orthogonality is impossible."""
-    return _mean_off_diagonal(F.relu(_concept_cosines(concepts).abs() - threshold).pow(2))
-
-
-def uniformity_loss(concepts, temperature=2.0):
-    """Mean Gaussian potential exp(-T·‖û_i − û_j‖²) = exp(-T·(2 − 2cos)) between distinct unit
-    concepts of a sample (origin_spec §3; Wang & Isola, ICML 2020, without their log). 1 when a
-    sample's concepts coincide, exp(-2T) when orthogonal; minimised by spreading them on the sphere."""
-    return _mean_off_diagonal(torch.exp(-temperature * (2.0 - 2.0 * _concept_cosines(concepts))))
-
-
-def variance_loss(concepts, pooled=False):
-    """VICReg variance hinge (Bardes et al., ICLR 2022): mean_d relu(1 − sqrt(Var_d + 1e-4)).
-    Within-sample (default) the variance of each dimension is taken over the C concepts of a
-    sample and the hinge averaged over the batch, so identical concepts cost ~1 even when the
-    samples differ; pooled=True is the original's flatten-to-(B·C)×H form."""
-    x = _vicreg_rows(concepts, pooled)                                       # (G, n, H)
-    std = torch.sqrt(x.var(dim=1, correction=min(1, x.shape[1] - 1)) + 1e-4)  # (G, H)
-    return F.relu(1.0 - std).mean()
-
-
-def covariance_loss(concepts, pooled=False):
-    """VICReg covariance term: Σ_{d≠e} Cov_de² / H, decorrelating the H dimensions (within-sample
-    over the C concepts, averaged over the batch; pooled=True: over all B·C concepts). Within a
-    sample Cov has rank <= C−1, so for C <= H it cannot vanish at unit variance (it is at least
-    H/(C−1) − 1 there): it trades off against variance_loss, with which vicreg pairs it."""
-    x = _vicreg_rows(concepts, pooled)
-    return (_off_diagonal_cov_sq(x) / x.shape[-1]).mean()
-
-
-def vicreg_loss(concepts, pooled=False):
-    """VICReg variance + covariance with unit weights (origin_spec §3)."""
-    return variance_loss(concepts, pooled) + covariance_loss(concepts, pooled)
-
-
-def combined_loss(concepts, pooled=False, temperature=2.0):
-    """Variance + uniformity with unit weights (origin_spec §3: the original's 'combined')."""
-    return variance_loss(concepts, pooled) + uniformity_loss(concepts, temperature)
-
-
-def t_regs_mst_loss(concepts):
-    """Minus the mean distance from each unit concept to its nearest neighbour in the same sample:
-    maximising it lengthens the minimum spanning tree, of which the nearest-neighbour distances
-    are a cheap proxy (origin_spec §3, 't_regs_mst'). 0 when a sample's concepts coincide.
-    Chordal distances come from the cosines; the diagonal is masked with +inf (safe in any dtype,
-    unlike the original's +1e9)."""
-    S = _concept_cosines(concepts)                                  # (B, C, C)
-    C = S.shape[-1]
-    if C < 2:
-        return S.sum() * 0.0
-    d = torch.sqrt((2.0 - 2.0 * S).clamp_min(1e-8))                 # (B, C, C) ‖û_i − û_j‖
-    eye = torch.eye(C, dtype=torch.bool, device=S.device)
-    nearest = d.masked_fill(eye, float('inf')).min(dim=-1).values   # (B, C)
-    return -nearest.mean()
-
-
-# name (as written in the concept_losses setting) -> loss function(concepts) -> scalar
-CONCEPT_LOSSES = {
-    'orthogonality': orthogonality_loss,
-    'soft_orthogonality': soft_orthogonality_loss,
-    'uniformity': uniformity_loss,
-    'variance': variance_loss,
-    'covariance': covariance_loss,
-    'vicreg': vicreg_loss,
-    'combined': combined_loss,
-    't_regs_mst': t_regs_mst_loss,
-}
-
-
-def parse_concept_losses(spec):
-    """'vicreg,t_regs_mst' -> ['vicreg', 't_regs_mst']; '' or 'none' -> []. An unknown or repeated
-    name raises ConfigError listing the valid names."""
-    spec = spec.strip()
-    if spec.lower() in ('', 'none'):
-        return []
-    names = [s.strip() for s in spec.split(',') if s.strip()]
-    valid = ', '.join(CONCEPT_LOSSES)
-    for name in names:
-        if name not in CONCEPT_LOSSES:
-            raise ConfigError(f"unknown concept loss '{name}' in concept_losses='{spec}'; "
-                             f"choose a comma-separated subset of: {valid} (or 'none')")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"concept_losses='{spec}' lists a loss twice; valid names: {valid}")
-    return names
-
-
-def concept_reg_losses(concepts, names, pooled=False, threshold=0.1, temperature=2.0):
-    """{name: scalar loss} of the named regularisers on concepts (B, C, H), each given the options
-    it takes: pooled (VICReg statistics over the batch too), the soft-orthogonality threshold and
-    the uniformity temperature."""
-    options = {'soft_orthogonality': {'threshold': threshold},
-               'uniformity': {'temperature': temperature},
-               'variance': {'pooled': pooled}, 'covariance': {'pooled': pooled},
-               'vicreg': {'pooled': pooled},
-               'combined': {'pooled': pooled, 'temperature': temperature}}
-    return {name: CONCEPT_LOSSES[name](concepts, **options.get(name, {})) for name in names}
-
-
-class ConceptLossWeighting(nn.Module):
-    """Combines the task loss with the concept regularisers: forward(task_loss, reg_losses, step)
-    -> (total, info), info holding plain floats for logging: 'warm', 'w_task', and per regulariser
-    '<name>' (its value) and 'w_<name>' (the multiplier of that loss in the total).
-
-    warm = min(1, step / warmup_iters) (1 when warmup_iters <= 0) phases the regularisers in
-    (origin_spec §3, added by the original on 02-27); each strategy applies it as noted below.
-
-    - 'fixed': total = task + Σ_k (weight / K)·warm·L_k, K = len(names) (the original CLI's
-      split of --loss_weight; its run plan was 0.02 over vicreg + t_regs_mst).
-    - 'learnable' (the original's): softmax weights p over [task, regs...] from logits initialised
-      at 0, total = Σ_i p_i·L_i. The optimiser can lower the total by moving weight from the task
-      to a regulariser that is already near 0, i.e. it can shrink the task weight: kept only to
-      reproduce the original. Warmup multiplies each regulariser's exp(logit) by warm before
-      normalising, so at warm = 0 the total is exactly the task loss and the logits get no gradient.
-    - 'kendall_gal' (Kendall, Gal & Cipolla, CVPR 2018): learned s_i = log σ_i², initialised at 0,
-      total = Σ_i 0.5·exp(−s_i)·L_i + 0.5·s_i, where warm multiplies each regulariser's whole
-      term (so its s_k does not move while warm = 0). Bounded as follows, against the original's
-      failure (origin_spec §10.3): a regulariser's Kendall–Gal optimum is exp(−s_k) = 1/L_k, so
-      as L_k -> 0 its weight grew without bound, its 0.5·s_k drove the total negative (−0.26)
-      and the task's share of the gradient vanished.
-        1. Box: s_i = s_bound·tanh(raw_i / s_bound) lies in (−s_bound, s_bound) (a smooth clamp,
-           so a parameter at the edge is never stuck with zero gradient; the identity near 0).
-           Each weight is thus within [0.5·e^−b, 0.5·e^b] and each 0.5·s_i > −b/2, so with L_i >= 0 the total
-           is bounded below by −(K+1)·b/2 (b = s_bound = 5, the range suggested in
-           methods.md §6).
-        2. Ratio cap: s_k >= s_task − log(max_reg_ratio), i.e. exp(−s_k) <= max_reg_ratio·exp(−s_task):
-           no regulariser ever weighs more than max_reg_ratio (default 1) times the task. s_task
-           enters the cap detached, so regulariser pressure never moves the task's weight: the
-           task's s follows its own Kendall–Gal gradient 0.5·(1 − e^−s·L_task), whose optimum is
-           weight 0.5/L_task and beyond which raising s_task (shrinking the task weight) only
-           raises the total, as it also raises every capped regulariser's 0.5·s_k. The task
-           weight can never fall below 0.5·e^−b. While a regulariser sits at the cap its own
-           parameter gets no gradient; at worst it then acts as a fixed weight of ratio
-           max_reg_ratio to the task.
-      Kendall–Gal assumes L_i >= 0: t_regs_mst is <= 0, so under kendall_gal (and learnable)
-      it always wants the largest weight it can get, and sits at the cap.
-      The parameters are float32 and the arithmetic is float32 (losses are cast; no matmul, so
-      autocast does not touch it).
-
-    All parameters are 1-D, so a `p.dim() >= 2` weight-decay rule (ConceptLM.configure_optimizers)
-    leaves them undecayed, as Kendall–Gal's log-variances must be.
-    """
-
-    STRATEGIES = ('fixed', 'learnable', 'kendall_gal')
-
-    def __init__(self, names, strategy='fixed', weight=0.02, warmup_iters=0, s_bound=5.0,
-                 max_reg_ratio=1.0):
+    def __init__(self, cfg, n_freq=256):
         super().__init__()
-        if strategy not in self.STRATEGIES:
-            raise ConfigError(f"unknown concept loss weighting '{strategy}'; "
-                             f"choose one of {', '.join(self.STRATEGIES)}")
-        if s_bound <= 0 or max_reg_ratio <= 0:
-            raise ConfigError(f"s_bound={s_bound} and max_reg_ratio={max_reg_ratio} must be > 0")
-        self.names = list(names)
-        self.strategy = strategy
-        self.weight = weight
-        self.warmup_iters = warmup_iters
-        self.s_bound = s_bound
-        self.max_reg_ratio = max_reg_ratio
-        n = 1 + len(self.names)  # index 0 is the task
-        if strategy == 'learnable' and self.names:
-            self.logits = nn.Parameter(torch.zeros(n, dtype=torch.float32))
-        elif strategy == 'kendall_gal' and self.names:
-            self.log_var = nn.Parameter(torch.zeros(n, dtype=torch.float32))  # raw, before the box
+        self.n_freq = n_freq
+        self.mlp = nn.Sequential(nn.Linear(n_freq, cfg.n_embd), nn.SiLU(), nn.Linear(cfg.n_embd, cfg.n_embd))
 
-    def warm(self, step):
-        """Warmup factor of the regularisers at this step, in [0, 1]."""
-        return 1.0 if self.warmup_iters <= 0 else min(1.0, max(step, 0) / self.warmup_iters)
+    def forward(self, t):
+        half = self.n_freq // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None, :]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, H)
 
-    def log_variances(self):
-        """Kendall–Gal s = (s_task, s_reg...) after the box and the ratio cap: (1 + K,) float32."""
-        b = self.s_bound
-        s = b * torch.tanh(self.log_var.float() / b)
-        cap = s[:1].detach() - math.log(self.max_reg_ratio)
-        return torch.cat([s[:1], torch.maximum(s[1:], cap)])
 
-    def forward(self, task_loss, reg_losses, step, as_floats=True):
-        """as_floats=False leaves the info values as 0-d tensors on the device: a training step
-        then reads nothing back to the host (the float() happens when something is logged)."""
-        warm = self.warm(step)
-        losses = torch.stack([task_loss.float()] + [reg_losses[n].float() for n in self.names])  # (1+K,)
-        K = len(self.names)
-        # filled on the device: a tensor built from a Python list is a host-to-device copy, which
-        # waits for the device on CUDA
-        one = torch.ones(1, device=losses.device)
-        gate = torch.cat([one, torch.full((K,), float(warm), device=losses.device)])  # (1+K,) warm on the regs
-        if self.strategy == 'fixed' or K == 0:
-            w = gate * torch.cat([one, torch.full((K,), self.weight / max(K, 1), device=losses.device)])
-            total = (w * losses).sum()
-        elif self.strategy == 'learnable':
-            logits = self.logits.float() + torch.log(gate)  # log 0 = -inf: weight 0, no gradient
-            w = torch.softmax(logits, dim=0)
-            total = (w * losses).sum()
+class DiffusionLayer(nn.Module):
+    """The noisy positions read the concepts, then an FFN: O(M·C). With time_cond, AdaLN-Zero: a
+    zero-initialised map from t to shift, scale and gate, so the layer starts as the identity."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.time_cond = cfg.time_cond
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.time_cond)
+        self.cross_attn = CrossAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.time_cond)
+        self.mlp = GatedMLP(cfg)
+        if cfg.time_cond:
+            self.adaLN = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
+
+    def forward(self, q, concepts, cond=None, packing=None):
+        """q (B, M, H), or (M', H) with a Packing; concepts (B, C, H); cond (B, H)."""
+        kv = self.cross_attn.project_kv(concepts)
+        if not self.time_cond:
+            q = q + self.cross_attn(self.ln_1(q), kv, packing=packing)
+            return q + self.mlp(self.ln_2(q))
+        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(self.adaLN, cond, packing)
+        q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, packing=packing)
+        return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
+
+
+class DiffusionDecoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.time_emb = TimestepEmbedding(cfg) if cfg.time_cond else None
+        self.layers = nn.ModuleList([DiffusionLayer(cfg) for _ in range(cfg.n_dec_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+
+    def forward(self, concepts, pos, query_tok_emb, t, packing=None):
+        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H); t (B,) -> (B, M, H) or (M', H)."""
+        q = query_tok_emb + self.wpe(pos)
+        if packing is not None:
+            q = packing.pack(q)  # (M', H)
+        cond = self.time_emb(t) if self.time_emb is not None else None
+        for layer in self.layers:
+            q = layer(q, concepts, cond, packing)
+        return self.ln_f(q)  # (B, M, H) or (M', H)
+
+
+# ----------------------------------------------------------------------------------------------
+# classification heads: a stage model read out for a downstream task (eval_glue.py)
+
+def pair_features(a, b):
+    """[a; b; |a - b|; a ⊙ b] (B, 4H): SentEval's features for a pair encoded apart."""
+    return torch.cat([a, b, (a - b).abs(), a * b], dim=-1)
+
+
+def pooled(model, idx, mask, scorer=None):
+    """(B, H): the encoder's states, the C concepts or the standard arm's real tokens, weighted by
+    a softmax of scorer's (H -> 1) scores; without one, or at its zero init, their mean."""
+    states = model.encoder(idx, mask)                                          # (B, S, H)
+    logits = (scorer(states).squeeze(-1).float() if scorer is not None
+              else states.new_zeros(states.shape[:2], dtype=torch.float32))   # (B, S)
+    if getattr(model.cfg, 'encoder', 'concept') == 'standard':  # only its real tokens count
+        logits = logits.masked_fill(~mask, float('-inf'))
+    alpha = F.softmax(logits, dim=-1).to(states.dtype)
+    return torch.einsum('bs,bsh->bh', alpha, states)
+
+
+class Classifier(nn.Module):
+    """A stage model plus a new head for classification (n_out classes) or regression (n_out = 1);
+    head 'pool' | 'pair' | 'decoder'; pair=True pools the two texts apart."""
+
+    def __init__(self, model, head, n_out, pair, dropout):
+        super().__init__()
+        H = model.cfg.n_embd
+        self.model, self.head, self.pair = model, head, pair
+        if head in ('pool', 'pair'):
+            # weighted pooling: score_i = w·s_i, softmax over the states. Zero init: it starts
+            # as the plain mean, the embedding that encode(), the probe and the cosine head use
+            self.score = nn.Linear(H, 1)
+            nn.init.zeros_(self.score.weight)
+            nn.init.zeros_(self.score.bias)
+        self.ln = nn.LayerNorm(H)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(4 * H if pair else H, n_out)
+        nn.init.normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
+    def head_parameters(self):
+        """The parameters this class adds to the pretrained model (a learning rate of their own)."""
+        return [p for name, p in self.named_parameters() if not name.startswith('model.')]
+
+    def pool(self, idx, mask):
+        return self.ln(pooled(self.model, idx, mask, self.score))             # (B, H)
+
+    def read_decoder(self, idx, mask):
+        """The decoder's mean over the real tokens (diffusion: the denoiser at t = 0 on clean text)."""
+        c = self.model.encoder(idx, mask)
+        B, N = idx.shape
+        pos = torch.arange(N, device=idx.device).expand(B, N)
+        if isinstance(self.model, ConceptDiffusion):
+            h = self.model.denoise(c, idx, pos, torch.zeros(B, device=idx.device))
         else:
-            s = self.log_variances()
-            w = gate * 0.5 * torch.exp(-s)
-            total = (w * losses).sum() + (gate * 0.5 * s).sum()
-        values = torch.cat([w.detach(), losses.detach()])
-        values = values.tolist() if as_floats else values.unbind()  # tolist: one device sync
-        info = {'warm': warm, 'w_task': values[0]}
-        for k, name in enumerate(self.names):
-            info[f'w_{name}'] = values[1 + k]
-            info[name] = values[2 + K + k]
-        return total, info
+            h = self.model.decode(c, idx, pos)                                  # (B, N, H)
+        m = mask[..., None].to(h.dtype)
+        return self.ln((h * m).sum(1) / m.sum(1))
+
+    def forward(self, idx, mask, idx_b=None, mask_b=None):
+        if self.head == 'decoder':
+            z = self.read_decoder(idx, mask)
+        elif self.pair:
+            z = pair_features(self.pool(idx, mask), self.pool(idx_b, mask_b))  # (B, 4H)
+        else:
+            z = self.pool(idx, mask)
+        return self.out(self.drop(z))                                           # (B, n_out)
 
 
-@torch.no_grad()
-def concept_diagnostics(concepts):
-    """Collapse diagnostics of concepts (B, C, H), as plain floats (float32 arithmetic):
-
-    - erank: entropy effective rank (Roy & Vetterli, EUSIPCO 2007) of each sample's C×H concept
-      matrix (uncentred): exp(−Σ p_k log p_k) with p = σ/Σσ its singular values; averaged over
-      the batch. 1 when a sample's concepts are parallel, C when orthogonal with equal norms.
-    - erank_batchmean: the original's 'effective rank' (origin_spec §3), Σσ/σ_max of the batch-MEAN
-      C×H matrix. It measures the mean concept configuration, not per-sample diversity; kept to
-      compare with the reported numbers (5/128 for the collapsed L6 MLM).
-    - concept_cos_mean: mean cosine between distinct concepts of a sample, over pairs and batch.
-    - concept_cos_max: the largest such cosine in each sample, averaged over the batch (the
-      typical worst duplicate; a global max reads 1.0 as soon as one sample has one duplicate).
-    - participation_ratio: (Σλ)²/Σλ² of the eigenvalues λ of each sample's uncentred second-moment
-      matrix cᵀc/C (H×H; λ = σ²/C), averaged over the batch: the number of directions carrying
-      the concepts' energy, weighted by σ² where erank weights by σ. Uncentred, so it agrees
-      with erank at the extremes (1 parallel, C orthogonal with equal norms) and is not 0/0 for
-      identical concepts. The original's PR (÷H) was pooled over B·C concepts: not comparable.
-
-    Concepts that hold a nan or an inf (a diverged model) give nan for every key: svdvals cannot
-    factor them, and a number would hide the divergence.
-    """
-    keys = ('erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio')
-    with _no_autocast(concepts):
-        c = concepts.detach().float()
-        B, C, H = c.shape
-        if not bool(torch.isfinite(c).all()):
-            return dict.fromkeys(keys, float('nan'))
-        sv = torch.linalg.svdvals(c)                                    # (B, min(C, H))
-        p = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
-        erank = torch.exp(-(torch.special.xlogy(p, p)).sum(-1))         # (B,)
-        sv_mean = torch.linalg.svdvals(c.mean(0))                      # (min(C, H),)
-        erank_batchmean = sv_mean.sum() / sv_mean.max().clamp_min(1e-30)
-        lam = sv.pow(2)                                                 # ∝ eigenvalues of cᵀc/C
-        pr = lam.sum(-1).pow(2) / lam.pow(2).sum(-1).clamp_min(1e-30)  # (B,)
-        S = _concept_cosines(c)                                         # (B, C, C)
-        eye = torch.eye(C, dtype=torch.bool, device=c.device)
-        cos_max = S.masked_fill(eye, float('-inf')).amax(dim=(1, 2)) if C > 1 else S.new_zeros(B)
-        values = torch.stack([erank.mean(), erank_batchmean, _mean_off_diagonal(S),
-                              cos_max.mean(), pr.mean()]).tolist()
-    return dict(zip(keys, values))
-
-
-def average_diagnostics(dicts):
-    """Key-wise mean of a list of concept_diagnostics dicts (e.g. over validation batches)."""
-    if not dicts:
-        return {}
-    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
-
+# ----------------------------------------------------------------------------------------------
+# full models
 
 def lm_cross_entropy(lm_head, h, labels, label_smoothing=0.0):
-    """h (M, H) at the decoded positions -> their logits (M, V) and the float32 cross-entropy
-    (M,) against labels, equal to F.cross_entropy(logits.float(), labels, reduction='none',
-    label_smoothing=...). One function with the head inside so that torch.compile hands it whole
-    to inductor, which fuses the float32 upcast, log-sum-exp and loss over the vocabulary into one
-    pass and their backward into another. The label's logit is picked by comparing with the
-    vocabulary index, not by gather: its backward is then elementwise, where gather's (and
-    F.cross_entropy's) scatters into an (M, V) float32 tensor of zeros first (fwd + bwd 90-93 vs
-    101-110 ms at M = 1248, V = 8192 on the CPU). The logits come back detached (callers read them
-    only for accuracy): a differentiable output would cost an (M, V) zero gradient in every
-    backward. bench.py's standard encoder uses it too, so both models pay the same for the loss."""
+    """h (M, H) -> logits (M, V), detached (read only for accuracy), and the float32 cross-entropy
+    (M,), equal to F.cross_entropy(..., reduction='none', label_smoothing=...). Head and loss in one
+    function so that inductor fuses them; the label's logit is picked by comparison with the
+    vocabulary index, whose backward is elementwise, not a scatter into (M, V) zeros."""
     logits = lm_head(h)                                                       # (M, V)
     z = logits.float()
     is_label = torch.arange(z.shape[-1], device=z.device) == labels[:, None]  # (M, V) bool
@@ -864,15 +610,9 @@ def lm_cross_entropy(lm_head, h, labels, label_smoothing=0.0):
     return logits.detach(), ce
 
 
-# ----------------------------------------------------------------------------------------------
-# full models
-
-class ConceptLM(nn.Module):
-    """What every objective shares: the encoder, the lm_head, init, optimizer and FLOP count.
-
-    encoder='concept' reads the text into C concepts and a decoder reads them back out;
-    encoder='standard' is the peer: a StandardEncoder whose own token states feed the lm_head at
-    the positions that carry a loss (self.decoder is None), trained by the same objectives."""
+class StageModel(nn.Module):
+    """What every objective shares: the encoder, the lm_head, init, optimizer and FLOP count. With
+    encoder='standard' there is no decoder: the encoder's token states feed the lm_head."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -913,21 +653,18 @@ class ConceptLM(nn.Module):
         return ok if attn_mask is None else ok & attn_mask
 
     def concept_stats(self, memory):
-        """{'concepts': memory} for the stats of the concept arm (the diagnostics read it); the
-        standard arm's token states are not a fixed set of C vectors, so it has none."""
+        """{'concepts': memory} for the diagnostics; {} for the standard arm, which has no concepts."""
         return {} if self.standard else {'concepts': memory}
 
     @staticmethod
     def read_states(states, pos, packing=None):
-        """The standard arm's decoding: its token states (B, N, H) read at pos (B, M) as they are;
-        (M', H) at the valid slots only, given a Packing of (B, M)."""
+        """The standard arm's decoding: states (B, N, H) at pos (B, M), packed given a Packing."""
         h = gather_states(states, pos)
         return h if packing is None else packing.pack(h)
 
     def add_concept_losses(self, task_loss, concepts, step, stats):
-        """In training with concept_losses set: the weighted total of the task loss and the
-        regularisers on the concepts; stats gets the task loss and every weight for the log (0-d
-        tensors on the device, read when logged)."""
+        """In training with concept_losses: the weighted total of task loss and regularisers; stats
+        gets the task loss and the weights as device tensors."""
         if self.loss_weighting is None or not self.training:
             return task_loss
         regs = concept_reg_losses(concepts, self.reg_names, pooled=self.cfg.concept_loss_pooled)
@@ -945,11 +682,9 @@ class ConceptLM(nn.Module):
             if name.endswith('c_proj.weight') or name.endswith('t_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_res))
         # Identity value/output paths through every cross-attention (and the weighted decoder's
-        # projection): token content then crosses the bottleneck in the embedding basis from the
-        # first step, where the tied lm_head can read it. With the usual small random init, the
-        # content reaches the head through a chain of random projections, the loss finds the
-        # unigram solution first and the concepts collapse to an input-independent state (on
-        # config/tiny.py, 300 iterations of pydocs: posonly val loss 7.21 -> 6.86).
+        # projection): token content crosses the bottleneck in the embedding basis from the first
+        # step, where the tied lm_head reads it; from random projections the loss finds the
+        # unigram solution first and the concepts collapse to an input-independent state.
         H = self.cfg.n_embd
         eye = torch.eye(H)
         with torch.no_grad():
@@ -962,7 +697,7 @@ class ConceptLM(nn.Module):
                     m.c_ref_val.weight[H:] = eye
                     m.t_ref_val.weight[H:] = eye
                     m.c_proj.weight.copy_(eye)
-                    if m.token_update:
+                    if m.has_token_update:
                         m.t_proj.weight.copy_(eye)
                 elif isinstance(m, MLMDecoder) and m.kind == 'weighted':
                     m.proj.weight.copy_(eye)
@@ -978,12 +713,8 @@ class ConceptLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def model_args(self):
-        return asdict(self.cfg)
-
     def get_num_params(self, non_embedding=True):
-        """Parameter count; the position tables (the encoder's and a decoder's) are left out by
-        default (as in nanoGPT)."""
+        """Parameter count, by default without the position tables (as in nanoGPT)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= sum(m.weight.numel() for name, m in self.named_modules() if name.split('.')[-1] == 'wpe')
@@ -993,19 +724,12 @@ class ConceptLM(nn.Module):
         return self.lm_head(h)
 
     def logits_and_ce(self, h, labels, label_smoothing=0.0):
-        """h (M, H) at the decoded positions -> logits (M, V), detached, and the cross-entropy (M,):
-        lm_cross_entropy through this model's head (a method, so compile_for_training can compile it)."""
+        """lm_cross_entropy through this model's head (a method, so that it can be compiled)."""
         return lm_cross_entropy(self.lm_head, h, labels, label_smoothing)
 
     def compile_for_training(self, device_type):
-        """torch.compile the parts of a training step: the encoder (fixed [B, N] shapes), the
-        decoder and logits_and_ce, in which only the number of decoded positions (M, and the M'
-        packed rows) varies per batch: that dimension alone is marked dynamic, so one graph
-        serves every batch and every other size stays a constant for the compiler. On the
-        CPU, inductor's pattern matcher is off: its attention patterns would turn the math-kernel
-        attentions that attention() picks back into the slower flash kernel; and the token
-        embedding stays eager: inductor's CPU backward of an embedding is one atomic add per
-        element (~25 ms for 8192 tokens at H = 512), eager's is ~3 ms."""
+        """Compile encoder, decoder and logits_and_ce, only the decoded count dynamic. CPU: no pattern
+        matcher (it would undo attention()'s kernel choice), eager embedding (its backward is atomic)."""
         options = {'pattern_matcher': False} if device_type == 'cpu' else None
         if device_type == 'cpu':
             self.encoder.embed = torch.compiler.disable(self.encoder.embed)
@@ -1033,9 +757,7 @@ class ConceptLM(nn.Module):
         self.decoder.forward = decode  # the module (its parameters, state_dict) stays as it was
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay only on matrices (>= 2-D), never on norms, biases or gains.
-        Fused kernels on CUDA and the CPU (one pass over each tensor instead of ~8: the CPU step
-        of the 16M-parameter h512l2 model takes ~8 ms fused, ~22-32 ms unfused)."""
+        """AdamW, weight decay on matrices only; fused on CUDA and the CPU (one pass per tensor)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
@@ -1082,9 +804,9 @@ class ConceptLM(nn.Module):
         return 3 * (self.encoder_flops(n_tokens) + self.decoder_flops(n_decoded))
 
 
-class ConceptMLM(ConceptLM):
-    """Encoder + MLM decoder + lm_head. Serves MLM (labels on masked positions) and TSDAE
-    (labels on every real token, deleted tokens hidden from the encoder by attn_mask)."""
+class ConceptMLM(StageModel):
+    """Encoder + MLM decoder + lm_head, for MLM (labels at masked positions) and TSDAE (labels at
+    every real token, deleted ones hidden from the encoder)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -1095,9 +817,8 @@ class ConceptMLM(ConceptLM):
 
     # --- the two stages' noise (diffusion's is ConceptDiffusion.add_noise)
     def mlm_noise(self, idx, generator, mask_prob):
-        """BERT masking (Devlin et al. 2019): pick mask_prob of the ordinary tokens; of those 80%
-        become [MASK], 10% a random ordinary token, 10% stay. Returns (inputs, targets (B, N)),
-        targets = IGNORE_INDEX where there is no loss."""
+        """BERT masking: mask_prob of the ordinary tokens picked; 80% -> [MASK], 10% -> a random
+        ordinary token, 10% kept. Returns (inputs, targets (B, N), IGNORE_INDEX where no loss)."""
         u = torch.rand(idx.shape, generator=generator, device=idx.device)
         picked = (u < mask_prob) & self.maskable(idx)
         action = torch.rand(idx.shape, generator=generator, device=idx.device)
@@ -1108,13 +829,9 @@ class ConceptMLM(ConceptLM):
         return inputs, torch.where(picked, idx, IGNORE_INDEX)
 
     def tsdae_noise(self, idx, generator, deletion_rate, deletion_mode='hide', attn_mask=None):
-        """TSDAE deletion (Wang et al. 2021): delete deletion_rate of each row's ordinary tokens,
-        keeping at least one. Returns (encoder ids, encoder attn_mask, targets (B, N)): targets are
-        the original ids at every real position and IGNORE_INDEX at padding, so the model is never
-        trained to emit padding.
-        hide: ids and positions unchanged, deleted tokens masked out of the encoder's keys.
-        drop: deleted tokens removed and the rest shifted left (the paper's deletion); the decoder
-              still rebuilds the original positions."""
+        """TSDAE deletion (Wang et al. 2021) of deletion_rate of each row's ordinary tokens, at least
+        one kept -> (encoder ids, encoder attn_mask, targets: every real token, IGNORE_INDEX at
+        padding). hide: deleted tokens masked out; drop: removed and the rest shifted left."""
         real = torch.ones_like(idx, dtype=torch.bool) if attn_mask is None else attn_mask
         deletable = self.maskable(idx, real)
         u = torch.rand(idx.shape, generator=generator, device=idx.device)
@@ -1131,21 +848,17 @@ class ConceptMLM(ConceptLM):
         return torch.where(packed_mask, torch.gather(idx, 1, order), self.cfg.pad_id), packed_mask, targets
 
     def decode(self, memory, idx, pos, packing=None):
-        """Hidden states (B, M, H) at positions pos (B, M) of the input idx; (M', H) at the valid
-        ones only, given the Packing of gather_positions' valid (B, M). memory: the concepts
-        (B, C, H), or the standard arm's token states (B, N, H), read at pos as they are."""
+        """Hidden states (B, M, H) at pos (B, M) of idx, or (M', H) given a Packing; memory: the
+        concepts (B, C, H) or the standard arm's token states (B, N, H)."""
         if self.standard:
             return self.read_states(memory, pos, packing)
         tok = self.encoder.wte(torch.gather(idx, 1, pos)) if self.cfg.decoder == 'perceiver' else None
         return self.decoder(memory, pos, tok, packing)
 
     def forward(self, idx, targets=None, attn_mask=None, n_iters=None, step=0):
-        """idx (B, N) input ids; targets (B, N) with IGNORE_INDEX where there is no loss;
-        attn_mask (B, N) bool, True where the encoder may look.
-
-        With targets: returns (None, loss, stats) where the decoder and lm_head ran only at the
-        labelled positions (sparse decoding; equal to dense cross-entropy with ignore_index).
-        Without: returns (logits (B, N, V), None, {}) for every position."""
+        """idx, targets (B, N), IGNORE_INDEX where no loss; attn_mask (B, N). With targets ->
+        (None, loss, stats), decoded only at the labelled positions; without -> (logits (B, N, V),
+        None, {})."""
         concepts = self.encoder(idx, attn_mask, n_iters)
         if targets is None:
             B, N = idx.shape
@@ -1181,89 +894,12 @@ def widest_float(device):
 CONDITIONS = ('noisy', 'clean', 'prefix')
 
 
-class TimestepEmbedding(nn.Module):
-    """t in [0, 1] -> (B, H): sinusoidal features of 1000·t, then an MLP (DiT, Peebles & Xie 2023).
-    The 1000x scale spreads t over the frequencies; with t in [0, 1] and period 10^4 the
-    high-frequency features would be almost constant."""
-
-    def __init__(self, cfg, n_freq=256):
-        super().__init__()
-        self.n_freq = n_freq
-        self.mlp = nn.Sequential(nn.Linear(n_freq, cfg.n_embd), nn.SiLU(), nn.Linear(cfg.n_embd, cfg.n_embd))
-
-    def forward(self, t):
-        half = self.n_freq // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000.0 * t.float()[:, None] * freqs[None, :]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, H)
-
-
-class DiffusionLayer(nn.Module):
-    """Cross-attention from the noisy positions to the concepts, then an FFN; no attention among
-    positions, so the cost is O(M·C). With time_cond, AdaLN-Zero: a zero-initialised linear maps
-    the timestep embedding to shift, scale and gate for both sub-blocks, so the layer starts as
-    the identity and the modulation is bounded at first (the original's unbounded AdaLN exploded,
-    seed 2026-02-23)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.time_cond = cfg.time_cond
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.time_cond)
-        self.cross_attn = CrossAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.time_cond)
-        self.mlp = GatedMLP(cfg)
-        if cfg.time_cond:
-            self.adaLN = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
-
-    def forward(self, q, concepts, cond=None, packing=None):
-        """q (B, M, H) queries, or packed (M', H) with a Packing (see CrossAttention);
-        concepts (B, C, H); cond (B, H) timestep embedding."""
-        kv = self.cross_attn.project_kv(concepts)
-        if not self.time_cond:
-            q = q + self.cross_attn(self.ln_1(q), kv, packing=packing)
-            return q + self.mlp(self.ln_2(q))
-        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(self.adaLN, cond, packing)
-        q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, packing=packing)
-        return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
-
-
-class DiffusionDecoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.time_emb = TimestepEmbedding(cfg) if cfg.time_cond else None
-        self.layers = nn.ModuleList([DiffusionLayer(cfg) for _ in range(cfg.n_dec_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-
-    def forward(self, concepts, pos, query_tok_emb, t, packing=None):
-        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H) of the noisy ids; t (B,).
-        Returns (B, M, H), or (M', H) at the valid slots only, given a Packing of (B, M)."""
-        q = query_tok_emb + self.wpe(pos)
-        if packing is not None:
-            q = packing.pack(q)  # (M', H)
-        cond = self.time_emb(t) if self.time_emb is not None else None
-        for layer in self.layers:
-            q = layer(q, concepts, cond, packing)
-        return self.ln_f(q)  # (B, M, H) or (M', H)
-
-
-class ConceptDiffusion(ConceptLM):
-    """Masked discrete diffusion whose denoiser reads the text only through the C concepts.
-
-    Forward process: each real token is replaced by [MASK] with probability t (linear schedule,
-    alpha_t = 1 - t); padding and special tokens never are. The decoder predicts the original
-    token at masked positions only. What the encoder sees is `condition`:
-      noisy  - the noisy sequence itself, exactly what generate() gives it, so training and
-               sampling match and the concepts must summarise the visible context (default);
-      clean  - the clean text (the original project): an autoencoder through the concept
-               bottleneck; its "likelihood" is not a bound on anything, and generate() can only
-               give the encoder the partly masked sequence it has;
-      prefix - like noisy, but a random-length prefix is never masked, as a prompt is never
-               masked at sampling time (LLaDA's SFT recipe), so the model learns continuation.
-    With encoder='standard' the denoiser is MDLM's: transformer layers over the noisy sequence,
-    AdaLN-Zero-conditioned on t (time_cond), the lm_head on their states at the masked positions;
-    'clean' would show it the answer, so it takes 'noisy' or 'prefix'.
-    """
+class ConceptDiffusion(StageModel):
+    """Masked discrete diffusion (MDLM, LLaDA) whose denoiser reads the text through the concepts:
+    each ordinary token is masked with probability t and predicted at masked positions only. The
+    encoder sees `condition`: noisy, the noisy text, as generate() gives it; clean, the clean text
+    (an autoencoder, no likelihood bound); prefix, noisy with a random-length clean prefix, for
+    continuation. encoder='standard' is MDLM's denoiser over the noisy text ('clean' refused)."""
 
     def __init__(self, cfg):
         cfg.decoder = 'diffusion'
@@ -1291,9 +927,8 @@ class ConceptDiffusion(ConceptLM):
         return self.cfg.t_min + (1.0 - self.cfg.t_min) * u
 
     def add_noise(self, idx, t, attn_mask=None, generator=None):
-        """Mask each maskable token with probability t (B,); at least one per sample that has
-        one. prefix condition: the first L tokens stay clean, L uniform in [0, n_real - 1].
-        Returns (noisy ids (B, N), masked (B, N) bool, maskable (B, N) bool)."""
+        """Mask each maskable token with probability t (B,), at least one per sample; prefix: the
+        first L ~ U[0, n_real - 1] stay clean. -> (noisy ids, masked, maskable), each (B, N)."""
         B, N = idx.shape
         maskable = self.maskable(idx, attn_mask)
         if self.cfg.condition == 'prefix':
@@ -1309,28 +944,21 @@ class ConceptDiffusion(ConceptLM):
 
     # --- the reverse model
     def encode(self, idx, noisy, t, attn_mask=None):
-        """What the denoiser reads: the concepts (B, C, H) of the condition's input (clean idx or
-        the noisy ids); for the standard arm, its token states (B, N, H) of the noisy ids at t (B,)."""
+        """The concepts (B, C, H) of the condition's input, or the standard arm's states (B, N, H)."""
         if self.standard:
             return self.encoder(noisy, attn_mask, t=t)
         return self.encoder(idx if self.cfg.condition == 'clean' else noisy, attn_mask)
 
     def denoise(self, memory, noisy, pos, t, packing=None):
-        """Hidden states (B, M, H) at positions pos of the noisy sequence, at noise level t (B,);
-        (M', H) at the valid ones only, given the Packing of gather_positions' valid (B, M).
-        memory: encode()'s output."""
+        """Hidden states (B, M, H) at pos of the noisy ids at level t (B,), or (M', H) given a
+        Packing; memory: encode()'s output."""
         if self.standard:
             return self.read_states(memory, pos, packing)
         return self.decoder(memory, pos, self.encoder.wte(torch.gather(noisy, 1, pos)), t, packing)
 
     def forward(self, idx, attn_mask=None, t=None, generator=None, step=0):
-        """Training loss on a batch of clean ids (B, N). Returns (None, loss, stats).
-
-        loss = sum over masked tokens of w·CE_smoothed / (number of maskable tokens), with
-        w = 1/t (elbo_weight) or w = 1 divided by the masked fraction instead. With w = 1/t it
-        stays on the scale of a cross-entropy (E[#masked] = t·#maskable) and, without label
-        smoothing, estimates the mean of the MDLM integrand over t in [t_min, 1]: an unbiased
-        estimate of the bound per token only with t_min = 0 (nll_bound measures the bound itself)."""
+        """Clean ids (B, N) -> (None, loss, stats); loss = Σ_masked CE / t / #maskable (elbo_weight:
+        the mean MDLM integrand over t in [t_min, 1], a cross-entropy's scale), else the mean CE."""
         B = idx.shape[0]
         if t is None:
             t = self.sample_t(B, generator, idx.device)
@@ -1340,7 +968,7 @@ class ConceptDiffusion(ConceptLM):
         h = self.denoise(concepts, noisy, pos, t, packing)                        # (M, H)
         labels = packing.pack(torch.gather(idx, 1, pos))
         logits, ce = self.logits_and_ce(h, labels, self.cfg.label_smoothing)      # (M, V), (M,)
-        row = packing.sample()  # sample of each target
+        row = packing.rows()  # the batch row of each target
         if self.cfg.elbo_weight:
             loss = (ce / t[row]).sum() / maskable.sum().clamp(min=1)
         else:
@@ -1354,12 +982,8 @@ class ConceptDiffusion(ConceptLM):
 
     @torch.no_grad()
     def nll_bound(self, idx, attn_mask=None, n_grid=8, generator=None):
-        """MDLM's upper bound on the NLL in nats per token: the continuous-time NELBO
-        integral over t in (0, 1] by the midpoint rule on n_grid fixed levels, each a Monte-Carlo
-        draw of the mask. Returns (sum of the bound over sequences, number of tokens it covers).
-        Only meaningful for condition='noisy' (every maskable token) and 'prefix' (the tokens after
-        the prefix, conditionally on it: each level draws its own prefix, so the count is their
-        mean over the levels; counting the prefix too would halve the bound per token)."""
+        """MDLM's NLL bound, midpoint rule on n_grid levels of t -> (sum over sequences, tokens it
+        covers: for prefix, those after the prefix, averaged over levels). Not for 'clean'."""
         B = idx.shape[0]
         wide = widest_float(idx.device)
         total = torch.zeros((), device=idx.device, dtype=wide)
@@ -1379,16 +1003,10 @@ class ConceptDiffusion(ConceptLM):
     @torch.no_grad()
     def generate(self, idx, steps=32, temperature=1.0, top_k=0, block_len=0, attn_mask=None,
                  generator=None, trajectory=None):
-        """Fill every [MASK] of idx (B, N) in `steps` steps; other tokens are kept as given.
-
-        Each step re-encodes the current sequence, predicts every masked position, samples a
-        token for each (temperature, top-k; float64 Gumbel noise, as LLaDA does, since float32
-        noise lowers sample entropy), and commits the most confident predictions: the number
-        committed follows a linear schedule (remaining / steps left), and the rest stay masked
-        (LLaDA's low-confidence remasking). block_len > 0 fills blocks of that many masked
-        positions left to right (semi-autoregressive), steps split evenly among them.
-        Padding (attn_mask False) is never filled nor seen. `trajectory`, a list, receives a
-        copy of the sequence after every step."""
+        """Fill every [MASK] of idx (B, N) in `steps` steps (LLaDA): each step re-encodes, samples
+        every masked position (float64 Gumbel noise: float32's lowers entropy) and commits the most
+        confident remaining / steps-left of them. block_len > 0: blocks left to right. Padding is
+        never filled nor seen; `trajectory` (a list) gets the sequence after every step."""
         was_training = self.training
         self.eval()
         x = idx.clone()
@@ -1431,7 +1049,7 @@ class ConceptDiffusion(ConceptLM):
                 # scatter back to (B, N); positions not eligible this step get -inf confidence
                 conf_full = torch.full((B, N), -float('inf'), dtype=wide, device=x.device)
                 pred_full = x.clone()
-                rows = Packing.of(valid).sample()
+                rows = Packing.of(valid).rows()
                 conf_full[rows, pos[valid]] = confidence[valid]
                 pred_full[rows, pos[valid]] = choice[valid]
                 conf_full[~eligible] = -float('inf')
@@ -1446,3 +1064,245 @@ class ConceptDiffusion(ConceptLM):
                     trajectory.append(x.clone())
         self.train(was_training)
         return x
+
+
+# ----------------------------------------------------------------------------------------------
+# concept geometry: regularisers against concept collapse, their weighting, and diagnostics.
+# Each regulariser maps concepts (B, C, H) to a float32 scalar, computed within each sample across
+# its C concepts (pooled statistics cannot see concepts identical within a sample).
+
+SOFT_ORTHOGONALITY_THRESHOLD = 0.1  # |cos| tolerated by soft_orthogonality_loss
+UNIFORMITY_TEMPERATURE = 2.0        # T of uniformity_loss's Gaussian potential
+S_BOUND = 5.0                       # kendall_gal: each log-variance s lies in (-S_BOUND, S_BOUND)
+MAX_REG_RATIO = 1.0                 # kendall_gal: no regulariser weighs more than this times the task
+
+
+def _no_autocast(x):
+    """A context in which matmuls on x's device run in the dtype of their inputs."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _concept_cosines(concepts):
+    """Cosine similarity between the concepts of each sample: (B, C, H) -> (B, C, C), float32."""
+    with _no_autocast(concepts):
+        u = F.normalize(concepts.float(), dim=-1)
+        return u @ u.transpose(1, 2)
+
+
+def _mean_off_diagonal(m):
+    """Mean of the off-diagonal entries of (B, C, C) over the pairs and the batch."""
+    B, C, _ = m.shape
+    off = 1.0 - torch.eye(C, device=m.device, dtype=m.dtype)
+    return (m * off).sum() / (B * max(C * (C - 1), 1))
+
+
+def _vicreg_rows(concepts, pooled):
+    """(B, C, H) -> (G, n, H), the sets VICReg's statistics are taken over: B sets of C concepts, or
+    pooled, one set of B·C (which diverse samples satisfy even with identical concepts in each)."""
+    x = concepts.float()
+    return x.reshape(1, -1, x.shape[-1]) if pooled else x
+
+
+def _off_diagonal_cov_sq(x):
+    """(G, n, H) -> (G,): Σ_{d≠e} Cov_de² of the n rows; for n < H via ‖XcᵀXc‖_F = ‖XcXcᵀ‖_F,
+    in (n, n) memory instead of (H, H)."""
+    G, n, H = x.shape
+    xc = x - x.mean(dim=1, keepdim=True)
+    with _no_autocast(x):
+        if n < H:
+            fro2 = (xc @ xc.transpose(1, 2)).pow(2).sum((1, 2))          # (G,) = ‖XcᵀXc‖_F²
+            diag2 = xc.pow(2).sum(1).pow(2).sum(1)                        # (G,) = Σ_d (XcᵀXc)_dd²
+            off2 = (fro2 - diag2).clamp_min(0.0)
+        else:
+            cov = xc.transpose(1, 2) @ xc                                 # (G, H, H), unnormalised
+            off2 = (cov.pow(2) * (1.0 - torch.eye(H, device=x.device))).sum((1, 2))
+    return off2 / max(n - 1, 1) ** 2
+
+
+def orthogonality_loss(concepts):
+    """Mean squared cosine between distinct concepts of a sample: 0 iff pairwise orthogonal (C <= H)."""
+    return _mean_off_diagonal(_concept_cosines(concepts).pow(2))
+
+
+def soft_orthogonality_loss(concepts):
+    """Orthogonality that tolerates |cos| <= SOFT_ORTHOGONALITY_THRESHOLD, leaving room for C > H."""
+    return _mean_off_diagonal(F.relu(_concept_cosines(concepts).abs() - SOFT_ORTHOGONALITY_THRESHOLD).pow(2))
+
+
+def uniformity_loss(concepts):
+    """Mean Gaussian potential exp(-T·‖û_i − û_j‖²) between distinct unit concepts (Wang & Isola 2020,
+    without the log): 1 when they coincide, minimised by spreading them on the sphere."""
+    return _mean_off_diagonal(torch.exp(-UNIFORMITY_TEMPERATURE * (2.0 - 2.0 * _concept_cosines(concepts))))
+
+
+def variance_loss(concepts, pooled=False):
+    """VICReg variance hinge (Bardes et al. 2022): mean_d relu(1 − sqrt(Var_d + 1e-4)), the variance
+    over each sample's C concepts (pooled=True: over all B·C)."""
+    x = _vicreg_rows(concepts, pooled)                                       # (G, n, H)
+    std = torch.sqrt(x.var(dim=1, correction=min(1, x.shape[1] - 1)) + 1e-4)  # (G, H)
+    return F.relu(1.0 - std).mean()
+
+
+def covariance_loss(concepts, pooled=False):
+    """VICReg covariance term Σ_{d≠e} Cov_de² / H. Within a sample Cov has rank <= C−1, so for C <= H
+    it cannot vanish at unit variance: it trades off against variance_loss."""
+    x = _vicreg_rows(concepts, pooled)
+    return (_off_diagonal_cov_sq(x) / x.shape[-1]).mean()
+
+
+def vicreg_loss(concepts, pooled=False):
+    """VICReg variance + covariance with unit weights."""
+    return variance_loss(concepts, pooled) + covariance_loss(concepts, pooled)
+
+
+def combined_loss(concepts, pooled=False):
+    """Variance + uniformity with unit weights."""
+    return variance_loss(concepts, pooled) + uniformity_loss(concepts)
+
+
+def t_regs_mst_loss(concepts):
+    """Minus the mean chordal distance from each unit concept to its nearest neighbour in the sample,
+    a cheap proxy for the minimum spanning tree's length; 0 when the concepts coincide."""
+    S = _concept_cosines(concepts)                                  # (B, C, C)
+    C = S.shape[-1]
+    if C < 2:
+        return S.sum() * 0.0
+    d = torch.sqrt((2.0 - 2.0 * S).clamp_min(1e-8))                 # (B, C, C) ‖û_i − û_j‖
+    eye = torch.eye(C, dtype=torch.bool, device=S.device)
+    nearest = d.masked_fill(eye, float('inf')).min(dim=-1).values   # (B, C)
+    return -nearest.mean()
+
+
+# name (as written in the concept_losses setting) -> loss function(concepts) -> scalar
+CONCEPT_LOSSES = {
+    'orthogonality': orthogonality_loss,
+    'soft_orthogonality': soft_orthogonality_loss,
+    'uniformity': uniformity_loss,
+    'variance': variance_loss,
+    'covariance': covariance_loss,
+    'vicreg': vicreg_loss,
+    'combined': combined_loss,
+    't_regs_mst': t_regs_mst_loss,
+}
+
+
+def parse_concept_losses(spec):
+    """'vicreg,t_regs_mst' -> ['vicreg', 't_regs_mst']; '' or 'none' -> []; ConfigError otherwise."""
+    spec = spec.strip()
+    if spec.lower() in ('', 'none'):
+        return []
+    names = [s.strip() for s in spec.split(',') if s.strip()]
+    valid = ', '.join(CONCEPT_LOSSES)
+    for name in names:
+        if name not in CONCEPT_LOSSES:
+            raise ConfigError(f"unknown concept loss '{name}' in concept_losses='{spec}'; "
+                             f"choose a comma-separated subset of: {valid} (or 'none')")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"concept_losses='{spec}' lists a loss twice; valid names: {valid}")
+    return names
+
+
+def concept_reg_losses(concepts, names, pooled=False):
+    """{name: scalar loss} of the named regularisers on concepts (B, C, H); pooled reaches VICReg's."""
+    takes_pooled = ('variance', 'covariance', 'vicreg', 'combined')
+    return {name: CONCEPT_LOSSES[name](concepts, **({'pooled': pooled} if name in takes_pooled else {}))
+            for name in names}
+
+
+class ConceptLossWeighting(nn.Module):
+    """forward(task_loss, reg_losses, step) -> (total, info): 'warm', 'w_task', and per regulariser
+    its value and weight 'w_<name>'. warm = min(1, step / warmup_iters) phases the regularisers in.
+    fixed: task + Σ_k (weight / K)·warm·L_k. learnable: softmax weights over [task, regs] (it can
+    shrink the task's weight). kendall_gal (Kendall et al. 2018): Σ_i 0.5·e^−s_i·L_i + 0.5·s_i,
+    with s = S_BOUND·tanh(raw / S_BOUND) and each regulariser's weight capped at MAX_REG_RATIO
+    times the task's (s_task detached), so a near-zero regulariser can neither outweigh the task
+    nor drive the total below −(K+1)·S_BOUND/2. Parameters are 1-D float32: never weight-decayed."""
+
+    STRATEGIES = ('fixed', 'learnable', 'kendall_gal')
+
+    def __init__(self, names, strategy='fixed', weight=0.02, warmup_iters=0):
+        super().__init__()
+        if strategy not in self.STRATEGIES:
+            raise ConfigError(f"unknown concept loss weighting '{strategy}'; "
+                             f"choose one of {', '.join(self.STRATEGIES)}")
+        self.names = list(names)
+        self.strategy = strategy
+        self.weight = weight
+        self.warmup_iters = warmup_iters
+        n = 1 + len(self.names)  # index 0 is the task
+        if strategy == 'learnable' and self.names:
+            self.logits = nn.Parameter(torch.zeros(n, dtype=torch.float32))
+        elif strategy == 'kendall_gal' and self.names:
+            self.log_var = nn.Parameter(torch.zeros(n, dtype=torch.float32))  # raw, before the box
+
+    def warm(self, step):
+        """Warmup factor of the regularisers at this step, in [0, 1]."""
+        return 1.0 if self.warmup_iters <= 0 else min(1.0, max(step, 0) / self.warmup_iters)
+
+    def log_variances(self):
+        """Kendall–Gal s = (s_task, s_reg...) after the box and the ratio cap: (1 + K,) float32."""
+        s = S_BOUND * torch.tanh(self.log_var.float() / S_BOUND)
+        cap = s[:1].detach() - math.log(MAX_REG_RATIO)
+        return torch.cat([s[:1], torch.maximum(s[1:], cap)])
+
+    def forward(self, task_loss, reg_losses, step, as_floats=True):
+        """as_floats=False leaves info's values as 0-d device tensors: no host sync in the step."""
+        warm = self.warm(step)
+        losses = torch.stack([task_loss.float()] + [reg_losses[n].float() for n in self.names])  # (1+K,)
+        K = len(self.names)
+        # filled on the device: a tensor from a Python list would be a host-to-device copy (a CUDA sync)
+        one = torch.ones(1, device=losses.device)
+        gate = torch.cat([one, torch.full((K,), float(warm), device=losses.device)])  # (1+K,) warm on the regs
+        if self.strategy == 'fixed' or K == 0:
+            w = gate * torch.cat([one, torch.full((K,), self.weight / max(K, 1), device=losses.device)])
+            total = (w * losses).sum()
+        elif self.strategy == 'learnable':
+            logits = self.logits.float() + torch.log(gate)  # log 0 = -inf: weight 0, no gradient
+            w = torch.softmax(logits, dim=0)
+            total = (w * losses).sum()
+        else:
+            s = self.log_variances()
+            w = gate * 0.5 * torch.exp(-s)
+            total = (w * losses).sum() + (gate * 0.5 * s).sum()
+        values = torch.cat([w.detach(), losses.detach()])
+        values = values.tolist() if as_floats else values.unbind()  # tolist: one device sync
+        info = {'warm': warm, 'w_task': values[0]}
+        for k, name in enumerate(self.names):
+            info[f'w_{name}'] = values[1 + k]
+            info[name] = values[2 + K + k]
+        return total, info
+
+
+@torch.no_grad()
+def concept_diagnostics(concepts):
+    """Collapse diagnostics of concepts (B, C, H) as floats, each averaged over the batch: erank,
+    the entropy effective rank exp(−Σ p log p), p = σ/Σσ, of each sample's C×H matrix (Roy &
+    Vetterli 2007); erank_batchmean, Σσ/σ_max of the batch-mean matrix; concept_cos_mean and
+    concept_cos_max over a sample's distinct pairs; participation_ratio (Σσ²)²/Σσ⁴. The ranks and the ratio
+    are 1 for parallel concepts, C for orthogonal ones of equal norm; non-finite concepts give nan."""
+    keys = ('erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio')
+    with _no_autocast(concepts):
+        c = concepts.detach().float()
+        B, C, H = c.shape
+        if not bool(torch.isfinite(c).all()):
+            return dict.fromkeys(keys, float('nan'))
+        sv = torch.linalg.svdvals(c)                                    # (B, min(C, H))
+        p = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
+        erank = torch.exp(-(torch.special.xlogy(p, p)).sum(-1))         # (B,)
+        sv_mean = torch.linalg.svdvals(c.mean(0))                      # (min(C, H),)
+        erank_batchmean = sv_mean.sum() / sv_mean.max().clamp_min(1e-30)
+        lam = sv.pow(2)                                                 # ∝ eigenvalues of cᵀc/C
+        pr = lam.sum(-1).pow(2) / lam.pow(2).sum(-1).clamp_min(1e-30)  # (B,)
+        S = _concept_cosines(c)                                         # (B, C, C)
+        eye = torch.eye(C, dtype=torch.bool, device=c.device)
+        cos_max = S.masked_fill(eye, float('-inf')).amax(dim=(1, 2)) if C > 1 else S.new_zeros(B)
+        values = torch.stack([erank.mean(), erank_batchmean, _mean_off_diagonal(S),
+                              cos_max.mean(), pr.mean()]).tolist()
+    return dict(zip(keys, values))
+
+
+def average_diagnostics(dicts):
+    """Key-wise mean of a list of concept_diagnostics dicts (e.g. over validation batches)."""
+    if not dicts:
+        return {}
+    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}

@@ -76,7 +76,7 @@ _DATA_FILES = {'meta.json', _RANKS_FILE} | {f'{s}.bin' for s in _SPLITS} | {f'{s
 _LOCAL_SUFFIXES = ('.txt', '.jsonl', '.json', '.parquet')
 _PYDOCS_SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'testing'}
 _PYDOCS_MIN_WORDS, _PYDOCS_MIN_CHARS = 4, 24  # "Return self." and friends are noise, not prose
-_PART_CHARS = 256_000  # text per unit of encoding work (~20 ms)
+_PART_CHARS = 256_000  # text per unit of encoding work (at most 2·num_threads units wait in memory)
 
 
 class DataError(ValueError):
@@ -383,7 +383,7 @@ class Tokenizer:
 
     def decode(self, ids):
         """Text of a list / 1-D tensor / ndarray of ids; specials render as their names ('<|mask|>'),
-        ids outside the vocabulary (a model's padded rows) as '<|unk:ID|>'."""
+        ids outside the vocabulary (no model here emits them; a caller may pass them) as '<|unk:ID|>'."""
         ids = ids.tolist() if hasattr(ids, 'tolist') else list(ids)
         try:
             return self.enc.decode(ids)

@@ -49,11 +49,12 @@ for key, value, least in (('length', length, 1), ('num_samples', num_samples, 1)
     if not value >= least:  # `not >=`: a nan temperature is refused too
         raise ConfigError(f"{key}={value} is out of range: {key} must be >= {least}")
 device = runtime.resolve_device(device)  # a one-line error for cuda/mps that is not there; maps 'auto'
-model, state = runtime.load_model(ckpt, device)
+model, checkpoint = runtime.load_model(ckpt, device)
 if not isinstance(model, ConceptDiffusion):
-    raise SystemExit(f"{ckpt} is a {state.get('stage', '?')} checkpoint; sample.py needs one from train_diffusion.py")
-tok = prepare_data.tokenizer_from_recipe(state['tokenizer'], data_dir or state['data_dir'])
-corpus_dir = data_dir or state.get('trained_on') or state['data_dir']  # an export records its training data
+    raise SystemExit(f"{ckpt} is a {checkpoint.get('stage', '?')} checkpoint; "
+                     f"sample.py needs one from train_diffusion.py")
+tok = prepare_data.tokenizer_from_recipe(checkpoint['tokenizer'], data_dir or checkpoint['data_dir'])
+corpus_dir = data_dir or checkpoint.get('trained_on') or checkpoint['data_dir']  # an export records its training data
 if quality and not os.path.exists(os.path.join(corpus_dir, 'meta.json')):
     print(f"quality: skipped, the training data ({corpus_dir}) is not on this machine; pass --data_dir=<it> for it")
     quality = False
@@ -215,8 +216,8 @@ if quality:
     print(quality_row(f"{n_ref} unigram samples", unigram, [tok.decode(s) for s in unigram], bigrams))
     unigram_ce = unigram_cross_entropy(counts, val_tokens, special_ids)
     line = f"validation unigram cross-entropy: {unigram_ce:.3f} nats/token"
-    if model.cfg.condition != 'clean' and 'best_val_loss' in state:
-        bound = state['best_val_loss']
+    if model.cfg.condition != 'clean' and 'best_val_loss' in checkpoint:
+        bound = checkpoint['best_val_loss']
         line += (f"; this run's best val_nll_bound: {bound:.3f}, {abs(unigram_ce - bound):.3f} nats "
                  f"{'under' if bound < unigram_ce else 'above'} it")
     print(line)

@@ -13,7 +13,7 @@ from conftest import run_script
 import eval_glue as G
 import prepare_data
 import runtime
-from model import ConceptConfig, ConceptDiffusion, ConceptMLM
+from model import Classifier, ConceptConfig, ConceptDiffusion, ConceptMLM, pooled
 
 # ----------------------------------------------------------------------------------------------
 # a tiny prepared data directory and one checkpoint per stage, written as the train scripts do
@@ -256,8 +256,8 @@ def test_subset_and_truncation():
 
 @pytest.mark.parametrize('stage', ['mlm', 'tsdae', 'diffusion'])
 def test_checkpoint_of_each_stage_loads_and_encodes(ckpts, stage):
-    ck, tok = G.load_pretrained(ckpts[stage])
-    model = G.build_model(ck)
+    ckpt, tok = G.load_pretrained(ckpts[stage])
+    model = G.fresh_model(ckpt)
     assert isinstance(model, ConceptDiffusion if stage == 'diffusion' else ConceptMLM)
     texts = ['Return the sum of an array.', 'A much longer sentence about tensors, files and sockets, ' * 3]
     emb = G.encode(texts, ckpts[stage])
@@ -268,10 +268,10 @@ def test_checkpoint_of_each_stage_loads_and_encodes(ckpts, stage):
 
 
 def test_moved_tokenizer_directory_says_what_to_pass(ckpts, tok_dir, tmp_path):
-    ck = torch.load(ckpts['mlm'], weights_only=True)
-    ck['data_dir'] = str(tmp_path / 'moved_away')
+    ckpt = torch.load(ckpts['mlm'], weights_only=True)
+    ckpt['data_dir'] = str(tmp_path / 'moved_away')
     path = str(tmp_path / 'ckpt.pt')
-    runtime.save_checkpoint(path, ck)
+    runtime.save_checkpoint(path, ckpt)
     with pytest.raises(prepare_data.DataError, match='--data_dir_tok'):
         G.load_pretrained(path)
     assert G.load_pretrained(path, tok_dir)[1].vocab_size == 600
@@ -320,8 +320,8 @@ FAST = dict(learning_rate=3e-3, head_learning_rate=0.0, batch_size=16, dropout=0
                                              ('tsdae', 'decoder', False), ('weighted', 'decoder', False),
                                              ('diffusion', 'decoder', False)])
 def test_each_head_learns_a_synthetic_task(ckpts, stage, head, pair):
-    ck, tok = G.load_pretrained(ckpts[stage])
-    res = G.evaluate_task(ck, tok, synthetic_data(pair), head, seeds=(0,), hp=FAST)['synthetic']
+    ckpt, tok = G.load_pretrained(ckpts[stage])
+    res = G.evaluate_task(ckpt, tok, synthetic_data(pair), head, seeds=(0,), hp=FAST)['synthetic']
     assert res['accuracy'] > 80, res['per_seed']
     assert res['majority']['accuracy'] < 65 and res['n_train'] == 160 and res['n_eval'] == 64
     assert res['best_epoch']['accuracy'] >= res['accuracy'] and 1 <= res['best_epoch']['epoch'][0] <= 4
@@ -330,8 +330,8 @@ def test_each_head_learns_a_synthetic_task(ckpts, stage, head, pair):
 
 
 def test_regression_and_seeds(ckpts):
-    ck, tok = G.load_pretrained(ckpts['mlm'])
-    res = G.evaluate_task(ck, tok, synthetic_data(regression=True, n_train=96, n_eval=48), 'pool', seeds=(0, 1),
+    ckpt, tok = G.load_pretrained(ckpts['mlm'])
+    res = G.evaluate_task(ckpt, tok, synthetic_data(regression=True, n_train=96, n_eval=48), 'pool', seeds=(0, 1),
                           hp={**FAST, 'epochs': 3})['synthetic']
     assert res['pearson'] > 50 and res['spearman'] > 50, res['per_seed']
     assert res['majority'] == {'pearson': 0.0, 'spearman': 0.0}
@@ -342,7 +342,7 @@ def test_regression_and_seeds(ckpts):
 
 def test_cosine_head_needs_no_training(ckpts):
     """Pairs of identical sentences score 5, others 0: even an untrained encoder ranks them."""
-    ck, tok = G.load_pretrained(ckpts['mlm'])
+    ckpt, tok = G.load_pretrained(ckpts['mlm'])
     rng = np.random.default_rng(0)
     ex = []
     for i in range(40):
@@ -351,10 +351,10 @@ def test_cosine_head_needs_no_training(ckpts):
     split = G.make_split([a for a, _, _ in ex], [b for _, b, _ in ex], [y for _, _, y in ex], 'stsb')
     data = {'task': 'stsb', 'metrics': ('pearson', 'spearman'), 'n_labels': 1, 'epochs': 5, 'train': split,
             'evals': {'stsb': split}, 'skipped': {}}
-    res = G.evaluate_task(ck, tok, data, 'cosine')['stsb']
+    res = G.evaluate_task(ckpt, tok, data, 'cosine')['stsb']
     assert math.isfinite(res['spearman']) and res['spearman'] > 50 and res['n_train'] == 0
     with pytest.raises(ValueError, match='cosine'):
-        G.evaluate_task(ck, tok, synthetic_data(), 'cosine')
+        G.evaluate_task(ckpt, tok, synthetic_data(), 'cosine')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,9 +431,9 @@ def test_max_len_too_short_for_encode_and_evaluate_task(ckpts):
         G.encode(['a sentence'], ckpts['mlm'], max_len=1)
     with pytest.raises(G.ConfigError, match='max_len'):
         G.encode(['a sentence'], ckpts['mlm'], max_len=0)
-    ck, tok = G.load_pretrained(ckpts['mlm'])
+    ckpt, tok = G.load_pretrained(ckpts['mlm'])
     with pytest.raises(G.ConfigError, match='max_len'):
-        G.evaluate_task(ck, tok, synthetic_data(pair=True, n_train=8, n_eval=4), 'pool', hp={**FAST, 'max_len': 3})
+        G.evaluate_task(ckpt, tok, synthetic_data(pair=True, n_train=8, n_eval=4), 'pool', hp={**FAST, 'max_len': 3})
 
 
 def test_out_must_be_a_writable_file_path(tmp_path):
@@ -507,13 +507,13 @@ def test_logistic_regression_reaches_the_regularised_optimum():
 
 def test_probe_regularisation_is_chosen_on_a_holdout_of_train_never_on_dev(ckpts):
     """The dev labels are only ever scored: shuffling them changes the dev score, never λ."""
-    ck, tok = G.load_pretrained(ckpts['mlm'])
+    ckpt, tok = G.load_pretrained(ckpts['mlm'])
     data = synthetic_data(n_train=80, n_eval=40)
-    res = G.evaluate_task(ck, tok, data, 'probe')['synthetic']
+    res = G.evaluate_task(ckpt, tok, data, 'probe')['synthetic']
     shuffled = synthetic_data(n_train=80, n_eval=40)
     ev = shuffled['evals']['synthetic']
     ev['label'] = np.random.default_rng(0).permutation(ev['label'])
-    res2 = G.evaluate_task(ck, tok, shuffled, 'probe')['synthetic']
+    res2 = G.evaluate_task(ckpt, tok, shuffled, 'probe')['synthetic']
     assert res['probe_lambda'] == res2['probe_lambda'] and res['bow_lambda'] == res2['bow_lambda']
     assert res['accuracy'] != res2['accuracy']
     fit, hold = G.holdout_split(80)
@@ -542,16 +542,16 @@ def test_bow_pair_features_are_a_b_absdiff_product():
 
 
 def test_probe_and_bow_learn_a_synthetic_task_with_every_control(ckpts):
-    ck, tok = G.load_pretrained(ckpts['mlm'])
+    ckpt, tok = G.load_pretrained(ckpts['mlm'])
     for pair in (False, True):
-        res = G.evaluate_task(ck, tok, synthetic_data(pair), 'probe', seeds=(0, 1), control='random_init')['synthetic']
+        res = G.evaluate_task(ckpt, tok, synthetic_data(pair), 'probe', seeds=(0, 1), control='random_init')['synthetic']
         assert res['bow']['accuracy'] > 90  # the label is a word: the bag of words must find it
         assert res['accuracy'] > 75, res
         assert res['seeds'] == [0] and res['std']['accuracy'] == 0.0  # a pretrained probe is deterministic
         rand = res['random_init']
         assert rand['seeds'] == [0, 1] and math.isfinite(rand['accuracy'])
         assert res['majority']['accuracy'] < 65 and res['head'] == 'probe' and res['control'] == 'random_init'
-    res = G.evaluate_task(ck, tok, synthetic_data(regression=True), 'probe')['synthetic']
+    res = G.evaluate_task(ckpt, tok, synthetic_data(regression=True), 'probe')['synthetic']
     assert res['pearson'] > 50 and res['bow']['pearson'] > 90 and 'random_init' not in res
 
 
@@ -581,46 +581,46 @@ def test_pooling_ignores_padding_for_token_states_and_means_concepts():
     standard = SimpleNamespace(cfg=SimpleNamespace(encoder='standard', n_embd=2), encoder=TokenStateEncoder())
     idx = torch.tensor([[1, 3, 99, 99], [2, 4, 6, 8]])
     mask = torch.tensor([[True, True, False, False], [True] * 4])
-    torch.testing.assert_close(G.pooled(standard, idx, mask), torch.tensor([[2.0, 4.0], [5.0, 10.0]]))
+    torch.testing.assert_close(pooled(standard, idx, mask), torch.tensor([[2.0, 4.0], [5.0, 10.0]]))
     concept = SimpleNamespace(cfg=SimpleNamespace(n_embd=2), encoder=TokenStateEncoder())  # no .encoder: concepts
-    torch.testing.assert_close(G.pooled(concept, idx, mask), torch.tensor([[50.5, 101.0], [5.0, 10.0]]))
+    torch.testing.assert_close(pooled(concept, idx, mask), torch.tensor([[50.5, 101.0], [5.0, 10.0]]))
     scorer = torch.nn.Linear(2, 1)
     with torch.no_grad():
         scorer.weight.fill_(10.0)
         scorer.bias.zero_()
-        assert G.pooled(standard, idx, mask, scorer)[0, 0].item() == pytest.approx(3.0, abs=1e-3)  # 99s get none
+        assert pooled(standard, idx, mask, scorer)[0, 0].item() == pytest.approx(3.0, abs=1e-3)  # 99s get none
 
 
 def test_random_init_control_is_the_same_architecture_untrained(ckpts):
-    ck, _ = G.load_pretrained(ckpts['mlm'])
-    ck = {**ck, 'model': {k: v + 1.0 if v.is_floating_point() else v for k, v in ck['model'].items()}}  # "trained"
-    trained = G.build_model(ck)
+    ckpt, _ = G.load_pretrained(ckpts['mlm'])
+    ckpt = {**ckpt, 'model': {k: v + 1.0 if v.is_floating_point() else v for k, v in ckpt['model'].items()}}  # "trained"
+    trained = G.fresh_model(ckpt)
     torch.manual_seed(3)
-    a = G.build_model(ck, random_init=True)
+    a = G.fresh_model(ckpt, random_init=True)
     torch.manual_seed(3)
-    b = G.build_model(ck, random_init=True)
+    b = G.fresh_model(ckpt, random_init=True)
     assert type(a) is type(trained) and a.state_dict().keys() == trained.state_dict().keys()
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())  # seeded
     assert not torch.equal(a.encoder.wte.weight, trained.encoder.wte.weight)
 
 
 def test_head_learning_rate_moves_the_head_while_the_encoder_barely_moves(ckpts):
-    ck, tok = G.load_pretrained(ckpts['mlm'])
+    ckpt, tok = G.load_pretrained(ckpts['mlm'])
     data = synthetic_data(n_train=64, n_eval=32)
     captured = {}
-    original = G.Classifier.__init__
+    original = Classifier.__init__
 
     def keep(self, *args, **kwargs):
         original(self, *args, **kwargs)
         captured['clf'] = self
-    G.Classifier.__init__ = keep
+    Classifier.__init__ = keep
     try:
-        res = G.evaluate_task(ck, tok, data, 'pool', seeds=(0,),
+        res = G.evaluate_task(ckpt, tok, data, 'pool', seeds=(0,),
                               hp={**FAST, 'learning_rate': 1e-9, 'head_learning_rate': 3e-2})['synthetic']
     finally:
-        G.Classifier.__init__ = original
+        Classifier.__init__ = original
     clf = captured['clf']
-    before = G.build_model(ck).state_dict()
+    before = G.fresh_model(ckpt).state_dict()
     moved = max((clf.model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
     assert moved < 1e-5 and res['per_seed']['0']['train_loss'][-1] < res['per_seed']['0']['train_loss'][0]
 
@@ -638,10 +638,10 @@ def test_an_interrupted_run_keeps_the_tasks_it_finished(ckpts, tmp_path):
     stray.write_text('{"torn')
     code = ("import sys, eval_glue as G\n"
             "real = G.evaluate_task\n"
-            "def second_is_interrupted(ck, tok, data, *a, **k):\n"
+            "def second_is_interrupted(ckpt, tok, data, *a, **k):\n"
             "    if data['task'] == 'mrpc':\n"
             "        raise KeyboardInterrupt\n"
-            "    return real(ck, tok, data, *a, **k)\n"
+            "    return real(ckpt, tok, data, *a, **k)\n"
             "G.evaluate_task = second_is_interrupted\n"
             "G.main()\n")
     import subprocess

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import model
 from model import (CONCEPT_LOSSES, ConceptLossWeighting, average_diagnostics, concept_diagnostics,
                       concept_reg_losses, covariance_loss, parse_concept_losses, variance_loss)
 
@@ -216,9 +217,10 @@ def test_learned_weights_are_float32_vectors():
     assert total.dtype == torch.float32
 
 
-def test_kendall_gal_respects_its_clamp():
+def test_kendall_gal_respects_its_clamp(monkeypatch):
     names, task, regs = losses()
-    w = ConceptLossWeighting(names, 'kendall_gal', s_bound=5.0, max_reg_ratio=1.0)
+    assert model.S_BOUND == 5.0 and model.MAX_REG_RATIO == 1.0
+    w = ConceptLossWeighting(names, 'kendall_gal')
     with torch.no_grad():
         w.log_var.copy_(torch.tensor([1e3, -1e3, 1e3]))  # task muted, one regulariser inflated
     s = w.log_variances()
@@ -233,7 +235,8 @@ def test_kendall_gal_respects_its_clamp():
     s = w.log_variances()
     assert s[1].item() == pytest.approx(0.0)  # at the cap (s_task) rather than at the box's -5
     assert s[2].item() == pytest.approx(5 * math.tanh(2 / 5))  # lighter than the task: untouched
-    ratio2 = ConceptLossWeighting(names, 'kendall_gal', max_reg_ratio=2.0)
+    monkeypatch.setattr(model, 'MAX_REG_RATIO', 2.0)
+    ratio2 = ConceptLossWeighting(names, 'kendall_gal')
     with torch.no_grad():
         ratio2.log_var.copy_(torch.tensor([0.0, -4.0, 0.0]))
     _, info = ratio2(task, regs, 0)
@@ -250,7 +253,7 @@ def test_kendall_gal_cannot_lower_the_total_by_shrinking_the_task_weight():
         totals.append(w(task, regs, 0)[0].item())
     assert all(b >= a - 1e-6 for a, b in zip(totals, totals[1:]))  # nondecreasing as w_task shrinks
 
-    # the original's failure (origin_spec §10.3), replayed: with losses fixed, optimise the weights
+    # the original's failure, replayed: with losses fixed, optimise the weights
     w = ConceptLossWeighting(names, 'kendall_gal')
     opt = torch.optim.Adam(w.parameters(), lr=0.1)
     for step in range(500):

@@ -276,7 +276,7 @@ def test_gather_and_pack_equals_boolean_indexing():
         x = torch.randn(B, pos.shape[1], 3, generator=g)
         assert torch.equal(packing.pack(x), x[valid])
         assert torch.equal(packing.unpack(packing.pack(x))[valid], x[valid])
-        assert torch.equal(packing.sample(), valid.nonzero()[:, 0])
+        assert torch.equal(packing.rows(), valid.nonzero()[:, 0])
 
 
 # ----------------------------------------------------------------------------------------------
