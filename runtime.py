@@ -134,9 +134,8 @@ def setup_runtime(device='auto', dtype='bfloat16', seed=1337):
 
 def teardown(rt):
     """The last call of a stage. Under torchrun a worker then leaves with os._exit: torch's C++
-    static destructors at a normal interpreter exit abort a two-process CPU run now and then
-    ('terminate called without an active exception', SIGABRT after the last step: 3 of 50 runs of
-    a two-process train_mlm.py; 3 of 116 with the DDP model deleted first; 0 of 60 with os._exit)."""
+    static destructors at a normal interpreter exit can abort a multi-process CPU run after its
+    last step (SIGABRT, 'terminate called without an active exception'); README "Design notes"."""
     if rt.ddp:
         dist.barrier()  # rank 0 may still be writing a checkpoint; gloo aborts if a peer leaves first
         dist.destroy_process_group()
@@ -1170,7 +1169,7 @@ class ValidationTally:
             self._add('val_accuracy', int(stats['n_correct']), stats['n_pred'])
         for name, (total, n) in sums.items():
             self._add(name, total, n)
-        if 'concepts' in stats:  # the concept arm's (model.ConceptLM.concept_stats)
+        if 'concepts' in stats:  # the concept arm's (model.StageModel.concept_stats)
             self.geometry.append(concept_diagnostics(stats['concepts']))
 
     def _add(self, name, total, n):

@@ -3,7 +3,7 @@ Masked discrete diffusion (MDLM / LLaDA style) through the concept bottleneck: m
 probability t ~ U(t_min, 1), encode into C concepts, and denoise the masked positions with a
 cross-attention-only decoder conditioned on t by AdaLN-Zero. sample.py generates text from it.
 
-    python train_diffusion.py config/tiny.py                         # CPU, a few minutes
+    python train_diffusion.py config/tiny.py                         # CPU: README "What to expect"
     python train_diffusion.py config/tiny.py --condition=prefix --time_cond=False
     torchrun --standalone --nproc_per_node=8 train_diffusion.py config/h512l2.py
 
@@ -49,7 +49,7 @@ tie_weights = True               # lm_head shares the token embedding
 # diffusion
 condition = 'noisy'              # what the encoder sees: 'noisy' (= what sampling gives it) | 'clean' | 'prefix'
 time_cond = True                 # AdaLN-Zero conditioning on t; False: the decoder infers t (MDLM, LLaDA)
-t_min = 0.3                      # t ~ U(t_min, 1) in training (the original's final value)
+t_min = 0.3                      # t ~ U(t_min, 1) in training
 stratified_t = True              # one t per stratum of the batch: lower-variance loss (MDLM)
 label_smoothing = 0.1
 elbo_weight = True               # weight masked tokens by 1/t: the loss estimates the MDLM bound
@@ -59,7 +59,7 @@ concept_losses = ''              # e.g. 'vicreg,t_regs_mst'; '' = none. Diagnost
 concept_loss_weight = 0.02       # total weight of the regularisers (fixed weighting), split evenly
 concept_loss_warmup = 0          # iterations over which the regularisers ramp up linearly
 loss_weighting = 'fixed'         # 'fixed' | 'learnable' | 'kendall_gal' (bounded, see model.py)
-concept_loss_pooled = False      # True: the original's batch-pooled VICReg statistics
+concept_loss_pooled = False      # True: VICReg statistics pooled over the batch, not per sample
 # optimizer (AdamW) and schedule (warmup, cosine to min_lr)
 learning_rate = 5e-4
 max_iters = 2000
@@ -75,7 +75,7 @@ max_nonfinite_steps = 10         # consecutive skipped (non-finite) steps before
 # system
 device = 'auto'                  # 'auto' | 'cpu' | 'cuda' | 'mps'
 dtype = 'bfloat16'               # 'float32' | 'bfloat16' | 'float16' (autocast; bf16 helps on CPU too)
-compile = False                  # torch.compile encoder, decoder and loss (ConceptLM.compile_for_training)
+compile = False                  # torch.compile encoder, decoder and loss (StageModel.compile_for_training)
 seed = 1337
 wandb_log = False
 wandb_project = 'concept-encoder'

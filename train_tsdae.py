@@ -55,7 +55,7 @@ concept_losses = ''              # e.g. 'vicreg,t_regs_mst'; '' = none. Diagnost
 concept_loss_weight = 0.02       # total weight of the regularisers (fixed weighting), split evenly
 concept_loss_warmup = 0          # iterations over which the regularisers ramp up linearly
 loss_weighting = 'fixed'         # 'fixed' | 'learnable' | 'kendall_gal' (bounded, see model.py)
-concept_loss_pooled = False      # True: the original's batch-pooled VICReg statistics
+concept_loss_pooled = False      # True: VICReg statistics pooled over the batch, not per sample
 # optimizer (AdamW) and schedule (warmup, cosine to min_lr)
 learning_rate = 5e-4
 max_iters = 2000
@@ -71,7 +71,7 @@ max_nonfinite_steps = 10         # consecutive skipped (non-finite) steps before
 # system
 device = 'auto'                  # 'auto' | 'cpu' | 'cuda' | 'mps'
 dtype = 'bfloat16'               # 'float32' | 'bfloat16' | 'float16' (autocast; bf16 helps on CPU too)
-compile = False                  # torch.compile encoder, decoder and loss (ConceptLM.compile_for_training)
+compile = False                  # torch.compile encoder, decoder and loss (StageModel.compile_for_training)
 seed = 1337
 wandb_log = False
 wandb_project = 'concept-encoder'

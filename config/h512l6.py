@@ -1,4 +1,4 @@
-# The original project's L6 runs (origin_spec §9): H512, C128, 8 heads, FFN 2048, block 512,
+# The original project's L6 runs: H512, C128, 8 heads, FFN 2048, block 512,
 # effective batch 512 sequences, bf16. Meant for GPUs:
 #   torchrun --standalone --nproc_per_node=8 train_diffusion.py config/h512l6.py
 # On any number of GPUs the global batch stays 512 sequences: gradient_accumulation_steps is divided
@@ -15,7 +15,7 @@ gradient_accumulation_steps = 8      # global: 64 x 8 = 512 sequences per step
 max_iters = 40000                    # ~20 epochs of Minipile's first 512 tokens per document (origin)
 lr_decay_iters = 40000
 warmup_iters = 2000
-learning_rate = 3e-4                 # the original's stable value for L6 and diffusion (5e-4 blew up diffusion v1)
+learning_rate = 3e-4                 # stable for L6 and diffusion at this batch (README "Design notes")
 min_lr = 3e-5
 weight_decay = 0.01
 grad_clip = 1.0

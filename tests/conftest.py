@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# the tiny shape used by script tests: small enough for a few seconds per run on 2 cores
+# the tiny shape used by script tests: the smallest model that still learns on real text
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--n_concepts=8', '--ffn_size=64', '--block_size=64',
         '--batch_size=8', '--eval_iters=2', '--log_interval=1', '--device=cpu', '--dtype=float32',
         '--warmup_iters=2', '--learning_rate=3e-3', '--min_lr=3e-4']
