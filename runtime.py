@@ -1176,12 +1176,15 @@ class ValidationTally:
         self.sums[name] = self.sums.get(name, 0.0) + total
         self.counts[name] = self.counts.get(name, 0) + n
 
-    def means(self, run, hint=''):
+    def means(self, run, hint='', **derived):
+        """{name: mean} of every sum, then each derived name: its function of those means, then the
+        concept diagnostics."""
         from model import average_diagnostics
         metrics = {}
         for name in ('val_loss', 'val_accuracy', *[k for k in self.sums if k not in ('val_loss', 'val_accuracy')]):
             metrics[name] = token_means(run.rt, self.counts.get(name, 0), {name: self.sums.get(name, 0.0)},
                                         run.config['eval_iters'], run.batch_size, hint)[name]
+        metrics.update({name: fn(metrics) for name, fn in derived.items()})
         diagnostics = {k: all_reduce_mean(v, run.rt) for k, v in average_diagnostics(self.geometry).items()}
         return {**metrics, **diagnostics}
 
