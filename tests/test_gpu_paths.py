@@ -240,27 +240,33 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize('stage', ['mlm', 'diffusion'])
+@pytest.mark.parametrize('stage', ['mlm', 'tsdae', 'diffusion'])
 def test_a_training_step_reads_the_device_twice(monkeypatch, stage):
     """One read for the shapes of the decoded positions (gather_and_pack), one for the optimizer's
-    finite check. tolist() bypasses the op dispatcher on the CPU, so its calls are counted too."""
+    finite check; the stage's noise adds none. tolist() bypasses the op dispatcher on the CPU, so
+    its calls are counted too."""
     tolist_calls = []
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, 'tolist', lambda self: tolist_calls.append(1) or tolist(self))
     torch.manual_seed(0)
-    cfg = tiny_cfg(concept_losses='vicreg', loss_weighting='kendall_gal')
+    cfg = tiny_cfg(concept_losses='vicreg', loss_weighting='kendall_gal', decoder='posonly' if stage == 'tsdae' else
+                   'perceiver', pad_id=253, mask_id=254, eod_id=255)  # the specials on top, as prepare_data puts them
     model = ConceptDiffusion(cfg) if stage == 'diffusion' else ConceptMLM(cfg)
     optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.99), 'cpu')
     step = runtime.OptimizerStep(optimizer, torch.amp.GradScaler('cpu', enabled=False), 1.0, 3, 'ckpt.pt',
                                  fake_rt('cpu', 'cpu', 'float32'))
-    idx = torch.randint(5, 256, (4, 32))
-    targets = torch.where(torch.rand(4, 32) < 0.3, idx, -100)
+    idx = torch.randint(0, 253, (4, 32))
+    g = torch.Generator().manual_seed(0)
     counter = HostReads()
     with counter:
         if stage == 'diffusion':
-            _, loss, stats = model(idx, generator=torch.Generator().manual_seed(0), step=5)
+            _, loss, stats = model(idx, generator=g, step=5)
+        elif stage == 'tsdae':
+            inputs, visible, targets = model.tsdae_noise(idx, g, 0.6)
+            _, loss, stats = model(inputs, targets, visible, step=5)
         else:
-            _, loss, stats = model(idx, targets, step=5)
+            inputs, targets = model.mlm_noise(idx, g, 0.3)
+            _, loss, stats = model(inputs, targets, step=5)
         loss.backward()
         grad_norm = step(model.parameters(), stats['task_loss'], 5)
     assert len(counter.reads) + len(tolist_calls) == 2, (counter.reads, len(tolist_calls))
