@@ -21,7 +21,7 @@ from model import Classifier, ConceptConfig, ConceptDiffusion, ConceptMLM, poole
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
-    """Tiny models run fastest on one thread, and far faster than two on a busy 2-core machine."""
+    """Tiny models run fastest on one thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
