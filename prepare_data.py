@@ -240,6 +240,14 @@ def _without_trailing_newlines(doc):
     return doc
 
 
+def _checked_text(text, where, text_column):
+    """A document's text, or the one-line error for a column that holds something else."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: column '{text_column}' holds {type(text).__name__}, not text; "
+                        f"set --text_column to the column with the text")
+    return text
+
+
 def read_jsonl(path, text_column):
     """The text_column of a JSON Lines file, one object per line, read with the json module so
     that a malformed line is reported by its number. Rows whose text is null or absent are skipped."""
@@ -263,10 +271,7 @@ def read_jsonl(path, text_column):
             text = row.get(text_column)
             if text is None:
                 continue
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{number}: column '{text_column}' holds {type(text).__name__}, not text; "
-                                f"set --text_column to the column with the text")
-            yield text
+            yield _checked_text(text, f"{path}:{number}", text_column)
 
 
 def _read_table(path, text_column):
@@ -317,10 +322,7 @@ def _texts_of(ds, text_column, what):
         for text in batch[text_column]:
             if text is None:
                 continue
-            if not isinstance(text, str):
-                raise DataError(f"{what}: column '{text_column}' holds {type(text).__name__}, not text; "
-                                f"set --text_column to the column with the text")
-            yield text
+            yield _checked_text(text, what, text_column)
 
 
 def _read_local(path, text_column):

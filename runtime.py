@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_data
-from model import ConfigError
+from model import ConceptConfig, ConfigError, average_diagnostics, concept_diagnostics
 
 # ----------------------------------------------------------------------------------------------
 # device, precision, DDP
@@ -1004,7 +1004,6 @@ class OptimizerStep:
 def model_args_from(config, meta, **fixed):
     """The ConceptConfig fields a stage's settings give (its config keys that are fields), the
     special ids of the data directory, and what the stage fixes (decoder='diffusion')."""
-    from model import ConceptConfig
     args = {f.name: config[f.name] for f in dataclasses.fields(ConceptConfig) if f.name in config}
     special = meta['special_tokens']
     args.update(vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'], eod_id=special['eod'],
@@ -1040,7 +1039,6 @@ class TrainingRun:
         self.val_batches = fixed_batches(self.data_dir, 'val', c['block_size'], self.batch_size, c['eval_iters'],
                                          c['doc_aligned'], c['seed'], rt.rank, rt.device)
 
-        from model import ConceptConfig
         self.ckpt_path = os.path.join(self.out_dir, 'ckpt.pt')
         model, self.model_args, ckpt = build_model(stage, model_class, ConceptConfig,
                                                    model_args_from(c, self.meta, **fixed_model_args), c['init_from'],
@@ -1071,6 +1069,7 @@ class TrainingRun:
         self.log = RunLog(rt, self.out_dir, config, f'train_{stage}.py', c['wandb_log'], c['wandb_project'],
                           c['wandb_run_name'], resumed_at=self.iter_num if resumed else None)
         self.meter = Throughput(rt)
+        self.encoder_flops = model.estimate_flops(c['block_size'], 0) * self.batch_size * self.accum * rt.world_size
         self.tokens_seen = self.iter_num * self.tokens_per_iter
         self.last_step = None  # (loss sum, its weight) of the last step, on the device; read when logged
 
@@ -1138,9 +1137,8 @@ class TrainingRun:
         grad_norm = self.optimizer_step(self.raw_model.parameters(), loss_sum, self.iter_num)
         self.last_step = (loss_sum, loss_weight)
         self.tokens_seen += self.tokens_per_iter
-        sequences = self.batch_size * self.accum * self.rt.world_size
-        self.meter.add(self.tokens_per_iter, self.raw_model.estimate_flops(self.config['block_size'], 0) * sequences
-                       + 3 * self.raw_model.decoder_flops(n_decoded) * self.rt.world_size)
+        self.meter.add(self.tokens_per_iter,
+                       self.encoder_flops + 3 * self.raw_model.decoder_flops(n_decoded) * self.rt.world_size)
         self.iter_num += 1
         self.budget.step_ends(self.iter_num)
         if self.iter_num % self.config['log_interval'] == 0:  # the one all-reduce and read of the loss per log_interval
@@ -1163,10 +1161,9 @@ class ValidationTally:
     def add(self, stats, loss=None, **sums):
         """One batch's model stats: loss (its mean over stats['n_pred'] tokens) and accuracy count
         toward val_loss / val_accuracy; other sums name (total, tokens) pairs of their own."""
-        from model import concept_diagnostics
         if stats['n_pred']:  # the mean of nothing is nan
             self._add('val_loss', loss.item() * stats['n_pred'], stats['n_pred'])
-            self._add('val_accuracy', int(stats['n_correct']), stats['n_pred'])
+            self.sums['val_accuracy'] = self.sums.get('val_accuracy', 0) + int(stats['n_correct'])
         for name, (total, n) in sums.items():
             self._add(name, total, n)
         if 'concepts' in stats:  # the concept arm's (model.StageModel.concept_stats)
@@ -1179,11 +1176,11 @@ class ValidationTally:
     def means(self, run, hint='', **derived):
         """{name: mean} of every sum, then each derived name: its function of those means, then the
         concept diagnostics."""
-        from model import average_diagnostics
-        metrics = {}
-        for name in ('val_loss', 'val_accuracy', *[k for k in self.sums if k not in ('val_loss', 'val_accuracy')]):
-            metrics[name] = token_means(run.rt, self.counts.get(name, 0), {name: self.sums.get(name, 0.0)},
-                                        run.config['eval_iters'], run.batch_size, hint)[name]
+        shape = (run.config['eval_iters'], run.batch_size, hint)
+        pred = ('val_loss', 'val_accuracy')  # both over the scored tokens, stats['n_pred']
+        metrics = token_means(run.rt, self.counts.get('val_loss', 0), {k: self.sums.get(k, 0.0) for k in pred}, *shape)
+        for name in (k for k in self.sums if k not in pred):
+            metrics.update(token_means(run.rt, self.counts[name], {name: self.sums[name]}, *shape))
         metrics.update({name: fn(metrics) for name, fn in derived.items()})
         diagnostics = {k: all_reduce_mean(v, run.rt) for k, v in average_diagnostics(self.geometry).items()}
         return {**metrics, **diagnostics}
@@ -1197,7 +1194,7 @@ def model_from_checkpoint(ckpt, path='the checkpoint', **overrides):
     with its weights, on the CPU; overrides replace ConceptConfig fields (e.g. dropout=0.1).
     model_args or weights that do not fit this model.py, and non-finite weights (a diverged run),
     are one line."""
-    from model import ConceptConfig, ConceptDiffusion, ConceptMLM
+    from model import ConceptDiffusion, ConceptMLM
     args = {**ckpt['model_args'], **overrides}
     try:
         cfg = ConceptConfig(**args)
@@ -1223,7 +1220,6 @@ def concept_geometry(ckpt_path, data_dir=None, split='val', n_batches=10, batch_
     """The collapse diagnostics of model.concept_diagnostics (erank, erank_batchmean,
     concept_cos_mean/max, participation_ratio) for any checkpoint, averaged over n_batches fixed
     windows of clean text from a prepared data directory (by default the checkpoint's own)."""
-    from model import average_diagnostics, concept_diagnostics
     for name, value in (('n_batches', n_batches), ('batch_size', batch_size)):
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"concept_geometry: {name}={value!r} must be a positive int")

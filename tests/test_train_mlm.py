@@ -39,11 +39,18 @@ def test_mlm_masking_rules():
     assert not torch.equal(mlm_noise(idx, torch.Generator().manual_seed(1))[1], targets)
 
 
+def run_in_this_process(monkeypatch, data_dir, out_dir):
+    """train_mlm.py for 2 iterations in this process, so a test can patch the model class first."""
+    import runpy
+    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # the script installs its own
+    monkeypatch.setattr(sys, 'argv', ['train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out_dir}',
+                                      '--max_iters=2', '--eval_interval=2'])
+    runpy.run_path(os.path.join(ROOT, 'train_mlm.py'), run_name='__main__')
+
+
 def test_the_stage_feeds_the_model_the_masked_input(data_dir, tmp_path, monkeypatch):
     """The script run in this process with a spy on the model: in training and in evaluation the
     model gets the noised ids (80% of the labelled positions hold [MASK]), never the clean text."""
-    import runpy
-
     import prepare_data
     from model import ConceptMLM
     seen, forward = [], ConceptMLM.forward
@@ -52,10 +59,7 @@ def test_the_stage_feeds_the_model_the_masked_input(data_dir, tmp_path, monkeypa
         seen.append((idx.clone(), targets.clone()))
         return forward(self, idx, targets, *args, **kwargs)
     monkeypatch.setattr(ConceptMLM, 'forward', spy)
-    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # the script installs its own
-    monkeypatch.setattr(sys, 'argv', ['train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}',
-                                      '--max_iters=2', '--eval_interval=2'])
-    runpy.run_path(os.path.join(ROOT, 'train_mlm.py'), run_name='__main__')
+    run_in_this_process(monkeypatch, data_dir, tmp_path)
     mask_id = prepare_data.load_meta(data_dir)['special_tokens']['mask']
     assert len(seen) == 2 + 2 * 2  # 2 training steps, 2 evaluations of eval_iters=2 batches
     for idx, targets in seen:
@@ -67,8 +71,6 @@ def test_the_stage_feeds_the_model_the_masked_input(data_dir, tmp_path, monkeypa
 def test_a_step_with_no_masked_token_logs_no_train_loss(data_dir, tmp_path, monkeypatch):
     """Training steps whose micro-batches have nothing to score log no train loss ('-', null),
     never a 0 that reads as a perfect model; validation is scored as usual."""
-    import runpy
-
     from model import ConceptMLM
     forward = ConceptMLM.forward
 
@@ -77,10 +79,7 @@ def test_a_step_with_no_masked_token_logs_no_train_loss(data_dir, tmp_path, monk
             targets = torch.full_like(targets, -100)
         return forward(self, idx, targets, *args, **kwargs)
     monkeypatch.setattr(ConceptMLM, 'forward', no_targets_in_training)
-    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # the script installs its own
-    monkeypatch.setattr(sys, 'argv', ['train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}',
-                                      '--max_iters=2', '--eval_interval=2'])
-    runpy.run_path(os.path.join(ROOT, 'train_mlm.py'), run_name='__main__')
+    run_in_this_process(monkeypatch, data_dir, tmp_path)
     records = read_log(str(tmp_path))
     assert [r['train_loss'] for r in records] == [None, None]
     assert records[-1]['val_loss'] > 0
