@@ -40,6 +40,7 @@ class ConceptConfig:
     tie_weights: bool = True    # lm_head shares the token embedding matrix
     # diffusion only (ConceptDiffusion)
     time_cond: bool = True      # AdaLN-Zero conditioning on t (MDLM and LLaDA work without it)
+    local_window: int = 0       # >0: each decoded position also reads the noisy tokens this many to each side
     condition: str = 'noisy'    # what the encoder sees: 'noisy' | 'clean' | 'prefix' (see ConceptDiffusion)
     t_min: float = 0.3          # training draws t ~ U(t_min, 1)
     stratified_t: bool = True   # one t per stratum [i/B, (i+1)/B) of the batch (MDLM's antithetic sampler)
@@ -504,16 +505,25 @@ class DiffusionLayer(nn.Module):
 
 
 class DiffusionDecoder(nn.Module):
+    """Queries (the noisy token and its position; with local_window, its neighbours' noisy tokens
+    too) read the concepts through DiffusionLayers. The neighbours tell a masked position what is
+    written next to it, which concepts pooled over the whole window blur; the window costs O(M·w)
+    and its map starts at zero, so a warm start from an MLM checkpoint starts as that model."""
+
     def __init__(self, cfg):
         super().__init__()
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.local = nn.Linear(2 * cfg.local_window * cfg.n_embd, cfg.n_embd, bias=False) if cfg.local_window else None
         self.time_emb = TimestepEmbedding(cfg) if cfg.time_cond else None
         self.layers = nn.ModuleList([DiffusionLayer(cfg) for _ in range(cfg.n_dec_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
 
-    def forward(self, concepts, pos, query_tok_emb, t, packing=None):
-        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H); t (B,) -> (B, M, H) or (M', H)."""
+    def forward(self, concepts, pos, query_tok_emb, t, neighbour_emb=None, packing=None):
+        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H); t (B,); neighbour_emb (B, M, 2w, H)
+        with local_window -> (B, M, H) or (M', H)."""
         q = query_tok_emb + self.wpe(pos)
+        if self.local is not None:
+            q = q + self.local(neighbour_emb.flatten(2))  # (B, M, 2w·H) -> (B, M, H)
         if packing is not None:
             q = packing.pack(q)  # (M', H)
         cond = self.time_emb(t) if self.time_emb is not None else None
@@ -797,6 +807,8 @@ class StageModel(nn.Module):
             if cfg.decoder == 'diffusion' and cfg.time_cond:
                 per_layer += 6 * H * H  # adaLN modulation (per sequence)
             macs = per_layer * cfg.n_dec_layer
+            if cfg.decoder == 'diffusion':
+                macs += M * 2 * cfg.local_window * H * H  # the local window's map
         return 2 * (macs + M * H * cfg.vocab_size)
 
     def estimate_flops(self, n_tokens, n_decoded):
@@ -911,12 +923,16 @@ class ConceptDiffusion(StageModel):
         if self.standard and cfg.condition == 'clean':
             raise ConfigError("condition='clean' shows the clean text to the denoiser itself with encoder='standard'; "
                               "use condition='noisy' or 'prefix'")
+        if cfg.local_window < 0:
+            raise ConfigError(f"local_window={cfg.local_window} is out of range: 0 (off) or a positive number of positions")
         self.decoder = None if self.standard else DiffusionDecoder(cfg)
         self._finish_init()
         for m in self.modules():  # AdaLN-Zero: every modulated layer starts as the identity
             if getattr(m, 'adaLN', None) is not None:
                 nn.init.zeros_(m.adaLN.weight)
                 nn.init.zeros_(m.adaLN.bias)
+        if self.decoder is not None and self.decoder.local is not None:
+            nn.init.zeros_(self.decoder.local.weight)  # the window starts closed
 
     # --- the forward (noising) process
     def sample_t(self, B, generator, device):
@@ -954,7 +970,24 @@ class ConceptDiffusion(StageModel):
         Packing; memory: encode()'s output."""
         if self.standard:
             return self.read_states(memory, pos, packing)
-        return self.decoder(memory, pos, self.encoder.wte(torch.gather(noisy, 1, pos)), t, packing)
+        wte = self.encoder.wte
+        neighbour_emb = None
+        if self.cfg.local_window:
+            ids, inside = self.neighbours(noisy, pos)
+            neighbour_emb = wte(ids) * inside[..., None].to(wte.weight.dtype)  # (B, M, 2w, H), zero outside
+        return self.decoder(memory, pos, wte(torch.gather(noisy, 1, pos)), t, neighbour_emb, packing)
+
+    def neighbours(self, noisy, pos):
+        """The noisy ids (B, M, 2w) at pos-w .. pos-1, pos+1 .. pos+w of each position pos (B, M), and
+        where they lie inside the window and are not padding (bool, the same shape)."""
+        w, N = self.cfg.local_window, noisy.shape[1]
+        offsets = torch.cat([torch.arange(-w, 0, device=pos.device), torch.arange(1, w + 1, device=pos.device)])
+        at = pos[..., None] + offsets                                              # (B, M, 2w)
+        inside = (at >= 0) & (at < N)
+        ids = torch.gather(noisy, 1, at.clamp(0, N - 1).flatten(1)).view_as(at)
+        if self.cfg.pad_id >= 0:
+            inside &= ids != self.cfg.pad_id
+        return ids, inside
 
     def forward(self, idx, attn_mask=None, t=None, generator=None, step=0):
         """Clean ids (B, N) -> (None, loss, stats); loss = Σ_masked CE / t / #maskable (elbo_weight:

@@ -47,7 +47,7 @@ POSITIVE = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_int
             'n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'n_dec_layer', 'learning_rate',
             'max_nonfinite_steps', 'bound_levels', 'eval_batch_size')
 NON_NEGATIVE = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip',
-                'recursive_iters', 'concept_loss_weight', 'concept_loss_warmup', 'max_minutes')
+                'recursive_iters', 'local_window', 'concept_loss_weight', 'concept_loss_warmup', 'max_minutes')
 FRACTIONS = {'dropout': (0, 1), 'beta1': (0, 1), 'beta2': (0, 1), 'deletion_rate': (0, 1), 't_min': (0, 1),
              'label_smoothing': (0, 1)}  # lo <= value < hi
 

@@ -42,6 +42,7 @@ ffn_size = 1024
 dropout = 0.0
 bias = False
 n_dec_layer = 2                  # cross-attention + FFN layers of the denoiser (no token self-attention)
+local_window = 0                 # >0: each decoded position also reads the noisy tokens this many to each side
 bixt = False                     # bidirectional cross-attention: tokens are updated by the concepts
 recursive_iters = 0              # >0: one shared encoder layer applied this many times
 shared_token_kv = False          # one token K/V projection serves every encoder layer (not with bixt)
