@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from model import ConceptConfig, ConceptDiffusion, ConceptMLM, ConfigError
-from runtime import gpu_peak_flops, resolve_device
+from runtime import gpu_peak_flops, keep_freed_memory, resolve_device
 
 # ----------------------------------------------------------------------------------------------
 # defaults (a config file such as config/h512l2.py sets the model shape; its training keys are
@@ -72,6 +72,7 @@ try:
     device = resolve_device(device)
 except ConfigError as e:
     raise SystemExit(f"bench.py: {e}")
+keep_freed_memory()  # as the training scripts do (runtime.setup_runtime): bench measures their steps
 device_type = 'cuda' if device.startswith('cuda') else device  # 'cuda' | 'mps' | 'cpu'
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 if device_type == 'mps' and dtype == 'bfloat16':

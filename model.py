@@ -1014,9 +1014,11 @@ class ConceptDiffusion(StageModel):
         return None, self.add_concept_losses(loss, concepts, step, stats), stats
 
     @torch.no_grad()
-    def nll_bound(self, idx, attn_mask=None, n_grid=8, generator=None):
+    def nll_bound(self, idx, attn_mask=None, n_grid=8, generator=None, swap_concepts=False):
         """MDLM's NLL bound, midpoint rule on n_grid levels of t -> (sum over sequences, tokens it
-        covers: for prefix, those after the prefix, averaged over levels). Not for 'clean'."""
+        covers: for prefix, those after the prefix, averaged over levels). Not for 'clean'.
+        swap_concepts: each sequence is decoded from the batch's previous one's concepts (a control: how many
+        nats the concepts carry beyond what the decoder reads from the noisy tokens themselves)."""
         B = idx.shape[0]
         wide = widest_float(idx.device)
         total = torch.zeros((), device=idx.device, dtype=wide)
@@ -1025,6 +1027,8 @@ class ConceptDiffusion(StageModel):
             t = torch.full((B,), (k + 0.5) / n_grid, device=idx.device)
             noisy, masked, maskable = self.add_noise(idx, t, attn_mask, generator)
             concepts = self.encode(idx, noisy, t, attn_mask)
+            if swap_concepts:
+                concepts = concepts.roll(1, dims=0)
             pos, valid, packing = gather_and_pack(masked)
             logits = self.lm_logits(self.denoise(concepts, noisy, pos, t, packing))
             nll = F.cross_entropy(logits.float(), packing.pack(torch.gather(idx, 1, pos)), reduction='sum')

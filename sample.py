@@ -39,16 +39,18 @@ device = 'cpu'
 data_dir = ''            # where the tokenizer lives if the checkpoint's data directory has moved
 quality = True           # after the samples: repetition, distinct tokens, word bigrams seen in training, unigram CE
 bigram_tokens = 4_000_000  # the training-bigram set is built from at most this many training tokens
+control_windows = 64     # validation windows (one batch) of the concepts control; 0: none
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # ----------------------------------------------------------------------------------------------
 
 runtime.one_line_errors()
 for key, value, least in (('length', length, 1), ('num_samples', num_samples, 1), ('steps', steps, 1),
                           ('temperature', temperature, 0), ('top_k', top_k, 0), ('block_len', block_len, 0),
-                          ('bigram_tokens', bigram_tokens, 1)):
+                          ('bigram_tokens', bigram_tokens, 1), ('control_windows', control_windows, 0)):
     if not value >= least:  # `not >=`: a nan temperature is refused too
         raise ConfigError(f"{key}={value} is out of range: {key} must be >= {least}")
 device = runtime.resolve_device(device)  # a one-line error for cuda/mps that is not there; maps 'auto'
+runtime.keep_freed_memory()
 model, checkpoint = runtime.load_model(ckpt, device)
 if not isinstance(model, ConceptDiffusion):
     raise SystemExit(f"{ckpt} is a {checkpoint.get('stage', '?')} checkpoint; "
@@ -221,3 +223,13 @@ if quality:
         line += (f"; this run's best val_nll_bound: {bound:.3f}, {abs(unigram_ce - bound):.3f} nats "
                  f"{'under' if bound < unigram_ce else 'above'} it")
     print(line)
+    if control_windows and not model.standard and model.cfg.condition != 'clean':
+        n_windows = min(control_windows, len(val_tokens) // block_size)
+        windows = torch.from_numpy(np.asarray(val_tokens[:n_windows * block_size], dtype=np.int64))
+        windows = windows.view(n_windows, block_size).to(device)
+        if n_windows >= 2:  # one batch, the same noise for both (one seed)
+            own, swapped = (model.nll_bound(windows, generator=torch.Generator(device=device).manual_seed(seed),
+                                            swap_concepts=swap) for swap in (False, True))
+            own, swapped = own[0] / own[1], swapped[0] / swapped[1]
+            print(f"NLL bound on {n_windows} validation windows: {own:.3f} from their own concepts, "
+                  f"{swapped:.3f} from another window's: the concepts carry {swapped - own:.3f} nats/token")

@@ -8,8 +8,8 @@
 init_from = 'out/tiny_mlm/ckpt.pt'
 batch_size = 32                  # diffusion decodes a fraction t of every window (MLM: 15%)
 eval_iters = 8                   # 8 x 32 windows of 128 tokens: about pydocs' validation split once
-max_iters = 500                  # the rest of the quickstart's ~8 minutes after the MLM run
-eval_interval = 250              # the bound at the start, halfway and the end: evaluations cost training time
+max_iters = 700                  # the rest of the quickstart's ~8 minutes after the MLM run
+eval_interval = 350              # the bound at the start, halfway and the end: evaluations cost training time
 time_cond = False                # no AdaLN-Zero: its zero gates close the decoder's path to the concepts at init
 n_dec_layer = 1                  # the MLM's decoder depth, so that the whole decoder is warm-started
 local_window = 2                 # each decoded position reads its 2 neighbours on either side: the concepts blur positions

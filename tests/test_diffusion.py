@@ -296,6 +296,26 @@ def test_stage_lowers_the_bound_and_samples(data_dir, tmp_path, arm):
     assert float(line[2]) == pytest.approx(bound, abs=1e-3)
     assert float(line[3]) == pytest.approx(abs(unigram_ce - bound), abs=2e-3)
     assert line[4] == ('under' if bound < unigram_ce else 'above')
+    control = re.search(r"NLL bound on (\d+) validation windows: ([\d.]+) from their own concepts, ([\d.]+) from "
+                        r"another window's: the concepts carry (-?[\d.]+) nats/token", report)
+    assert (control is not None) == (arm == 'concept'), report  # the standard arm has no concepts to swap
+    if control:
+        assert int(control[1]) >= 2 and float(control[2]) == pytest.approx(bound, abs=0.5)
+        assert float(control[4]) == pytest.approx(float(control[3]) - float(control[2]), abs=2e-3)
+
+
+def test_swapped_concepts_decode_each_sequence_from_the_previous_ones():
+    """nll_bound(swap_concepts=True) decodes row b from row b-1's concepts, with the same noise."""
+    model = tiny_model().eval()
+    idx, attn_mask = text_batch(B=3)
+    seen, encode, denoise = [], model.encode, model.denoise
+    model.encode = lambda *a: seen.append(('encoded', encode(*a))) or seen[-1][1]
+    model.denoise = lambda memory, *a: seen.append(('decoded', memory)) or denoise(memory, *a)
+    model.nll_bound(idx, attn_mask, n_grid=2, generator=torch.Generator().manual_seed(0), swap_concepts=True)
+    assert [kind for kind, _ in seen] == ['encoded', 'decoded'] * 2
+    for (_, encoded), (_, decoded) in zip(seen[::2], seen[1::2]):
+        torch.testing.assert_close(decoded, encoded.roll(1, dims=0))
+        assert not torch.equal(decoded, encoded)
 
 
 def test_sample_refuses_a_non_diffusion_checkpoint(data_dir, tmp_path):
