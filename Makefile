@@ -1,6 +1,6 @@
 # Two commands a newcomer needs, from a fresh clone, offline:
 #   make quickstart   virtualenv + requirements, the pydocs corpus, a tiny MLM and a tiny diffusion
-#                     model trained on the CPU, then samples and their quality (~6 minutes on 2 cores).
+#                     model trained on the CPU, then samples and their quality (~8 minutes on 2 cores).
 #                     make quickstart TSDAE=1 also trains the TSDAE stage, warm-started from the MLM.
 #   make test         the test suite (pytest, CPU, offline)
 #   make gpu-check    on a CUDA machine: CUDA tests, short bf16 compiled runs, torchrun, bench (gpu_check.sh)
