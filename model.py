@@ -974,7 +974,7 @@ class ConceptDiffusion(StageModel):
         neighbour_emb = None
         if self.cfg.local_window:
             ids, inside = self.neighbours(noisy, pos)
-            neighbour_emb = wte(ids) * inside[..., None].to(wte.weight.dtype)  # (B, M, 2w, H), zero outside
+            neighbour_emb = wte(ids).masked_fill(~inside[..., None], 0.0)  # (B, M, 2w, H), zero outside
         return self.decoder(memory, pos, wte(torch.gather(noisy, 1, pos)), t, neighbour_emb, packing)
 
     def neighbours(self, noisy, pos):

@@ -225,9 +225,9 @@ if quality:
     print(line)
     if control_windows and not model.standard and model.cfg.condition != 'clean':
         n_windows = min(control_windows, len(val_tokens) // block_size)
-        windows = torch.from_numpy(np.asarray(val_tokens[:n_windows * block_size], dtype=np.int64))
-        windows = windows.view(n_windows, block_size).to(device)
         if n_windows >= 2:  # one batch, the same noise for both (one seed)
+            windows = torch.from_numpy(np.asarray(val_tokens[:n_windows * block_size], dtype=np.int64))
+            windows = windows.view(n_windows, block_size).to(device)
             own, swapped = (model.nll_bound(windows, generator=torch.Generator(device=device).manual_seed(seed),
                                             swap_concepts=swap) for swap in (False, True))
             own, swapped = own[0] / own[1], swapped[0] / swapped[1]
