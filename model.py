@@ -925,6 +925,9 @@ class ConceptDiffusion(StageModel):
                               "use condition='noisy' or 'prefix'")
         if cfg.local_window < 0:
             raise ConfigError(f"local_window={cfg.local_window} is out of range: 0 (off) or a positive number of positions")
+        if self.standard and cfg.local_window:
+            raise ConfigError(f"local_window={cfg.local_window} widens the concept arm's decoder, which encoder='standard' "
+                              "does not have (its states already read every neighbour); use local_window=0")
         self.decoder = None if self.standard else DiffusionDecoder(cfg)
         self._finish_init()
         for m in self.modules():  # AdaLN-Zero: every modulated layer starts as the identity
