@@ -638,7 +638,8 @@ class StageModel(nn.Module):
         self.cfg = cfg
         self.standard = cfg.encoder == 'standard'
         if self.standard:
-            concept_only = [k for k in ('bixt', 'recursive_iters', 'shared_token_kv', 'concept_losses') if getattr(cfg, k)]
+            concept_only = [k for k in ('bixt', 'recursive_iters', 'shared_token_kv', 'concept_losses', 'local_window')
+                            if getattr(cfg, k)]
             if concept_only:
                 raise ConfigError(f"encoder='standard' has no concepts: {', '.join(concept_only)} apply to the concept "
                                   f"arm only; leave them unset or use encoder='concept'")
@@ -925,9 +926,6 @@ class ConceptDiffusion(StageModel):
                               "use condition='noisy' or 'prefix'")
         if cfg.local_window < 0:
             raise ConfigError(f"local_window={cfg.local_window} is out of range: 0 (off) or a positive number of positions")
-        if self.standard and cfg.local_window:
-            raise ConfigError(f"local_window={cfg.local_window} widens the concept arm's decoder, which encoder='standard' "
-                              "does not have (its states already read every neighbour); use local_window=0")
         self.decoder = None if self.standard else DiffusionDecoder(cfg)
         self._finish_init()
         for m in self.modules():  # AdaLN-Zero: every modulated layer starts as the identity

@@ -101,7 +101,7 @@ def test_standard_denoiser_is_time_conditioned_starts_as_identity_and_samples():
     assert bound > 0 and n == idx.numel()
     with pytest.raises(ConfigError, match='clean'):
         ConceptDiffusion(cfg(condition='clean'))
-    with pytest.raises(ConfigError, match='local_window=2 widens'):
+    with pytest.raises(ConfigError, match='has no concepts: local_window apply to the concept arm only'):
         ConceptDiffusion(cfg(local_window=2))
 
 
