@@ -76,6 +76,7 @@ seeds = '42'                   # comma-separated, e.g. '1,2,3': one fine-tuning 
 epochs = 0                     # 0 = the task's default (5; 3 for qqp, mnli, qnli)
 learning_rate = 1e-4           # the pretrained encoder's (crammedBERT's 4e-5 suits an already good BERT-base)
 head_learning_rate = 1e-3      # the new head's, which starts from nothing; 0 = learning_rate
+head_init = 'random'           # 'random' | 'probe': the output layer starts as the linear probe of the head's features (LP-FT)
 batch_size = 16                # crammedBERT: large fine-tuning batches hurt
 eval_batch_size = 128
 max_len = 128                  # tokens per sequence (a pair packed in one: both sentences), capped at block_size
@@ -90,7 +91,7 @@ dtype = 'bfloat16'             # 'float32' | 'bfloat16' | 'float16' (autocast)
 out = ''                       # results JSON; '' = glue_<head>.json beside the checkpoint
 progress = True                # tqdm bars on stderr and a line per epoch
 # the fine-tuning settings, as a dict for finetune() (tests pass their own)
-HPARAMS = dict(epochs=epochs, learning_rate=learning_rate, head_learning_rate=head_learning_rate,
+HPARAMS = dict(epochs=epochs, learning_rate=learning_rate, head_learning_rate=head_learning_rate, head_init=head_init,
                batch_size=batch_size, eval_batch_size=eval_batch_size, max_len=max_len, warmup_steps=warmup_steps,
                weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout)
 
@@ -758,6 +759,8 @@ def finetune(ckpt, data, head, seed, hp, device='cpu', autocast=nullcontext, pro
 
     model = fresh_model(ckpt, hp['dropout'], random_init)
     clf = Classifier(model, head, n_labels, head == 'pair' and train['x_b'] is not None, hp['dropout']).to(device)
+    if hp['head_init'] == 'probe':
+        init_head_from_probe(clf, train, targets.numpy(), data, hp, device, autocast)
     n_epochs = hp['epochs'] or data['epochs']
     per_epoch = math.ceil(len(train['x']) / hp['batch_size'])
     total = n_epochs * per_epoch
@@ -812,6 +815,36 @@ def finetune(ckpt, data, head, seed, hp, device='cpu', autocast=nullcontext, pro
             print(f"{data['task']} seed {seed} epoch {epoch + 1}/{n_epochs}: train loss {losses[-1]:.4f}, {shown}",
                   flush=True)
     return history, losses
+
+
+@torch.no_grad()
+def head_features(clf, enc, batch_size, device='cpu', autocast=nullcontext):
+    """What clf's output layer reads, in eval mode: (n, H) or (n, 4H) float32, in input order."""
+    was_training = clf.training
+    clf.eval()
+    out = torch.empty(len(enc['x']), clf.out.in_features)
+    for rows in length_batches(lengths_of(enc), batch_size):
+        with autocast():
+            z = clf.features(*batch_inputs(enc, rows, device))
+        out[torch.as_tensor(rows)] = z.float().cpu()
+    clf.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def init_head_from_probe(clf, enc, targets, data, hp, device='cpu', autocast=nullcontext):
+    """LP-FT (Kumar et al. 2022): the output layer starts as the probe's linear model fitted on the
+    head's own features of the training split (λ on the probe's holdout), so that fine-tuning
+    begins from what the encoder already separates instead of sending a random layer's gradients
+    into it. The probe's standardisation is folded into the layer's weight and bias."""
+    Z = head_features(clf, enc, hp['eval_batch_size'], device, autocast)        # (n, F)
+    mean, std = Z.mean(0), Z.std(0)
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    (w, b), _ = fit_probe((Z - mean) / std, targets, data['n_labels'], data['metrics'])
+    w = w.float() if w.dim() == 2 else w.float()[:, None]                      # (F, n_out)
+    w = w / std[:, None]
+    clf.out.weight.copy_(w.T)
+    clf.out.bias.copy_(b.float().reshape(-1) - mean @ w)
 
 
 def features(model, enc, batch_size, device, autocast):
@@ -923,6 +956,7 @@ def evaluate_task(ckpt, tok, data, head='pool', seeds=(42,), hp=None, device='cp
         if head == 'probe':
             entry['probe_lambda'] = [lam for _, _, lam in runs]
         if head not in ('probe', 'cosine'):
+            entry['head_init'] = hp['head_init']
             entry['per_seed'] = {str(s): {'scores': [e[name] for e in h], 'train_loss': loss}
                                  for s, (h, loss, _) in zip(used_seeds, runs)}
         results[name] = entry
@@ -1026,6 +1060,9 @@ def check_settings(seeds, hp, head, task_list, max_train=0, max_eval=0):
         raise ConfigError(f"epochs={hp['epochs']!r} must be > 0, or 0 for the task's default")
     if not hp['head_learning_rate'] >= 0:
         raise ConfigError(f"head_learning_rate={hp['head_learning_rate']!r} must be > 0, or 0 for learning_rate")
+    if hp['head_init'] not in ('random', 'probe'):
+        raise ConfigError(f"head_init={hp['head_init']!r} must be 'random' (a fresh output layer) or 'probe' (the "
+                          f"linear probe of the head's features at the start: LP-FT)")
     check_max_len(hp['max_len'], head in ('pool', 'decoder') and any(HUB[t][3] is not None for t in task_list))
     return [int(p) for p in parts]
 

@@ -591,14 +591,16 @@ class Classifier(nn.Module):
         m = mask[..., None].to(h.dtype)
         return self.ln((h * m).sum(1) / m.sum(1))
 
-    def forward(self, idx, mask, idx_b=None, mask_b=None):
+    def features(self, idx, mask, idx_b=None, mask_b=None):
+        """What the output layer reads: (B, H), or (B, 4H) for a pair."""
         if self.head == 'decoder':
-            z = self.read_decoder(idx, mask)
-        elif self.pair:
-            z = pair_features(self.pool(idx, mask), self.pool(idx_b, mask_b))  # (B, 4H)
-        else:
-            z = self.pool(idx, mask)
-        return self.out(self.drop(z))                                           # (B, n_out)
+            return self.read_decoder(idx, mask)
+        if self.pair:
+            return pair_features(self.pool(idx, mask), self.pool(idx_b, mask_b))
+        return self.pool(idx, mask)
+
+    def forward(self, idx, mask, idx_b=None, mask_b=None):
+        return self.out(self.drop(self.features(idx, mask, idx_b, mask_b)))  # (B, n_out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -625,6 +625,37 @@ def test_head_learning_rate_moves_the_head_while_the_encoder_barely_moves(ckpts)
     assert moved < 1e-5 and res['per_seed']['0']['train_loss'][-1] < res['per_seed']['0']['train_loss'][0]
 
 
+@pytest.mark.parametrize('pair,regression', [(True, False), (False, True)])
+def test_probe_head_init_folds_the_fitted_probe_into_the_output_layer(ckpts, pair, regression):
+    """LP-FT: before any step, the classifier's outputs are the probe's on its standardised features."""
+    ckpt, tok = G.load_pretrained(ckpts['mlm'])
+    data = synthetic_data(pair, regression)
+    enc = G.tokenize(tok, data['train'], False, 64)
+    torch.manual_seed(0)
+    clf = Classifier(G.fresh_model(ckpt, 0.0), 'pair', data['n_labels'], pair, 0.0)
+    y = data['train']['label']
+    y = (y - y.mean()) / y.std() if regression else y
+    G.init_head_from_probe(clf, enc, y, data, G.HPARAMS)
+    Z, = G.standardise(G.head_features(clf, enc, 64, 'cpu'))
+    linear, _ = G.fit_probe(Z, y, data['n_labels'], data['metrics'])
+    out = G.predict(clf, enc, 64, 'cpu')
+    expected = G.linear_outputs(linear, Z).float().reshape(out.shape).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-3)
+    metric = data['metrics'][0]
+    assert G.score(out[:, 0] if regression else out.argmax(-1), data['train']['label'], data['metrics'])[metric] > 90
+
+
+def test_probe_head_init_scores_from_the_first_epoch_where_a_random_head_cannot(ckpts):
+    ckpt, tok = G.load_pretrained(ckpts['mlm'])
+    frozen = {**FAST, 'learning_rate': 1e-12, 'epochs': 1}  # fine-tuning moves nothing: only the init shows
+    scores = {init: G.evaluate_task(ckpt, tok, synthetic_data(), 'pool', seeds=(0,),
+                                    hp={**frozen, 'head_init': init})['synthetic']['accuracy']
+              for init in ('random', 'probe')}
+    assert scores['probe'] > 85 and scores['random'] < 75, scores
+    with pytest.raises(G.ConfigError, match="head_init='lp' must be 'random'"):
+        G.check_settings('1', {**GOOD_HP, 'head_init': 'lp'}, 'pair', ['sst2'])
+
+
 # ----------------------------------------------------------------------------------------------
 # results are written as each task finishes, atomically, and nothing is left behind
 
