@@ -648,10 +648,15 @@ def fit_probe(X, y, n_labels, metrics):
     return fit_linear(X, y, n_labels, best_lam, best_model if n_labels > 1 else None), best_lam
 
 
+def feature_stats(train):
+    """(mean, std) per feature of the training features; a constant feature's std is 1."""
+    mean, std = train.mean(0), train.std(0)
+    return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
+
+
 def standardise(train, *others):
     """z-scores with the training features' statistics (constant features stay 0)."""
-    mean, std = train.mean(0), train.std(0)
-    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    mean, std = feature_stats(train)
     return [(x - mean) / std for x in (train, *others)]
 
 
@@ -838,8 +843,7 @@ def init_head_from_probe(clf, enc, targets, data, hp, device='cpu', autocast=nul
     begins from what the encoder already separates instead of sending a random layer's gradients
     into it. The probe's standardisation is folded into the layer's weight and bias."""
     Z = head_features(clf, enc, hp['eval_batch_size'], device, autocast)        # (n, F)
-    mean, std = Z.mean(0), Z.std(0)
-    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    mean, std = feature_stats(Z)
     (w, b), _ = fit_probe((Z - mean) / std, targets, data['n_labels'], data['metrics'])
     w = w.float() if w.dim() == 2 else w.float()[:, None]                      # (F, n_out)
     w = w / std[:, None]
