@@ -507,30 +507,36 @@ def batch_inputs(enc, rows, device):
 # running a model (model.Classifier, model.pooled) over tokenised examples
 
 @torch.no_grad()
-def embed(model, seqs, pad_id, batch_size=64, device='cpu', autocast=nullcontext):
-    """The mean-pooled states of each sequence (pooled()): (n, H) float32 on the CPU, in input order."""
-    was_training = model.training
-    model.eval()
-    out = torch.empty(len(seqs), model.cfg.n_embd)
-    for rows in length_batches([len(s) for s in seqs], batch_size):
-        idx, mask = collate([seqs[i] for i in rows], pad_id, device)
+def run_batched(module, fn, enc, width, batch_size, device='cpu', autocast=nullcontext):
+    """fn(*batch inputs) for every example of a tokenised split, with module in eval mode (its mode
+    restored after), batched by length so that little compute goes to padding: (n, width) float32 on
+    the CPU, in input order."""
+    was_training = module.training
+    module.eval()
+    out = torch.empty(len(enc['x']), width)
+    for rows in length_batches(lengths_of(enc), batch_size):
         with autocast():
-            z = pooled(model, idx, mask)
+            z = fn(*batch_inputs(enc, rows, device))
         out[torch.as_tensor(rows)] = z.float().cpu()
-    model.train(was_training)
+    module.train(was_training)
     return out
 
 
-@torch.no_grad()
+def embed(model, seqs, pad_id, batch_size=64, device='cpu', autocast=nullcontext):
+    """The mean-pooled states of each sequence (pooled()): (n, H)."""
+    enc = {'x': seqs, 'x_b': None, 'pad': pad_id}
+    return run_batched(model, lambda idx, mask: pooled(model, idx, mask), enc, model.cfg.n_embd, batch_size,
+                       device, autocast)
+
+
 def predict(clf, enc, batch_size, device, autocast=nullcontext):
-    """Outputs (n, n_out) float32 for every example, in input order."""
-    clf.eval()
-    outs = np.empty((len(enc['x']), clf.out.out_features), dtype=np.float32)
-    for rows in length_batches(lengths_of(enc), batch_size):
-        with autocast():
-            o = clf(*batch_inputs(enc, rows, device))
-        outs[rows] = o.float().cpu().numpy()
-    return outs
+    """The classifier's outputs for every example: (n, n_out) float32 numpy, in input order."""
+    return run_batched(clf, clf, enc, clf.out.out_features, batch_size, device, autocast).numpy()
+
+
+def head_features(clf, enc, batch_size, device='cpu', autocast=nullcontext):
+    """What clf's output layer reads: (n, H) or (n, 4H)."""
+    return run_batched(clf, clf.features, enc, clf.out.in_features, batch_size, device, autocast)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -820,20 +826,6 @@ def finetune(ckpt, data, head, seed, hp, device='cpu', autocast=nullcontext, pro
             print(f"{data['task']} seed {seed} epoch {epoch + 1}/{n_epochs}: train loss {losses[-1]:.4f}, {shown}",
                   flush=True)
     return history, losses
-
-
-@torch.no_grad()
-def head_features(clf, enc, batch_size, device='cpu', autocast=nullcontext):
-    """What clf's output layer reads, in eval mode: (n, H) or (n, 4H) float32, in input order."""
-    was_training = clf.training
-    clf.eval()
-    out = torch.empty(len(enc['x']), clf.out.in_features)
-    for rows in length_batches(lengths_of(enc), batch_size):
-        with autocast():
-            z = clf.features(*batch_inputs(enc, rows, device))
-        out[torch.as_tensor(rows)] = z.float().cpu()
-    clf.train(was_training)
-    return out
 
 
 @torch.no_grad()
