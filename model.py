@@ -814,9 +814,9 @@ class StageModel(nn.Module):
                 macs += M * 2 * cfg.local_window * H * H  # the local window's map
         return 2 * (macs + M * H * cfg.vocab_size)
 
-    def estimate_flops(self, n_tokens, n_decoded):
-        """Training FLOPs (forward + backward) for one sequence."""
-        return 3 * (self.encoder_flops(n_tokens) + self.decoder_flops(n_decoded))
+    def estimate_flops(self, n_sequences, n_tokens, n_decoded):
+        """Training FLOPs (forward + backward) of n_sequences of n_tokens, n_decoded positions decoded in all."""
+        return 3 * n_sequences * (self.encoder_flops(n_tokens) + self.decoder_flops(n_decoded / n_sequences))
 
 
 class ConceptMLM(StageModel):

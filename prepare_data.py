@@ -56,7 +56,7 @@ text_column = 'text'             # column holding the text (hub, .jsonl/.json, .
 split = 'train'                  # hub split to read
 tokenizer = 'bpe'                # 'bpe' (trained here on the train split) | a tiktoken encoding, e.g. 'gpt2'
 vocab_size = 8192                # bpe only: total size, including the 5 special tokens
-out_dir = ''                     # '' -> data/<dataset name>, e.g. data/pydocs (for a path: its stem)
+data_dir = ''                    # '' -> data/<dataset name>, e.g. data/pydocs (for a path: its stem)
 val_fraction = 0.01              # share of documents in val (at least 1 in val, at least 1 in train)
 seed = 1337                      # decides which documents go to val
 max_docs = 0                     # 0 = all; else only the first max_docs documents (quick runs)
@@ -914,7 +914,7 @@ def _make_tokenizer(tokenizer, base_enc, vocab_size, name, tmp, bpe_max_chars):
     return Tokenizer(enc, recipe)
 
 
-def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe', vocab_size=8192, out_dir='',
+def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe', vocab_size=8192, data_dir='',
             val_fraction=0.01, seed=1337, max_docs=0, num_threads=2, bpe_max_chars=1_000_000_000,
             hub_streaming=True):
     """Write the data directory for a corpus (see the module docstring); returns its path.
@@ -933,7 +933,7 @@ def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe'
                         f"{256 + n_special} (256 bytes + {n_special} special tokens)")
     base_enc = None if tokenizer == 'bpe' else _named_encoding(tokenizer)  # fail fast, before reading
     kind, name, source_docs = open_corpus(dataset, text_column, split, hub_streaming, num_threads)
-    out_dir = out_dir or _default_out_dir(name)
+    out_dir = data_dir or _default_out_dir(name)
     tmp, lock = _make_work_dir(out_dir)
     try:
         # 1. read the corpus once, splitting it into train/val spools

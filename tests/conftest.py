@@ -21,7 +21,7 @@ def data_dir(tmp_path_factory):
     """~280k tokens of Python docstrings with a 1024-token BPE."""
     import prepare_data
     out = str(tmp_path_factory.mktemp('data') / 'pydocs_small')
-    prepare_data.prepare(dataset='pydocs', max_docs=3000, vocab_size=1024, out_dir=out, val_fraction=0.05)
+    prepare_data.prepare(dataset='pydocs', max_docs=3000, vocab_size=1024, data_dir=out, val_fraction=0.05)
     return out
 
 
