@@ -605,7 +605,7 @@ def remove_stale_temporaries(folder, stem=None):
         print0(f"removed {removed} temporary file(s) that an interrupted run left in {folder}")
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, then='free space there or choose another place'):
     """write(tmp) builds the file or folder at tmp beside path, which then replaces path in one
     rename: a crash never leaves a torn result, and a failed write (full disk, read-only folder)
     removes its temporary, leaves path as it was and ends in one line."""
@@ -632,8 +632,7 @@ def atomic_write(path, write):
                 os.remove(leftover)
         if isinstance(e, (OSError, RuntimeError)):
             state = 'is unchanged' if os.path.exists(path) else 'was not written'
-            raise InputError(f"could not write {path}: {cause(e)}; {path} {state}: free space there or choose "
-                             f"another place") from None
+            raise InputError(f"could not write {path}: {cause(e)}; {path} {state}: {then}") from None
         raise
     shutil.rmtree(tmp + '.old', ignore_errors=True)
 
@@ -690,12 +689,9 @@ def is_hub_id(path):
 def save_checkpoint(ckpt, checkpoint):
     """torch.save through atomic_write: a crash mid-write never leaves a torn ckpt.pt."""
     os.makedirs(os.path.dirname(os.path.abspath(ckpt)), exist_ok=True)
-    try:
-        atomic_write(ckpt, lambda tmp: torch.save(checkpoint, tmp))
-    except InputError as e:
-        then = ("continue with --init_from=resume once there is room" if os.path.exists(ckpt)
-                else "free space (or choose another --out_dir) and run again")
-        raise InputError(f"{str(e.code).removeprefix('error: ')}; {then}") from None
+    atomic_write(ckpt, lambda tmp: torch.save(checkpoint, tmp),
+                 "free space (or raise the limit), then continue with --init_from=resume" if os.path.exists(ckpt)
+                 else "free space (or raise the limit, or choose another --out_dir) and run again")
 
 
 def describe(obj):
@@ -1042,11 +1038,14 @@ def check_validation(value, iter_num, model, ckpt, saved_iter, dtype):
 # ----------------------------------------------------------------------------------------------
 # throughput: one peak-FLOPs function for the training log and bench.py
 
-GPU_PEAK_FLOPS = {  # dense bf16/fp16 and tf32 FLOP/s, by the name torch reports (vendor prefix removed)
+GPU_PEAK_FLOPS = {  # dense bf16/fp16 and tf32 FLOP/s, by the exact name torch reports (vendor prefix removed)
     'H200': (989e12, 494e12), 'H100 80GB HBM3': (989e12, 494e12), 'H100 SXM': (989e12, 494e12),
-    'H100 PCIe': (756e12, 378e12), 'A100-SXM4-40GB': (312e12, 156e12), 'A100-SXM4-80GB': (312e12, 156e12),
-    'A100 80GB PCIe': (312e12, 156e12), 'A10G': (125e12, 62.5e12), 'L4': (121e12, 60e12),
-    'L40S': (362e12, 183e12), 'GeForce RTX 4090': (165e12, 82.6e12), 'Tesla T4': (65e12, 8.1e12)}
+    'H100 NVL': (835e12, 418e12), 'H100 PCIe': (756e12, 378e12), 'H200 NVL': (835e12, 418e12),
+    'A100-SXM4-40GB': (312e12, 156e12), 'A100-SXM4-80GB': (312e12, 156e12), 'A100-PCIE-40GB': (312e12, 156e12),
+    'A100 80GB PCIe': (312e12, 156e12), 'A10G': (125e12, 62.5e12), 'A10': (125e12, 62.5e12),
+    'L40S': (362e12, 183e12), 'L40': (181e12, 90.5e12), 'L4': (121e12, 60e12), 'GeForce RTX 4090': (165e12, 82.6e12),
+    'GeForce RTX 3090': (71e12, 35.6e12), 'Tesla V100-SXM2-16GB': (125e12, 15.7e12),
+    'Tesla V100-SXM2-32GB': (125e12, 15.7e12), 'Tesla T4': (65e12, 8.1e12)}
 _cpu_peak = {}
 
 

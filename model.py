@@ -16,10 +16,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 IGNORE_INDEX = -100  # label value of positions that carry no loss (as in PyTorch's cross_entropy)
 
 
-class ConfigError(ValueError):
-    """A model setting that cannot work; the message says which values are allowed."""
-
-
 @dataclass
 class ConceptConfig:
     encoder: str = 'concept'    # 'concept' (tokens -> C concepts) | 'standard' (the O(N²) peer, StandardEncoder)
@@ -359,16 +355,10 @@ def gather_states(states, pos):
     return torch.gather(states, 1, pos[..., None].expand(-1, -1, states.shape[-1]))
 
 
-def gather_positions(select):
-    """select (B, N) bool -> pos, valid (B, Mmax): each row's selected positions first, padded with
-    unselected ones (valid False); exact, since decoded positions never attend to each other."""
-    pos, valid, _ = gather_and_pack(select)
-    return pos, valid
-
-
 def gather_and_pack(select):
-    """gather_positions and the Packing of its valid slots -> (pos, valid, packing), with one host
-    synchronisation for the two data-dependent shapes (largest and total count)."""
+    """select (B, N) bool -> pos, valid (B, Mmax): each row's selected positions first, padded with
+    unselected ones (valid False; exact, since decoded positions never attend to each other), and
+    the Packing of the valid slots; one host sync for the two data-dependent sizes (max and total)."""
     counts = select.sum(1)                                       # (B,)
     if select.numel() == 0:
         m_max = m_total = 0
@@ -380,7 +370,7 @@ def gather_and_pack(select):
 
 
 class Packing(NamedTuple):
-    """The valid slots of gather_positions' (B, T) layout as the rows of a packed (M', ...) tensor:
+    """The valid slots of gather_and_pack's (B, T) layout as the rows of a packed (M', ...) tensor:
     pack(x) == x[valid]. An index built once per batch, not the boolean mask (whose backward has a
     data-dependent shape), keeps the compiled decoder one graph."""
     valid: torch.Tensor  # (B, T) bool
@@ -629,13 +619,13 @@ class StageModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         if cfg.encoder not in ENCODERS:
-            raise ConfigError(f"unknown encoder '{cfg.encoder}'; choose one of {', '.join(ENCODERS)}")
+            raise ValueError(f"unknown encoder '{cfg.encoder}'; choose one of {', '.join(ENCODERS)}")
         if cfg.decoder not in DECODERS:
-            raise ConfigError(f"unknown decoder '{cfg.decoder}'; choose one of {', '.join(DECODERS)}")
+            raise ValueError(f"unknown decoder '{cfg.decoder}'; choose one of {', '.join(DECODERS)}")
         if cfg.n_embd % cfg.n_head:
-            raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+            raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
         if cfg.shared_token_kv and cfg.bixt:
-            raise ConfigError("shared_token_kv=True needs static tokens, but bixt=True updates them; "
+            raise ValueError("shared_token_kv=True needs static tokens, but bixt=True updates them; "
                               "set one of them False")
         self.cfg = cfg
         self.standard = cfg.encoder == 'standard'
@@ -643,13 +633,13 @@ class StageModel(nn.Module):
             concept_only = [k for k in ('bixt', 'recursive_iters', 'shared_token_kv', 'concept_losses', 'local_window')
                             if getattr(cfg, k)]
             if concept_only:
-                raise ConfigError(f"encoder='standard' has no concepts: {', '.join(concept_only)} apply to the concept "
+                raise ValueError(f"encoder='standard' has no concepts: {', '.join(concept_only)} apply to the concept "
                                   f"arm only; leave them unset or use encoder='concept'")
             if cfg.decoder == 'weighted':
-                raise ConfigError("decoder='weighted' mixes concepts, which encoder='standard' does not have; "
+                raise ValueError("decoder='weighted' mixes concepts, which encoder='standard' does not have; "
                                   "its lm_head reads the token states (decoder='perceiver' for MLM, 'posonly' for TSDAE)")
             if cfg.mask_id < 0:
-                raise ConfigError("encoder='standard' needs mask_id (from the data directory's meta.json)")
+                raise ValueError("encoder='standard' needs mask_id (from the data directory's meta.json)")
             self.encoder = StandardEncoder(cfg, time_cond=cfg.decoder == 'diffusion' and cfg.time_cond)
         else:
             self.encoder = ConceptEncoder(cfg)
@@ -664,10 +654,6 @@ class StageModel(nn.Module):
         for special in self.cfg.special_ids:  # against Python ints: no host-to-device copy (a CUDA sync)
             ok &= idx != special
         return ok if attn_mask is None else ok & attn_mask
-
-    def concept_stats(self, memory):
-        """{'concepts': memory} for the diagnostics; {} for the standard arm, which has no concepts."""
-        return {} if self.standard else {'concepts': memory}
 
     @staticmethod
     def read_states(states, pos, packing=None):
@@ -732,9 +718,6 @@ class StageModel(nn.Module):
         if non_embedding:
             n -= sum(m.weight.numel() for name, m in self.named_modules() if name.split('.')[-1] == 'wpe')
         return n
-
-    def lm_logits(self, h):
-        return self.lm_head(h)
 
     def logits_and_ce(self, h, labels, label_smoothing=0.0):
         """lm_cross_entropy through this model's head (a method, so that it can be compiled)."""
@@ -826,7 +809,7 @@ class ConceptMLM(StageModel):
     def __init__(self, cfg):
         super().__init__(cfg)
         if cfg.decoder == 'diffusion':
-            raise ConfigError("decoder='diffusion' belongs to ConceptDiffusion (train_diffusion.py)")
+            raise ValueError("decoder='diffusion' belongs to ConceptDiffusion (train_diffusion.py)")
         self.decoder = None if self.standard else MLMDecoder(cfg)
         self._finish_init()
 
@@ -878,15 +861,15 @@ class ConceptMLM(StageModel):
         if targets is None:
             B, N = idx.shape
             pos = torch.arange(N, device=idx.device).expand(B, N)
-            return self.lm_logits(self.decode(concepts, idx, pos)), None, {}
+            return self.lm_head(self.decode(concepts, idx, pos)), None, {}
         pos, valid, packing = gather_and_pack(targets != IGNORE_INDEX)
         if pos.shape[1] == 0:  # nothing to predict: a zero that still has a graph
-            return None, self.lm_head.weight.sum() * 0.0, {'n_pred': 0, 'n_correct': 0, **self.concept_stats(concepts)}
+            return None, self.lm_head.weight.sum() * 0.0, {'n_pred': 0, 'n_correct': 0, **({} if self.standard else {'concepts': concepts})}
         h = self.decode(concepts, idx, pos, packing)           # (M, H)
         labels = packing.pack(torch.gather(targets, 1, pos))  # (M,)
         logits, ce = self.logits_and_ce(h, labels)            # (M, V): never (B, N, V); (M,)
         loss = ce.mean()
-        stats = {'n_pred': labels.numel(), **self.concept_stats(concepts)}
+        stats = {'n_pred': labels.numel(), **({} if self.standard else {'concepts': concepts})}
         if not self.training:  # accuracy, for evaluation
             with torch.no_grad():
                 stats['n_correct'] = (logits.argmax(-1) == labels).sum()
@@ -920,14 +903,14 @@ class ConceptDiffusion(StageModel):
         cfg.decoder = 'diffusion'
         super().__init__(cfg)
         if cfg.condition not in CONDITIONS:
-            raise ConfigError(f"unknown condition '{cfg.condition}'; choose one of {', '.join(CONDITIONS)}")
+            raise ValueError(f"unknown condition '{cfg.condition}'; choose one of {', '.join(CONDITIONS)}")
         if cfg.mask_id < 0:
-            raise ConfigError("ConceptDiffusion needs mask_id (from the data directory's meta.json)")
+            raise ValueError("ConceptDiffusion needs mask_id (from the data directory's meta.json)")
         if self.standard and cfg.condition == 'clean':
-            raise ConfigError("condition='clean' shows the clean text to the denoiser itself with encoder='standard'; "
+            raise ValueError("condition='clean' shows the clean text to the denoiser itself with encoder='standard'; "
                               "use condition='noisy' or 'prefix'")
         if cfg.local_window < 0:
-            raise ConfigError(f"local_window={cfg.local_window} is out of range: 0 (off) or a positive number of positions")
+            raise ValueError(f"local_window={cfg.local_window} is out of range: 0 (off) or a positive number of positions")
         self.decoder = None if self.standard else DiffusionDecoder(cfg)
         self._finish_init()
         for m in self.modules():  # AdaLN-Zero: every modulated layer starts as the identity
@@ -1009,7 +992,7 @@ class ConceptDiffusion(StageModel):
             loss = (ce / t[row]).sum() / maskable.sum().clamp(min=1)
         else:
             loss = ce.mean()
-        stats = {'n_pred': labels.numel(), **self.concept_stats(concepts)}
+        stats = {'n_pred': labels.numel(), **({} if self.standard else {'concepts': concepts})}
         if not self.training:  # evaluation metrics: the plain cross-entropy and the accuracy
             with torch.no_grad():
                 stats['ce'] = F.cross_entropy(logits.float(), labels)
@@ -1033,7 +1016,7 @@ class ConceptDiffusion(StageModel):
             if swap_concepts:
                 concepts = concepts.roll(1, dims=0)
             pos, valid, packing = gather_and_pack(masked)
-            logits = self.lm_logits(self.denoise(concepts, noisy, pos, t, packing))
+            logits = self.lm_head(self.denoise(concepts, noisy, pos, t, packing))
             nll = F.cross_entropy(logits.float(), packing.pack(torch.gather(idx, 1, pos)), reduction='sum')
             total += nll.to(wide) / t[0].to(wide) / n_grid
             n_scored += maskable.sum().item() / n_grid
@@ -1072,8 +1055,8 @@ class ConceptDiffusion(StageModel):
                     break
                 t = masked.sum(1) / n_real  # the model's noise level: the masked fraction
                 concepts = self.encode(x, x, t, attn_mask)
-                pos, valid = gather_positions(masked & attn_mask)
-                logits = self.lm_logits(self.denoise(concepts, x, pos, t)).to(wide)  # (B, M, V)
+                pos, valid, packing = gather_and_pack(masked & attn_mask)
+                logits = self.lm_head(self.denoise(concepts, x, pos, t)).to(wide)  # (B, M, V)
                 logits[..., self.cfg.special_ids] = -float('inf')  # never predict [MASK], pad, ...
                 if top_k > 0:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -1089,7 +1072,7 @@ class ConceptDiffusion(StageModel):
                 # scatter back to (B, N); positions not eligible this step get -inf confidence
                 conf_full = torch.full((B, N), -float('inf'), dtype=wide, device=x.device)
                 pred_full = x.clone()
-                rows = Packing.of(valid).rows()
+                rows = packing.rows()
                 conf_full[rows, pos[valid]] = confidence[valid]
                 pred_full[rows, pos[valid]] = choice[valid]
                 conf_full[~eligible] = -float('inf')
@@ -1107,9 +1090,9 @@ class ConceptDiffusion(StageModel):
 
 
 # ----------------------------------------------------------------------------------------------
-# concept geometry: regularisers against concept collapse, their weighting, and diagnostics.
-# Each regulariser maps concepts (B, C, H) to a float32 scalar, computed within each sample across
-# its C concepts (pooled statistics cannot see concepts identical within a sample).
+# concept geometry: regularisers against concept collapse, their weighting, and diagnostics. Each
+# regulariser maps concepts (B, C, H) to a float32 scalar computed within each sample across its C
+# concepts: statistics pooled over the batch cannot see concepts that are identical within a sample.
 
 SOFT_ORTHOGONALITY_THRESHOLD = 0.1  # |cos| tolerated by soft_orthogonality_loss
 UNIFORMITY_TEMPERATURE = 2.0        # T of uniformity_loss's Gaussian potential
@@ -1117,188 +1100,134 @@ S_BOUND = 5.0                       # kendall_gal: each log-variance s lies in (
 MAX_REG_RATIO = 1.0                 # kendall_gal: no regulariser weighs more than this times the task
 
 
-def _no_autocast(x):
-    """A context in which matmuls on x's device run in the dtype of their inputs."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
-def _concept_cosines(concepts):
-    """Cosine similarity between the concepts of each sample: (B, C, H) -> (B, C, C), float32."""
-    with _no_autocast(concepts):
+def concept_cosines(concepts):
+    """(B, C, H) -> (B, C, C) cosine similarities within each sample, float32 (autocast off)."""
+    with torch.autocast(concepts.device.type, enabled=False):
         u = F.normalize(concepts.float(), dim=-1)
         return u @ u.transpose(1, 2)
 
 
-def _mean_off_diagonal(m):
+def mean_off_diagonal(m):
     """Mean of the off-diagonal entries of (B, C, C) over the pairs and the batch."""
     B, C, _ = m.shape
-    off = 1.0 - torch.eye(C, device=m.device, dtype=m.dtype)
-    return (m * off).sum() / (B * max(C * (C - 1), 1))
+    return (m * (1.0 - torch.eye(C, device=m.device, dtype=m.dtype))).sum() / (B * max(C * (C - 1), 1))
 
 
-def _vicreg_rows(concepts, pooled):
-    """(B, C, H) -> (G, n, H), the sets VICReg's statistics are taken over: B sets of C concepts, or
+def vicreg_rows(concepts, pooled):
+    """The sets VICReg's statistics are taken over: B sets of C concepts (G, n, H) = (B, C, H), or
     pooled, one set of B·C (which diverse samples satisfy even with identical concepts in each)."""
     x = concepts.float()
     return x.reshape(1, -1, x.shape[-1]) if pooled else x
 
 
-def _off_diagonal_cov_sq(x):
-    """(G, n, H) -> (G,): Σ_{d≠e} Cov_de² of the n rows; for n < H via ‖XcᵀXc‖_F = ‖XcXcᵀ‖_F,
-    in (n, n) memory instead of (H, H)."""
-    G, n, H = x.shape
-    xc = x - x.mean(dim=1, keepdim=True)
-    with _no_autocast(x):
-        if n < H:
-            fro2 = (xc @ xc.transpose(1, 2)).pow(2).sum((1, 2))          # (G,) = ‖XcᵀXc‖_F²
-            diag2 = xc.pow(2).sum(1).pow(2).sum(1)                        # (G,) = Σ_d (XcᵀXc)_dd²
-            off2 = (fro2 - diag2).clamp_min(0.0)
-        else:
-            cov = xc.transpose(1, 2) @ xc                                 # (G, H, H), unnormalised
-            off2 = (cov.pow(2) * (1.0 - torch.eye(H, device=x.device))).sum((1, 2))
-    return off2 / max(n - 1, 1) ** 2
-
-
-def orthogonality_loss(concepts):
-    """Mean squared cosine between distinct concepts of a sample: 0 iff pairwise orthogonal (C <= H)."""
-    return _mean_off_diagonal(_concept_cosines(concepts).pow(2))
-
-
-def soft_orthogonality_loss(concepts):
-    """Orthogonality that tolerates |cos| <= SOFT_ORTHOGONALITY_THRESHOLD, leaving room for C > H."""
-    return _mean_off_diagonal(F.relu(_concept_cosines(concepts).abs() - SOFT_ORTHOGONALITY_THRESHOLD).pow(2))
-
-
-def uniformity_loss(concepts):
-    """Mean Gaussian potential exp(-T·‖û_i − û_j‖²) between distinct unit concepts (Wang & Isola 2020,
-    without the log): 1 when they coincide, minimised by spreading them on the sphere."""
-    return _mean_off_diagonal(torch.exp(-UNIFORMITY_TEMPERATURE * (2.0 - 2.0 * _concept_cosines(concepts))))
-
-
 def variance_loss(concepts, pooled=False):
-    """VICReg variance hinge (Bardes et al. 2022): mean_d relu(1 − sqrt(Var_d + 1e-4)), the variance
-    over each sample's C concepts (pooled=True: over all B·C)."""
-    x = _vicreg_rows(concepts, pooled)                                       # (G, n, H)
-    std = torch.sqrt(x.var(dim=1, correction=min(1, x.shape[1] - 1)) + 1e-4)  # (G, H)
-    return F.relu(1.0 - std).mean()
+    """VICReg variance hinge (Bardes et al. 2022): mean_d relu(1 − sqrt(Var_d + 1e-4))."""
+    x = vicreg_rows(concepts, pooled)                                          # (G, n, H)
+    return F.relu(1.0 - torch.sqrt(x.var(dim=1, correction=min(1, x.shape[1] - 1)) + 1e-4)).mean()
 
 
 def covariance_loss(concepts, pooled=False):
-    """VICReg covariance term Σ_{d≠e} Cov_de² / H. Within a sample Cov has rank <= C−1, so for C <= H
-    it cannot vanish at unit variance: it trades off against variance_loss."""
-    x = _vicreg_rows(concepts, pooled)
-    return (_off_diagonal_cov_sq(x) / x.shape[-1]).mean()
-
-
-def vicreg_loss(concepts, pooled=False):
-    """VICReg variance + covariance with unit weights."""
-    return variance_loss(concepts, pooled) + covariance_loss(concepts, pooled)
-
-
-def combined_loss(concepts, pooled=False):
-    """Variance + uniformity with unit weights."""
-    return variance_loss(concepts, pooled) + uniformity_loss(concepts)
+    """VICReg covariance Σ_{d≠e} Cov_de² / H. Within a sample Cov has rank <= C−1, so for C <= H it
+    cannot vanish at unit variance: it trades off against variance_loss. For n < H through
+    ‖XcᵀXc‖_F = ‖XcXcᵀ‖_F, in (n, n) memory instead of (H, H)."""
+    x = vicreg_rows(concepts, pooled)
+    G, n, H = x.shape
+    xc = x - x.mean(dim=1, keepdim=True)
+    with torch.autocast(x.device.type, enabled=False):
+        if n < H:
+            off2 = ((xc @ xc.transpose(1, 2)).pow(2).sum((1, 2)) - xc.pow(2).sum(1).pow(2).sum(1)).clamp_min(0.0)
+        else:
+            off2 = ((xc.transpose(1, 2) @ xc).pow(2) * (1.0 - torch.eye(H, device=x.device))).sum((1, 2))
+    return (off2 / max(n - 1, 1) ** 2 / H).mean()
 
 
 def t_regs_mst_loss(concepts):
-    """Minus the mean chordal distance from each unit concept to its nearest neighbour in the sample,
-    a cheap proxy for the minimum spanning tree's length; 0 when the concepts coincide."""
-    S = _concept_cosines(concepts)                                  # (B, C, C)
+    """Minus the mean chordal distance from each unit concept to its nearest neighbour in the sample
+    (a cheap proxy for the minimum spanning tree's length); 0 when the concepts coincide."""
+    S = concept_cosines(concepts)                                   # (B, C, C)
     C = S.shape[-1]
     if C < 2:
         return S.sum() * 0.0
     d = torch.sqrt((2.0 - 2.0 * S).clamp_min(1e-8))                 # (B, C, C) ‖û_i − û_j‖
-    eye = torch.eye(C, dtype=torch.bool, device=S.device)
-    nearest = d.masked_fill(eye, float('inf')).min(dim=-1).values   # (B, C)
-    return -nearest.mean()
+    return -d.masked_fill(torch.eye(C, dtype=torch.bool, device=S.device), float('inf')).min(dim=-1).values.mean()
 
 
-# name (as written in the concept_losses setting) -> loss function(concepts) -> scalar
+# name (as written in the concept_losses setting) -> loss(concepts[, pooled]) -> scalar
 CONCEPT_LOSSES = {
-    'orthogonality': orthogonality_loss,
-    'soft_orthogonality': soft_orthogonality_loss,
-    'uniformity': uniformity_loss,
+    'orthogonality': lambda c: mean_off_diagonal(concept_cosines(c).pow(2)),  # 0 iff pairwise orthogonal
+    'soft_orthogonality': lambda c: mean_off_diagonal(  # tolerates |cos| <= the threshold, room for C > H
+        F.relu(concept_cosines(c).abs() - SOFT_ORTHOGONALITY_THRESHOLD).pow(2)),
+    # mean Gaussian potential between unit concepts (Wang & Isola 2020, without the log): 1 when they coincide
+    'uniformity': lambda c: mean_off_diagonal(torch.exp(-UNIFORMITY_TEMPERATURE * (2.0 - 2.0 * concept_cosines(c)))),
     'variance': variance_loss,
     'covariance': covariance_loss,
-    'vicreg': vicreg_loss,
-    'combined': combined_loss,
+    'vicreg': lambda c, pooled=False: variance_loss(c, pooled) + covariance_loss(c, pooled),
+    'combined': lambda c, pooled=False: variance_loss(c, pooled) + CONCEPT_LOSSES['uniformity'](c),
     't_regs_mst': t_regs_mst_loss,
 }
+POOLABLE = ('variance', 'covariance', 'vicreg', 'combined')
 
 
 def parse_concept_losses(spec):
-    """'vicreg,t_regs_mst' -> ['vicreg', 't_regs_mst']; '' or 'none' -> []; ConfigError otherwise."""
-    spec = spec.strip()
-    if spec.lower() in ('', 'none'):
+    """'vicreg,t_regs_mst' -> ['vicreg', 't_regs_mst']; '' or 'none' -> []; ValueError otherwise."""
+    if spec.strip().lower() in ('', 'none'):
         return []
     names = [s.strip() for s in spec.split(',') if s.strip()]
     valid = ', '.join(CONCEPT_LOSSES)
     for name in names:
         if name not in CONCEPT_LOSSES:
-            raise ConfigError(f"unknown concept loss '{name}' in concept_losses='{spec}'; "
-                             f"choose a comma-separated subset of: {valid} (or 'none')")
+            raise ValueError(f"unknown concept loss '{name}' in concept_losses='{spec}'; choose a comma-separated "
+                             f"subset of: {valid} (or 'none')")
     if len(set(names)) != len(names):
-        raise ConfigError(f"concept_losses='{spec}' lists a loss twice; valid names: {valid}")
+        raise ValueError(f"concept_losses='{spec}' lists a loss twice; valid names: {valid}")
     return names
 
 
 def concept_reg_losses(concepts, names, pooled=False):
     """{name: scalar loss} of the named regularisers on concepts (B, C, H); pooled reaches VICReg's."""
-    takes_pooled = ('variance', 'covariance', 'vicreg', 'combined')
-    return {name: CONCEPT_LOSSES[name](concepts, **({'pooled': pooled} if name in takes_pooled else {}))
-            for name in names}
+    return {n: CONCEPT_LOSSES[n](concepts, pooled) if n in POOLABLE else CONCEPT_LOSSES[n](concepts) for n in names}
 
 
 class ConceptLossWeighting(nn.Module):
-    """forward(task_loss, reg_losses, step) -> (total, info): 'warm', 'w_task', and per regulariser
-    its value and weight 'w_<name>'. warm = min(1, step / warmup_iters) phases the regularisers in.
-    fixed: task + Σ_k (weight / K)·warm·L_k. learnable: softmax weights over [task, regs] (it can
-    shrink the task's weight). kendall_gal (Kendall et al. 2018): Σ_i 0.5·e^−s_i·L_i + 0.5·s_i,
-    with s = S_BOUND·tanh(raw / S_BOUND) and each regulariser's weight capped at MAX_REG_RATIO
-    times the task's (s_task detached), so a near-zero regulariser can neither outweigh the task
-    nor drive the total below −(K+1)·S_BOUND/2. Parameters are 1-D float32: never weight-decayed."""
+    """forward(task_loss, reg_losses, step) -> (total, info: 'warm', 'w_task', each regulariser's value
+    and weight 'w_<name>'). warm = min(1, step / warmup_iters) phases the regularisers in. fixed:
+    task + Σ_k (weight / K)·warm·L_k. learnable: softmax weights over [task, regs] (it can shrink the
+    task's weight). kendall_gal (Kendall et al. 2018): Σ_i 0.5·e^−s_i·L_i + 0.5·s_i, s boxed by
+    S_BOUND·tanh and each regulariser's weight capped at MAX_REG_RATIO times the task's, so a near-zero
+    regulariser can neither outweigh the task nor drive the total to −∞. 1-D float32 parameters:
+    never weight-decayed."""
 
     STRATEGIES = ('fixed', 'learnable', 'kendall_gal')
 
     def __init__(self, names, strategy='fixed', weight=0.02, warmup_iters=0):
         super().__init__()
         if strategy not in self.STRATEGIES:
-            raise ConfigError(f"unknown concept loss weighting '{strategy}'; "
-                             f"choose one of {', '.join(self.STRATEGIES)}")
-        self.names = list(names)
-        self.strategy = strategy
-        self.weight = weight
-        self.warmup_iters = warmup_iters
-        n = 1 + len(self.names)  # index 0 is the task
+            raise ValueError(f"unknown concept loss weighting '{strategy}'; choose one of {', '.join(self.STRATEGIES)}")
+        self.names, self.strategy, self.weight, self.warmup_iters = list(names), strategy, weight, warmup_iters
         if strategy == 'learnable' and self.names:
-            self.logits = nn.Parameter(torch.zeros(n, dtype=torch.float32))
+            self.logits = nn.Parameter(torch.zeros(1 + len(self.names), dtype=torch.float32))  # index 0: the task
         elif strategy == 'kendall_gal' and self.names:
-            self.log_var = nn.Parameter(torch.zeros(n, dtype=torch.float32))  # raw, before the box
+            self.log_var = nn.Parameter(torch.zeros(1 + len(self.names), dtype=torch.float32))  # raw, before the box
 
     def warm(self, step):
-        """Warmup factor of the regularisers at this step, in [0, 1]."""
         return 1.0 if self.warmup_iters <= 0 else min(1.0, max(step, 0) / self.warmup_iters)
 
     def log_variances(self):
         """Kendall–Gal s = (s_task, s_reg...) after the box and the ratio cap: (1 + K,) float32."""
         s = S_BOUND * torch.tanh(self.log_var.float() / S_BOUND)
-        cap = s[:1].detach() - math.log(MAX_REG_RATIO)
-        return torch.cat([s[:1], torch.maximum(s[1:], cap)])
+        return torch.cat([s[:1], torch.maximum(s[1:], s[:1].detach() - math.log(MAX_REG_RATIO))])
 
     def forward(self, task_loss, reg_losses, step, as_floats=True):
         """as_floats=False leaves info's values as 0-d device tensors: no host sync in the step."""
-        warm = self.warm(step)
+        warm, K = self.warm(step), len(self.names)
         losses = torch.stack([task_loss.float()] + [reg_losses[n].float() for n in self.names])  # (1+K,)
-        K = len(self.names)
-        # filled on the device: a tensor from a Python list would be a host-to-device copy (a CUDA sync)
-        one = torch.ones(1, device=losses.device)
-        gate = torch.cat([one, torch.full((K,), float(warm), device=losses.device)])  # (1+K,) warm on the regs
+        one = torch.ones(1, device=losses.device)  # on the device: a tensor from a list is a host-to-device copy
+        gate = torch.cat([one, torch.full((K,), float(warm), device=losses.device)])  # warm on the regularisers
         if self.strategy == 'fixed' or K == 0:
             w = gate * torch.cat([one, torch.full((K,), self.weight / max(K, 1), device=losses.device)])
             total = (w * losses).sum()
         elif self.strategy == 'learnable':
-            logits = self.logits.float() + torch.log(gate)  # log 0 = -inf: weight 0, no gradient
-            w = torch.softmax(logits, dim=0)
+            w = torch.softmax(self.logits.float() + torch.log(gate), dim=0)  # log 0 = -inf: weight 0, no gradient
             total = (w * losses).sum()
         else:
             s = self.log_variances()
@@ -1308,20 +1237,19 @@ class ConceptLossWeighting(nn.Module):
         values = values.tolist() if as_floats else values.unbind()  # tolist: one device sync
         info = {'warm': warm, 'w_task': values[0]}
         for k, name in enumerate(self.names):
-            info[f'w_{name}'] = values[1 + k]
-            info[name] = values[2 + K + k]
+            info[f'w_{name}'], info[name] = values[1 + k], values[2 + K + k]
         return total, info
 
 
 @torch.no_grad()
 def concept_diagnostics(concepts):
-    """Collapse diagnostics of concepts (B, C, H) as floats, each averaged over the batch: erank,
-    the entropy effective rank exp(−Σ p log p), p = σ/Σσ, of each sample's C×H matrix (Roy &
-    Vetterli 2007); erank_batchmean, Σσ/σ_max of the batch-mean matrix; concept_cos_mean and
-    concept_cos_max over a sample's distinct pairs; participation_ratio (Σσ²)²/Σσ⁴. The ranks and the ratio
-    are 1 for parallel concepts, C for orthogonal ones of equal norm; non-finite concepts give nan."""
+    """Collapse diagnostics of concepts (B, C, H), floats averaged over the batch: erank, the entropy
+    effective rank exp(−Σ p log p), p = σ/Σσ, of each sample's C×H matrix (Roy & Vetterli 2007);
+    erank_batchmean, Σσ/σ_max of the batch-mean matrix; concept_cos_mean/max over a sample's distinct
+    pairs; participation_ratio (Σσ²)²/Σσ⁴. 1 for parallel concepts, C for orthogonal ones of equal
+    norm; nan for non-finite concepts."""
     keys = ('erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio')
-    with _no_autocast(concepts):
+    with torch.autocast(concepts.device.type, enabled=False):
         c = concepts.detach().float()
         B, C, H = c.shape
         if not bool(torch.isfinite(c).all()):
@@ -1330,19 +1258,11 @@ def concept_diagnostics(concepts):
         p = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
         erank = torch.exp(-(torch.special.xlogy(p, p)).sum(-1))         # (B,)
         sv_mean = torch.linalg.svdvals(c.mean(0))                      # (min(C, H),)
-        erank_batchmean = sv_mean.sum() / sv_mean.max().clamp_min(1e-30)
         lam = sv.pow(2)                                                 # ∝ eigenvalues of cᵀc/C
         pr = lam.sum(-1).pow(2) / lam.pow(2).sum(-1).clamp_min(1e-30)  # (B,)
-        S = _concept_cosines(c)                                         # (B, C, C)
+        S = concept_cosines(c)                                          # (B, C, C)
         eye = torch.eye(C, dtype=torch.bool, device=c.device)
         cos_max = S.masked_fill(eye, float('-inf')).amax(dim=(1, 2)) if C > 1 else S.new_zeros(B)
-        values = torch.stack([erank.mean(), erank_batchmean, _mean_off_diagonal(S),
+        values = torch.stack([erank.mean(), sv_mean.sum() / sv_mean.max().clamp_min(1e-30), mean_off_diagonal(S),
                               cos_max.mean(), pr.mean()]).tolist()
     return dict(zip(keys, values))
-
-
-def average_diagnostics(dicts):
-    """Key-wise mean of a list of concept_diagnostics dicts (e.g. over validation batches)."""
-    if not dicts:
-        return {}
-    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}

@@ -189,7 +189,7 @@ while True:
         improved = metrics['val_loss'] < best_val_loss
         best_val_loss = min(best_val_loss, metrics['val_loss'])
         if iter_num > start_iter and (improved or always_save_checkpoint):  # on every rank: each adds its RNG state
-            checkpoint = common.training_checkpoint('mlm', raw_model, optimizer, scaler, model_args, config, iter_num,
+            checkpoint = common.training_checkpoint('tsdae', raw_model, optimizer, scaler, model_args, config, iter_num,
                                                     best_val_loss, train_windows, meta, data_dir, train_seconds)
             if master:
                 common.save_checkpoint(ckpt, checkpoint)

@@ -3,7 +3,7 @@
 #   torchrun --standalone --nproc_per_node=8 train_diffusion.py config/h512l2.py
 # On any number of GPUs the global batch stays 512 sequences: gradient_accumulation_steps is divided
 # by the world size, and beyond 8 GPUs each runs a smaller micro-batch (runtime.micro_batches_per_rank).
-dataset = 'data/minipile'            # python prepare_data.py --dataset=minipile (needs the HF hub)
+data_dir = 'data/minipile'            # python prepare_data.py --dataset=minipile (needs the HF hub)
 n_layer = 2
 n_head = 8
 n_embd = 512
@@ -15,7 +15,7 @@ gradient_accumulation_steps = 8      # global: 64 x 8 = 512 sequences per step
 max_iters = 40000                    # ~20 epochs of Minipile's first 512 tokens per document (origin)
 lr_decay_iters = 40000
 warmup_iters = 2000
-learning_rate = 3e-4                 # stable for L6 and diffusion at this batch (README "Design notes")
+learning_rate = 3e-4                 # stable for L6 and diffusion at this batch (docs/design.md)
 min_lr = 3e-5
 weight_decay = 0.01
 grad_clip = 1.0

@@ -2,7 +2,7 @@
 # python train_mlm.py config/tiny.py                                    (~2.5 minutes for 300 iterations)
 # python train_diffusion.py config/tiny.py --batch_size=32 --eval_iters=10   (~2 minutes; TSDAE likewise)
 # TSDAE and diffusion decode most positions, so at batch 128 they take ~9 minutes (make quickstart uses 32).
-dataset = 'data/pydocs'
+data_dir = 'data/pydocs'
 n_layer = 2
 n_head = 4
 n_embd = 128

@@ -4,7 +4,7 @@
 # model is the MLM model (encoder, Perceiver decoder, tied head) trained at every masking rate, so
 # every tensor is copied (the local window's map is new and starts at zero, so the run starts as
 # the MLM model) and the diffusion run refines what the MLM run learned instead of spending its
-# budget on the unigram solution. README "What to expect" gives the measurements behind each key.
+# budget on the unigram solution. docs/LOG.md (the local window entry) has the measurements behind each key.
 init_from = 'out/tiny_mlm/ckpt.pt'
 batch_size = 32                  # diffusion decodes a fraction t of every window (MLM: 15%)
 eval_iters = 8                   # 8 x 32 windows of 128 tokens: about pydocs' validation split once

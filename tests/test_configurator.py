@@ -138,17 +138,17 @@ def test_config_file_python_errors_are_one_line(monkeypatch, tmp_path, line, mes
 
 def test_names_derived_after_the_configurator_are_not_stage_keys(monkeypatch, tmp_path):
     """Only a sibling's defaults (above its exec of configurator.py) are keys of another stage;
-    a name it computes later (data_dir) is an unknown key, not silently skipped."""
+    a name it computes later (meta) is an unknown key, not silently skipped."""
     (tmp_path / 'train_other.py').write_text(
-        "t_min = 0.3\nexec(open('configurator.py').read())\ndata_dir = 'data/' + dataset\n")
+        "t_min = 0.3\nexec(open('configurator.py').read())\nmeta = 'data/' + data_dir\n")
     script = str(tmp_path / 'train_this.py')
     ns = run([write(tmp_path, 'a.py', "t_min = 0.2\n")], monkeypatch, script=script)
     assert 't_min' not in ns  # a default of the other stage: still skipped
-    cfg = write(tmp_path, 'c.py', "data_dir = 'data/x'\n")
-    with pytest.raises(SystemExit, match="unknown config key 'data_dir'"):
+    cfg = write(tmp_path, 'c.py', "meta = 'data/x'\n")
+    with pytest.raises(SystemExit, match="unknown config key 'meta'"):
         run([cfg], monkeypatch, script=script)
-    with pytest.raises(SystemExit, match="unknown config key 'data_dir'"):
-        run([cfg], monkeypatch)  # the real train_*.py scripts, where data_dir is derived
+    with pytest.raises(SystemExit, match="unknown config key 'meta'"):
+        run([cfg], monkeypatch)  # the real train_*.py scripts, where meta is derived
 
 
 def stage_defaults(path):

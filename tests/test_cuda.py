@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import runtime
+import common
 from conftest import TINY, run_script
-from model import (ConceptConfig, ConceptDiffusion, ConceptMLM, MLMDecoder, Packing, attention, gather_and_pack,
-                   gather_positions)
+from model import ConceptConfig, ConceptDiffusion, ConceptMLM, MLMDecoder, Packing, attention, gather_and_pack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 DEVICE = 'cuda'
@@ -64,14 +63,14 @@ def test_packed_decoding_equals_padded_decoding(kind):
     packed = decoder(concepts, pos, tok, packing)
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)
     assert torch.equal(packing.index, Packing.of(valid).index)
-    assert torch.equal(gather_positions(select)[0], pos)
+    assert torch.equal(gather_and_pack(select)[0], pos)
 
 
 def test_resume_on_cuda_continues_exactly(data_dir, tmp_path):
     """4 iterations straight against 2 + resume + 2, with dropout (the CUDA RNG state is restored).
     Atomic-add backward kernels (index_add of the packed decoder rows) may reorder float sums:
     a close match, not bit-for-bit."""
-    common = [*TINY, f'--dataset={data_dir}', '--device=cuda', '--lr_decay_iters=4', '--eval_interval=2',
+    common = [*TINY, f'--data_dir={data_dir}', '--device=cuda', '--lr_decay_iters=4', '--eval_interval=2',
               '--dropout=0.1']
     straight, halves = str(tmp_path / 'straight'), str(tmp_path / 'halves')
     run_script('train_mlm.py', *common, f'--out_dir={straight}', '--max_iters=4')
@@ -85,7 +84,7 @@ def test_resume_on_cuda_continues_exactly(data_dir, tmp_path):
 
 
 def test_float16_with_a_grad_scaler_trains(data_dir, tmp_path):
-    out = run_script('train_diffusion.py', *TINY, f'--dataset={data_dir}', '--device=cuda', '--dtype=float16',
+    out = run_script('train_diffusion.py', *TINY, f'--data_dir={data_dir}', '--device=cuda', '--dtype=float16',
                      '--max_iters=30', '--eval_interval=30', f'--out_dir={tmp_path}')
     records = [r for r in map(__import__('json').loads, open(tmp_path / 'log.jsonl'))]
     assert records[-1]['iter'] == 30 and records[-1]['val_loss'] < records[0]['val_loss']
@@ -126,8 +125,7 @@ def test_a_training_step_synchronises_twice():
     torch.manual_seed(0)
     model = ConceptDiffusion(h512l2(n_dec_layer=2)).to(DEVICE)
     optimizer = model.configure_optimizers(0.01, 3e-4, (0.9, 0.99), 'cuda')
-    rt = runtime.Runtime(False, 0, 0, 1, True, DEVICE, 'cuda', 'bfloat16', None)
-    step = runtime.OptimizerStep(optimizer, torch.amp.GradScaler('cuda', enabled=False), 1.0, 3, 'x.pt', rt)
+    scaler = torch.amp.GradScaler('cuda', enabled=False)
     idx = torch.randint(8000, (16, 512), device=DEVICE)
     g = torch.Generator(DEVICE).manual_seed(0)
     for warm in (True, False):  # the first step initialises the optimizer state
@@ -138,7 +136,8 @@ def test_a_training_step_synchronises_twice():
                 with torch.autocast('cuda', dtype=torch.bfloat16):
                     _, loss, stats = model(idx, generator=g)
                 loss.backward()
-                step(model.parameters(), loss.detach(), 0)
+                common.optimizer_step(optimizer, scaler, model.parameters(), loss.detach(), 1.0, 0, 3, 0, 'x.pt', None,
+                                      'bfloat16')
             finally:
                 torch.cuda.set_sync_debug_mode('default')
     syncs = [str(w.message) for w in caught if 'synchroniz' in str(w.message)]

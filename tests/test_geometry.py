@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import model
-from model import (CONCEPT_LOSSES, ConceptLossWeighting, average_diagnostics, concept_diagnostics,
+from model import (CONCEPT_LOSSES, ConceptLossWeighting, concept_diagnostics,
                       concept_reg_losses, covariance_loss, parse_concept_losses, variance_loss)
 
 B, C, H = 4, 8, 8
@@ -154,6 +154,7 @@ def test_diagnostics_keys_and_extremes():
 
 
 def test_diagnostics_do_not_track_gradient_and_average():
+    import common
     c = random_concepts().bfloat16().requires_grad_()
     saved = []  # tensors autograd keeps for a backward pass: none may be, for a diagnostic
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -161,9 +162,9 @@ def test_diagnostics_do_not_track_gradient_and_average():
     assert not saved
     d2 = concept_diagnostics(identical())
     assert 1.0 < d1['erank'] <= C
-    avg = average_diagnostics([d1, d2])
+    avg = common.mean_diagnostics([d1, d2])
     assert set(avg) == KEYS and avg['erank'] == pytest.approx((d1['erank'] + d2['erank']) / 2)
-    assert average_diagnostics([]) == {}
+    assert common.mean_diagnostics([]) == {}
 
 
 # --- weighting
@@ -272,14 +273,3 @@ def test_weighting_rejects_unknown_strategy_and_handles_no_regularisers():
     for strategy in ConceptLossWeighting.STRATEGIES:
         total, info = ConceptLossWeighting([], strategy)(torch.tensor(1.5), {}, 0)
         assert total.item() == 1.5 and info['w_task'] == 1.0
-
-
-def test_diagnostics_of_any_checkpoint(data_dir, tmp_path):
-    """runtime.concept_geometry reports the collapse metrics for a trained checkpoint."""
-    from conftest import TINY, run_script
-    import runtime
-    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--max_iters=2',
-               '--eval_interval=2')
-    report = runtime.concept_geometry(f'{tmp_path}/ckpt.pt', n_batches=2, batch_size=4)
-    assert set(report) == {'erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio'}
-    assert 1.0 <= report['erank'] <= 8.0  # at most C = 8 concepts in the TINY shape

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import common
 import model as model_module
-import runtime
 from conftest import ROOT, TINY, run_script
-from model import ConceptConfig, ConceptDiffusion, ConceptMLM, ConfigError, attention
+from model import ConceptConfig, ConceptDiffusion, ConceptMLM, attention
 
 
 def tiny_cfg(**kw):
@@ -20,42 +20,33 @@ def tiny_cfg(**kw):
     return ConceptConfig(**{**args, **kw})
 
 
-def fake_rt(device, device_type, dtype='bfloat16'):
-    return runtime.Runtime(False, 0, 0, 1, True, device, device_type, dtype, lambda: None)
-
-
 # ----------------------------------------------------------------------------------------------
 # defect 1: resume onto a device other than the CPU
 
 
 def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(data_dir, tmp_path):
-    """build_model reads the checkpoint onto the CPU and moves only the model (and, through
-    load_state_dict, the optimizer state) to rt.device: the RNG and sampler states, which
+    """init_model reads the checkpoint onto the CPU and the script moves only the model (and, through
+    load_state_dict, the optimizer state) to its device: the RNG and sampler states, which
     torch.set_rng_state and Generator.set_state accept only as CPU ByteTensors, stay there.
     The meta device plays the GPU: its tensors are refused by those setters as CUDA ones are."""
-    import prepare_data
-    rt = runtime.setup_runtime('cpu', 'float32')
-    meta = prepare_data.load_meta(data_dir)
-    args = dict(vocab_size=meta['vocab_size'], block_size=32, n_layer=1, n_head=2, n_embd=16, n_concepts=4,
-                ffn_size=32, pad_id=meta['special_tokens']['pad'], mask_id=meta['special_tokens']['mask'],
-                tie_weights=False)  # .to('meta') unties shared parameters, which .to('cuda') does not
-    model = ConceptMLM(ConceptConfig(**args))
+    meta = common.load_meta(data_dir)
+    config = dict(block_size=32, n_layer=1, n_head=2, n_embd=16, n_concepts=4, ffn_size=32, decoder='perceiver',
+                  tie_weights=False, init_from='scratch')  # .to('meta') unties shared parameters, .to('cuda') not
+    model, args, _ = common.init_model('mlm', config, meta, data_dir, None)
     optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.99), 'cpu')
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    sampler = runtime.TokenWindows(data_dir, 'train', 32, 2)
+    sampler = common.TokenWindows(data_dir, 'train', 32, 2)
     sampler.next_step()
     path = str(tmp_path / 'ckpt.pt')
-    runtime.save_training_checkpoint(rt, path, 'mlm', model, optimizer, scaler, args, {}, 3, 1.0, sampler, meta,
-                                     data_dir)
-
-    on_meta = fake_rt('meta', 'meta', 'float32')
-    moved, _, ckpt = runtime.build_model('mlm', ConceptMLM, ConceptConfig, args, 'resume', path, meta, data_dir,
-                                         on_meta)
+    common.save_checkpoint(path, common.training_checkpoint('mlm', model, optimizer, scaler, args, config, 3, 1.0,
+                                                            sampler, meta, data_dir, 0.0))
+    moved, _, ckpt = common.init_model('mlm', {**config, 'init_from': 'resume'}, meta, data_dir, path)
+    moved.to('meta')
     assert next(moved.parameters()).device.type == 'meta'
     assert ckpt['rng'][0]['torch'].device.type == 'cpu' and ckpt['sampler']['generator'].device.type == 'cpu'
-    resumed = runtime.TokenWindows(data_dir, 'train', 32, 2)
+    resumed = common.TokenWindows(data_dir, 'train', 32, 2)
     optimizer = moved.configure_optimizers(0.0, 1e-3, (0.9, 0.99), 'meta')
-    assert runtime.restore_training_state(ckpt, optimizer, scaler, resumed, on_meta) == (3, 1.0)
+    assert common.restore_training_state(ckpt, optimizer, scaler, resumed, 0, config) == (3, 1.0, 0.0)
     assert torch.equal(resumed.next_step()[0][0], sampler.next_step()[0][0])  # the sampler goes on
 
 
@@ -65,12 +56,12 @@ def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(data_dir, tmp_pa
 
 def test_the_global_batch_is_kept_at_any_world_size():
     for world in (1, 2, 4, 8, 16, 32, 64):
-        accum, micro = runtime.micro_batches_per_rank(8, 64, world)
+        accum, micro = common.split_global_batch(64, 8, world)
         assert accum * micro * world == 512, world
-    assert runtime.micro_batches_per_rank(8, 64, 8) == (1, 64) and runtime.micro_batches_per_rank(8, 64, 2) == (4, 64)
-    assert runtime.micro_batches_per_rank(8, 64, 16) == (1, 32)
-    with pytest.raises(ConfigError, match='cannot be split evenly over 3 processes'):
-        runtime.micro_batches_per_rank(8, 64, 3)
+    assert common.split_global_batch(64, 8, 8) == (1, 64) and common.split_global_batch(64, 8, 2) == (4, 64)
+    assert common.split_global_batch(64, 8, 16) == (1, 32)
+    with pytest.raises(common.InputError, match='cannot be split evenly over 3 processes'):
+        common.split_global_batch(64, 8, 3)
 
 
 def test_more_processes_than_accumulation_steps_run_the_same_global_batch(data_dir, tmp_path):
@@ -78,7 +69,7 @@ def test_more_processes_than_accumulation_steps_run_the_same_global_batch(data_d
     the same training as 1 process with 2 micro-batches of that half."""
     import subprocess
     import sys
-    common = [*TINY, f'--dataset={data_dir}', '--max_iters=2', '--eval_interval=2']
+    common = [*TINY, f'--data_dir={data_dir}', '--max_iters=2', '--eval_interval=2']
     single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
     run_script('train_mlm.py', *common, '--batch_size=4', '--gradient_accumulation_steps=2', f'--out_dir={single}')
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
@@ -118,9 +109,9 @@ def test_bixt_builds_no_parameter_that_a_step_leaves_unused(layers):
 def test_a_gpu_with_only_emulated_bf16_gets_float16_and_the_scaler(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
-    assert runtime.setup_runtime('cuda', 'bfloat16').dtype == 'float16'
+    assert common.init_process('cuda', 'bfloat16')[5] == 'float16'
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
-    assert runtime.setup_runtime('cuda', 'bfloat16').dtype == 'bfloat16'
+    assert common.init_process('cuda', 'bfloat16')[5] == 'bfloat16'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,38 +155,30 @@ def test_sampling_and_the_nll_bound_make_no_float64_tensor_on_mps(monkeypatch):
     ('NVIDIA GeForce RTX 4090 Laptop GPU', 'bfloat16', None), ('NVIDIA B200', 'bfloat16', None)])
 def test_gpu_peak_flops_matches_the_whole_device_name(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
-    assert runtime.peak_flops(fake_rt('cuda', 'cuda', dtype)) == peak
-    assert runtime.format_mfu(4e14, runtime.peak_flops(fake_rt('cuda', 'cuda', dtype))) == (
-        'n/a' if peak is None else f"{100 * 4e14 / peak:.1f}%")
+    assert common.peak_flops('cuda', dtype) == peak
+    assert common.throughput([1, 1.0, 4e14], 1000, common.peak_flops('cuda', dtype)) == (
+        '1,000 tok/s, mfu ' + ('n/a' if peak is None else f"{100 * 4e14 / peak:.1f}%"))
 
 
 def test_the_cpu_gets_a_measured_peak_once():
-    rt = fake_rt('cpu', 'cpu', 'float32')
-    first = runtime.peak_flops(rt)
+    first = common.peak_flops('cpu', 'float32')
     assert first > 1e8  # a real machine does more than 0.1 GFLOP/s
-    assert runtime.peak_flops(rt) == first  # cached: measured once per process and dtype
-    runtime._measured_cpu_peak.clear()
+    assert common.peak_flops('cpu', 'float32') == first  # cached: measured once per process and dtype
+    common._cpu_peak.clear()
     state = torch.get_rng_state()
-    runtime.peak_flops(rt)
+    common.peak_flops('cpu', 'float32')
     assert torch.equal(torch.get_rng_state(), state)  # measuring draws nothing from the global RNG
-    assert runtime.peak_flops(fake_rt('mps', 'mps')) is None
+    assert common.peak_flops('mps', 'bfloat16') is None
 
 
-def test_the_mfu_window_leaves_out_warm_up_and_evaluation(monkeypatch):
-    now = [0.0]
-    monkeypatch.setattr(runtime.time, 'time', lambda: now[0])
-    monkeypatch.setattr(runtime, 'peak_flops', lambda rt: 100.0)
-    meter = runtime.Throughput(fake_rt('cpu', 'cpu'))
-    now[0] += 60.0  # the first step compiles
-    meter.add(1000, 100.0)
-    now[0] += 1.0
-    meter.add(1000, 100.0)
-    meter.pause()
-    now[0] += 30.0  # evaluation and a checkpoint
-    meter.resume()
-    now[0] += 1.0
-    meter.add(1000, 100.0)
-    assert meter.report() == '1,000 tok/s, mfu 100.0%'  # 2 steps in 2 s; neither compile nor eval counted
+def test_the_throughput_window_leaves_out_the_first_step_and_evaluation(data_dir, tmp_path):
+    """The log line after the first step says n/a (compilation, warm-up); later lines count only the
+    steps since the last line, never an evaluation between them."""
+    res = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=4',
+                     '--eval_interval=2')
+    lines = [line for line in res.stdout.splitlines() if line.startswith('iter ')]
+    assert 'tok/s n/a (warm-up step)' in lines[0] and all(' tok/s, mfu ' in line for line in lines[1:]), lines
+    assert common.throughput([2, 2.0, 200.0], 1000, 100.0) == '1,000 tok/s, mfu 100.0%'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,8 +236,7 @@ def test_a_training_step_reads_the_device_twice(monkeypatch, stage):
                    'perceiver', pad_id=253, mask_id=254, eod_id=255)  # the specials on top, as prepare_data puts them
     model = ConceptDiffusion(cfg) if stage == 'diffusion' else ConceptMLM(cfg)
     optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.99), 'cpu')
-    step = runtime.OptimizerStep(optimizer, torch.amp.GradScaler('cpu', enabled=False), 1.0, 3, 'ckpt.pt',
-                                 fake_rt('cpu', 'cpu', 'float32'))
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
     idx = torch.randint(0, 253, (4, 32))
     g = torch.Generator().manual_seed(0)
     counter = HostReads()
@@ -268,7 +250,8 @@ def test_a_training_step_reads_the_device_twice(monkeypatch, stage):
             inputs, targets = model.mlm_noise(idx, g, 0.3)
             _, loss, stats = model(inputs, targets, step=5)
         loss.backward()
-        grad_norm = step(model.parameters(), stats['task_loss'], 5)
+        grad_norm, _ = common.optimizer_step(optimizer, scaler, model.parameters(), stats['task_loss'], 1.0, 0, 3, 5,
+                                             'ckpt.pt', None, 'float32')
     assert len(counter.reads) + len(tolist_calls) == 2, (counter.reads, len(tolist_calls))
     assert isinstance(grad_norm, torch.Tensor) and float(grad_norm) > 0
 
@@ -290,8 +273,8 @@ def test_gather_and_pack_equals_boolean_indexing():
 
 
 def test_a_prefetched_step_is_the_next_step_and_resume_draws_it_again(data_dir):
-    plain = runtime.TokenWindows(data_dir, 'train', 32, 3, accum=2)
-    fetching = runtime.TokenWindows(data_dir, 'train', 32, 3, accum=2)
+    plain = common.TokenWindows(data_dir, 'train', 32, 3, accum=2)
+    fetching = common.TokenWindows(data_dir, 'train', 32, 3, accum=2)
     for _ in range(3):
         expected = plain.next_step()
         got = fetching.next_step()
@@ -300,7 +283,7 @@ def test_a_prefetched_step_is_the_next_step_and_resume_draws_it_again(data_dir):
         state = fetching.state_dict()  # what a checkpoint taken now holds
         assert state['step'] == plain.state_dict()['step']
         assert torch.equal(state['generator'], plain.state_dict()['generator'])
-    resumed = runtime.TokenWindows(data_dir, 'train', 32, 3, accum=2)
+    resumed = common.TokenWindows(data_dir, 'train', 32, 3, accum=2)
     resumed.load_state_dict(fetching.state_dict())
     nxt = plain.next_step()
     for a, b, c in zip(nxt, fetching.next_step(), resumed.next_step()):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import model as model_module
-from model import ConceptConfig, ConceptMLM, Packing, gather_positions
+from model import ConceptConfig, ConceptMLM, Packing, gather_and_pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = list(itertools.product(['weighted', 'perceiver', 'posonly'], [False, True], [0, 3]))
@@ -55,7 +55,7 @@ def test_logits_and_ce_equals_cross_entropy(label_smoothing):
         model.zero_grad()
         h.grad = None
         if reference:
-            logits = model.lm_logits(h)
+            logits = model.lm_head(h)
             ce = F.cross_entropy(logits, labels, reduction='none', label_smoothing=label_smoothing)
         else:
             logits, ce = model.logits_and_ce(h, labels, label_smoothing)
@@ -147,9 +147,9 @@ def test_both_attention_kernels_agree_with_a_key_mask(monkeypatch, dtype):
         assert k_grad[b][:, ~key_mask[b]].abs().max() == 0
 
 
-def test_gather_positions_layout():
+def test_gather_and_pack_layout():
     select = torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
-    pos, valid = gather_positions(select)
+    pos, valid, _ = gather_and_pack(select)
     assert pos.tolist()[0] == [1, 3, 4] and pos.tolist()[1][0] == 0
     assert valid.tolist() == [[True, True, True], [True, False, False]]
 
@@ -183,7 +183,8 @@ def test_flops_are_linear_in_sequence_length(bixt):
     model = ConceptMLM(tiny_cfg(bixt=bixt))
     f = [model.encoder_flops(n) for n in (1000, 2000, 3000)]
     assert f[2] - f[1] == pytest.approx(f[1] - f[0])
-    assert model.estimate_flops(100, 15) == 3 * (model.encoder_flops(100) + model.decoder_flops(15))
+    assert model.estimate_flops(1, 100, 15) == 3 * (model.encoder_flops(100) + model.decoder_flops(15))
+    assert model.estimate_flops(4, 100, 60) == 4 * model.estimate_flops(1, 100, 15)
 
 
 @pytest.mark.parametrize('decoder', ['weighted', 'perceiver'])
@@ -254,7 +255,7 @@ def test_packed_decoder_traces_as_one_graph(decoder):
     torch._dynamo.reset()
     model = ConceptMLM(tiny_cfg(decoder=decoder))
     idx, targets = random_batch()
-    pos, valid = gather_positions(targets != -100)
+    pos, valid, _ = gather_and_pack(targets != -100)
     concepts = model.encoder(idx)
     tok = model.encoder.wte(torch.gather(idx, 1, pos))
     explanation = torch._dynamo.explain(model.decoder)(concepts, pos, tok, Packing.of(valid))

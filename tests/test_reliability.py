@@ -41,7 +41,7 @@ def test_divergence_stops_in_one_line_and_names_no_missing_checkpoint(data_dir, 
     """The first update is finite and diverges: an evaluation right after it, or the skipped steps
     that follow, stop the run without a traceback and say that no checkpoint exists."""
     out = str(tmp_path / 'run')
-    res = run_script(script, *TINY, f'--dataset={data_dir}', f'--out_dir={out}', *DIVERGE,
+    res = run_script(script, *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', *DIVERGE,
                      f'--eval_interval={eval_interval}', check=False)
     line = one_line_failure(res)
     assert 'no checkpoint was written' in line and 'last good checkpoint' not in line, line
@@ -51,9 +51,9 @@ def test_divergence_stops_in_one_line_and_names_no_missing_checkpoint(data_dir, 
 
 def test_divergence_after_a_good_checkpoint_keeps_and_names_it(data_dir, tmp_path):
     out = str(tmp_path / 'run')
-    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=2',
+    run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2',
                '--eval_interval=2')
-    res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', *DIVERGE,
+    res = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', *DIVERGE,
                      '--eval_interval=2', '--init_from=resume', check=False)
     line = one_line_failure(res)
     assert f'the last good checkpoint is {ckpt_of(out)} (iter 2)' in line, line
@@ -71,11 +71,17 @@ def test_diagnostics_of_non_finite_concepts_are_nan_not_a_crash():
 
 
 def optimizer_step_for(params, scaler=None, max_nonfinite=10, dtype='float32'):
-    import runtime
-    rt = runtime.Runtime(False, 0, 0, 1, True, 'cpu', 'cpu', dtype, None)
+    """common.optimizer_step as a training loop calls it, keeping the count of skips in a row."""
+    import common
     optimizer = torch.optim.SGD(params, lr=0.1)
     scaler = scaler or torch.amp.GradScaler('cpu', enabled=False)
-    return runtime.OptimizerStep(optimizer, scaler, 1.0, max_nonfinite, '/nowhere/ckpt.pt', rt), optimizer
+    streak = [0]
+
+    def step(params, loss, it):
+        _, streak[0] = common.optimizer_step(optimizer, scaler, params, loss, 1.0, streak[0], max_nonfinite, it,
+                                             '/nowhere/ckpt.pt', None, dtype)
+    step.scaler = scaler
+    return step, optimizer
 
 
 def test_non_finite_weights_stop_at_the_first_skipped_step():
@@ -92,15 +98,13 @@ def test_non_finite_weights_stop_at_the_first_skipped_step():
 
 def test_non_finite_weights_are_never_saved(tmp_path):
     """The last line of defence: a parameter the validation loss does not see can still diverge."""
-    import runtime
+    import common
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
         model.bias[0] = float('nan')
     step, optimizer = optimizer_step_for(list(model.parameters()))
-    path = str(tmp_path / 'ckpt.pt')
     with pytest.raises(SystemExit, match='weights are not finite .*bias.*not saved'):
-        runtime.save_training_checkpoint(step.rt, path, 'mlm', model, optimizer, step.scaler, {}, {}, 4, 1.0,
-                                         None, None, None)
+        common.training_checkpoint('mlm', model, optimizer, step.scaler, {}, {}, 4, 1.0, None, None, None, 0.0)
     assert os.listdir(tmp_path) == []
 
 
@@ -131,7 +135,7 @@ def test_gradscaler_warmup_skips_do_not_count_as_non_finite_steps():
 # 2. resume that is not exact, silently
 
 def test_resume_with_a_longer_default_schedule_says_so_and_the_flag_keeps_the_runs_own(data_dir, tmp_path):
-    common = [*TINY, f'--dataset={data_dir}', '--eval_interval=2']
+    common = [*TINY, f'--data_dir={data_dir}', '--eval_interval=2']
     out, kept = str(tmp_path / 'changed'), str(tmp_path / 'kept')
     for d in (out, kept):
         run_script('train_mlm.py', *common, f'--out_dir={d}', '--max_iters=4')
@@ -145,11 +149,11 @@ def test_resume_with_a_longer_default_schedule_says_so_and_the_flag_keeps_the_ru
 
 
 def test_resume_differences_name_each_changed_setting():
-    import runtime
+    import common
     old = {'max_iters': 4, 'lr_decay_iters': 0, 'learning_rate': 1e-3, 'batch_size': 8, 'eval_iters': 2}
-    assert runtime.resume_differences(old, {**old, 'eval_iters': 5}) == []
-    assert runtime.resume_differences(old, {**old, 'max_iters': 8, 'lr_decay_iters': 4}) == []
-    notes = runtime.resume_differences(old, {**old, 'max_iters': 8, 'batch_size': 16})
+    assert common.resume_differences(old, {**old, 'eval_iters': 5}) == []
+    assert common.resume_differences(old, {**old, 'max_iters': 8, 'lr_decay_iters': 4}) == []
+    notes = common.resume_differences(old, {**old, 'max_iters': 8, 'batch_size': 16})
     assert len(notes) == 2 and '--lr_decay_iters=4' in notes[0] and 'batch_size=8 there, 16 here' in notes[1]
 
 
@@ -163,26 +167,26 @@ def test_file_size_limit_during_a_checkpoint_write_is_one_line_and_leaves_no_tem
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', 'PYTHONDONTWRITEBYTECODE': '1'}
-    res = subprocess.run([sys.executable, os.path.join(ROOT, 'train_mlm.py'), *TINY, f'--dataset={data_dir}',
+    res = subprocess.run([sys.executable, os.path.join(ROOT, 'train_mlm.py'), *TINY, f'--data_dir={data_dir}',
                           f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
     line = one_line_failure(res)
-    assert f'could not write checkpoint {ckpt_of(out)}' in line and 'file-size limit' in line, line
+    assert f'could not write {ckpt_of(out)}' in line and 'file-size limit' in line, line
     assert temporaries(out) == [] and not os.path.exists(ckpt_of(out))
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import runtime
+    import common
     path = str(tmp_path / 'ckpt.pt')
-    runtime.save_checkpoint(path, {'iter_num': 1})
+    common.save_checkpoint(path, {'iter_num': 1})
 
     def full_disk(obj, f):
         with open(f, 'wb') as fh:
             fh.write(b'partial')
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, 'save', full_disk)
-    with pytest.raises(SystemExit, match='No space left on device.*previous one is unchanged'):
-        runtime.save_checkpoint(path, {'iter_num': 2})
+    with pytest.raises(SystemExit, match='No space left on device.*ckpt.pt is unchanged.*--init_from=resume'):
+        common.save_checkpoint(path, {'iter_num': 2})
     assert os.listdir(tmp_path) == ['ckpt.pt']
     assert torch.load(path, weights_only=True) == {'iter_num': 1}
 
@@ -190,7 +194,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_resume_does_not_write_the_checkpoint_it_loaded_again(data_dir, tmp_path):
     """On a full disk a resume that first re-saves the loaded iteration fails again at once."""
     out = str(tmp_path / 'run')
-    common = [*TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2']
+    common = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2']
     run_script('train_mlm.py', *common)
     before = os.stat(ckpt_of(out))
     run_script('train_mlm.py', *common, '--init_from=resume')
@@ -205,9 +209,9 @@ def test_an_output_path_that_is_a_file_fails_first(tmp_path, script):
     blocker = tmp_path / 'a_file'
     blocker.write_text('x')
     for out in (blocker, blocker / 'run'):
-        res = run_script(script, *TINY, f'--dataset={tmp_path}/no_data', f'--out_dir={out}', check=False)
+        res = run_script(script, *TINY, f'--data_dir={tmp_path}/no_data', f'--out_dir={out}', check=False)
         line = one_line_failure(res)
-        assert line.startswith(f'out_dir {out}') and '--out_dir' in line, line
+        assert line.startswith(f'error: --out_dir={out} is ') and 'a file' in line, line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +225,7 @@ def test_a_new_run_removes_the_temporaries_of_a_killed_one(data_dir, tmp_path):
     stale, live = out / f'ckpt.pt.tmp.{dead.pid}', out / f'ckpt.pt.tmp.{os.getpid()}'
     stale.write_bytes(b'half a checkpoint')
     live.write_bytes(b'a checkpoint being written')
-    res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=1',
+    res = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=1',
                      '--eval_interval=1')
     assert 'removed 1 temporary file' in res.stdout
     assert not stale.exists() and live.exists()  # a live process's file is its own
@@ -233,16 +237,16 @@ def test_a_new_run_removes_the_temporaries_of_a_killed_one(data_dir, tmp_path):
 def test_validation_loss_is_a_mean_over_tokens_not_over_batches(data_dir, tmp_path):
     """mask_prob=0.01 on 64-token windows leaves some validation batches without a masked token:
     they must not count as a loss of 0. The logged loss equals the token mean recomputed here."""
-    import runtime
+    import common
     from model import IGNORE_INDEX
     out = str(tmp_path / 'run')
-    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=2',
+    run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2',
                '--eval_interval=2', '--mask_prob=0.01', '--eval_iters=6', '--batch_size=1')
-    model, _ = runtime.load_model(ckpt_of(out))
+    model, _ = common.load_model(ckpt_of(out))
     loss_sum, n_tokens, empty = 0.0, 0, 0
     with torch.no_grad():
-        for idx, nseed in runtime.fixed_batches(data_dir, 'val', 64, 1, 6, True, 1337, 0, 'cpu'):
-            inputs, targets = model.mlm_noise(idx, runtime.noise_generator(nseed, 'cpu'), 0.01)
+        for idx, nseed in common.fixed_batches(data_dir, 'val', 64, 1, 6, True, 1337, 0, 'cpu'):
+            inputs, targets = model.mlm_noise(idx, common.noise_generator(nseed, 'cpu'), 0.01)
             n = int((targets != IGNORE_INDEX).sum())
             empty += n == 0
             if n:
@@ -254,7 +258,7 @@ def test_validation_loss_is_a_mean_over_tokens_not_over_batches(data_dir, tmp_pa
 
 def test_nothing_to_score_is_one_line_and_never_a_best_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / 'run')
-    res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=2',
+    res = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2',
                      '--eval_interval=1', '--mask_prob=1e-9', check=False)
     assert 'no token to score' in one_line_failure(res)
     assert not os.path.exists(ckpt_of(out))
@@ -265,7 +269,7 @@ def test_nothing_to_score_is_one_line_and_never_a_best_checkpoint(data_dir, tmp_
 
 def test_a_torn_last_log_line_is_dropped_on_resume(data_dir, tmp_path):
     out = str(tmp_path / 'run')
-    common = [*TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--eval_interval=2']
+    common = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--eval_interval=2']
     run_script('train_mlm.py', *common, '--max_iters=2')
     with open(os.path.join(out, 'log.jsonl'), 'a') as f:
         f.write('{"iter": 4, "train_loss": 6.1, "val_lo')  # the crash came mid-write
@@ -292,18 +296,17 @@ def foreign_files(tmp_path):
 
 def test_init_from_a_foreign_file_is_one_line(data_dir, tmp_path, foreign_files):
     for what, path in foreign_files.items():
-        res = run_script('train_tsdae.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}/run',
+        res = run_script('train_tsdae.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/run',
                          '--max_iters=1', f'--init_from={path}', check=False)
         line = one_line_failure(res)
         assert what in line and str(path) in line, line
 
 
-def test_load_model_encode_and_concept_geometry_refuse_foreign_files_in_one_line(data_dir, foreign_files):
+def test_load_model_and_encode_refuse_foreign_files_in_one_line(data_dir, foreign_files):
     import eval_glue
-    import runtime
+    import common
     for what, path in foreign_files.items():
-        for call in (lambda: runtime.load_model(str(path)), lambda: runtime.concept_geometry(str(path), data_dir),
-                     lambda: eval_glue.encode(['a sentence'], str(path))):
+        for call in (lambda: common.load_model(str(path)), lambda: eval_glue.encode(['a sentence'], str(path))):
             with pytest.raises(SystemExit) as e:
                 call()
             assert what in str(e.value) and '\n' not in str(e.value)
@@ -311,31 +314,46 @@ def test_load_model_encode_and_concept_geometry_refuse_foreign_files_in_one_line
 
 def test_resuming_a_checkpoint_without_training_state_is_one_line(data_dir, tmp_path):
     out = str(tmp_path / 'run')
-    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=1',
+    run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=1',
                '--eval_interval=1')
     ckpt = torch.load(ckpt_of(out), weights_only=True)
     torch.save({k: ckpt[k] for k in ('stage', 'model', 'model_args', 'tokenizer', 'data_dir')}, ckpt_of(out))
-    res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=2',
+    res = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2',
                      '--init_from=resume', check=False)
     assert 'no training state' in one_line_failure(res)
     torch.save({**ckpt, 'sampler': {'generator': torch.zeros(3, dtype=torch.uint8), 'step': 1}}, ckpt_of(out))
-    res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=2',
+    res = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2',
                      '--init_from=resume', check=False)
     assert 'training state in the checkpoint does not fit' in one_line_failure(res)
 
 
-def test_concept_geometry_of_a_diverged_checkpoint_or_bad_arguments_is_one_line(data_dir, tmp_path):
-    import runtime
+def test_a_pickle_that_would_run_code_is_refused_in_our_own_words(data_dir, tmp_path):
+    """torch.load(weights_only=True) refuses it; the line says why, whole (issue 35)."""
+    import common
+    path = tmp_path / 'evil.pt'
+    torch.save({'model': {}, 'model_args': {}, 'payload': os.system}, path)
+    with pytest.raises(common.InputError, match='arbitrary code execution'):
+        common.load_checkpoint(str(path))
+    res = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/run', '--max_iters=1',
+                     f'--init_from={path}', check=False)
+    assert 'arbitrary code execution' in one_line_failure(res)
+
+
+def test_resuming_a_finished_run_says_that_nothing_is_left_to_train(data_dir, tmp_path):
+    """A resume at or past its end trains nothing, and says so (issue 35)."""
     out = str(tmp_path / 'run')
-    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=1',
-               '--eval_interval=1')
-    import prepare_data
-    with pytest.raises(ValueError, match='n_batches=0'):
-        runtime.concept_geometry(ckpt_of(out), n_batches=0)
-    with pytest.raises(prepare_data.DataError, match='does not exist'):
-        runtime.concept_geometry(ckpt_of(out), data_dir=str(tmp_path / 'nowhere'))
-    ckpt = torch.load(ckpt_of(out), weights_only=True)
-    ckpt['model']['lm_head.weight'][0, 0] = float('nan')
-    torch.save(ckpt, ckpt_of(out))
-    with pytest.raises(SystemExit, match='non-finite weights'):
-        runtime.concept_geometry(ckpt_of(out), n_batches=1, batch_size=2)
+    common = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--eval_interval=2']
+    run_script('train_mlm.py', *common, '--max_iters=2')
+    res = run_script('train_mlm.py', *common, '--max_iters=2', '--init_from=resume')
+    assert 'already the end of this run' in res.stdout and 'iter 1:' not in res.stdout
+    assert torch.load(ckpt_of(out), weights_only=True)['iter_num'] == 2
+
+
+@pytest.mark.parametrize('script,stage', [('train_tsdae.py', 'tsdae'), ('train_diffusion.py', 'diffusion')])
+def test_every_stage_records_its_own_stage_and_resumes(data_dir, tmp_path, script, stage):
+    out = str(tmp_path / 'run')
+    common = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--eval_interval=2', '--lr_decay_iters=4']
+    run_script(script, *common, '--max_iters=2')
+    assert torch.load(ckpt_of(out), weights_only=True)['stage'] == stage
+    res = run_script(script, *common, '--max_iters=4', '--init_from=resume')
+    assert 'resumed from' in res.stdout and [r['iter'] for r in read_log(out)] == [0, 2, 4]

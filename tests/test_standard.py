@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, read_log, run_script
-from model import ConceptConfig, ConceptDiffusion, ConceptMLM, ConfigError
+from model import ConceptConfig, ConceptDiffusion, ConceptMLM
 
 
 def cfg(**kw):
@@ -74,7 +74,7 @@ def test_standard_arm_attends_across_tokens_and_costs_quadratic_flops():
                                      (dict(concept_losses='vicreg'), 'concept_losses'),
                                      (dict(decoder='weighted'), 'weighted'), (dict(encoder='concpet'), 'concpet')])
 def test_settings_that_need_concepts_are_refused(kw, word):
-    with pytest.raises(ConfigError, match=word):
+    with pytest.raises(ValueError, match=word):
         ConceptMLM(cfg(**kw))
 
 
@@ -99,26 +99,26 @@ def test_standard_denoiser_is_time_conditioned_starts_as_identity_and_samples():
     # encoding without a noise level reads clean text (t = 0): the embeddings eval_glue pools
     torch.testing.assert_close(model.encoder(idx), model.encoder(idx, t=torch.zeros(2)))
     assert bound > 0 and n == idx.numel()
-    with pytest.raises(ConfigError, match='clean'):
+    with pytest.raises(ValueError, match='clean'):
         ConceptDiffusion(cfg(condition='clean'))
-    with pytest.raises(ConfigError, match='has no concepts: local_window apply to the concept arm only'):
+    with pytest.raises(ValueError, match='has no concepts: local_window apply to the concept arm only'):
         ConceptDiffusion(cfg(local_window=2))
 
 
 # --- the stages with encoder='standard'
 
 def test_mlm_stage_refuses_a_decoder_that_cannot_apply(data_dir, tmp_path):
-    out = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--max_iters=1',
+    out = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=1',
                      '--encoder=standard', '--decoder=posonly', check=False)
     assert out.returncode != 0 and 'Traceback' not in out.stderr
     assert "decoder='posonly' applies to the concept arm only" in out.stderr
 
 
 def test_tsdae_stage_refuses_drop_mode_and_learns_in_hide_mode(data_dir, tmp_path):
-    out = run_script('train_tsdae.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path / "d"}', '--max_iters=1',
+    out = run_script('train_tsdae.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "d"}', '--max_iters=1',
                      '--encoder=standard', '--deletion_mode=drop', check=False)
     assert out.returncode != 0 and "deletion_mode='hide'" in out.stderr and 'Traceback' not in out.stderr
-    run_script('train_tsdae.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path / "h"}', '--max_iters=40',
+    run_script('train_tsdae.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "h"}', '--max_iters=40',
                '--eval_interval=40', '--encoder=standard')
     first, last = read_log(str(tmp_path / 'h'))
     assert last['val_loss'] < first['val_loss'] - 0.5 and 'erank' not in last
@@ -126,7 +126,7 @@ def test_tsdae_stage_refuses_drop_mode_and_learns_in_hide_mode(data_dir, tmp_pat
 
 def test_standard_checkpoints_record_the_arm_and_evaluate(data_dir, tmp_path):
     out = str(tmp_path / 'run')
-    run_script('train_diffusion.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=4',
+    run_script('train_diffusion.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
                '--eval_interval=4', '--encoder=standard')
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['model_args']['encoder'] == 'standard' and ckpt['config']['encoder'] == 'standard'
@@ -140,7 +140,7 @@ def test_standard_checkpoints_record_the_arm_and_evaluate(data_dir, tmp_path):
 
 def test_time_budget_ends_the_run_at_min_lr_and_resume_continues_it(data_dir, tmp_path):
     out = str(tmp_path / 'run')
-    common = [*TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--eval_interval=100000', '--max_iters=3',
+    common = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--eval_interval=100000', '--max_iters=3',
               '--log_interval=1000']
     run_script('train_mlm.py', *common, '--max_minutes=0.05')  # 3 s; max_iters=3 does not stop it
     log = read_log(out)
@@ -155,19 +155,8 @@ def test_time_budget_ends_the_run_at_min_lr_and_resume_continues_it(data_dir, tm
     assert read_log(out)[-1]['lr'] == pytest.approx(3e-4)
 
 
-def test_concept_geometry_says_it_does_not_apply_to_the_standard_arm(tmp_path):
-    import runtime
-    from model import ConceptMLM
-    model = ConceptMLM(cfg())
-    path = str(tmp_path / 'ckpt.pt')
-    torch.save({'stage': 'mlm', 'model': model.state_dict(), 'model_args': vars(model.cfg), 'data_dir': str(tmp_path)},
-               path)
-    with pytest.raises(ConfigError, match='do not apply'):
-        runtime.concept_geometry(path)
-
-
 def test_the_arms_get_their_own_default_out_dir(monkeypatch):
-    import runtime
+    import common
     monkeypatch.setattr('sys.argv', ['train_mlm.py', 'config/tiny.py', '--encoder=standard'])
-    assert runtime.default_out_dir('mlm', 'standard') == os.path.join('out', 'tiny_mlm_standard')
-    assert runtime.default_out_dir('mlm') == os.path.join('out', 'tiny_mlm')
+    assert common.default_out_dir('mlm', 'standard') == os.path.join('out', 'tiny_mlm_standard')
+    assert common.default_out_dir('mlm') == os.path.join('out', 'tiny_mlm')

@@ -42,8 +42,7 @@ def test_mlm_masking_rules():
 def run_in_this_process(monkeypatch, data_dir, out_dir):
     """train_mlm.py for 2 iterations in this process, so a test can patch the model class first."""
     import runpy
-    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # the script installs its own
-    monkeypatch.setattr(sys, 'argv', ['train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out_dir}',
+    monkeypatch.setattr(sys, 'argv', ['train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}',
                                       '--max_iters=2', '--eval_interval=2'])
     runpy.run_path(os.path.join(ROOT, 'train_mlm.py'), run_name='__main__')
 
@@ -51,7 +50,7 @@ def run_in_this_process(monkeypatch, data_dir, out_dir):
 def test_the_stage_feeds_the_model_the_masked_input(data_dir, tmp_path, monkeypatch):
     """The script run in this process with a spy on the model: in training and in evaluation the
     model gets the noised ids (80% of the labelled positions hold [MASK]), never the clean text."""
-    import prepare_data
+    import common
     from model import ConceptMLM
     seen, forward = [], ConceptMLM.forward
 
@@ -60,7 +59,7 @@ def test_the_stage_feeds_the_model_the_masked_input(data_dir, tmp_path, monkeypa
         return forward(self, idx, targets, *args, **kwargs)
     monkeypatch.setattr(ConceptMLM, 'forward', spy)
     run_in_this_process(monkeypatch, data_dir, tmp_path)
-    mask_id = prepare_data.load_meta(data_dir)['special_tokens']['mask']
+    mask_id = common.load_meta(data_dir)['special_tokens']['mask']
     assert len(seen) == 2 + 2 * 2  # 2 training steps, 2 evaluations of eval_iters=2 batches
     for idx, targets in seen:
         picked = targets != -100
@@ -87,7 +86,7 @@ def test_a_step_with_no_masked_token_logs_no_train_loss(data_dir, tmp_path, monk
 
 def test_smoke_logs_and_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / 'run')
-    res = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=4',
+    res = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
                      '--eval_interval=2')
     assert 'step 0: train loss -, val loss' in res.stdout  # no training yet: a dash, never "nan"
     assert 'nan' not in res.stdout
@@ -109,7 +108,7 @@ def test_smoke_logs_and_checkpoint(data_dir, tmp_path):
                                      ['--bixt=True'], ['--recursive_iters=2'], ['--encoder=standard']])
 def test_loss_falls_on_real_text(data_dir, tmp_path, variant):
     out = str(tmp_path / 'run')
-    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=60',
+    run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=60',
                '--eval_interval=60', *variant)
     first, last = read_log(out)
     assert last['val_loss'] < first['val_loss'] - 0.5, (first, last)
@@ -122,7 +121,7 @@ def final_weights(out):
 @pytest.mark.parametrize('arm', ['concept', 'standard'])
 def test_resume_is_exact(data_dir, tmp_path, arm):
     """N iterations + resume + N iterations == 2N uninterrupted, bit for bit (CPU, float32)."""
-    common = [*TINY, f'--dataset={data_dir}', '--lr_decay_iters=8', '--eval_interval=2', '--dropout=0.1',
+    common = [*TINY, f'--data_dir={data_dir}', '--lr_decay_iters=8', '--eval_interval=2', '--dropout=0.1',
               f'--encoder={arm}']
     straight, halves = str(tmp_path / 'straight'), str(tmp_path / 'halves')
     run_script('train_mlm.py', *common, f'--out_dir={straight}', '--max_iters=8')
@@ -153,7 +152,7 @@ def torchrun_mlm(*args):
 @pytest.mark.parametrize('arm', ['concept', 'standard'])
 def test_ddp_two_processes_match_gradient_accumulation(data_dir, tmp_path, arm):
     """2 gloo processes x accumulation 1 == 1 process x accumulation 2 (same data, same noise)."""
-    common = [*TINY, f'--dataset={data_dir}', '--max_iters=3', '--eval_interval=3', '--gradient_accumulation_steps=2',
+    common = [*TINY, f'--data_dir={data_dir}', '--max_iters=3', '--eval_interval=3', '--gradient_accumulation_steps=2',
               f'--encoder={arm}']
     single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
     run_script('train_mlm.py', *common, f'--out_dir={single}')
@@ -166,7 +165,7 @@ def test_ddp_two_processes_match_gradient_accumulation(data_dir, tmp_path, arm):
 
 def test_ddp_resume_is_exact_with_dropout(data_dir, tmp_path):
     """2 processes: each rank draws its own dropout masks, and resume gives each its own RNG back."""
-    common = [*TINY, f'--dataset={data_dir}', '--lr_decay_iters=4', '--eval_interval=2', '--dropout=0.1',
+    common = [*TINY, f'--data_dir={data_dir}', '--lr_decay_iters=4', '--eval_interval=2', '--dropout=0.1',
               '--gradient_accumulation_steps=2']
     straight, halves = str(tmp_path / 'straight'), str(tmp_path / 'halves')
     torchrun_mlm(*common, f'--out_dir={straight}', '--max_iters=4')
@@ -178,7 +177,7 @@ def test_ddp_resume_is_exact_with_dropout(data_dir, tmp_path):
 
 
 def test_unknown_decoder_is_one_clear_line(data_dir, tmp_path):
-    out = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--max_iters=1',
+    out = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=1',
                      '--decoder=perciever', check=False)
     assert out.returncode != 0
     assert "unknown decoder 'perciever'" in out.stderr and 'Traceback' not in out.stderr
@@ -189,16 +188,16 @@ def test_resume_refuses_another_tokenizer_stage_or_shape(data_dir, tmp_path):
     size, another stage's checkpoint or another shape is one line saying what to do instead."""
     import prepare_data
     run_dir = str(tmp_path / 'run')
-    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={run_dir}', '--max_iters=1',
+    run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={run_dir}', '--max_iters=1',
                '--eval_interval=1')
     smaller, same_size = str(tmp_path / 'smaller'), str(tmp_path / 'same_size')
-    prepare_data.prepare(dataset='pydocs', max_docs=500, vocab_size=600, out_dir=smaller)
-    prepare_data.prepare(dataset='pydocs', max_docs=800, vocab_size=1024, out_dir=same_size)
+    prepare_data.prepare(dataset='pydocs', max_docs=500, vocab_size=600, data_dir=smaller)
+    prepare_data.prepare(dataset='pydocs', max_docs=800, vocab_size=1024, data_dir=same_size)
     resume = [*TINY, f'--out_dir={run_dir}', '--max_iters=2', '--init_from=resume']
-    cases = [('train_mlm.py', [f'--dataset={smaller}'], 'vocab_size 1024'),
-             ('train_mlm.py', [f'--dataset={same_size}'], 'another tokenizer'),
-             ('train_tsdae.py', [f'--dataset={data_dir}'], 'is a mlm checkpoint'),
-             ('train_mlm.py', [f'--dataset={data_dir}', '--block_size=32'], 'block_size=64 there, 32 here')]
+    cases = [('train_mlm.py', [f'--data_dir={smaller}'], 'vocab_size 1024'),
+             ('train_mlm.py', [f'--data_dir={same_size}'], 'another tokenizer'),
+             ('train_tsdae.py', [f'--data_dir={data_dir}'], 'is a mlm checkpoint'),
+             ('train_mlm.py', [f'--data_dir={data_dir}', '--block_size=32'], 'block_size=64 there, 32 here')]
     for script, extra, message in cases:
         out = run_script(script, *resume, *extra, check=False)
         assert out.returncode != 0 and message in out.stderr and 'Traceback' not in out.stderr, (script, out.stderr)
@@ -206,22 +205,31 @@ def test_resume_refuses_another_tokenizer_stage_or_shape(data_dir, tmp_path):
 
 
 def test_settings_out_of_range_are_one_clear_line(data_dir, tmp_path, monkeypatch):
-    import runtime
-    from model import ConfigError
+    import common
     for bad in ({'eval_iters': 0}, {'gradient_accumulation_steps': -1}, {'batch_size': 0}, {'dropout': 1.0},
-                {'mask_prob': 0.0}, {'t_min': 1.5}, {'log_interval': 0}):
-        with pytest.raises(ConfigError, match=f'{next(iter(bad))}='):
-            runtime.check_settings({'eval_iters': 20, 'mask_prob': 0.15, **bad})
-    runtime.check_settings({'eval_iters': 1, 'mask_prob': 1.0, 'dropout': 0.0, 't_min': 0.0, 'max_iters': 0})
+                {'mask_prob': 0.0}, {'t_min': 1.5}, {'log_interval': 0}, {'max_minutes': float('inf')},
+                {'learning_rate': float('nan')}, {'seed': 10 ** 30}, {'seed': -1}, {'decoder_x': float('-inf')},
+                {'encoder': 'transformer'}, {'dtype': 'fp8'}):
+        with pytest.raises(common.InputError, match=f'{next(iter(bad))}='):
+            common.check_settings({'eval_iters': 20, 'mask_prob': 0.15, **bad})
+    common.check_settings({'eval_iters': 1, 'mask_prob': 1.0, 'dropout': 0.0, 't_min': 0.0, 'max_iters': 0, 'seed': 2 ** 63 - 1})
+    with pytest.raises(common.InputError, match='local_window=64 reaches past the 64-token window: at most .* 63'):
+        common.check_settings({'block_size': 64, 'local_window': 64})
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, 'is_available', lambda: False)
-        with pytest.raises(ConfigError, match='no CUDA device'):
-            runtime.resolve_device('cuda')
-    out = run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}', '--eval_iters=0',
+        with pytest.raises(common.InputError, match='no CUDA device'):
+            common.resolve_device('cuda')
+    out = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--eval_iters=0',
                      check=False)
     assert out.returncode != 0 and 'eval_iters=0 must be > 0' in out.stderr and 'Traceback' not in out.stderr
+    # issue 35: a seed out of range and a non-finite budget are one line before anything runs
+    for arg, message in (('--seed=1e30', 'must be an integer from 0 to 2**63 - 1'),
+                         ('--max_minutes=1e309', 'max_minutes=inf is not a finite number')):
+        out = run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/x', arg, check=False)
+        assert out.returncode == 1 and message in out.stderr and 'Traceback' not in out.stderr, out.stderr
+        assert not os.path.exists(f'{tmp_path}/x')
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path):
-    out = run_script('train_mlm.py', *TINY, f'--dataset={tmp_path}/nope', f'--out_dir={tmp_path}', check=False)
+    out = run_script('train_mlm.py', *TINY, f'--data_dir={tmp_path}/nope', f'--out_dir={tmp_path}', check=False)
     assert out.returncode != 0 and 'prepare_data.py' in out.stderr and 'Traceback' not in out.stderr

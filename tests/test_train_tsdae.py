@@ -71,21 +71,21 @@ def test_the_stage_hides_deleted_tokens_from_the_encoder(data_dir, tmp_path):
     losses = []
     for mode, rate in (('hide', 0.0), ('hide', 0.9), ('drop', 0.9)):
         out = str(tmp_path / f'{mode}{rate}')
-        run_script('train_tsdae.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=0',
+        run_script('train_tsdae.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=0',
                    f'--deletion_mode={mode}', f'--deletion_rate={rate}')
         losses.append(read_log(out)[0]['val_loss'])
     assert abs(losses[1] - losses[0]) > 1e-3 and abs(losses[2] - losses[0]) > 1e-3, losses
 
 
 def test_decoder_must_not_see_the_answer(data_dir, tmp_path):
-    out = run_script('train_tsdae.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}',
+    out = run_script('train_tsdae.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
                      '--decoder=perceiver', check=False)
     assert out.returncode != 0 and "decoder must be 'posonly' or 'weighted'" in out.stderr
 
 
 @pytest.mark.parametrize('mode', ['hide', 'drop'])
 def test_loss_falls_and_warm_start_from_mlm_starts_lower(data_dir, tmp_path, mode):
-    common = [*TINY, f'--dataset={data_dir}', '--max_iters=40', '--eval_interval=40', f'--deletion_mode={mode}']
+    common = [*TINY, f'--data_dir={data_dir}', '--max_iters=40', '--eval_interval=40', f'--deletion_mode={mode}']
     scratch = str(tmp_path / 'scratch')
     run_script('train_tsdae.py', *common, f'--out_dir={scratch}')
     first, last = read_log(scratch)
