@@ -1,6 +1,5 @@
 """
-Turn a text corpus into a data directory that training can memory-map (the format, and its
-reading side, are in common.py):
+Turn a text corpus into a data directory that training memory-maps (common.py reads it):
 
     train.bin, val.bin              token ids, headerless uint16 (uint32 if vocab_size > 65536);
                                     documents back to back, each followed by <|endofdoc|>
@@ -8,24 +7,19 @@ reading side, are in common.py):
     tokenizer.tiktoken              the BPE ranks (--tokenizer=bpe only), tiktoken's file format
     meta.json                       what is needed to read all of the above; written last
 
-    python prepare_data.py                                    # offline: stdlib/torch/numpy docstrings
-    python prepare_data.py --dataset=minipile                 # Hugging Face hub (needs internet)
-    python prepare_data.py --dataset=notes.txt --vocab_size=4096
-    python prepare_data.py --dataset=../shared/corpus/imdb    # a folder of .txt.xz files
-    python prepare_data.py --dataset=pydocs --tokenizer=gpt2  # a tiktoken vocabulary (downloaded once)
+    python prepare_data.py                                  # offline: stdlib/torch/numpy docstrings
+    python prepare_data.py --dataset=../shared/corpus/imdb  # a folder of .txt.xz files
+    python prepare_data.py --dataset=minipile --tokenizer=gpt2  # the hub, a tiktoken vocabulary (online)
 
 Corpora: 'pydocs'; 'minipile' (= JeanKaddour/minipile) or any hub name 'owner/name' (column
-text_column of split); or a local path: a .txt file (documents are separated by one or more blank
-lines; any line endings), a .jsonl file (one JSON object per line), a .json/.parquet file (column
-text_column), each optionally compressed (.xz, .gz, .bz2: x.txt.xz is a .txt), or a directory of
-such files. Local text must be UTF-8: UTF-16 and binary files are refused, a BOM is dropped, and
-bytes that are not UTF-8 are counted in a warning.
+text_column of split); a .txt file (documents separated by blank lines; any line endings), a .jsonl
+file (one JSON object per line), a .json/.parquet file (column text_column), each optionally
+compressed (.xz, .gz, .bz2: x.txt.xz is a .txt), or a directory of them. Local text must be UTF-8:
+UTF-16 and binary files are refused, a BOM is dropped, bytes that are not UTF-8 are counted.
 
-The split into train/val is by whole documents, decided per document from (seed, index), and every
-output is a pure function of the inputs (two runs give byte-identical files). Memory stays bounded:
-the corpus is read once as a stream and parked on disk (length-prefixed UTF-8 in the temporary
-directory), then BPE is trained from the train part and the encoding pass appends chunk after chunk
-to the .bin; a book-length document is read back and encoded in pieces.
+A document goes to train or val by a hash of (seed, index); two runs give byte-identical files.
+Memory stays bounded: the corpus is streamed once into spool files on disk, BPE is trained from the
+train spool, and the encoding pass appends part after part to the .bin, a book in pieces.
 """
 import ast
 import base64
@@ -33,10 +27,12 @@ import bz2
 import codecs
 import gzip
 import hashlib
+import importlib.util
 import inspect
 import io
 import json
 import lzma
+import multiprocessing
 import os
 import re
 import signal
@@ -46,11 +42,12 @@ import time
 import warnings
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import islice
 
 import numpy as np
 import rustbpe
+from tqdm import tqdm
 
 import common
 from common import InputError
@@ -73,14 +70,13 @@ hub_streaming = True             # stream hub datasets instead of downloading th
 
 # GPT-4's split pattern with digit runs of at most 2 (as nanochat): fewer number tokens in a small vocab
 _SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-# between an ASCII letter and ' word': the split pattern always cuts there and looks no further, so
-# the pieces of a document cut there encode (and train BPE) exactly as the whole document does
+# 'word| word': the split pattern always cuts between a letter and ' word', looking no further, so the
+# pieces of a document cut there give the ids (and BPE's counts) of the whole
 _CUT = re.compile(r'(?<=[A-Za-z]) (?=[A-Za-z])')
 _RANKS_FILE = 'tokenizer.tiktoken'
-_DATA_FILES = {'meta.json', _RANKS_FILE} | {f'{s}.bin' for s in common.SPLITS} | {f'{s}_docs.npy' for s in common.SPLITS}
+_DATA_FILES = {'meta.json', _RANKS_FILE, 'train.bin', 'val.bin', 'train_docs.npy', 'val_docs.npy'}
 _FORMATS = ('.txt', '.jsonl', '.json', '.parquet')
 _COMPRESSED = {'.xz': (lzma.open, 'xz'), '.gz': (gzip.open, 'gzip'), '.bz2': (bz2.open, 'bzip2')}
-_READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)  # a damaged file, plain or compressed
 _PYDOCS_SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'testing'}
 _PYDOCS_MIN_WORDS, _PYDOCS_MIN_CHARS = 4, 24  # "Return self." and friends are noise, not prose
 _PART_CHARS = 256_000  # text per unit of encoding work (at most 2·num_threads units wait in memory)
@@ -94,38 +90,32 @@ def read_pydocs(num_workers=2):
     about 9 MB of technical English that every machine with this repo's venv has, so the whole
     pipeline runs offline. Files are parsed with ast (never imported) in sorted order, on
     num_workers processes (parsing is the slow part); tiny docstrings and exact repeats are dropped."""
-    import importlib.util
     roots = [sysconfig.get_paths()['stdlib']]
     for name in ('torch', 'numpy'):
         spec = importlib.util.find_spec(name)  # locates the package without importing it
         if spec is not None and spec.submodule_search_locations:
             roots.append(sorted(spec.submodule_search_locations)[0])
     paths = []
-    for root in roots:  # all .py files, sorted by path relative to their root, minus tests and vendored packages
+    for root in roots:  # the .py files sorted by their path under root, without tests and vendored packages
         files = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if d not in _PYDOCS_SKIP_DIRS]
-            rel = os.path.relpath(dirpath, root)
-            files += [os.path.normpath(os.path.join(rel, f)) for f in filenames if f.endswith('.py')]
+            files += [os.path.normpath(os.path.join(os.path.relpath(dirpath, root), f)) for f in filenames
+                      if f.endswith('.py')]
         paths += [os.path.join(root, rel) for rel in sorted(files)]
-    pool, per_file = None, map(file_docstrings, paths)
+    pool, per_file, seen = None, map(file_docstrings, paths), set()
     if num_workers > 1 and sys.platform == 'linux':
-        # fork, not spawn: spawn re-runs the caller's main script in each worker, which breaks any
-        # script that calls prepare() without an `if __name__ == '__main__'` guard. The workers
-        # ignore Ctrl-C: the main process alone says what was interrupted.
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        # fork, not spawn: spawn re-runs the caller's main script in each worker, which breaks any script
+        # that calls prepare() without a __main__ guard. Workers ignore Ctrl-C: the main process says it.
         pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context('fork'),
                                    initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
         per_file = pool.map(file_docstrings, paths, chunksize=16)
-    seen = set()
     try:
-        for docs in per_file:
-            for doc in docs:
-                key = hashlib.blake2b(doc.encode('utf-8', 'replace'), digest_size=16).digest()
-                if key not in seen:
-                    seen.add(key)
-                    yield doc
+        for doc in (doc for docs in per_file for doc in docs):
+            key = hashlib.blake2b(doc.encode('utf-8', 'replace'), digest_size=16).digest()
+            if key not in seen:
+                seen.add(key)
+                yield doc
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)  # stopped early (max_docs): skip the files not yet parsed
@@ -134,11 +124,9 @@ def read_pydocs(num_workers=2):
 def file_docstrings(path):
     """The docstrings of one .py file worth keeping as documents; [] if it does not parse."""
     try:
-        with open(path, 'rb') as f:
-            source = f.read()
-        with warnings.catch_warnings():
+        with open(path, 'rb') as f, warnings.catch_warnings():
             warnings.simplefilter('ignore')  # SyntaxWarnings about escapes in old code
-            tree = ast.parse(source)
+            tree = ast.parse(f.read())
     except (SyntaxError, ValueError, RecursionError, MemoryError, OSError):
         return []
     return [doc for doc in docstrings(tree) if len(doc) >= _PYDOCS_MIN_CHARS and len(doc.split()) >= _PYDOCS_MIN_WORDS]
@@ -157,11 +145,9 @@ def docstrings(node):
 
 
 def file_format(path):
-    """'.txt', '.jsonl', '.json' or '.parquet' by the name inside any compression suffix
-    (x.txt.xz is a .txt), or None."""
+    """'.txt', '.jsonl', '.json' or '.parquet' by the name inside any compression (x.txt.xz is a .txt)."""
     stem, ext = os.path.splitext(path)
-    if ext in _COMPRESSED:
-        ext = os.path.splitext(stem)[1]
+    ext = os.path.splitext(stem)[1] if ext in _COMPRESSED else ext
     return ext if ext in _FORMATS else None
 
 
@@ -189,16 +175,14 @@ def check_text_file(path):
 
 
 def read_txt(path):
-    """Documents of a UTF-8 text file, as UTF-8 bytearrays: separated by one or more blank
-    (whitespace-only) lines, with universal newlines (\\n, \\r\\n or an old Mac's \\r; each read as \\n).
-
-    Read line by line, so memory is bounded by the longest document, held once as bytes (a str of
-    it can take 4 bytes per character). A leading BOM is dropped; a line that is not valid UTF-8 is
-    read with U+FFFD for its bad bytes and counted in a warning at the end (a latin-1 file should be
-    converted, not silently mangled)."""
+    """Documents of a UTF-8 text file as UTF-8 bytearrays: separated by blank (whitespace-only)
+    lines, with universal newlines (\\n, \\r\\n or an old Mac's \\r, each read as \\n). Read line by
+    line: memory is bounded by the longest document, held once as bytes (a str of it can take 4 bytes
+    per character). A BOM is dropped; bad UTF-8 bytes become U+FFFD and their lines are counted in a
+    warning (a latin-1 file should be converted, not silently mangled)."""
     check_text_file(path)
     doc, bad_lines, first_bad, number = bytearray(), 0, None, 0
-    # surrogateescape keeps bad bytes as they were, so they can be replaced exactly as a bytes decode does
+    # surrogateescape keeps bad bytes as they are, to be replaced exactly as a bytes decode does
     with io.TextIOWrapper(open_binary(path), encoding='utf-8-sig', errors='surrogateescape') as f:
         for number, line in enumerate(f, 1):
             if '\0' in line:
@@ -207,8 +191,7 @@ def read_txt(path):
                 data = line.encode('utf-8')
             except UnicodeEncodeError:  # escaped bad bytes
                 data = line.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace').encode('utf-8')
-                bad_lines += 1
-                first_bad = first_bad or number
+                bad_lines, first_bad = bad_lines + 1, first_bad or number
             if line.strip(' \t\n\r\x0b\x0c'):  # ASCII whitespace, as bytes.strip: a line of U+00A0 is text
                 doc += (b'\n' if doc else b'') + data.rstrip(b'\n')
             elif doc:
@@ -257,37 +240,30 @@ def read_jsonl(path, text_column):
 
 def texts_of(ds, text_column, what):
     """The text_column of a datasets Dataset or IterableDataset, batch by batch (fast)."""
-    def missing(columns):
-        return InputError(f"{what}: no column '{text_column}'; available columns: {', '.join(columns)} "
-                          f"(choose one with --text_column=...)")
-    if ds.column_names is not None and text_column not in ds.column_names:  # None: streaming, not known yet
-        raise missing(ds.column_names)
     for batch in ds.iter(batch_size=1024):
         if text_column not in batch:
-            raise missing(list(batch))
+            raise InputError(f"{what}: no column '{text_column}'; available columns: {', '.join(batch)} "
+                             f"(choose one with --text_column=...)")
         yield from (checked_text(text, what, text_column) for text in batch[text_column] if text is not None)
 
 
 def read_local(path, text_column):
-    """The documents of a local file or of every corpus file under a directory (sorted paths). A
-    .json/.parquet file goes through the datasets library (streamed: no cache copy), whose reader's
-    errors (pyarrow's ArrowInvalid, ...) become one line naming the file, as a damaged file does."""
+    """The documents of a local file, or of every corpus file under a directory (sorted). A
+    .json/.parquet file goes through the datasets library (streamed: no cache copy); its reader's
+    errors (pyarrow's ArrowInvalid, ...) are one line naming the file, as a damaged file's are."""
     if os.path.isdir(path):
         files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
                        if file_format(f))
         if not files:
-            raise InputError(f"{path}: no {'/'.join(_FORMATS)} files in this directory (optionally compressed: "
-                             f"{'/'.join(_COMPRESSED)})")
+            raise InputError(f"{path}: no {'/'.join(_FORMATS)} files (or {'/'.join(_COMPRESSED)} of them) in it")
         for rel in files:
             yield from read_local(os.path.join(path, rel), text_column)
         return
     kind = file_format(path)
     try:
-        if kind == '.txt':
-            yield from read_txt(path)
-        elif kind == '.jsonl':
-            yield from read_jsonl(path, text_column)
-        elif kind in ('.json', '.parquet'):
+        if kind in ('.txt', '.jsonl'):
+            yield from read_txt(path) if kind == '.txt' else read_jsonl(path, text_column)
+        elif kind:
             import datasets
             if kind == '.json':
                 check_text_file(path)
@@ -302,49 +278,33 @@ def read_local(path, text_column):
         else:
             raise InputError(f"{path}: unknown file type; use {', '.join(_FORMATS)} (optionally compressed: "
                              f"{', '.join(_COMPRESSED)}) or a directory of them")
-    except _READ_ERRORS as e:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # a damaged file, plain or compressed
         tool = _COMPRESSED.get(os.path.splitext(path)[1], (None, None))[1]
         hint = f": the file is damaged or cut short (check it with {tool} -t {path})" if tool else ''
         raise InputError(f"{path} could not be read ({common.cause(e)}){hint}") from None
 
 
 def read_hub(name, split, text_column, streaming):
-    """A Hugging Face hub dataset. Offline this fails (after datasets' retries): say so in one line."""
+    """A Hugging Face hub dataset (a streamed one connects at its first read). Offline this fails,
+    after datasets' retries: say so in one line."""
     import datasets
     try:
-        ds = datasets.load_dataset(name, split=split, streaming=streaming)
-        docs = texts_of(ds, text_column, f"{name} (split {split})")
-        first = next(docs, None)  # streaming datasets only connect on the first read
+        yield from texts_of(datasets.load_dataset(name, split=split, streaming=streaming), text_column,
+                            f"{name} (split {split})")
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - connection, auth, missing repo or split: same advice
         raise InputError(f"could not load the hub dataset '{name}' ({common.first_line(e)}) and there is no local "
                          f"file of that name; offline? use --dataset=pydocs or a local .txt/.jsonl/.parquet file or "
                          f"directory, e.g. --dataset=corpus.txt")
-    if first is not None:
-        yield first
-        yield from docs
 
 
 def corpus_name(dataset):
-    """The name of the default data_dir, data/<name>: a local path's stem (x.txt.xz -> x), else
-    the hub name's last part."""
+    """data_dir's default is data/<name>: a local path's stem (x.txt.xz -> x), else the hub name's last part."""
     if dataset != 'pydocs' and os.path.exists(dataset):
         stem, ext = os.path.splitext(os.path.basename(os.path.normpath(dataset)))
         return os.path.splitext(stem)[0] if ext in _COMPRESSED else stem
     return {'minipile': 'JeanKaddour/minipile'}.get(dataset, dataset).split('/')[-1]
-
-
-def open_corpus(dataset, text_column='text', split='train', hub_streaming=True, num_workers=2):
-    """(kind, documents iterator) for the dataset setting."""
-    if dataset == 'pydocs':
-        return 'pydocs', read_pydocs(num_workers)
-    if os.path.exists(dataset):
-        return 'local', read_local(dataset, text_column)
-    if file_format(dataset) or dataset.startswith(('.', '/', '~')) or dataset.count('/') > 1:
-        raise InputError(f"{dataset}: no such file or directory")
-    return 'hub', read_hub('JeanKaddour/minipile' if dataset == 'minipile' else dataset, split, text_column,
-                           hub_streaming)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +314,6 @@ def spool_corpus(docs, tmp, val_fraction, seed):
     """The reading pass: every non-empty document to its split's spool file (8-byte length, UTF-8),
     the split decided by a hash of (seed, index): reproducible, and needs no look-ahead (streaming).
     -> per-split doc and char counts, and the sha256 of all documents in corpus order."""
-    from tqdm import tqdm
     sha = hashlib.sha256()
     stats = {s: {'docs': 0, 'chars': 0} for s in common.SPLITS}
     last = {}  # split -> (offset, chars) of its last record, to move one if a split stays empty
@@ -366,7 +325,7 @@ def spool_corpus(docs, tmp, val_fraction, seed):
                 continue
             if isinstance(doc, str):
                 data, chars = doc.encode('utf-8', 'replace'), len(doc)  # 'replace': lone surrogates from JSON
-            else:  # UTF-8 bytes (.txt): characters are the bytes that do not continue one, counted in chunks
+            else:  # UTF-8 bytes (.txt): the characters are the bytes that continue none, counted in chunks
                 view, step = np.frombuffer(doc, np.uint8), 1 << 22
                 data, chars = doc, len(doc) - (0 if doc.isascii() else sum(
                     int(np.count_nonzero((view[a:a + step] & 0xC0) == 0x80)) for a in range(0, len(doc), step)))
@@ -390,10 +349,8 @@ def spool_corpus(docs, tmp, val_fraction, seed):
                 files[src].seek(offset)
                 files[dst].write(files[src].read())
                 files[src].truncate(offset)
-                stats[src]['docs'] -= 1
-                stats[src]['chars'] -= chars
-                stats[dst]['docs'] += 1
-                stats[dst]['chars'] += chars
+                stats[src]['docs'], stats[src]['chars'] = stats[src]['docs'] - 1, stats[src]['chars'] - chars
+                stats[dst]['docs'], stats[dst]['chars'] = 1, chars
     finally:
         for f in files.values():
             f.close()
@@ -401,8 +358,8 @@ def spool_corpus(docs, tmp, val_fraction, seed):
 
 
 def spooled_texts(path, max_chars=None):
-    """(text, ends_document) of a spool file's documents in order, stopping at the first document
-    that starts past max_chars characters. A long document (a book) comes in pieces of at least
+    """(text, ends_document) of a spool file's documents in order, up to the first document that
+    starts past max_chars characters. A long document (a book) comes in pieces of at least
     _PART_CHARS characters cut at _CUT, read and decoded chunk by chunk: never held whole."""
     chars = 0
     with open(path, 'rb') as f:
@@ -412,7 +369,7 @@ def spooled_texts(path, max_chars=None):
                 data = f.read(min(left, _PART_CHARS))
                 left -= len(data)
                 seen, text = len(text), text + decode(data, final=not left)
-                cut = _CUT.search(text, max(_PART_CHARS, seen - 1))
+                cut = _CUT.search(text, max(_PART_CHARS, seen - 1))  # the new text, and the space before it
                 while cut:
                     chars += cut.start()
                     yield text[:cut.start()], False
@@ -422,24 +379,23 @@ def spooled_texts(path, max_chars=None):
             yield text, True
 
 
-def encode_split(tok, spool, bin_path, docs_path, n_docs, dtype, executor, num_threads, bar):
-    """The encoding pass of one split: parts of about _PART_CHARS characters are encoded on the
-    executor's threads and appended to the .bin in order, with a few parts in flight, so memory
-    stays bounded and the threads never wait for each other. -> the number of tokens written."""
+def encode_split(tok, tmp, split, n_docs, dtype, executor, num_threads, bar):
+    """The encoding pass of one split, from its spool in tmp to its .bin and _docs.npy there: parts
+    of about _PART_CHARS characters are encoded on the executor's threads and appended in order, a
+    few parts in flight, so memory stays bounded and no thread waits. -> the number of tokens."""
     eod = np.array([tok.eod_id], dtype=dtype)
 
-    def encode_part(part):
-        # encode_to_numpy: no list of Python ints (an object per token); it releases the GIL, so
-        # the threads run in parallel. Special-token text is ordinary text.
-        return np.concatenate([piece for text, ends in part for piece in
+    def encode_part(part):  # encode_to_numpy: no Python int per token, and the GIL released (threads run)
+        return np.concatenate([ids for text, ends in part for ids in
                                (tok.enc.encode_to_numpy(text, disallowed_special=()).astype(dtype), eod[:ends])])
 
     n_tokens = written = start = 0
     # plain writes, not a memmap: on a full disk a write raises OSError, a memmap store is a SIGBUS
-    with open(bin_path, 'wb') as out, open(docs_path, 'wb') as docs_out:
+    path = os.path.join(tmp, split)
+    with open(f'{path}.bin', 'wb') as out, open(f'{path}_docs.npy', 'wb') as docs_out:
         np.lib.format.write_array_header_1_0(docs_out, {'descr': '<i8', 'fortran_order': False, 'shape': (n_docs,)})
 
-        def write(ids):  # a document starts after each <|endofdoc|>: the next part may hold its end
+        def write(ids):  # a document starts after each <|endofdoc|> (the next one may end in a later part)
             nonlocal n_tokens, written, start
             out.write(ids.tobytes())
             ends = n_tokens + 1 + np.flatnonzero(ids == tok.eod_id)
@@ -450,7 +406,7 @@ def encode_split(tok, spool, bin_path, docs_path, n_docs, dtype, executor, num_t
             n_tokens += len(ids)
 
         pending, part, chars = deque(), [], 0
-        for text, ends in spooled_texts(spool):
+        for text, ends in spooled_texts(f'{path}.spool'):
             part.append((text, ends))
             chars += len(text)
             if chars >= _PART_CHARS:
@@ -463,7 +419,36 @@ def encode_split(tok, spool, bin_path, docs_path, n_docs, dtype, executor, num_t
         while pending:
             write(pending.popleft().result())
     assert written == n_docs, (written, n_docs)
+    os.remove(f'{path}.spool')
     return n_tokens
+
+
+def make_tokenizer(tokenizer, base, vocab_size, name, tmp, bpe_max_chars):
+    """A BPE trained with rustbpe on tmp's train spool (ranks saved to tmp in tiktoken's format), or
+    the named tiktoken encoding base; either with the special tokens on top."""
+    n_special = len(common.SPECIALS)
+    if tokenizer == 'bpe':
+        t0, trainer = time.time(), rustbpe.Tokenizer()
+        texts = (text for text, _ in spooled_texts(os.path.join(tmp, 'train.spool'), int(bpe_max_chars)))
+        trainer.train_from_iterator(texts, vocab_size - n_special, buffer_size=256, pattern=_SPLIT_PATTERN)
+        ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+        n_base = len(ranks)  # a small corpus may support fewer merges
+        if n_base + n_special < vocab_size:
+            print(f"note: the corpus only supports {n_base - 256} merges: vocab_size is {n_base + n_special}, "
+                  f"not {vocab_size}")
+        path = os.path.join(tmp, _RANKS_FILE)
+        with open(path, 'w', encoding='ascii') as f:  # a line per token: base64 of its bytes, its rank
+            f.writelines(f"{base64.b64encode(token).decode('ascii')} {rank}\n"
+                         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+        recipe = {'kind': 'bpe', 'name': f'{name}_bpe{n_base + n_special}', 'pattern': _SPLIT_PATTERN,
+                  'file': _RANKS_FILE, 'file_sha256': common.sha256_file(path), 'n_base': n_base}
+        enc = common.with_specials(recipe['name'], _SPLIT_PATTERN, ranks, {}, n_base)
+        print(f"trained BPE: {n_base} base tokens + {n_special} special in {time.time() - t0:.1f}s")
+    else:
+        recipe = {'kind': 'tiktoken', 'name': tokenizer, 'pattern': base._pat_str, 'file': None, 'n_base': base.n_vocab}
+        enc = common.with_specials(tokenizer, base._pat_str, base._mergeable_ranks, base._special_tokens, base.n_vocab)
+    recipe['special_tokens'] = {t: enc.encode_single_token(t) for t in common.SPECIALS.values()}
+    return common.Tokenizer(enc, recipe)
 
 
 def check_replaceable(data_dir):
@@ -477,105 +462,76 @@ def check_replaceable(data_dir):
 def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe', vocab_size=8192, data_dir='',
             val_fraction=0.01, seed=1337, max_docs=0, num_threads=2, bpe_max_chars=1_000_000_000,
             hub_streaming=True):
-    """Write the data directory of a corpus (see the module docstring); -> its path. It is built
-    beside data_dir and renamed into place at the end (meta.json written last), so a failed or
-    killed run never leaves a directory that looks valid, nor changes the one that was there."""
+    """Write the data directory of a corpus (see the module docstring) -> its path. It is built beside
+    data_dir and renamed into place at the end (meta.json written last): a failed or killed run never
+    leaves a directory that looks valid, nor changes the one that was there."""
     t_start = time.time()
     common.check_settings({'seed': seed, 'val_fraction': val_fraction, 'bpe_max_chars': bpe_max_chars})
-    n_special = len(common.SPECIALS)
     for key, value, ok, want in (
             ('val_fraction', val_fraction, 0 < val_fraction < 1, 'between 0 and 1 (exclusive)'),
             ('num_threads', num_threads, num_threads >= 1, '>= 1'), ('max_docs', max_docs, max_docs >= 0, '>= 0'),
             ('bpe_max_chars', bpe_max_chars, bpe_max_chars >= 1, '>= 1'),
-            ('vocab_size', vocab_size, tokenizer != 'bpe' or vocab_size >= 256 + n_special,
-             f">= {256 + n_special} for a byte-level BPE (256 bytes + {n_special} special tokens)")):
+            ('vocab_size', vocab_size, tokenizer != 'bpe' or vocab_size >= 261,
+             '>= 261 for a byte-level BPE (256 bytes + 5 special tokens)')):
         if not ok:
             raise InputError(f"{key}={value!r} must be {want}")
     base = None if tokenizer == 'bpe' else common.named_encoding(tokenizer)  # fail fast, before reading
-    kind, source_docs = open_corpus(dataset, text_column, split, hub_streaming, num_threads)
+    if dataset == 'pydocs':
+        kind, source_docs = 'pydocs', read_pydocs(num_threads)
+    elif os.path.exists(dataset):
+        kind, source_docs = 'local', read_local(dataset, text_column)
+    elif file_format(dataset) or dataset.startswith(('.', '/', '~')) or dataset.count('/') > 1:
+        raise InputError(f"{dataset}: no such file or directory")
+    else:
+        name = 'JeanKaddour/minipile' if dataset == 'minipile' else dataset
+        kind, source_docs = 'hub', read_hub(name, split, text_column, hub_streaming)
     data_dir = data_dir or os.path.join('data', corpus_name(dataset))
     check_replaceable(data_dir)
     common.check_output(data_dir, '--data_dir', folder=True, replaced=True)
-    meta, seconds = {}, {}  # filled in by build
+    meta, seconds = {}, {}
 
     def build(tmp):
         os.makedirs(tmp)
-        # 1. read the corpus once, splitting it into train/val spools
-        docs = islice(source_docs, max_docs) if max_docs > 0 else source_docs
-        stats, fingerprint = spool_corpus(docs, tmp, val_fraction, seed)
-        total_chars = sum(s['chars'] for s in stats.values())
-        print(f"corpus: {stats['train']['docs'] + stats['val']['docs']:,} documents, {total_chars / 1e6:.1f}M "
-              f"characters ({stats['train']['docs']:,} train / {stats['val']['docs']:,} val) "
-              f"in {time.time() - t_start:.1f}s")
-
-        # 2. the tokenizer: a BPE trained on the train spool (its ranks saved), or the named encoding
+        # 1. read the corpus once, into train/val spools
+        stats, fingerprint = spool_corpus(islice(source_docs, max_docs or None), tmp, val_fraction, seed)
+        n_docs, chars = stats['train']['docs'] + stats['val']['docs'], stats['train']['chars'] + stats['val']['chars']
+        print(f"corpus: {n_docs:,} documents, {chars / 1e6:.1f}M characters ({stats['train']['docs']:,} train / "
+              f"{stats['val']['docs']:,} val) in {time.time() - t_start:.1f}s")
+        # 2. the tokenizer
         t0 = time.time()
-        if tokenizer == 'bpe':
-            trainer = rustbpe.Tokenizer()
-            texts = (text for text, _ in spooled_texts(os.path.join(tmp, 'train.spool'), int(bpe_max_chars)))
-            trainer.train_from_iterator(texts, vocab_size - n_special, pattern=_SPLIT_PATTERN)
-            ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
-            n_base = len(ranks)  # a small corpus may support fewer merges
-            if n_base + n_special < vocab_size:
-                print(f"note: the corpus only supports {n_base - 256} merges: vocab_size is {n_base + n_special}, "
-                      f"not {vocab_size}")
-            ranks_path = os.path.join(tmp, _RANKS_FILE)
-            with open(ranks_path, 'w', encoding='ascii') as f:  # tiktoken's format: base64 of the bytes, rank
-                f.writelines(f"{base64.b64encode(t).decode('ascii')} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
-            recipe = {'kind': 'bpe', 'name': f'{corpus_name(dataset)}_bpe{n_base + n_special}',
-                      'pattern': _SPLIT_PATTERN, 'file': _RANKS_FILE, 'file_sha256': common.sha256_file(ranks_path),
-                      'n_base': n_base}
-            enc = common.with_specials(recipe['name'], _SPLIT_PATTERN, ranks, {}, n_base)
-            print(f"trained BPE: {n_base} base tokens + {n_special} special in {time.time() - t0:.1f}s")
-        else:
-            recipe = {'kind': 'tiktoken', 'name': tokenizer, 'pattern': base._pat_str, 'file': None, 'n_base': base.n_vocab}
-            enc = common.with_specials(tokenizer, base._pat_str, base._mergeable_ranks, base._special_tokens, base.n_vocab)
-        recipe['special_tokens'] = {t: enc.encode_single_token(t) for t in common.SPECIALS.values()}
-        tok = common.Tokenizer(enc, recipe)
+        tok = make_tokenizer(tokenizer, base, vocab_size, corpus_name(dataset), tmp, bpe_max_chars)
         dtype = common.token_dtype(tok.vocab_size)
         seconds['tokenizer'], t0 = time.time() - t0, time.time()
-
         # 3. encode both splits into .bin + doc offsets
-        from tqdm import tqdm
-        n_docs = stats['train']['docs'] + stats['val']['docs']
         with ThreadPoolExecutor(num_threads) as executor, \
                 tqdm(total=n_docs, desc='encoding', unit=' docs', mininterval=1.0) as bar:
             for s in common.SPLITS:
-                stats[s]['tokens'] = encode_split(
-                    tok, os.path.join(tmp, f'{s}.spool'), os.path.join(tmp, f'{s}.bin'),
-                    os.path.join(tmp, f'{s}_docs.npy'), stats[s]['docs'], dtype, executor, num_threads, bar)
-                os.remove(os.path.join(tmp, f'{s}.spool'))
+                stats[s]['tokens'] = encode_split(tok, tmp, s, stats[s]['docs'], dtype, executor, num_threads, bar)
         seconds['encoding'] = time.time() - t0
-
         # 4. meta.json last
-        source = {'dataset': dataset, 'kind': kind, 'docs': n_docs, 'chars': total_chars,
-                  'fingerprint': fingerprint, 'max_docs': max_docs}
-        if kind != 'pydocs':
-            source['text_column'] = text_column
-        if kind == 'hub':
-            source['split'] = split
+        source = {'dataset': dataset, 'kind': kind, 'docs': n_docs, 'chars': chars, 'fingerprint': fingerprint,
+                  'max_docs': max_docs, **({'text_column': text_column} if kind != 'pydocs' else {}),
+                  **({'split': split} if kind == 'hub' else {})}
         meta.update({'format_version': common.FORMAT_VERSION, 'tokenizer': tok.recipe, 'vocab_size': tok.vocab_size,
-                'special_tokens': {key: enc.encode_single_token(t) for key, t in common.SPECIALS.items()},
-                'dtype': dtype.name,
-                'splits': {s: {'tokens': stats[s]['tokens'], 'docs': stats[s]['docs'], 'chars': stats[s]['chars']}
-                           for s in common.SPLITS},
-                'source': source, 'val_fraction': val_fraction, 'seed': seed,
-                'bpe_max_chars': int(bpe_max_chars) if tokenizer == 'bpe' else None})
+                     'special_tokens': {key: tok.enc.encode_single_token(t) for key, t in common.SPECIALS.items()},
+                     'dtype': dtype.name, 'splits': {s: {k: stats[s][k] for k in ('tokens', 'docs', 'chars')}
+                                                     for s in common.SPLITS},
+                     'source': source, 'val_fraction': val_fraction, 'seed': seed,
+                     'bpe_max_chars': int(bpe_max_chars) if tokenizer == 'bpe' else None})
         with open(os.path.join(tmp, 'meta.json'), 'w', encoding='utf-8') as f:
-            json.dump(meta, f, indent=2)
-            f.write('\n')
-        check_replaceable(data_dir)  # once more: files may have landed there while this ran
+            f.write(json.dumps(meta, indent=2) + '\n')
+        check_replaceable(data_dir)  # once more: files may have landed there meanwhile
 
     try:
         common.atomic_write(data_dir, build)
     finally:
         source_docs.close()  # stops pydocs' parser processes when max_docs cut the reading short
     train, val = meta['splits']['train'], meta['splits']['val']
-    print(f"wrote {data_dir}: vocab_size {meta['vocab_size']} ({meta['dtype']}); "
-          f"train {train['tokens']:,} tokens / {train['docs']:,} docs, val {val['tokens']:,} tokens / {val['docs']:,} docs")
+    print(f"wrote {data_dir}: vocab_size {meta['vocab_size']} ({meta['dtype']}); train {train['tokens']:,} tokens / "
+          f"{train['docs']:,} docs, val {val['tokens']:,} tokens / {val['docs']:,} docs")
     print(f"time: {time.time() - t_start:.1f}s total, tokenizer {seconds['tokenizer']:.1f}s, encoding "
-          f"{seconds['encoding']:.1f}s ({(train['tokens'] + val['tokens']) / max(seconds['encoding'], 1e-9) / 1e6:.2f}M "
-          f"tokens/s on {num_threads} threads)")
+          f"{seconds['encoding']:.1f}s ({(train['tokens'] + val['tokens']) / max(seconds['encoding'], 1e-9) / 1e6:.2f}M"
+          f" tokens/s on {num_threads} threads)")
     return data_dir
 
 
@@ -583,9 +539,8 @@ def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe'
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    settings = {k: globals()[k] for k in inspect.signature(prepare).parameters}  # the defaults block above
     try:
-        prepare(**settings)
+        prepare(**{k: globals()[k] for k in inspect.signature(prepare).parameters})  # the defaults block above
     except KeyboardInterrupt:
         out = data_dir or os.path.join('data', corpus_name(dataset))
         common.interrupted(f"{out} is unchanged" if os.path.exists(out) else f"{out} was not created")
