@@ -11,13 +11,9 @@ Turn a text corpus into a data directory that training memory-maps (common.py re
     python prepare_data.py --dataset=../shared/corpus/imdb  # a folder of .txt.xz files
     python prepare_data.py --dataset=minipile --tokenizer=gpt2  # the hub, a tiktoken vocabulary (online)
 
-Corpora: 'pydocs'; 'minipile' (= JeanKaddour/minipile) or any hub name 'owner/name' (column
-text_column of split); a .txt file (documents separated by blank lines; any line endings), a .jsonl
-file (one JSON object per line), a .json/.parquet file (column text_column), each optionally
-compressed (.xz, .gz, .bz2: x.txt.xz is a .txt), or a directory of them. Local text must be UTF-8:
-UTF-16 and binary files are refused, a BOM is dropped, bytes that are not UTF-8 are counted.
-
-A document goes to train or val by a hash of (seed, index); two runs give byte-identical files.
+A local corpus is a .txt (documents separated by blank lines), .jsonl, .json or .parquet file, each
+optionally compressed (x.txt.xz is a .txt), or a directory of them; its text must be UTF-8. A
+document goes to train or val by a hash of (seed, index); two runs give byte-identical files.
 Memory stays bounded: the corpus is streamed once into spool files on disk, BPE is trained from the
 train spool, and the encoding pass appends part after part to the .bin, a book in pieces.
 """
@@ -78,7 +74,6 @@ _DATA_FILES = {'meta.json', _RANKS_FILE, 'train.bin', 'val.bin', 'train_docs.npy
 _FORMATS = ('.txt', '.jsonl', '.json', '.parquet')
 _COMPRESSED = {'.xz': (lzma.open, 'xz'), '.gz': (gzip.open, 'gzip'), '.bz2': (bz2.open, 'bzip2')}
 _PYDOCS_SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'testing'}
-_PYDOCS_MIN_WORDS, _PYDOCS_MIN_CHARS = 4, 24  # "Return self." and friends are noise, not prose
 _PART_CHARS = 256_000  # text per unit of encoding work (at most 2·num_threads units wait in memory)
 
 
@@ -129,7 +124,7 @@ def file_docstrings(path):
             tree = ast.parse(f.read())
     except (SyntaxError, ValueError, RecursionError, MemoryError, OSError):
         return []
-    return [doc for doc in docstrings(tree) if len(doc) >= _PYDOCS_MIN_CHARS and len(doc.split()) >= _PYDOCS_MIN_WORDS]
+    return [doc for doc in docstrings(tree) if len(doc) >= 24 and len(doc.split()) >= 4]  # not "Return self."
 
 
 def docstrings(node):
@@ -539,8 +534,9 @@ def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe'
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    settings = {k: globals()[k] for k in inspect.signature(prepare).parameters}  # the defaults block above
     try:
-        prepare(**{k: globals()[k] for k in inspect.signature(prepare).parameters})  # the defaults block above
+        prepare(**settings)
     except KeyboardInterrupt:
         out = data_dir or os.path.join('data', corpus_name(dataset))
         common.interrupted(f"{out} is unchanged" if os.path.exists(out) else f"{out} was not created")
