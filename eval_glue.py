@@ -54,7 +54,7 @@ from model import Classifier, pair_features, pooled
 ckpt = 'out/tiny_mlm/ckpt.pt'  # a checkpoint of any stage: a ckpt.pt, an export folder or a hub id
 task_dir = ''                  # '' = the Hugging Face hub; else a folder in the GLUE layout
 data_dir = ''                  # where the checkpoint's tokenizer lives if its data directory moved
-tasks = 'glue'                 # comma-separated names, 'glue' (the 8 GLUE tasks without WNLI) or 'all' (all but imdb)
+tasks = 'glue'                 # comma-separated names, 'glue' (the 8 GLUE tasks but WNLI) or 'all' (but imdb)
 head = 'pair'                  # 'pair' | 'pool' | 'decoder' | 'probe' (frozen, linear) | 'cosine' (zero-shot)
 control = ''                   # 'random_init': also run the same protocol on the untrained architecture
 seeds = '42'                   # comma-separated, e.g. '1,2,3': one run each, mean and std reported
@@ -78,8 +78,9 @@ progress = True                # tqdm bars on stderr and a line per epoch
 make_imdb_split = ''           # IMDB's train.tsv: write <task_dir>/IMDB/train.tsv and dev.tsv from it, and stop
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 HPARAMS = {k: DEFAULTS[k] for k in ('epochs', 'learning_rate', 'head_learning_rate', 'head_init', 'batch_size',
-                                    'eval_batch_size', 'max_len', 'warmup_steps', 'weight_decay', 'grad_clip', 'dropout')}
-RUN_SETTINGS = (*HPARAMS, 'max_train_examples', 'max_eval_examples', 'dtype')  # a results file merges where these agree
+                                    'eval_batch_size', 'max_len', 'warmup_steps', 'weight_decay', 'grad_clip',
+                                    'dropout')}
+RUN_SETTINGS = (*HPARAMS, 'max_train_examples', 'max_eval_examples', 'dtype')  # results merge where these agree
 CHOICES = {'head': ('pool', 'pair', 'decoder', 'probe', 'cosine'), 'control': ('', 'random_init')}  # beside common's
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +110,8 @@ TASKS = {
                    ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'label')),
     'paws': Task(('f1', 'accuracy'), 2, 5, 'PAWS', True, 1, 2, 3,
                  ('google-research-datasets/paws', 'labeled_final', 'sentence1', 'sentence2', 'label')),
-    # document-level sentiment: 23k training reviews of ~230 tokens are as many tokens per epoch as
-    # the large GLUE tasks, which get 3 epochs
+    # document-level sentiment; 23k training reviews of 231 words on average, 5.3M words an epoch: as
+    # large as qnli, which gets 3 epochs (sst2: 0.6M)
     'imdb': Task(('accuracy',), 2, 3, 'IMDB', True, 1, None, 2, None, math.inf),
 }
 PRESETS = {'glue': 'cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte', 'all': ','.join(t for t in TASKS if t != 'imdb')}
@@ -148,8 +149,7 @@ def read_tsv(path):
         text = raw.decode('utf-8-sig')
     except UnicodeDecodeError:
         text = raw.decode('utf-8-sig', errors='replace')
-        print(f"note: {path} is not UTF-8: {text.count(chr(0xFFFD))} undecodable bytes read as U+FFFD "
-              f"(re-encode it as UTF-8 for exact text)")
+        print(f"note: {path} is not UTF-8: {text.count(chr(0xFFFD))} undecodable bytes read as U+FFFD (re-encode it)")
     lines = text.split('\n') if '\n' in text else text.split('\r')
     return [line.rstrip('\r').split('\t') for line in lines if line.strip()]
 
@@ -209,14 +209,12 @@ def read_local(task, root, evals):
 def read_hub(task, evals=None):
     """The same from the Hugging Face hub; any failure (offline, a renamed dataset) is one line that
     points at --task_dir."""
-    t = TASKS[task]
-    if t.hub is None:
-        raise common.InputError(f"{task} is not read from the hub: pass --task_dir=<a folder with {t.folder}/train.tsv "
-                                f"and dev.tsv>" + (" (python eval_glue.py --make_imdb_split=<IMDB's train.tsv> "
-                                                   "--task_dir=<that folder> makes them)" if task == 'imdb' else ''))
+    if TASKS[task].hub is None:
+        raise common.InputError(f"{task} is not read from the hub: pass --task_dir=<a folder with "
+                                f"{TASKS[task].folder}/train.tsv and dev.tsv>"
+                                + (" (--make_imdb_split makes them)" if task == 'imdb' else ''))
     import datasets
-    path, config_name, col_a, col_b, col_y = t.hub
-    ds, error, n = None, None, n_labels(task)
+    (path, config_name, col_a, col_b, col_y), ds, error, n = TASKS[task].hub, None, None, n_labels(task)
     # SICK is a script dataset, which datasets>=4 cannot run: its parquet conversion first
     for extra in [{'revision': 'refs/convert/parquet'}, {}] if path.endswith('sick') else [{}]:
         try:
@@ -227,10 +225,9 @@ def read_hub(task, evals=None):
             if isinstance(e, ConnectionError):  # offline: another attempt would wait for the same timeouts
                 break
     if ds is None:
-        raise common.InputError(
-            f"could not load {task} from the Hugging Face hub ({path}: {common.first_line(error)}); offline? download "
-            f"the data once and pass --task_dir=DIR in the GLUE layout (DIR/<TASK>/train.tsv, dev.tsv; "
-            f"DIR/SICK/SICK.txt; DIR/PAWS/train.tsv, dev.tsv)")
+        raise common.InputError(f"could not load {task} from the Hugging Face hub ({path}: {common.first_line(error)})"
+                                f"; offline? download the data once and pass --task_dir=DIR in the GLUE layout "
+                                f"(DIR/<TASK>/train.tsv, dev.tsv; DIR/SICK/SICK.txt; DIR/PAWS/train.tsv, dev.tsv)")
     skipped, splits = {}, {}
     for name, split in [('train', 'train')] + [(name, split) for name, (_, split) in evals.items()]:
         d = ds[split]  # a row without a usable label (the hub's test splits write -1) is dropped and counted
@@ -273,11 +270,10 @@ def split_imdb(train_tsv, out_folder, n_dev=2000, seed=0):
     review with its exact repeats (aclImdb has some), so dev shares no id and no text with train.
     Writes <out_folder>/IMDB/ whole or not at all; keep dev.tsv's text out of pretraining."""
     folder = os.path.join(out_folder, 'IMDB')
-    if not out_folder:
-        raise common.InputError("--make_imdb_split writes <task_dir>/IMDB/train.tsv and dev.tsv: pass --task_dir")
-    if os.path.exists(folder):
-        raise common.InputError(f"{folder} exists: a split is made once (its dev text kept out of pretraining); "
-                                f"choose another --task_dir, or remove {folder}")
+    if not out_folder or os.path.exists(folder):
+        raise common.InputError(f"{folder} exists: a split is made once (its dev text kept out of pretraining); choose "
+                                f"another --task_dir" if out_folder else "--make_imdb_split writes <task_dir>/IMDB/: "
+                                "pass --task_dir")
     rows = read_tsv(train_tsv)
     if not rows or rows[0][:3] != ['id', 'sentence', 'label'] or len({r[0] for r in rows}) < len(rows):
         raise common.InputError(f"{train_tsv} is not IMDB's train.tsv: the header id<TAB>sentence<TAB>label, then one "
@@ -301,8 +297,8 @@ def split_imdb(train_tsv, out_folder, n_dev=2000, seed=0):
                 f.writelines('\t'.join(rows[i]) + '\n' for i in [0] + part)
     os.makedirs(out_folder, exist_ok=True)
     common.atomic_write(folder, write)
-    print(f"wrote {folder}: train.tsv {len(parts['train.tsv'])} reviews, dev.tsv {len(dev)} (seed {seed}; no id or "
-          f"text in both); keep dev.tsv's text out of pretraining, and evaluate with --task_dir={out_folder} --tasks=imdb")
+    print(f"wrote {folder}: train.tsv {len(parts['train.tsv'])} reviews, dev.tsv {len(dev)}, no id or text in both; "
+          f"keep dev.tsv's text out of pretraining, and evaluate with --task_dir={out_folder} --tasks=imdb")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,7 +354,8 @@ def score(pred, label, metrics):
 
 def majority(train_label, eval_label, n_labels, metrics):
     """The scores of always answering the train split's most frequent label (regression: its mean)."""
-    answer = float(np.mean(train_label)) if n_labels == 1 else int(np.bincount(train_label, minlength=n_labels).argmax())
+    answer = (float(np.mean(train_label)) if n_labels == 1 else
+              int(np.bincount(train_label, minlength=n_labels).argmax()))
     return score(np.full(len(eval_label), answer), eval_label, metrics)
 
 
@@ -428,16 +425,14 @@ def batch_inputs(enc, rows, device):
 
 @torch.no_grad()
 def run_batched(module, fn, enc, width, batch_size, device='cpu', autocast=nullcontext()):
-    """fn(*batch inputs) for every example, module in eval mode (its mode restored after), batched by
-    length: (n, width) float32 on the CPU, in input order."""
-    was_training = module.training
+    """fn(*batch inputs) for every example, module in eval mode, batched by length: (n, width) float32
+    on the CPU, in input order."""
     module.eval()
     out = torch.empty(len(enc['x']), width)
     for rows in length_batches(enc, batch_size):
         with autocast:
             z = fn(*batch_inputs(enc, rows, device))
         out[torch.as_tensor(rows)] = z.float().cpu()
-    module.train(was_training)
     return out
 
 
@@ -574,7 +569,8 @@ class TfIdf:
         """One {column: weight} dict per text."""
         out = []
         for text in texts:
-            row = {self.index[g]: c * self.idf[g] for g, c in Counter(g for g in ngrams(text) if g in self.index).items()}
+            counts = Counter(g for g in ngrams(text) if g in self.index)
+            row = {self.index[g]: c * self.idf[g] for g, c in counts.items()}
             norm = math.sqrt(sum(v * v for v in row.values())) or 1.0
             out.append({k: v / norm for k, v in row.items()})
         return out
@@ -851,19 +847,16 @@ def existing_results(path, run):
     try:
         with open(path, encoding='utf-8') as f:
             content = json.load(f)
-    except (OSError, ValueError) as e:
-        raise common.InputError(f"--out={path} exists and is not a results file ({common.first_line(e)}); choose "
-                                f"another --out")
-    if not (isinstance(content, dict) and isinstance(content.get('run'), dict)
-            and isinstance(content.get('results'), dict)):
-        raise common.InputError(f"--out={path} holds no record of the run that wrote it (another program's file, or "
-                                f"an older eval_glue.py's), so results cannot be merged into it; choose another --out, "
-                                f"or move it away")
-    differ = [f"{k} {content['run'].get(k)!r} there, {v!r} here" for k, v in run.items() if content['run'].get(k) != v]
+        old, results = dict(content['run']), dict(content['results'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise common.InputError(f"--out={path} is not a results file that records its run ({type(e).__name__}: "
+                                f"{common.first_line(e)}; another program's, or an older eval_glue.py's): choose "
+                                f"another --out, or move it away")
+    differ = [f"{k} {old.get(k)!r} there, {v!r} here" for k, v in run.items() if old.get(k) != v]
     if differ:
         raise common.InputError(f"--out={path} holds the results of another run ({'; '.join(differ)}); merging would "
                                 f"mix them in one table: choose another --out")
-    return content['results']
+    return results
 
 
 def main(config):
@@ -893,6 +886,9 @@ def main(config):
     for t in task_list if not c['task_dir'] else []:
         if TASKS[t].hub is None:
             read_hub(t)  # the one line that says what to pass
+        if c['data_dir'] and os.path.isdir(os.path.join(c['data_dir'], TASKS[t].folder)):  # the name it had before
+            raise common.InputError(f"--data_dir={c['data_dir']} holds task folders: pass it as --task_dir (--data_dir "
+                                    f"is where the checkpoint's tokenizer lives, if its data directory moved)")
     check_max_len(c['max_len'], head in ('pool', 'decoder') and any(TASKS[t].b is not None for t in task_list))
     ckpt = c['ckpt']
     path = c['out'] or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f'glue_{head}.json')
@@ -905,13 +901,13 @@ def main(config):
             raise common.InputError(f"head=decoder reads a concept decoder, and {ckpt} is a standard-arm checkpoint "
                                     f"(encoder='standard'): it would be an unweighted mean of its token states; "
                                     f"use head=pool, pair or probe")
-        run = {'ckpt': ckpt if common.is_hub_id(ckpt) else os.path.abspath(ckpt), 'iter_num': checkpoint.get('iter_num'),
-               'head': head, 'seeds': seed_list, **{k: c[k] for k in RUN_SETTINGS}}
+        run = {'ckpt': ckpt if common.is_hub_id(ckpt) else os.path.abspath(ckpt), 'head': head,
+               'iter_num': checkpoint.get('iter_num'), 'seeds': seed_list, **{k: c[k] for k in RUN_SETTINGS}}
         results = existing_results(path, run)
         _, _, _, _, dev, dt = common.init_process(c['device'], c['dtype'], seed_list[0])
         tok = common.checkpoint_tokenizer(checkpoint, c['data_dir'])
         if c['max_len'] > args['block_size']:
-            print(f"max_len {c['max_len']} exceeds the model's block_size; sequences are cut at {args['block_size']} tokens")
+            print(f"max_len {c['max_len']} exceeds the model's block_size: sequences are cut at {args['block_size']}")
         print(f"checkpoint {ckpt}: stage {checkpoint.get('stage', '?')}, decoder {args.get('decoder')}, n_embd "
               f"{args['n_embd']}, {len(checkpoint['model'])} tensors; head {head}, seeds {seed_list}, device {dev}, "
               f"dtype {dt}" + (f", control {c['control']}" if c['control'] else '')

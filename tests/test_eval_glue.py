@@ -148,8 +148,8 @@ def write_task(root, task, split, examples, extra=()):
 
 def write_sick(root, examples, extra=(), header=True):
     """examples: (a, b, entailment word, relatedness, SemEval split)."""
-    rows = [SICK_HEAD] * header + [[str(i), a, b, e, f'{r:.1f}', 'A_neutral_B', 'B_neutral_A', a, b, 'FLICKR', 'FLICKR', s]
-                          for i, (a, b, e, r, s) in enumerate(examples)]
+    rows = [SICK_HEAD] * header + [[str(i), a, b, e, f'{r:.1f}', 'A_neutral_B', 'B_neutral_A', a, b, 'FLICKR',
+                                    'FLICKR', s] for i, (a, b, e, r, s) in enumerate(examples)]
     write_lines(os.path.join(root, 'SICK', 'SICK.txt'), rows, extra)
 
 
@@ -512,6 +512,13 @@ def test_settings_in_range_reach_the_checkpoint(tmp_path):
             main(ckpt='/nonexistent/ckpt.pt', out=str(tmp_path / 'r.json'), **settings)
 
 
+def test_the_task_folder_passed_as_data_dir_says_task_dir(tmp_path):
+    """--data_dir named the task folder before it named the tokenizer's folder."""
+    glue_dir(tmp_path, ('sst2',))
+    with pytest.raises(common.InputError, match=f'--data_dir={tmp_path} holds task folders: pass it as --task_dir'):
+        main(data_dir=str(tmp_path), tasks='sst2')
+
+
 def test_a_seed_past_64_bits_is_one_line_on_the_command_line(ckpts):
     """Issue 35: torch.manual_seed raised 'Overflow when unpacking long long'."""
     run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', '--seeds=99999999999999999999', check=False)
@@ -797,12 +804,12 @@ def test_results_of_another_run_are_refused_before_any_work(ckpts, tmp_path, cha
     assert open(out).read() == before
 
 
-@pytest.mark.parametrize('content,match', [('{"torn', 'is not a results file'), ('[1, 2]', 'no record of the run'),
-                                           ('{"sst2": {"accuracy": 70, "majority": {}}}', 'no record of the run')])
+@pytest.mark.parametrize('content,match', [('{"torn', 'JSONDecodeError'), ('[1, 2]', 'TypeError'),
+                                           ('{"sst2": {"accuracy": 70, "majority": {}}}', "KeyError: 'run'")])
 def test_a_file_that_is_not_this_runs_results_is_never_overwritten(ckpts, tmp_path, content, match):
     out = tmp_path / 'r.json'
     out.write_text(content)
-    with pytest.raises(common.InputError, match=match):
+    with pytest.raises(common.InputError, match=f'is not a results file that records its run .{match}'):
         main(ckpt=ckpts['mlm'], task_dir=glue_dir(tmp_path / 'glue'), tasks='sst2', head='probe', out=str(out))
     assert out.read_text() == content
 
