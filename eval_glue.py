@@ -1,85 +1,70 @@
 """
-GLUE, SICK and PAWS for a Concept Encoder checkpoint of any stage (mlm, tsdae, diffusion):
-fine-tune a small head on each task's training split and score its validation split, or score
-sentence similarity zero-shot (no training at all).
+GLUE, SICK, PAWS and IMDB for a checkpoint of any stage and either arm: fine-tune a small head on each
+task's training split and score its validation split, read the frozen encoder with a linear probe, or
+score sentence similarity zero-shot.
 
-    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --data_dir=glue_data --tasks=stsb,mrpc,rte,sst2,cola
-    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --data_dir=glue_data --head=cosine --tasks=stsb,sick_r
+    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --task_dir=glue_data --tasks=stsb,mrpc,rte,sst2,cola
+    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --task_dir=glue_data --head=cosine --tasks=stsb,sick_r
     python eval_glue.py --ckpt=out/h512l6_mlm/ckpt.pt --tasks=glue --seeds=1,2,3 --device=cuda
+    python eval_glue.py --make_imdb_split=aclimdb/IMDB/train.tsv --task_dir=imdb_data  # then --tasks=imdb
 
-Sentence embeddings for anything else (the mean of the C concepts, float32, on the CPU):
-
-    from eval_glue import encode
+    from eval_glue import encode    # sentence embeddings: the mean of the encoder's states
     emb = encode(["a sentence", "another one"], 'out/tiny_mlm/ckpt.pt')   # tensor (2, n_embd)
 
-Data: the Hugging Face hub (data_dir='': nyu-mll/glue, RobZamp/sick, paws labeled_final), or a
-local directory laid out as the standard GLUE distribution: DIR/<TASK>/train.tsv and dev.tsv
-(MNLI: dev_matched.tsv, dev_mismatched.tsv) with each task's official columns, DIR/SICK/SICK.txt
-(the original 12-column file; its SemEval_set column gives TRAIN / TRIAL / TEST, and TRIAL is the
-validation split, as on the hub), DIR/PAWS/train.tsv and dev.tsv (PAWS-Wiki labeled_final).
-Malformed rows (wrong column count, unreadable label) are skipped and counted.
+--task_dir='' reads the Hugging Face hub; else a folder in the GLUE distribution's layout, as the TASKS
+table says: <TASK>/train.tsv and dev.tsv with the official columns, SICK/SICK.txt (TRIAL rows are its
+validation split, as on the hub), IMDB/ (id, sentence, label; --make_imdb_split carves its dev split).
 
-Heads (--head):
-    pool     '[cls] a [sep] b' as one sequence; weighted concept pooling -> LayerNorm -> linear
-    pair     a and b encoded apart and pooled; features [a; b; |a-b|; a*b] -> linear (one-sentence
-             tasks: the pool head)
-    decoder  the pretrained decoder read out at every position, mean over real tokens -> linear
-    probe    the encoder frozen (SentEval's protocol): mean-pooled features computed once per
-             example (a pair encoded apart: [a; b; |a-b|; a*b]), standardised, then ridge regression
-             (closed form) or multinomial logistic regression (L-BFGS); the L2 strength is chosen
-             on a fixed 20% holdout of the training split, never on the reported dev set
-    cosine   zero-shot: cosine of the mean-pooled concepts of a and b (stsb, sick_r)
-Pooling goes through model.pooled(), the one place that knows the encoder arm: the concept arm pools
-its C concepts, the standard arm (cfg.encoder == 'standard') its real tokens only.
+Heads: pool ('[cls] a [sep] b', weighted pooling, LayerNorm, linear); pair (a and b pooled apart,
+[a; b; |a-b|; a*b] -> linear); decoder (the concept arm's pretrained decoder, mean over real tokens);
+probe (frozen, as SentEval: mean-pooled features, ridge or logistic regression whose L2 strength a
+fixed 20% holdout of train picks, never the reported dev set); cosine (zero-shot: stsb, sick_r).
+--head_init=probe starts the output layer as that probe (LP-FT). Beside every score: 'majority',
+'bow' (tf-idf uni- and bigrams, the probe's linear model) and with --control=random_init the same
+head on the untrained architecture; '>bow' marks a score that clears one by more than the seed spread.
 
-Controls in every result: 'majority' (below) and 'bow', a tf-idf bag of word unigrams and
-bigrams fitted on the same training examples with the probe's own linear model and holdout;
---control=random_init also runs the same head and protocol on the same architecture with
-untrained weights (one draw per seed). The table marks each score against them ('>bow' clears
-it; with several seeds, by more than the larger seed spread). Results are written atomically
-after each task, so an interrupted run keeps the tasks it finished.
+Protocol after crammedBERT (Geiping & Goldstein 2023), one for every task: 5 epochs (3 for the large
+tasks), batch 16, 10% warmup then cosine, AdamW (0.9, 0.98), no weight decay, 128 tokens (imdb: whole
+reviews), lr 1e-4 for the encoder, 1e-3 for the new head. The headline is the LAST epoch (mean and std
+over seeds); the best epoch, chosen on the reported set and so optimistic, stands beside it. Scores x100.
 
-Protocol, after crammedBERT's (Geiping & Goldstein 2023): one set of hyperparameters for every
-task, brief fine-tuning (5 epochs; 3 for the large qqp, mnli, qnli), batch 16, 10% warmup then
-cosine decay, AdamW (0.9, 0.98), no weight decay, max_len 128; the encoder at lr 1e-4 and the new
-head at 1e-3 (a fresh head needs the larger rate). The headline is the LAST epoch's score (mean
-and sample std over seeds); the best epoch is reported beside it, since choosing it on the set
-one reports is optimistic. Metrics are on a 0-100 scale (MCC, Pearson, Spearman x100 as on the
-GLUE leaderboard) beside the majority-class baseline (regression: a constant, correlation 0).
+--out (glue_<head>.json beside the checkpoint) holds {"run": checkpoint, head and the settings that
+make the scores, "results": {task: entry}}, rewritten atomically after every task; a rerun of the
+same run merges into it, another run's file is refused. markdown_table() renders a file's content.
 """
-import glob
 import json
 import math
 import os
 import re
 import time
 import warnings
+from collections import Counter, namedtuple
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-import prepare_data
-import runtime
-from model import Classifier, ConfigError, pair_features, pooled
+import common
+from model import Classifier, pair_features, pooled
 
 # ----------------------------------------------------------------------------------------------
 # defaults (python eval_glue.py --key=value; see configurator.py)
-ckpt = 'out/tiny_mlm/ckpt.pt'  # a checkpoint of any stage
-data_dir = ''                  # '' = the Hugging Face hub; else a directory in the GLUE layout (see above)
-data_dir_tok = ''              # '' = the data directory recorded in the checkpoint (it holds the tokenizer)
-tasks = 'glue'                 # comma-separated task names, or 'glue' (the 8 GLUE tasks without WNLI) or 'all'
-head = 'pair'                  # 'pair' | 'pool' | 'decoder' | 'probe' (frozen, linear) | 'cosine' (zero-shot; stsb, sick_r)
+ckpt = 'out/tiny_mlm/ckpt.pt'  # a checkpoint of any stage: a ckpt.pt, an export folder or a hub id
+task_dir = ''                  # '' = the Hugging Face hub; else a folder in the GLUE layout
+data_dir = ''                  # where the checkpoint's tokenizer lives if its data directory moved
+tasks = 'glue'                 # comma-separated names, 'glue' (the 8 GLUE tasks but WNLI) or 'all' (but imdb)
+head = 'pair'                  # 'pair' | 'pool' | 'decoder' | 'probe' (frozen, linear) | 'cosine' (zero-shot)
 control = ''                   # 'random_init': also run the same protocol on the untrained architecture
-seeds = '42'                   # comma-separated, e.g. '1,2,3': one fine-tuning run each, mean and std reported
-epochs = 0                     # 0 = the task's default (5; 3 for qqp, mnli, qnli)
+seeds = '42'                   # comma-separated, e.g. '1,2,3': one run each, mean and std reported
+epochs = 0                     # 0 = the task's default (TASKS)
 learning_rate = 1e-4           # the pretrained encoder's (crammedBERT's 4e-5 suits an already good BERT-base)
 head_learning_rate = 1e-3      # the new head's, which starts from nothing; 0 = learning_rate
-head_init = 'random'           # 'random' | 'probe': the output layer starts as the linear probe of the head's features (LP-FT)
+head_init = 'random'           # 'random' | 'probe': the output layer starts as the linear probe of its features (LP-FT)
 batch_size = 16                # crammedBERT: large fine-tuning batches hurt
 eval_batch_size = 128
-max_len = 128                  # tokens per sequence (a pair packed in one: both sentences), capped at block_size
+max_len = 128                  # tokens per sequence (a packed pair: both texts); imdb reads whole texts
 warmup_steps = -1              # -1 = 10% of the run's steps; then cosine decay to 0
 weight_decay = 0.0             # crammedBERT and HF run_glue
 grad_clip = 1.0                # 0 disables clipping
@@ -90,228 +75,168 @@ device = 'auto'                # 'auto' | 'cpu' | 'cuda' | 'mps'
 dtype = 'bfloat16'             # 'float32' | 'bfloat16' | 'float16' (autocast)
 out = ''                       # results JSON; '' = glue_<head>.json beside the checkpoint
 progress = True                # tqdm bars on stderr and a line per epoch
-# the fine-tuning settings, as a dict for finetune() (tests pass their own)
-HPARAMS = dict(epochs=epochs, learning_rate=learning_rate, head_learning_rate=head_learning_rate, head_init=head_init,
-               batch_size=batch_size, eval_batch_size=eval_batch_size, max_len=max_len, warmup_steps=warmup_steps,
-               weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout)
+make_imdb_split = ''           # IMDB's train.tsv: write <task_dir>/IMDB/train.tsv and dev.tsv from it, and stop
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+HPARAMS = {k: DEFAULTS[k] for k in ('epochs', 'learning_rate', 'head_learning_rate', 'head_init', 'batch_size',
+                                    'eval_batch_size', 'max_len', 'warmup_steps', 'weight_decay', 'grad_clip',
+                                    'dropout')}
+RUN_SETTINGS = (*HPARAMS, 'max_train_examples', 'max_eval_examples', 'dtype')  # results merge where these agree
+CHOICES = {'head': ('pool', 'pair', 'decoder', 'probe', 'cosine'), 'control': ('', 'random_init')}  # beside common's
 
 # ----------------------------------------------------------------------------------------------
-# tasks
-
-# name: (metrics, the first of which picks the best epoch; number of labels, 1 = regression; default epochs)
+# tasks: metrics (the first picks the best epoch); labels: how many (1 = a regression score) or the
+# words the local files write, in the hub's order; default epochs; the local folder, whether its files
+# open with a header line, the columns of text a, text b (None: one text) and the label; the hub
+# (dataset, configuration, columns a, b, label; None: not there); tokens per text (None: --max_len,
+# inf: the whole text); evaluation sets besides {task: ('dev', 'validation')}: {name: (file, hub split)}
+Task = namedtuple('Task', 'metrics labels epochs folder header a b y hub length evals', defaults=(None, None))
+_GLUE, _NLI, _NLI2 = 'nyu-mll/glue', ('entailment', 'neutral', 'contradiction'), ('entailment', 'not_entailment')
 TASKS = {
-    'cola':   (('mcc',), 2, 5),
-    'sst2':   (('accuracy',), 2, 5),
-    'mrpc':   (('f1', 'accuracy'), 2, 5),
-    'qqp':    (('f1', 'accuracy'), 2, 3),
-    'stsb':   (('pearson', 'spearman'), 1, 5),
-    'mnli':   (('accuracy',), 3, 3),
-    'qnli':   (('accuracy',), 2, 3),
-    'rte':    (('accuracy',), 2, 5),
-    'wnli':   (('accuracy',), 2, 5),
-    'sick_r': (('pearson', 'spearman'), 1, 5),
-    'sick_e': (('accuracy',), 3, 5),
-    'paws':   (('f1', 'accuracy'), 2, 5),
+    'cola': Task(('mcc',), 2, 5, 'CoLA', False, 3, None, 1, (_GLUE, 'cola', 'sentence', None, 'label')),
+    'sst2': Task(('accuracy',), 2, 5, 'SST-2', True, 0, None, 1, (_GLUE, 'sst2', 'sentence', None, 'label')),
+    'mrpc': Task(('f1', 'accuracy'), 2, 5, 'MRPC', True, 3, 4, 0, (_GLUE, 'mrpc', 'sentence1', 'sentence2', 'label')),
+    'qqp': Task(('f1', 'accuracy'), 2, 3, 'QQP', True, 3, 4, 5, (_GLUE, 'qqp', 'question1', 'question2', 'label')),
+    'stsb': Task(('pearson', 'spearman'), 1, 5, 'STS-B', True, 7, 8, -1,
+                 (_GLUE, 'stsb', 'sentence1', 'sentence2', 'label')),
+    'mnli': Task(('accuracy',), _NLI, 3, 'MNLI', True, 8, 9, -1, (_GLUE, 'mnli', 'premise', 'hypothesis', 'label'),
+                 evals={'mnli_m': ('dev_matched', 'validation_matched'),
+                        'mnli_mm': ('dev_mismatched', 'validation_mismatched')}),
+    'qnli': Task(('accuracy',), _NLI2, 3, 'QNLI', True, 1, 2, -1, (_GLUE, 'qnli', 'question', 'sentence', 'label')),
+    'rte': Task(('accuracy',), _NLI2, 5, 'RTE', True, 1, 2, -1, (_GLUE, 'rte', 'sentence1', 'sentence2', 'label')),
+    'wnli': Task(('accuracy',), 2, 5, 'WNLI', True, 1, 2, -1, (_GLUE, 'wnli', 'sentence1', 'sentence2', 'label')),
+    'sick_r': Task(('pearson', 'spearman'), 1, 5, 'SICK', True, 1, 2, 4,  # SICK.txt, one file (read_local)
+                   ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'relatedness_score')),
+    'sick_e': Task(('accuracy',), _NLI, 5, 'SICK', True, 1, 2, 3,
+                   ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'label')),
+    'paws': Task(('f1', 'accuracy'), 2, 5, 'PAWS', True, 1, 2, 3,
+                 ('google-research-datasets/paws', 'labeled_final', 'sentence1', 'sentence2', 'label')),
+    # document-level sentiment; 23k training reviews of 231 words on average, 5.3M words an epoch: as
+    # large as qnli, which gets 3 epochs (sst2: 0.6M)
+    'imdb': Task(('accuracy',), 2, 3, 'IMDB', True, 1, None, 2, None, math.inf),
 }
-PRESETS = {'glue': 'cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte', 'all': ','.join(TASKS)}
-# evaluation sets other than the single default {task: ('dev', 'validation')}: result name -> (local file, hub split)
-EVAL_SETS = {'mnli': {'mnli_m': ('dev_matched', 'validation_matched'),
-                      'mnli_mm': ('dev_mismatched', 'validation_mismatched')}}
-# labels written as words in the local files, listed in the hub's label order
-LABEL_NAMES = {'mnli': ('entailment', 'neutral', 'contradiction'), 'qnli': ('entailment', 'not_entailment'),
-               'rte': ('entailment', 'not_entailment'), 'sick_e': ('entailment', 'neutral', 'contradiction')}
-# the GLUE distribution: folder, header line?, column of sentence a, of sentence b (None: one sentence), of the label
-GLUE_TSV = {
-    'cola': ('CoLA', False, 3, None, 1),
-    'sst2': ('SST-2', True, 0, None, 1),
-    'mrpc': ('MRPC', True, 3, 4, 0),
-    'qqp':  ('QQP', True, 3, 4, 5),
-    'stsb': ('STS-B', True, 7, 8, -1),
-    'mnli': ('MNLI', True, 8, 9, -1),
-    'qnli': ('QNLI', True, 1, 2, -1),
-    'rte':  ('RTE', True, 1, 2, -1),
-    'wnli': ('WNLI', True, 1, 2, -1),
-    'paws': ('PAWS', True, 1, 2, 3),
-}
-# SICK.txt: pair_ID, sentence_A, sentence_B, entailment_label, relatedness_score, ..., SemEval_set (12 columns)
-SICK_LABEL_COLUMN = {'sick_r': 4, 'sick_e': 3}
-# the hub: dataset, configuration, column of sentence a, of sentence b, of the label
-HUB = {
-    'cola':   ('nyu-mll/glue', 'cola', 'sentence', None, 'label'),
-    'sst2':   ('nyu-mll/glue', 'sst2', 'sentence', None, 'label'),
-    'mrpc':   ('nyu-mll/glue', 'mrpc', 'sentence1', 'sentence2', 'label'),
-    'qqp':    ('nyu-mll/glue', 'qqp', 'question1', 'question2', 'label'),
-    'stsb':   ('nyu-mll/glue', 'stsb', 'sentence1', 'sentence2', 'label'),
-    'mnli':   ('nyu-mll/glue', 'mnli', 'premise', 'hypothesis', 'label'),
-    'qnli':   ('nyu-mll/glue', 'qnli', 'question', 'sentence', 'label'),
-    'rte':    ('nyu-mll/glue', 'rte', 'sentence1', 'sentence2', 'label'),
-    'wnli':   ('nyu-mll/glue', 'wnli', 'sentence1', 'sentence2', 'label'),
-    'sick_r': ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'relatedness_score'),
-    'sick_e': ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'label'),
-    'paws':   ('google-research-datasets/paws', 'labeled_final', 'sentence1', 'sentence2', 'label'),
-}
+PRESETS = {'glue': 'cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte', 'all': ','.join(t for t in TASKS if t != 'imdb')}
 
 
-def eval_sets(task):
-    return EVAL_SETS.get(task, {task: ('dev', 'validation')})
+def n_labels(task):
+    labels = TASKS[task].labels
+    return len(labels) if isinstance(labels, tuple) else labels
 
 
 def parse_label(task, text):
     """A label field as an int class or a float score; ValueError if it is not one."""
-    n_labels = TASKS[task][1]
-    if n_labels == 1:
-        value = float(text)
-        if not math.isfinite(value):
-            raise ValueError(text)
-        return value
-    if task in LABEL_NAMES:
-        return LABEL_NAMES[task].index(text.strip().lower())
-    value = int(text)
-    if not 0 <= value < n_labels:
+    labels = TASKS[task].labels
+    if isinstance(labels, tuple):
+        return labels.index(text.strip().lower())
+    value = float(text) if labels == 1 else int(text)
+    if not (math.isfinite(value) if labels == 1 else 0 <= value < labels):
         raise ValueError(text)
     return value
 
 
-def expected_labels(task):
-    """The label values parse_label accepts, in words for an error message."""
-    n_labels = TASKS[task][1]
-    if n_labels == 1:
-        return 'that is a number (a similarity score)'
-    if task in LABEL_NAMES:
-        return f"word, one of {', '.join(LABEL_NAMES[task])}"
-    return f"from 0 to {n_labels - 1}"
-
-
 def make_split(a, b, labels, task):
-    dt = np.float32 if TASKS[task][1] == 1 else np.int64
-    return {'a': a, 'b': b, 'label': np.asarray(labels, dtype=dt)}
+    return {'a': a, 'b': b, 'label': np.asarray(labels, dtype=np.float32 if n_labels(task) == 1 else np.int64)}
 
 
 def read_tsv(path):
-    """The rows of a tab-separated file. GLUE's files are read with quoting off (csv.QUOTE_NONE),
-    so quotes are literal text and a line ends only at a newline: a plain split on tabs."""
+    """The rows of a tab-separated file, quoting off as GLUE's files are meant: quotes are text and a
+    row ends only at a line end (\\n or \\r\\n; \\r in a file without \\n, as old Macs wrote)."""
     if not os.path.isfile(path):
-        raise prepare_data.DataError(f"{path} not found; --data_dir must hold the GLUE layout "
-                                     f"(<TASK>/train.tsv, dev.tsv, SICK/SICK.txt, PAWS/train.tsv), or '' for the hub")
+        raise common.InputError(f"{path} not found; --task_dir must hold the GLUE layout (<TASK>/train.tsv, dev.tsv, "
+                                f"SICK/SICK.txt, PAWS/, IMDB/train.tsv, dev.tsv), or '' for the hub")
     with open(path, 'rb') as f:
         raw = f.read()
     try:
         text = raw.decode('utf-8-sig')
     except UnicodeDecodeError:
         text = raw.decode('utf-8-sig', errors='replace')
-        print(f"note: {path} is not UTF-8: {text.count(chr(0xFFFD))} undecodable bytes read as U+FFFD "
-              f"(re-encode it as UTF-8 for exact text)")
-    return [line.rstrip('\r').split('\t') for line in text.split('\n') if line.strip()]
+        print(f"note: {path} is not UTF-8: {text.count(chr(0xFFFD))} undecodable bytes read as U+FFFD (re-encode it)")
+    lines = text.split('\n') if '\n' in text else text.split('\r')
+    return [line.rstrip('\r').split('\t') for line in lines if line.strip()]
 
 
-def rows_to_split(task, rows, col_a, col_b, col_y, n_cols):
-    """(split, number of skipped rows): a row with another column count than the file's, or an
-    unreadable label, is skipped (QQP has a few)."""
-    a, b, labels, skipped = [], [], [], 0
+def rows_to_split(task, rows, n_cols):
+    """(split, skipped rows): a row of another width than the file's, or with an unreadable label (QQP
+    has a few), is skipped."""
+    t, a, b, labels, skipped = TASKS[task], [], [], [], 0
     for row in rows:
-        if len(row) != n_cols:
-            skipped += 1
-            continue
         try:
-            labels.append(parse_label(task, row[col_y]))
+            if len(row) != n_cols:
+                raise ValueError(row)
+            labels.append(parse_label(task, row[t.y]))
         except ValueError:
             skipped += 1
             continue
-        a.append(row[col_a])
-        if col_b is not None:
-            b.append(row[col_b])
-    return make_split(a, b if col_b is not None else None, labels, task), skipped
+        a.append(row[t.a])
+        b += [] if t.b is None else [row[t.b]]
+    return make_split(a, None if t.b is None else b, labels, task), skipped
 
 
-def columns_read(*cols):
-    """How many columns a row needs for the task to read its columns cols (None: not read)."""
-    return max(c for c in cols if c is not None) + 1
+def read_local(task, root, evals):
+    """(train, {result name: eval split}, {file: skipped rows}) from the GLUE layout under root. A file
+    whose first row's label reads as a label has lost its header line: that row is an example."""
+    t = TASKS[task]
+    need = max(c for c in (t.a, t.b, t.y) if c is not None) + 1  # the columns a row must have
 
-
-def check_columns(path, n_cols, task, *cols):
-    """A file narrower than the columns the task reads is a layout error, not rows to skip."""
-    need = columns_read(*cols)
-    if n_cols < need:
-        raise prepare_data.DataError(f"{path} has {n_cols} tab-separated columns, but {task} reads column "
-                                     f"{need - 1} (0-based); use the original GLUE/SICK/PAWS files or --data_dir=''")
-
-
-def read_local(task, root):
-    """(train, {result name: eval split}, {file: skipped rows}) from the GLUE layout under root."""
-    if task in SICK_LABEL_COLUMN:
-        path = os.path.join(root, 'SICK', 'SICK.txt')
+    def read(name):
+        path = os.path.join(root, t.folder, name)
         rows = read_tsv(path)
-        n_cols = len(rows[0]) if rows else 12
-        check_columns(path, n_cols, task, 1, 2, SICK_LABEL_COLUMN[task])
-        good = [row for row in rows[1:] if len(row) == n_cols]
-        skipped = len(rows[1:]) - len(good)
-        parts = {s: [row for row in good if row[-1].strip().upper() == s] for s in ('TRAIN', 'TRIAL')}  # no TEST
-        train, s1 = rows_to_split(task, parts['TRAIN'], 1, 2, SICK_LABEL_COLUMN[task], n_cols)
-        dev, s2 = rows_to_split(task, parts['TRIAL'], 1, 2, SICK_LABEL_COLUMN[task], n_cols)
-        return train, {task: dev}, {'SICK.txt': skipped + s1 + s2}
-    folder, header, col_a, col_b, col_y = GLUE_TSV[task]
+        if not t.header:  # CoLA
+            return rows, need
+        try:
+            parse_label(task, rows[0][t.y])
+            print(f"note: {path} has no header line; its first row is read as data")
+            first = 0
+        except (ValueError, IndexError):
+            first = 1
+        if rows and len(rows[0]) < need:
+            raise common.InputError(f"{path} has {len(rows[0])} tab-separated columns, but {task} reads column "
+                                    f"{need - 1} (0-based); use the task's original files or --task_dir=''")
+        return rows[first:], len(rows[0]) if rows else 0
 
-    def read(stem):
-        path = os.path.join(root, folder, f'{stem}.tsv')
-        rows = read_tsv(path)
-        if header:
-            n_cols = len(rows[0]) if rows else 0
-            if rows:
-                check_columns(path, n_cols, task, col_a, col_b, col_y)
-            return rows_to_split(task, rows[1:], col_a, col_b, col_y, n_cols)
-        n_cols = columns_read(col_a, col_b, col_y)  # CoLA: 4
-        return rows_to_split(task, rows, col_a, col_b, col_y, n_cols)
-
-    skipped = {}
-    train, skipped['train.tsv'] = read('train')
-    evals = {}
-    for name, (stem, _) in eval_sets(task).items():
-        evals[name], skipped[f'{stem}.tsv'] = read(stem)
-    return train, evals, skipped
+    if t.folder == 'SICK':  # one file, whose last column (SemEval_set) names the split
+        rows, n_cols = read('SICK.txt')
+        good = [row for row in rows if len(row) == n_cols]
+        (train, s1), (dev, s2) = (rows_to_split(task, [r for r in good if r[-1].strip().upper() == s], n_cols)
+                                  for s in ('TRAIN', 'TRIAL'))  # TEST is not read
+        return train, {task: dev}, {'SICK.txt': len(rows) - len(good) + s1 + s2}
+    skipped, splits = {}, {}
+    train, skipped['train.tsv'] = rows_to_split(task, *read('train.tsv'))
+    for name, (stem, _) in evals.items():
+        splits[name], skipped[f'{stem}.tsv'] = rows_to_split(task, *read(f'{stem}.tsv'))
+    return train, splits, skipped
 
 
-def read_hub(task):
-    """The same from the Hugging Face hub; any failure (offline, a renamed dataset) is one error
-    that points at --data_dir."""
+def read_hub(task, evals=None):
+    """The same from the Hugging Face hub; any failure (offline, a renamed dataset) is one line that
+    points at --task_dir."""
+    if TASKS[task].hub is None:
+        raise common.InputError(f"{task} is not read from the hub: pass --task_dir=<a folder with "
+                                f"{TASKS[task].folder}/train.tsv and dev.tsv>"
+                                + (" (--make_imdb_split makes them)" if task == 'imdb' else ''))
     import datasets
-    path, config_name, col_a, col_b, col_y = HUB[task]
+    (path, config_name, col_a, col_b, col_y), ds, error, n = TASKS[task].hub, None, None, n_labels(task)
     # SICK is a script dataset, which datasets>=4 cannot run: its parquet conversion first
-    attempts = [{'revision': 'refs/convert/parquet'}, {}] if path.endswith('sick') else [{}]
-    ds, error = None, None
-    for extra in attempts:
+    for extra in [{'revision': 'refs/convert/parquet'}, {}] if path.endswith('sick') else [{}]:
         try:
             ds = datasets.load_dataset(path, config_name, **extra)
             break
-        except ConnectionError as e:  # offline: another attempt would only wait for the same timeouts
+        except Exception as e:  # noqa: BLE001 - no network, no such repo or revision, scripts: the same advice
             error = e
-            break
-        except Exception as e:  # noqa: BLE001 - missing repo or revision, scripts: the same advice
-            error = e
+            if isinstance(e, ConnectionError):  # offline: another attempt would wait for the same timeouts
+                break
     if ds is None:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise prepare_data.DataError(
-            f"could not load {task} from the Hugging Face hub ({path}: {first}); offline? download the data once "
-            f"and pass --data_dir=DIR in the GLUE layout (DIR/<TASK>/train.tsv, dev.tsv; DIR/SICK/SICK.txt; "
-            f"DIR/PAWS/train.tsv, dev.tsv)")
-    n_labels = TASKS[task][1]
-
-    def take(split):
-        """Rows without a usable label (the hub's test splits mark them -1) are dropped and counted."""
-        d = ds[split]
-        a, ys = d[col_a][:], d[col_y][:]  # [:] makes a plain list, fast (datasets>=4 returns a lazy Column)
-        b = d[col_b][:] if col_b else None
-        keep = [i for i, y in enumerate(ys) if y is not None and (n_labels == 1 or 0 <= y < n_labels)]
-        if len(keep) < len(ys):
-            a, ys = [a[i] for i in keep], [ys[i] for i in keep]
-            b = None if b is None else [b[i] for i in keep]
-        return make_split(a, b, ys, task), len(d) - len(keep)
-
-    skipped = {}
-    train, skipped['train'] = take('train')
-    evals = {}
-    for name, (_, split) in eval_sets(task).items():
-        evals[name], skipped[split] = take(split)
-    return train, evals, skipped
+        raise common.InputError(f"could not load {task} from the Hugging Face hub ({path}: {common.first_line(error)})"
+                                f"; offline? download the data once and pass --task_dir=DIR in the GLUE layout "
+                                f"(DIR/<TASK>/train.tsv, dev.tsv; DIR/SICK/SICK.txt; DIR/PAWS/train.tsv, dev.tsv)")
+    skipped, splits = {}, {}
+    for name, split in [('train', 'train')] + [(name, split) for name, (_, split) in evals.items()]:
+        d = ds[split]  # a row without a usable label (the hub's test splits write -1) is dropped and counted
+        a, ys, b = d[col_a][:], d[col_y][:], d[col_b][:] if col_b else None  # [:]: a plain list, fast
+        keep = [i for i, y in enumerate(ys) if y is not None and (n == 1 or 0 <= y < n)]
+        splits[name] = make_split([a[i] for i in keep], None if b is None else [b[i] for i in keep],
+                                  [ys[i] for i in keep], task)
+        skipped[split] = len(d) - len(keep)
+    return splits.pop('train'), splits, skipped
 
 
 def subset(split, n, seed=0):
@@ -326,19 +251,58 @@ def subset(split, n, seed=0):
 def load_task(task, root='', max_train=0, max_eval=0):
     """Everything evaluate_task needs to know about a task, its splits included."""
     if task not in TASKS:
-        raise ConfigError(f"unknown task '{task}'; choose from {', '.join(TASKS)}, or 'glue' / 'all'")
-    train, evals, skipped = read_local(task, root) if root else read_hub(task)
+        raise common.InputError(f"unknown task '{task}'; choose from {', '.join(TASKS)}, or 'glue' / 'all'")
+    t, n = TASKS[task], n_labels(task)
+    evals = t.evals or {task: ('dev', 'validation')}
+    train, evals, skipped = read_local(task, root, evals) if root else read_hub(task, evals)
     if len(train['label']) == 0 or any(len(e['label']) == 0 for e in evals.values()):
-        raise prepare_data.DataError(f"{task}: no usable examples in {root or 'the hub data'} ({skipped} skipped); "
-                                     f"each row needs the task's columns and a label {expected_labels(task)}")
-    metrics, n_labels, n_epochs = TASKS[task]
-    return {'task': task, 'metrics': metrics, 'n_labels': n_labels, 'epochs': n_epochs,
+        expected = ('that is a number (a similarity score)' if n == 1 else f"word, one of {', '.join(t.labels)}"
+                    if isinstance(t.labels, tuple) else f"from 0 to {n - 1}")
+        raise common.InputError(f"{task}: no usable examples in {root or 'the hub data'} ({skipped} skipped); each "
+                                f"row needs the task's columns and a label {expected}")
+    return {'task': task, 'metrics': t.metrics, 'n_labels': n, 'epochs': t.epochs, 'length': t.length,
             'train': subset(train, max_train), 'evals': {k: subset(v, max_eval) for k, v in evals.items()},
             'skipped': skipped}
 
 
+def split_imdb(train_tsv, out_folder, n_dev=2000, seed=0):
+    """IMDB's labelled reviews come as one train.tsv: n_dev of them (a fixed seed) become dev.tsv, each
+    review with its exact repeats (aclImdb has some), so dev shares no id and no text with train.
+    Writes <out_folder>/IMDB/ whole or not at all; keep dev.tsv's text out of pretraining."""
+    folder = os.path.join(out_folder, 'IMDB')
+    if not out_folder or os.path.exists(folder):
+        raise common.InputError(f"{folder} exists: a split is made once (its dev text kept out of pretraining); choose "
+                                f"another --task_dir" if out_folder else "--make_imdb_split writes <task_dir>/IMDB/: "
+                                "pass --task_dir")
+    rows = read_tsv(train_tsv)
+    if not rows or rows[0][:3] != ['id', 'sentence', 'label'] or len({r[0] for r in rows}) < len(rows):
+        raise common.InputError(f"{train_tsv} is not IMDB's train.tsv: the header id<TAB>sentence<TAB>label, then one "
+                                f"review per line, each with its own id")
+    if not 0 < n_dev < len(rows) - 1:
+        raise common.InputError(f"{train_tsv} has {len(rows) - 1} reviews, too few for a dev split of {n_dev}")
+    groups = {}
+    for i, row in enumerate(rows[1:], 1):
+        groups.setdefault(row[1] if len(row) > 1 else row[0], []).append(i)
+    groups, dev = list(groups.values()), set()
+    for g in np.random.default_rng(seed).permutation(len(groups)):
+        if len(dev) >= n_dev:
+            break
+        dev.update(groups[g])
+    parts = {'train.tsv': [i for i in range(1, len(rows)) if i not in dev], 'dev.tsv': sorted(dev)}
+
+    def write(tmp):
+        os.makedirs(tmp)
+        for name, part in parts.items():
+            with open(os.path.join(tmp, name), 'w', encoding='utf-8') as f:
+                f.writelines('\t'.join(rows[i]) + '\n' for i in [0] + part)
+    os.makedirs(out_folder, exist_ok=True)
+    common.atomic_write(folder, write)
+    print(f"wrote {folder}: train.tsv {len(parts['train.tsv'])} reviews, dev.tsv {len(dev)}, no id or text in both; "
+          f"keep dev.tsv's text out of pretraining, and evaluate with --task_dir={out_folder} --tasks=imdb")
+
+
 # ----------------------------------------------------------------------------------------------
-# metrics: numpy only; each returns a fraction in [0, 1] or a correlation in [-1, 1]
+# metrics: numpy only; each a fraction in [0, 1] or a correlation in [-1, 1]
 
 def accuracy(pred, label):
     return float(np.mean(np.asarray(pred) == np.asarray(label)))
@@ -346,8 +310,7 @@ def accuracy(pred, label):
 
 def confusion(pred, label):
     pred, label = np.asarray(pred) == 1, np.asarray(label) == 1
-    return (int(np.sum(pred & label)), int(np.sum(pred & ~label)), int(np.sum(~pred & label)),
-            int(np.sum(~pred & ~label)))  # tp, fp, fn, tn
+    return [int(np.sum(p & q)) for p, q in ((pred, label), (pred, ~label), (~pred, label), (~pred, ~label))]
 
 
 def f1(pred, label):
@@ -380,11 +343,8 @@ def rankdata(x):
     return (np.bincount(group, weights=ranks) / np.bincount(group))[group]
 
 
-def spearman(x, y):
-    return pearson(rankdata(x), rankdata(y))
-
-
-METRICS = {'mcc': mcc, 'accuracy': accuracy, 'f1': f1, 'pearson': pearson, 'spearman': spearman}
+METRICS = {'mcc': mcc, 'accuracy': accuracy, 'f1': f1, 'pearson': pearson,
+           'spearman': lambda x, y: pearson(rankdata(x), rankdata(y))}
 
 
 def score(pred, label, metrics):
@@ -394,85 +354,55 @@ def score(pred, label, metrics):
 
 def majority(train_label, eval_label, n_labels, metrics):
     """The scores of always answering the train split's most frequent label (regression: its mean)."""
-    if n_labels == 1:
-        pred = np.full(len(eval_label), float(np.mean(train_label)))
-    else:
-        pred = np.full(len(eval_label), int(np.bincount(train_label, minlength=n_labels).argmax()))
-    return score(pred, eval_label, metrics)
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints and the tokenizer
-
-def load_pretrained(path, tok_dir=''):
-    """(checkpoint dict, Tokenizer). The tokenizer is rebuilt from the recipe the checkpoint holds;
-    a bpe recipe needs the data directory with its ranks file, by default the one it records."""
-    ckpt = runtime.load_checkpoint(path)
-    where = tok_dir or ckpt.get('data_dir')
-    try:
-        tok = prepare_data.tokenizer_from_recipe(ckpt['tokenizer'], where)
-    except prepare_data.DataError as e:
-        raise prepare_data.DataError(f"{e} (the tokenizer of {path}; if its data directory moved, pass "
-                                     f"--data_dir_tok=<that directory>)")
-    return ckpt, tok
-
-
-def fresh_model(ckpt, dropout=None, random_init=False):
-    """A fresh copy of the checkpoint's model on the CPU, optionally with another dropout for
-    fine-tuning. random_init: the same architecture with untrained weights, drawn from torch's
-    current seed (the control that says what pretraining bought)."""
-    model = runtime.model_from_checkpoint(ckpt, **({} if dropout is None else {'dropout': dropout}))
-    return type(model)(model.cfg) if random_init else model
+    answer = (float(np.mean(train_label)) if n_labels == 1 else
+              int(np.bincount(train_label, minlength=n_labels).argmax()))
+    return score(np.full(len(eval_label), answer), eval_label, metrics)
 
 
 # ----------------------------------------------------------------------------------------------
 # token ids, once per task, and length-bucketed batches
 
+def max_tokens(model_args, task_len, max_len):
+    """Tokens per sequence: the task's own (imdb: the whole text) or max_len, as far as the model reads:
+    the one place that knows the cap (learned positions end at block_size)."""
+    return min(max_len if task_len is None else task_len, model_args['block_size'])
+
+
 def check_max_len(max_len, joined_pair):
     """Room for [cls] and a token of each text: '[cls] a [sep] b' needs 4, '[cls] a' needs 2."""
     need, form = (4, "'[cls] a [sep] b'") if joined_pair else (2, "'[cls] text'")
     if not max_len >= need:
-        raise ConfigError(f"max_len={max_len!r} is too short: {form} needs max_len >= {need} to keep a token of "
-                          f"each text; the default is 128")
-
-
-def truncate_pair(a, b, budget):
-    """Cut the longer of the two first, as BERT does, until both fit in budget tokens."""
-    if len(a) + len(b) <= budget:
-        return a, b
-    keep_b = min(len(b), max(budget - len(a), budget // 2))
-    return a[:budget - keep_b], b[:keep_b]
+        raise common.InputError(f"max_len={max_len!r} is too short: {form} needs max_len >= {need} to keep a token "
+                                f"of each text; the default is 128")
 
 
 def tokenize(tok, split, joined, max_len):
-    """{'x': ids, 'x_b': ids or None, 'pad': pad id}. joined: '[cls] a [sep] b' in one sequence
-    (pool and decoder heads); else '[cls] a' and '[cls] b' apart (pair and cosine heads)."""
+    """{'x': ids, 'x_b': ids or None, 'pad': pad id}. joined: '[cls] a [sep] b' in one sequence (pool
+    and decoder heads), the longer text cut first as BERT does; else '[cls] a' and '[cls] b' apart."""
     cls, sep = tok.cls_id, tok.sep_id
     ids_a = tok.encode_batch(split['a'])
-    if split['b'] is None:
-        return {'x': [[cls] + a[:max_len - 1] for a in ids_a], 'x_b': None, 'pad': tok.pad_id}
-    ids_b = tok.encode_batch(split['b'])
-    if not joined:
-        return {'x': [[cls] + a[:max_len - 1] for a in ids_a], 'x_b': [[cls] + b[:max_len - 1] for b in ids_b],
-                'pad': tok.pad_id}
-    x = []
+    ids_b = None if split['b'] is None else tok.encode_batch(split['b'])
+    if ids_b is None or not joined:
+        return {'x': [[cls] + a[:max_len - 1] for a in ids_a], 'pad': tok.pad_id,
+                'x_b': None if ids_b is None else [[cls] + b[:max_len - 1] for b in ids_b]}
+    x, budget = [], max_len - 2
     for a, b in zip(ids_a, ids_b):
-        a, b = truncate_pair(a, b, max_len - 2)
+        if len(a) + len(b) > budget:
+            keep_b = min(len(b), max(budget - len(a), budget // 2))
+            a, b = a[:budget - keep_b], b[:keep_b]
         x.append([cls] + a + [sep] + b)
     return {'x': x, 'x_b': None, 'pad': tok.pad_id}
 
 
-def length_batches(lengths, batch_size, rng=None):
-    """Index arrays of examples of about the same length, so that little compute goes to padding.
-    With rng (training): shuffled, sorted by length only within windows of 50 batches, and the
-    batches shuffled, so batches still differ from epoch to epoch. Without: sorted."""
-    lengths = np.asarray(lengths)
+def length_batches(enc, batch_size, rng=None):
+    """Index arrays of examples of about the same length, so that little compute goes to padding. With
+    rng (training): shuffled, sorted only within windows of 50 batches, the batches shuffled. Without: sorted."""
+    lengths = np.asarray([len(x) for x in enc['x']] if enc['x_b'] is None else
+                         [len(a) + len(b) for a, b in zip(enc['x'], enc['x_b'])])
     if rng is None:
         order = np.argsort(lengths, kind='stable')
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    perm = rng.permutation(len(lengths))
-    window = 50 * batch_size
-    out = []
+    perm, window, out = rng.permutation(len(lengths)), 50 * batch_size, []
     for s in range(0, len(perm), window):
         part = perm[s:s + window]
         part = part[np.argsort(lengths[part], kind='stable')]
@@ -480,67 +410,40 @@ def length_batches(lengths, batch_size, rng=None):
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def lengths_of(enc):
-    if enc['x_b'] is None:
-        return [len(x) for x in enc['x']]
-    return [len(a) + len(b) for a, b in zip(enc['x'], enc['x_b'])]
-
-
-def collate(seqs, pad_id, device):
-    """(idx (B, L) long, attn_mask (B, L) bool): padded with pad_id, which the mask hides."""
-    lens = torch.tensor([len(s) for s in seqs])
-    idx = torch.full((len(seqs), int(lens.max())), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        idx[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    mask = torch.arange(idx.shape[1])[None, :] < lens[:, None]
-    return idx.to(device), mask.to(device)
-
-
 def batch_inputs(enc, rows, device):
-    inputs = collate([enc['x'][i] for i in rows], enc['pad'], device)
-    if enc['x_b'] is not None:
-        inputs += collate([enc['x_b'][i] for i in rows], enc['pad'], device)
+    """(idx (B, L) long, mask (B, L) bool) for each text of the examples rows, padded with the pad id."""
+    inputs = ()
+    for seqs in (enc['x'], enc['x_b']):
+        if seqs is not None:
+            lens = torch.tensor([len(seqs[i]) for i in rows])
+            idx = torch.full((len(rows), int(lens.max())), enc['pad'], dtype=torch.long)
+            for j, i in enumerate(rows):
+                idx[j, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+            inputs += (idx.to(device), (torch.arange(idx.shape[1])[None, :] < lens[:, None]).to(device))
     return inputs
 
 
-# ----------------------------------------------------------------------------------------------
-# running a model (model.Classifier, model.pooled) over tokenised examples
-
 @torch.no_grad()
-def run_batched(module, fn, enc, width, batch_size, device='cpu', autocast=nullcontext):
-    """fn(*batch inputs) for every example of a tokenised split, with module in eval mode (its mode
-    restored after), batched by length so that little compute goes to padding: (n, width) float32 on
-    the CPU, in input order."""
-    was_training = module.training
+def run_batched(module, fn, enc, width, batch_size, device='cpu', autocast=nullcontext()):
+    """fn(*batch inputs) for every example, module in eval mode, batched by length: (n, width) float32
+    on the CPU, in input order."""
     module.eval()
     out = torch.empty(len(enc['x']), width)
-    for rows in length_batches(lengths_of(enc), batch_size):
-        with autocast():
+    for rows in length_batches(enc, batch_size):
+        with autocast:
             z = fn(*batch_inputs(enc, rows, device))
         out[torch.as_tensor(rows)] = z.float().cpu()
-    module.train(was_training)
     return out
 
 
-def embed(model, seqs, pad_id, batch_size=64, device='cpu', autocast=nullcontext):
+def embed(model, seqs, pad_id, batch_size=64, device='cpu', autocast=nullcontext()):
     """The mean-pooled states of each sequence (pooled()): (n, H)."""
-    enc = {'x': seqs, 'x_b': None, 'pad': pad_id}
-    return run_batched(model, lambda idx, mask: pooled(model, idx, mask), enc, model.cfg.n_embd, batch_size,
-                       device, autocast)
-
-
-def predict(clf, enc, batch_size, device, autocast=nullcontext):
-    """The classifier's outputs for every example: (n, n_out) float32 numpy, in input order."""
-    return run_batched(clf, clf, enc, clf.out.out_features, batch_size, device, autocast).numpy()
-
-
-def head_features(clf, enc, batch_size, device='cpu', autocast=nullcontext):
-    """What clf's output layer reads: (n, H) or (n, 4H)."""
-    return run_batched(clf, clf.features, enc, clf.out.in_features, batch_size, device, autocast)
+    return run_batched(model, lambda idx, mask: pooled(model, idx, mask), {'x': seqs, 'x_b': None, 'pad': pad_id},
+                       model.cfg.n_embd, batch_size, device, autocast)
 
 
 # ----------------------------------------------------------------------------------------------
-# linear models on fixed features: the probe head and the bag-of-words baseline share them
+# linear models on fixed features: the probe head and the bag-of-words control share them
 
 REG_GRID = tuple(10.0 ** k for k in range(2, -6, -1))  # λ candidates, strongest first (warm starts go down the grid)
 HOLDOUT_FRACTION = 0.2  # of the training split, carved once with a fixed seed, picks λ: the dev set never does
@@ -551,23 +454,10 @@ def matmul(X, W):
     return torch.sparse.mm(X, W) if X.is_sparse else X @ W
 
 
-def take_rows(X, rows):
-    return X.index_select(0, torch.as_tensor(rows)).coalesce() if X.is_sparse else X[torch.as_tensor(rows)]
-
-
-def gram(X):
-    """X Xᵀ (n, n) dense, for a dense or a sparse X."""
-    if not X.is_sparse:
-        return X @ X.T
-    with warnings.catch_warnings():  # torch flags its sparse @ sparse product as beta; the result is exact
-        warnings.simplefilter('ignore', UserWarning)
-        return torch.sparse.mm(X, X.t().coalesce()).to_dense()
-
-
 def fit_ridge(X, y, lam):
-    """Ridge regression in closed form: argmin (1/n)||Xw + b - y||² + λ||w||², the bias free.
-    Solved in the primal (d x d) when d <= n, else in the dual (n x n), where a sparse X (the
-    bag of words) never becomes dense: the centring is folded into the Gram matrix."""
+    """Ridge regression in closed form: argmin (1/n)||Xw + b - y||² + λ||w||², the bias free. Solved
+    in the primal (d x d) when d <= n, else in the dual (n x n), where a sparse X (the bag of words)
+    never becomes dense: the centring is folded into the Gram matrix."""
     X, y = X.double(), torch.as_tensor(y, dtype=torch.float64)
     n, d = X.shape
     mu = (torch.sparse.sum(X, 0).to_dense() if X.is_sparse else X.sum(0)) / n      # (d,)
@@ -575,22 +465,23 @@ def fit_ridge(X, y, lam):
     if d <= n and not X.is_sparse:
         Xc = X - mu
         w = torch.linalg.solve(Xc.T @ Xc / n + lam * torch.eye(d, dtype=X.dtype), Xc.T @ (y - y_mean) / n)
-    else:
-        # Xc Xcᵀ = X Xᵀ - m 1ᵀ - 1 mᵀ + |μ|², with m = X μ
-        m = matmul(X, mu[:, None])[:, 0]
-        K = gram(X) - m[:, None] - m[None, :] + mu @ mu
-        alpha = torch.linalg.solve(K / n + lam * torch.eye(n, dtype=X.dtype), (y - y_mean) / n)
-        w = matmul(X.t().coalesce() if X.is_sparse else X.T, alpha[:, None])[:, 0] - mu * alpha.sum()
+        return w, y_mean - mu @ w
+    with warnings.catch_warnings():  # torch flags its sparse @ sparse product as beta; the result is exact
+        warnings.simplefilter('ignore', UserWarning)
+        gram = torch.sparse.mm(X, X.t().coalesce()).to_dense() if X.is_sparse else X @ X.T  # (n, n)
+    m = matmul(X, mu[:, None])[:, 0]  # Xc Xcᵀ = X Xᵀ - m 1ᵀ - 1 mᵀ + |μ|², with m = X μ
+    K = gram - m[:, None] - m[None, :] + mu @ mu
+    alpha = torch.linalg.solve(K / n + lam * torch.eye(n, dtype=X.dtype), (y - y_mean) / n)
+    w = matmul(X.t().coalesce() if X.is_sparse else X.T, alpha[:, None])[:, 0] - mu * alpha.sum()
     return w, y_mean - mu @ w
 
 
 def fit_logistic(X, y, n_classes, lam, init=None):
-    """Multinomial logistic regression by L-BFGS: mean cross-entropy + (λ/2)||W||², the bias
-    free. init (W, b) warm-starts it (the next λ of the grid starts from the last solution)."""
+    """Multinomial logistic regression by L-BFGS: mean cross-entropy + (λ/2)||W||², the bias free.
+    init (W, b) warm-starts it (the next λ of the grid starts from the last solution)."""
     X = X.float() if not X.is_sparse else X.coalesce().float()
     y = torch.as_tensor(y, dtype=torch.long)
-    d = X.shape[1]
-    W = (init[0].clone() if init else torch.zeros(d, n_classes)).requires_grad_(True)
+    W = (init[0].clone() if init else torch.zeros(X.shape[1], n_classes)).requires_grad_(True)
     b = (init[1].clone() if init else torch.zeros(n_classes)).requires_grad_(True)
     opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=100, history_size=20, tolerance_grad=1e-5,
                             tolerance_change=1e-7, line_search_fn='strong_wolfe')
@@ -612,21 +503,8 @@ def linear_outputs(model, X):
 
 
 def linear_predict(model, X):
-    """Predictions of a fitted linear model: class ids, or scores for a regression."""
     out = linear_outputs(model, X)
-    return (out if out.dim() == 1 else out.argmax(-1)).numpy()
-
-
-def linear_loss(model, X, y):
-    """Mean squared error or cross-entropy: breaks ties between λs that score alike."""
-    out = linear_outputs(model, X)
-    if out.dim() == 1:
-        return float(((out - torch.as_tensor(y, dtype=out.dtype)) ** 2).mean())
-    return float(F.cross_entropy(out.float(), torch.as_tensor(y, dtype=torch.long)))
-
-
-def fit_linear(X, y, n_labels, lam, init=None):
-    return fit_ridge(X, y, lam) if n_labels == 1 else fit_logistic(X, y, n_labels, lam, init)
+    return (out if out.dim() == 1 else out.argmax(-1)).numpy()  # class ids, or scores for a regression
 
 
 def holdout_split(n, seed=0):
@@ -637,33 +515,33 @@ def holdout_split(n, seed=0):
 
 
 def fit_probe(X, y, n_labels, metrics):
-    """The linear model of the probe: λ chosen on a holdout carved from the training split by
-    its first metric (ties: by its loss; a small holdout often ties), then refitted on the whole
-    training split. Returns (model, λ)."""
+    """The probe's linear model: λ chosen on a holdout of the training split by its first metric (ties,
+    common on a small holdout: by its loss), then refitted on the whole split. -> (model, λ)."""
+    def fit(X, y, lam, init):
+        return fit_ridge(X, y, lam) if n_labels == 1 else fit_logistic(X, y, n_labels, lam, init)
+
+    def rows(r):
+        return X.index_select(0, torch.as_tensor(r)).coalesce() if X.is_sparse else X[torch.as_tensor(r)]
     fit_rows, hold_rows = holdout_split(len(y))
     best, best_lam, best_model, init = None, REG_GRID[0], None, None
     if len(hold_rows):
-        X_fit, X_hold = take_rows(X, fit_rows), take_rows(X, hold_rows)
+        X_fit, X_hold, y_hold = rows(fit_rows), rows(hold_rows), y[hold_rows]
         for lam in REG_GRID:
-            model = fit_linear(X_fit, y[fit_rows], n_labels, lam, init)
+            model = fit(X_fit, y[fit_rows], lam, init)
             init = model if n_labels > 1 else None
-            s = (score(linear_predict(model, X_hold), y[hold_rows], metrics[:1])[metrics[0]],
-                 -linear_loss(model, X_hold, y[hold_rows]))
+            out = linear_outputs(model, X_hold)
+            loss = (float(((out - torch.as_tensor(y_hold, dtype=out.dtype)) ** 2).mean()) if out.dim() == 1 else
+                    float(F.cross_entropy(out.float(), torch.as_tensor(y_hold, dtype=torch.long))))
+            s = (score(linear_predict(model, X_hold), y_hold, metrics[:1])[metrics[0]], -loss)
             if best is None or s > best:
                 best, best_lam, best_model = s, lam, model
-    return fit_linear(X, y, n_labels, best_lam, best_model if n_labels > 1 else None), best_lam
+    return fit(X, y, best_lam, best_model if n_labels > 1 else None), best_lam
 
 
 def feature_stats(train):
     """(mean, std) per feature of the training features; a constant feature's std is 1."""
     mean, std = train.mean(0), train.std(0)
     return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
-
-
-def standardise(train, *others):
-    """z-scores with the training features' statistics (constant features stay 0)."""
-    mean, std = feature_stats(train)
-    return [(x - mean) / std for x in (train, *others)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,15 +553,11 @@ def ngrams(text):
 
 
 class TfIdf:
-    """tf-idf of unigrams and bigrams, fitted on the training texts only: n-grams seen in at
-    least min_df of them, idf = ln((1 + n) / (1 + df)) + 1, each row L2-normalised (as
-    scikit-learn's TfidfVectorizer with min_df=2)."""
+    """tf-idf of unigrams and bigrams fitted on the training texts: n-grams in at least min_df of them,
+    idf = ln((1 + n) / (1 + df)) + 1, rows L2-normalised (scikit-learn's TfidfVectorizer, min_df=2)."""
 
     def __init__(self, texts, min_df=2):
-        df = {}
-        for text in texts:
-            for g in set(ngrams(text)):
-                df[g] = df.get(g, 0) + 1
+        df = Counter(g for text in texts for g in set(ngrams(text)))
         kept = sorted(g for g, c in df.items() if c >= min_df)
         self.index = {g: i for i, g in enumerate(kept)}
         self.idf = {g: math.log((1 + len(texts)) / (1 + df[g])) + 1 for g in kept}
@@ -695,49 +569,31 @@ class TfIdf:
         """One {column: weight} dict per text."""
         out = []
         for text in texts:
-            counts = {}
-            for g in ngrams(text):
-                if g in self.index:
-                    counts[g] = counts.get(g, 0) + 1
+            counts = Counter(g for g in ngrams(text) if g in self.index)
             row = {self.index[g]: c * self.idf[g] for g, c in counts.items()}
             norm = math.sqrt(sum(v * v for v in row.values())) or 1.0
             out.append({k: v / norm for k, v in row.items()})
         return out
 
 
-def sparse_rows(rows, width):
-    """A list of {column: value} dicts -> a sparse COO tensor (len(rows), width), float64."""
-    r = [i for i, row in enumerate(rows) for _ in row]
-    c = [k for row in rows for k in row]
-    v = [x for row in rows for x in row.values()]
-    idx = torch.tensor([r, c], dtype=torch.long).reshape(2, -1)
-    return torch.sparse_coo_tensor(idx, torch.tensor(v, dtype=torch.float64), (len(rows), width),
-                                   check_invariants=False).coalesce()
-
-
 def bow_features(vec, split):
-    """tf-idf rows of a split; for a pair, [a; b; |a - b|; a ⊙ b] over the vocabulary, sparse."""
-    V = len(vec)
-    rows_a = vec.rows(split['a'])
-    if split['b'] is None:
-        return sparse_rows(rows_a, V)
-    rows = []
-    for a, b in zip(rows_a, vec.rows(split['b'])):
-        row = {k: v for k, v in a.items()}
-        row.update({V + k: v for k, v in b.items()})
-        for k in a.keys() | b.keys():
-            diff = abs(a.get(k, 0.0) - b.get(k, 0.0))
-            if diff:
-                row[2 * V + k] = diff
-            if k in a and k in b:
-                row[3 * V + k] = a[k] * b[k]
-        rows.append(row)
-    return sparse_rows(rows, 4 * V)
+    """tf-idf rows of a split, for a pair [a; b; |a - b|; a ⊙ b] over the vocabulary: sparse (n, V or 4V)."""
+    V, rows = len(vec), vec.rows(split['a'])
+    if split['b'] is not None:
+        rows = [{**a, **{V + k: v for k, v in b.items()},
+                 **{2 * V + k: abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in a.keys() | b.keys()
+                    if a.get(k, 0.0) != b.get(k, 0.0)},
+                 **{3 * V + k: a[k] * b[k] for k in a.keys() & b.keys()}} for a, b in zip(rows, vec.rows(split['b']))]
+    idx = torch.tensor([[i for i, row in enumerate(rows) for _ in row], [k for row in rows for k in row]],
+                       dtype=torch.long).reshape(2, -1)
+    values = torch.tensor([x for row in rows for x in row.values()], dtype=torch.float64)
+    return torch.sparse_coo_tensor(idx, values, (len(rows), V if split['b'] is None else 4 * V),
+                                   check_invariants=False).coalesce()
 
 
 def bow_baseline(data):
     """{eval name: ({metric: value}, λ)} of the tf-idf linear model on the task's own training
-    examples: the bar a representation has to clear to have learned more than its words."""
+    examples: the bar a representation must clear to have learned more than its words."""
     train = data['train']
     vec = TfIdf(train['a'] + (train['b'] or []))
     if len(vec) == 0:  # no n-gram occurs twice: nothing to learn from, the majority answer
@@ -749,58 +605,51 @@ def bow_baseline(data):
 
 
 # ----------------------------------------------------------------------------------------------
-# fine-tuning
+# the heads: fine-tuned, or the encoder frozen (probe, cosine)
 
-def finetune(ckpt, data, head, seed, hp, device='cpu', autocast=nullcontext, progress=False, dtype='float32',
-             random_init=False):
-    """One run: a fresh copy of the pretrained model (random_init: untrained) and a new head,
-    trained for the task's epochs and scored on every evaluation set after every epoch. data
-    holds the tokenised splits (evaluate_task adds them). Returns [{eval name: {metric: value}}
-    per epoch] and the loss curve."""
-    from tqdm import tqdm
+def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontext(), progress=False,
+             dtype='float32', random_init=False):
+    """One run: a fresh copy of the model (random_init: untrained) and a new head, trained for the
+    task's epochs and scored on every evaluation set after every epoch. -> (scores per epoch, losses)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train, n_labels = data['train_tok'], data['n_labels']
+    train, n_labels, labels = data['train_tok'], data['n_labels'], data['train']['label']
     regression = n_labels == 1
-    labels = data['train']['label']
     # regression targets are standardised: a fresh head starts near 0, and a 0-5 score would first
     # cost epochs of learning its offset (the correlations do not change under this rescaling)
     y_mean, y_std = (float(labels.mean()), float(labels.std()) or 1.0) if regression else (0.0, 1.0)
     targets = torch.tensor((labels - y_mean) / y_std, dtype=torch.float32) if regression else torch.tensor(labels)
-
-    model = fresh_model(ckpt, hp['dropout'], random_init)
+    model, _ = common.load_model(checkpoint, 'the checkpoint', device, dropout=hp['dropout'])
+    if random_init:  # the same architecture, its weights drawn from this seed
+        model = type(model)(model.cfg).to(device)
     clf = Classifier(model, head, n_labels, head == 'pair' and train['x_b'] is not None, hp['dropout']).to(device)
     if hp['head_init'] == 'probe':
         init_head_from_probe(clf, train, targets.numpy(), data, hp, device, autocast)
     n_epochs = hp['epochs'] or data['epochs']
-    per_epoch = math.ceil(len(train['x']) / hp['batch_size'])
-    total = n_epochs * per_epoch
+    total = n_epochs * math.ceil(len(train['x']) / hp['batch_size'])
     warmup = hp['warmup_steps'] if hp['warmup_steps'] >= 0 else round(0.1 * total)
-    # the new head starts from nothing and gets its own, larger learning rate; the pretrained
-    # encoder moves at learning_rate (head_learning_rate=0: the same for both)
-    head_params = {id(p) for p in clf.head_parameters()}
-    groups = []
+    # the new head starts from nothing and gets its own, larger learning rate (0: learning_rate)
+    head_params, groups = {id(p) for p in clf.head_parameters()}, []
     for is_head in (False, True):
         lr = (hp['head_learning_rate'] or hp['learning_rate']) if is_head else hp['learning_rate']
         part = [p for p in clf.parameters() if p.requires_grad and (id(p) in head_params) == is_head]
         groups += [{'params': [p for p in part if p.dim() >= 2], 'weight_decay': hp['weight_decay'], 'base_lr': lr},
                    {'params': [p for p in part if p.dim() < 2], 'weight_decay': 0.0, 'base_lr': lr}]
-    device_type = 'cuda' if str(device).startswith('cuda') else str(device)
+    device_type = common.device_type(str(device))
     optimizer = torch.optim.AdamW(groups, lr=hp['learning_rate'], betas=(0.9, 0.98), eps=1e-6,
                                   fused=device_type in ('cuda', 'cpu'))
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
     history, losses, step = [], [], 0
     for epoch in range(n_epochs):
         clf.train()
-        batches = length_batches(lengths_of(train), hp['batch_size'], rng)
-        bar = tqdm(batches, desc=f"{data['task']} seed {seed} epoch {epoch + 1}/{n_epochs}", leave=False,
-                   disable=not progress)
+        batches = length_batches(train, hp['batch_size'], rng)
         loss_sum = 0.0
-        for rows in bar:
-            factor = runtime.get_lr(step, 1.0, 0.0, warmup, total)  # warmup then cosine, for every group
+        for rows in (bar := tqdm(batches, desc=f"{data['task']} seed {seed} epoch {epoch + 1}/{n_epochs}",
+                                 leave=False, disable=not progress)):
+            factor = common.get_lr(step, 1.0, 0.0, warmup, total)  # warmup then cosine, for every group
             for group in optimizer.param_groups:
                 group['lr'] = factor * group['base_lr']
-            with autocast():
+            with autocast:
                 o = clf(*batch_inputs(train, rows, device))
             y = targets[torch.as_tensor(rows)].to(device)
             loss = F.mse_loss(o.float().squeeze(-1), y) if regression else F.cross_entropy(o.float(), y)
@@ -817,9 +666,9 @@ def finetune(ckpt, data, head, seed, hp, device='cpu', autocast=nullcontext, pro
         losses.append(round(loss_sum / max(1, len(batches)), 5))
         scores = {}
         for name, enc in data['evals_tok'].items():
-            o = predict(clf, enc, hp['eval_batch_size'], device, autocast)
-            pred = o[:, 0] * y_std + y_mean if regression else o.argmax(-1)
-            scores[name] = score(pred, data['evals'][name]['label'], data['metrics'])
+            o = run_batched(clf, clf, enc, clf.out.out_features, hp['eval_batch_size'], device, autocast).numpy()
+            scores[name] = score(o[:, 0] * y_std + y_mean if regression else o.argmax(-1),
+                                 data['evals'][name]['label'], data['metrics'])
         history.append(scores)
         if progress:
             shown = ', '.join(f"{name} " + ' '.join(f"{m} {v:.1f}" for m, v in s.items()) for name, s in scores.items())
@@ -829,73 +678,41 @@ def finetune(ckpt, data, head, seed, hp, device='cpu', autocast=nullcontext, pro
 
 
 @torch.no_grad()
-def init_head_from_probe(clf, enc, targets, data, hp, device='cpu', autocast=nullcontext):
-    """LP-FT (Kumar et al. 2022): the output layer starts as the probe's linear model fitted on the
-    head's own features of the training split (λ on the probe's holdout), so that fine-tuning
-    begins from what the encoder already separates instead of sending a random layer's gradients
-    into it. The probe's standardisation is folded into the layer's weight and bias."""
-    Z = head_features(clf, enc, hp['eval_batch_size'], device, autocast)        # (n, F)
+def init_head_from_probe(clf, enc, targets, data, hp, device='cpu', autocast=nullcontext()):
+    """LP-FT (Kumar et al. 2022): the output layer starts as the probe fitted on the head's own features
+    of the training split, so fine-tuning begins from what the encoder already separates instead of
+    sending a random layer's gradients into it; the probe's standardisation folded into weight and bias."""
+    Z = run_batched(clf, clf.features, enc, clf.out.in_features, hp['eval_batch_size'], device, autocast)  # (n, F)
     mean, std = feature_stats(Z)
     (w, b), _ = fit_probe((Z - mean) / std, targets, data['n_labels'], data['metrics'])
-    w = w.float() if w.dim() == 2 else w.float()[:, None]                      # (F, n_out)
-    w = w / std[:, None]
+    w = (w.float() if w.dim() == 2 else w.float()[:, None]) / std[:, None]     # (F, n_out)
     clf.out.weight.copy_(w.T)
     clf.out.bias.copy_(b.float().reshape(-1) - mean @ w)
 
 
-def features(model, enc, batch_size, device, autocast):
-    """The frozen encoder's features of a tokenised split: the mean-pooled states (n, H), for a
-    pair encoded apart [a; b; |a - b|; a ⊙ b] (n, 4H)."""
-    a = embed(model, enc['x'], enc['pad'], batch_size, device, autocast)
-    if enc['x_b'] is None:
-        return a
-    return pair_features(a, embed(model, enc['x_b'], enc['pad'], batch_size, device, autocast))
-
-
-def probe(ckpt, data, seed, hp, device='cpu', autocast=nullcontext, random_init=False):
-    """The frozen encoder read by a linear model (SentEval's protocol): features computed once
-    per example, ridge or logistic regression fitted on the training split, λ chosen on a
-    holdout carved from it. Returns ([{eval name: scores}], λ)."""
+def frozen(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontext(), random_init=False):
+    """The encoder read without training -> ([{eval name: scores}], λ or None). probe (SentEval): a
+    linear model on standardised mean-pooled features, a pair encoded apart [a; b; |a - b|; a ⊙ b];
+    cosine: the cosine of the mean-pooled states of a and b."""
     torch.manual_seed(seed)
-    model = fresh_model(ckpt, random_init=random_init).to(device)
-    X = features(model, data['train_tok'], hp['eval_batch_size'], device, autocast)
-    evals = {name: features(model, enc, hp['eval_batch_size'], device, autocast)
-             for name, enc in data['evals_tok'].items()}
-    X, *X_evals = standardise(X, *evals.values())
-    linear, lam = fit_probe(X, data['train']['label'], data['n_labels'], data['metrics'])
-    return [{name: score(linear_predict(linear, Xe), data['evals'][name]['label'], data['metrics'])
-             for name, Xe in zip(evals, X_evals)}], lam
+    model, _ = common.load_model(checkpoint, 'the checkpoint', device)
+    model = type(model)(model.cfg).to(device) if random_init else model
 
+    def embedded(enc):  # (a (n, H), b (n, H) or None)
+        return [None if x is None else embed(model, x, enc['pad'], hp['eval_batch_size'], device, autocast)
+                for x in (enc['x'], enc['x_b'])]
+    if head == 'cosine':
+        return [{name: score(F.cosine_similarity(*embedded(enc), dim=-1).numpy(), data['evals'][name]['label'],
+                             data['metrics']) for name, enc in data['evals_tok'].items()}], None
 
-def cosine(ckpt, data, seed, hp, device='cpu', autocast=nullcontext, random_init=False):
-    """Zero-shot similarity: the cosine of the mean-pooled states of a and b. Returns [{eval name: scores}]."""
-    torch.manual_seed(seed)
-    model = fresh_model(ckpt, random_init=random_init).to(device)
-    scores = {}
-    for name, enc in data['evals_tok'].items():
-        a = embed(model, enc['x'], enc['pad'], hp['eval_batch_size'], device, autocast)
-        b = embed(model, enc['x_b'], enc['pad'], hp['eval_batch_size'], device, autocast)
-        scores[name] = score(F.cosine_similarity(a, b, dim=-1).numpy(), data['evals'][name]['label'],
-                             data['metrics'])
-    return [scores]
-
-
-def run_head(ckpt, data, head, seeds, hp, device, autocast, progress, dtype, random_init):
-    """[(scores per epoch, train losses, probe λ or None)] for each seed. A pretrained probe or
-    cosine is deterministic and runs once; every other run (fine-tuning, any random init) draws
-    from its seed."""
-    if head in ('probe', 'cosine') and not random_init:
-        seeds = seeds[:1]
-    runs = []
-    for s in seeds:
-        if head == 'probe':
-            history, lam = probe(ckpt, data, s, hp, device, autocast, random_init)
-            runs.append((history, [], lam))
-        elif head == 'cosine':
-            runs.append((cosine(ckpt, data, s, hp, device, autocast, random_init), [], None))
-        else:
-            runs.append((*finetune(ckpt, data, head, s, hp, device, autocast, progress, dtype, random_init), None))
-    return runs, list(seeds)
+    def features(enc):  # (n, H), or (n, 4H) for a pair
+        a, b = embedded(enc)
+        return a if b is None else pair_features(a, b)
+    X = features(data['train_tok'])
+    mean, std = feature_stats(X)
+    linear, lam = fit_probe((X - mean) / std, data['train']['label'], data['n_labels'], data['metrics'])
+    return [{name: score(linear_predict(linear, (features(enc) - mean) / std), data['evals'][name]['label'],
+                         data['metrics']) for name, enc in data['evals_tok'].items()}], lam
 
 
 def summarise(runs, seeds, name, first, metrics):
@@ -903,8 +720,7 @@ def summarise(runs, seeds, name, first, metrics):
     last = {m: [h[-1][name][m] for h, _, _ in runs] for m in metrics}
     entry = {m: round(float(np.mean(v)), 4) for m, v in last.items()}
     entry['std'] = {m: round(float(np.std(v, ddof=1)), 4) if len(v) > 1 else 0.0 for m, v in last.items()}
-    if len(runs[0][0]) > 1:
-        # the best epoch of each run, chosen on the first evaluation set's first metric
+    if len(runs[0][0]) > 1:  # each run's best epoch, chosen on the first evaluation set's first metric
         best_epochs = [int(np.argmax([e[first][metrics[0]] for e in h])) for h, _, _ in runs]
         best = {m: [h[b][name][m] for (h, _, _), b in zip(runs, best_epochs)] for m in metrics}
         entry['best_epoch'] = {**{m: round(float(np.mean(v)), 4) for m, v in best.items()},
@@ -913,31 +729,33 @@ def summarise(runs, seeds, name, first, metrics):
     return entry
 
 
-def evaluate_task(ckpt, tok, data, head='pool', seeds=(42,), hp=None, device='cpu', autocast=nullcontext,
+def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, device='cpu', autocast=nullcontext(),
                   progress=False, dtype='float32', control=''):
-    """Fine-tune once per seed (head='probe': fit a linear model on the frozen features;
-    'cosine': score zero-shot) and summarise with the controls beside every score:
-    {eval name: {metric: last-epoch mean, 'std', 'best_epoch', 'majority', 'bow', 'random_init'
-    (control='random_init': the same protocol on the untrained architecture), 'n_train', ...}}."""
-    hp = {**HPARAMS, **(hp or {})}
-    t0 = time.time()
+    """The head run once per seed, summarised with the controls beside every score: {eval name: {metric:
+    last-epoch mean, 'std', 'best_epoch', 'majority', 'bow', 'random_init', 'n_train', ...}}."""
+    hp, t0 = {**HPARAMS, **(hp or {})}, time.time()
     metrics, n_labels = data['metrics'], data['n_labels']
     if head == 'cosine' and (n_labels != 1 or data['train']['b'] is None):
-        raise ConfigError(f"head=cosine scores sentence similarity (stsb, sick_r), not {data['task']}")
-    length = min(hp['max_len'], ckpt['model_args']['block_size'])
+        raise common.InputError(f"head=cosine scores sentence similarity (stsb, sick_r), not {data['task']}")
+    length = max_tokens(checkpoint['model_args'], data.get('length'), hp['max_len'])
     joined = head in ('pool', 'decoder')  # one sequence per example; pair, probe and cosine read a and b apart
     check_max_len(length, joined and data['train']['b'] is not None)
     data['evals_tok'] = {name: tokenize(tok, e, joined, length) for name, e in data['evals'].items()}
     if head != 'cosine':
         data['train_tok'] = tokenize(tok, data['train'], joined, length)
-    seeds = list(seeds)
-    runs, used_seeds = run_head(ckpt, data, head, seeds, hp, device, autocast, progress, dtype, False)
-    controls = None
-    if control == 'random_init':
-        controls = run_head(ckpt, data, head, seeds, hp, device, autocast, progress, dtype, True)
-    bow = bow_baseline(data)
-    first = next(iter(data['evals']))
-    seconds = round(time.time() - t0, 2)
+
+    def run_head(random_init):
+        """[(scores per epoch, train losses, probe λ)] and the seeds run: a pretrained probe or cosine is
+        deterministic and runs once; every other run (fine-tuning, any random init) draws from its seed."""
+        used = list(seeds)[:1] if head in ('probe', 'cosine') and not random_init else list(seeds)
+        if head in ('probe', 'cosine'):
+            return [(history, [], lam) for history, lam in
+                    (frozen(checkpoint, data, head, s, hp, device, autocast, random_init) for s in used)], used
+        return [(*finetune(checkpoint, data, head, s, hp, device, autocast, progress, dtype, random_init), None)
+                for s in used], used
+    runs, used_seeds = run_head(False)
+    controls = run_head(True) if control == 'random_init' else None
+    bow, first, seconds = bow_baseline(data), next(iter(data['evals'])), round(time.time() - t0, 2)
     results = {}
     for name, ev in data['evals'].items():
         entry = summarise(runs, used_seeds, name, first, metrics)
@@ -960,208 +778,162 @@ def evaluate_task(ckpt, tok, data, head='pool', seeds=(42,), hp=None, device='cp
 
 
 # ----------------------------------------------------------------------------------------------
-# reporting
-
-def beats(entry, control, m):
-    """Whether a score clears a control: by more than the larger seed spread when seeds give one."""
-    spread = max(entry['std'][m], control.get('std', {}).get(m, 0.0))
-    return entry[m] > control[m] + spread
-
+# reporting, and sentence embeddings for users outside GLUE
 
 def versus(entry, m):
-    """The controls a score clears and those it does not, at a glance: '>maj >bow <rand'."""
+    """The controls a score clears by more than the larger seed spread, and those it does not: '>maj >bow <rand'."""
     marks = []
     for key, short in (('majority', 'maj'), ('bow', 'bow'), ('random_init', 'rand')):
         if key in entry:
-            marks.append(('>' if beats(entry, entry[key], m) else '<') + short)
+            spread = max(entry['std'][m], entry[key].get('std', {}).get(m, 0.0))
+            marks.append(('>' if entry[m] > entry[key][m] + spread else '<') + short)
     return ' '.join(marks)
 
 
 def markdown_table(results):
-    """One row per (task, metric): the score (mean ± std over seeds), its best epoch when it was
-    fine-tuned, the controls (majority, bag of words, random init when run) and which it clears."""
+    """A results file's content ({'run', 'results'}, or an older file's bare {task: entry}) as one row
+    per (task, metric): the score (mean ± std over seeds), its best epoch, the controls, which it clears."""
     lines = ['| task | metric | head | score | best epoch | majority | bow | random init | vs controls | n_train | '
-             'n_eval | seconds |',
-             '|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|']
+             'n_eval | seconds |', '|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|']
 
     def shown(e, m):
         return f"{e[m]:.1f}" + (f" ± {e['std'][m]:.1f}" if len(e.get('seeds', ())) > 1 else '')
-    for name, e in results.items():
+    for name, e in (results['results'] if 'run' in results else results).items():
         for m in (k for k in e if k in METRICS):  # in the task's order: mrpc f1 before accuracy
             best = (f"{e['best_epoch'][m]:.1f} (ep {','.join(map(str, e['best_epoch']['epoch']))})"
                     if 'best_epoch' in e else '-')
             rand = shown(e['random_init'], m) if 'random_init' in e else '-'
             bow = f"{e['bow'][m]:.1f}" if 'bow' in e else '-'  # results files older than the bow control
-            lines.append(f"| {name} | {m} | {e['head']} | {shown(e, m)} | {best} | {e['majority'][m]:.1f} | "
-                         f"{bow} | {rand} | {versus(e, m)} | {e['n_train']} | {e['n_eval']} | "
-                         f"{e['seconds']:.1f} |")
+            lines.append(f"| {name} | {m} | {e['head']} | {shown(e, m)} | {best} | {e['majority'][m]:.1f} | {bow} | "
+                         f"{rand} | {versus(e, m)} | {e['n_train']} | {e['n_eval']} | {e['seconds']:.1f} |")
     return '\n'.join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# sentence embeddings for users outside GLUE
-
-_ENCODERS = {}  # (checkpoint path, its mtime, device, tokenizer dir) -> (model, tokenizer); the last two used
+_encoders = {}  # (checkpoint path, its mtime, device, data_dir) -> (model, tokenizer); the last two used
 
 
-def load_encoder(path, device='cpu', tok_dir=''):
-    """(model in eval mode on device, Tokenizer) for a checkpoint, cached: a script that calls
-    encode() in a loop loads it once; a checkpoint rewritten on disk is loaded again."""
-    device = runtime.resolve_device(device)
-    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else None, device, tok_dir)
-    if key not in _ENCODERS:
-        ckpt, tok = load_pretrained(path, tok_dir)
-        _ENCODERS[key] = (fresh_model(ckpt).to(device).eval(), tok)
-        while len(_ENCODERS) > 2:
-            del _ENCODERS[next(iter(_ENCODERS))]
-    return _ENCODERS[key]
-
-
-def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir_tok=''):
-    """Sentence embeddings: tensor (len(texts), n_embd), float32 on the CPU, not normalised.
-    Each text is read as '[cls] text' (at most max_len tokens, capped at the model's block_size)
-    and its embedding is the mean of the encoder's C concepts: with no trained pooling scorer
-    for zero-shot use, the plain mean is the one choice that favours no concept. Cosine
-    similarity between these vectors is what head=cosine scores on STS-B and SICK-R."""
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
+def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir=''):
+    """Sentence embeddings (len(texts), n_embd), float32 on the CPU, not normalised: each text read as
+    '[cls] text' (max_len tokens, as far as the model reads), its embedding the plain mean of the
+    encoder's states, which favours none where no pooling was trained; head=cosine scores their cosine.
+    A checkpoint is loaded once (again when its file changes)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
     if not all(isinstance(t, str) for t in texts):
         bad = next(t for t in texts if not isinstance(t, str))
-        raise ConfigError(f"encode() takes a string or a list of strings, got a {type(bad).__name__} among them")
+        raise common.InputError(f"encode() takes a string or a list of strings, got a {type(bad).__name__} among them")
     if not (isinstance(batch_size, int) and batch_size > 0):
-        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
+        raise common.InputError(f"batch_size={batch_size!r} must be a positive integer")
     check_max_len(max_len, False)
-    model, tok = load_encoder(ckpt, device, data_dir_tok)
-    length = min(max_len, model.cfg.block_size)
-    seqs = [[tok.cls_id] + ids[:length - 1] for ids in tok.encode_batch(list(texts))]
-    if not seqs:
-        return torch.empty(0, model.cfg.n_embd)
-    return embed(model, seqs, tok.pad_id, batch_size, next(model.parameters()).device)
+    device = common.resolve_device(device)
+    key = (os.path.abspath(ckpt), os.path.getmtime(ckpt) if os.path.exists(ckpt) else None, device, data_dir)
+    if key not in _encoders:
+        model, checkpoint = common.load_model(ckpt, ckpt, device)
+        _encoders[key] = (model, common.checkpoint_tokenizer(checkpoint, data_dir))
+        while len(_encoders) > 2:
+            del _encoders[next(iter(_encoders))]
+    model, tok = _encoders[key]
+    length = max_tokens(vars(model.cfg), None, max_len)
+    seqs = [[tok.cls_id] + ids[:length - 1] for ids in tok.encode_batch(texts)]
+    return embed(model, seqs, tok.pad_id, batch_size, device) if seqs else torch.empty(0, model.cfg.n_embd)
 
 
 # ----------------------------------------------------------------------------------------------
 
-def check_settings(seeds, hp, head, task_list, max_train=0, max_eval=0):
-    """The settings' ranges, before anything loads; returns the seeds as a list of ints."""
-    for name, value in (('max_train_examples', max_train), ('max_eval_examples', max_eval)):
-        if not value >= 0:
-            raise ConfigError(f"{name}={value!r} must be >= 0 (0 = all examples)")
-    parts = [s.strip() for s in str(seeds).split(',') if s.strip()]
-    if not parts or not all(p.isascii() and p.isdigit() for p in parts) or len({int(p) for p in parts}) < len(parts):
-        raise ConfigError(f"seeds={seeds!r} must be distinct non-negative integers, comma-separated "
-                          f"(e.g. --seeds=1,2,3): each is one fine-tuning run")
-    runtime.check_settings(hp)  # (eval_)batch_size, learning_rate > 0; weight_decay, grad_clip >= 0; dropout in [0, 1)
-    if not hp['epochs'] >= 0:
-        raise ConfigError(f"epochs={hp['epochs']!r} must be > 0, or 0 for the task's default")
-    if not hp['head_learning_rate'] >= 0:
-        raise ConfigError(f"head_learning_rate={hp['head_learning_rate']!r} must be > 0, or 0 for learning_rate")
-    if hp['head_init'] not in ('random', 'probe'):
-        raise ConfigError(f"head_init={hp['head_init']!r} must be 'random' (a fresh output layer) or 'probe' (the "
-                          f"linear probe of the head's features at the start: LP-FT)")
-    check_max_len(hp['max_len'], head in ('pool', 'decoder') and any(HUB[t][3] is not None for t in task_list))
-    return [int(p) for p in parts]
-
-
-def check_out(path):
-    """The results file must be writable before hours of fine-tuning, not after."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ConfigError(f"--out={path} is a directory; give a file name, "
-                          f"e.g. --out={os.path.join(path, 'glue.json')}")
-    if not os.path.isdir(folder):
-        raise ConfigError(f"--out={path}: the directory {folder} does not exist; create it first "
-                          f"or choose another path")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ConfigError(f"--out={path} is not writable; choose another path")
-
-
-def write_results(path, results):
-    """The results so far, replacing path atomically (a temporary file beside it, then
-    os.replace): an interrupted run keeps every task it finished, and never a torn file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+def existing_results(path, run):
+    """The entries of the results file at path that this run merges into ({} if none); a file of
+    another run (checkpoint, head or settings), or not of eval_glue.py at all, is refused."""
+    if not os.path.exists(path):
+        return {}
     try:
-        with open(tmp, 'w') as f:
-            json.dump(results, f, indent=2)
-            f.write('\n')
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise prepare_data.DataError(f"could not write the results to {path} ({e.strerror or e}); free space or "
-                                     f"choose another --out (the scores so far are printed above)")
+        with open(path, encoding='utf-8') as f:
+            content = json.load(f)
+        old, results = dict(content['run']), dict(content['results'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise common.InputError(f"--out={path} is not a results file that records its run ({type(e).__name__}: "
+                                f"{common.first_line(e)}; another program's, or an older eval_glue.py's): choose "
+                                f"another --out, or move it away")
+    differ = [f"{k} {old.get(k)!r} there, {v!r} here" for k, v in run.items() if old.get(k) != v]
+    if differ:
+        raise common.InputError(f"--out={path} holds the results of another run ({'; '.join(differ)}); merging would "
+                                f"mix them in one table: choose another --out")
+    return results
 
 
-def remove_stray_temporaries(path):
-    """Temporary results files that an interrupted run (a process no longer alive) left beside path."""
-    for tmp in glob.glob(glob.escape(path) + '.tmp.*'):
-        pid = tmp.rsplit('.', 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                os.remove(tmp)
-            except PermissionError:  # alive, another user's
-                pass
-
-
-def main():
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read(), globals())
-    runtime.one_line_errors()
-    task_list = []
-    for name in tasks.split(','):
-        for t in PRESETS.get(name.strip(), name.strip()).split(','):
-            if t and t not in task_list:
-                task_list.append(t)
+def main(config):
+    """The command line: every setting checked, then each task evaluated and merged into --out."""
+    c, head = config, config['head']
+    if c['make_imdb_split']:
+        return split_imdb(c['make_imdb_split'], c['task_dir'])
+    common.check_settings(c)
+    for k, allowed in CHOICES.items():
+        if c[k] not in allowed:
+            raise common.InputError(f"{k}={c[k]!r}: choose one of {', '.join(map(repr, allowed))}")
+    task_list = list(dict.fromkeys(t for name in c['tasks'].split(',')
+                                   for t in PRESETS.get(name.strip(), name.strip()).split(',') if t))
     unknown = [t for t in task_list if t not in TASKS]
     if unknown or not task_list:
-        raise ConfigError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}, "
-                          f"or 'glue' / 'all'")
-    if head not in ('pool', 'pair', 'decoder', 'probe', 'cosine'):
-        raise ConfigError(f"unknown head '{head}'; choose pool, pair, decoder, probe or cosine")
-    if control not in ('', 'random_init'):
-        raise ConfigError(f"unknown control '{control}'; choose random_init (the untrained architecture) or ''")
-    if head == 'cosine' and any(TASKS[t][1] != 1 for t in task_list):
-        raise ConfigError(f"head=cosine scores sentence similarity without training: tasks stsb and sick_r only, "
-                          f"not {', '.join(t for t in task_list if TASKS[t][1] != 1)}")
-    hp = {k: globals()[k] for k in HPARAMS}
-    seed_list = check_settings(seeds, hp, head, task_list, max_train_examples, max_eval_examples)
-
-    path = out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f'glue_{head}.json')
-    check_out(path)
-    remove_stray_temporaries(path)
-
-    rt = runtime.setup_runtime(device, dtype, seed_list[0])
-    checkpoint, tok = load_pretrained(ckpt, data_dir_tok)
-    args = checkpoint['model_args']  # (`ckpt` is the --ckpt path here)
-    block = args['block_size']
-    if max_len > block:
-        print(f"max_len {max_len} exceeds the model's block_size; sequences are cut at {block} tokens")
-    print(f"checkpoint {ckpt}: stage {checkpoint.get('stage', '?')}, decoder {args.get('decoder')}, "
-          f"n_embd {args['n_embd']}, {len(checkpoint['model'])} tensors; head {head}, seeds {seed_list}, "
-          f"device {rt.device}, dtype {rt.dtype}" + (f", control {control}" if control else ''))
-    datas = [load_task(task, data_dir, max_train_examples, max_eval_examples) for task in task_list]  # all, first
+        raise common.InputError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from "
+                                f"{', '.join(TASKS)}, or 'glue' / 'all'")
+    parts = [s.strip() for s in str(c['seeds']).split(',') if s.strip()]
+    if not parts or not all(p.isascii() and p.isdigit() and int(p) <= common.MAX_SEED for p in parts) \
+            or len({int(p) for p in parts}) < len(parts):
+        raise common.InputError(f"seeds={c['seeds']!r} must be distinct integers from 0 to 2**63 - 1, comma-separated "
+                                f"(e.g. --seeds=1,2,3): each is one run")
+    seed_list = [int(p) for p in parts]
+    if head == 'cosine' and any(TASKS[t].labels != 1 for t in task_list):
+        raise common.InputError(f"head=cosine scores sentence similarity without training: tasks stsb and sick_r "
+                                f"only, not {', '.join(t for t in task_list if TASKS[t].labels != 1)}")
+    for t in task_list if not c['task_dir'] else []:
+        if TASKS[t].hub is None:
+            read_hub(t)  # the one line that says what to pass
+        if c['data_dir'] and os.path.isdir(os.path.join(c['data_dir'], TASKS[t].folder)):  # the name it had before
+            raise common.InputError(f"--data_dir={c['data_dir']} holds task folders: pass it as --task_dir (--data_dir "
+                                    f"is where the checkpoint's tokenizer lives, if its data directory moved)")
+    check_max_len(c['max_len'], head in ('pool', 'decoder') and any(TASKS[t].b is not None for t in task_list))
+    ckpt = c['ckpt']
+    path = c['out'] or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f'glue_{head}.json')
+    common.check_output(path)
     results = {}
-    for task, data in zip(task_list, datas):
-        sizes = ', '.join(f"{k} {len(v['label'])}" for k, v in data['evals'].items())
-        skipped = sum(data['skipped'].values())
-        print(f"{task}: train {len(data['train']['label'])}, {sizes}"
-              + (f"; skipped {skipped} malformed rows {data['skipped']}" if skipped else ''), flush=True)
-        res = evaluate_task(checkpoint, tok, data, head, seed_list, hp, rt.device, rt.autocast, progress, rt.dtype,
-                            control)
-        for name, e in res.items():
-            shown = ', '.join(f"{m} {e[m]:.1f} ({versus(e, m)}: majority {e['majority'][m]:.1f}, bow {e['bow'][m]:.1f}"
-                              + (f", random init {e['random_init'][m]:.1f}" if 'random_init' in e else '') + ')'
-                              for m in e if m in METRICS)
-            print(f"{name}: {shown} in {e['seconds']:.1f}s", flush=True)
-        results.update(res)
-        write_results(path, results)  # after every task: an interrupted run keeps what it finished
+    try:
+        checkpoint = common.load_checkpoint(ckpt)
+        args = checkpoint['model_args']
+        if head == 'decoder' and args.get('encoder', 'concept') == 'standard':
+            raise common.InputError(f"head=decoder reads a concept decoder, and {ckpt} is a standard-arm checkpoint "
+                                    f"(encoder='standard'): it would be an unweighted mean of its token states; "
+                                    f"use head=pool, pair or probe")
+        run = {'ckpt': ckpt if common.is_hub_id(ckpt) else os.path.abspath(ckpt), 'head': head,
+               'iter_num': checkpoint.get('iter_num'), 'seeds': seed_list, **{k: c[k] for k in RUN_SETTINGS}}
+        results = existing_results(path, run)
+        _, _, _, _, dev, dt = common.init_process(c['device'], c['dtype'], seed_list[0])
+        tok = common.checkpoint_tokenizer(checkpoint, c['data_dir'])
+        if c['max_len'] > args['block_size']:
+            print(f"max_len {c['max_len']} exceeds the model's block_size: sequences are cut at {args['block_size']}")
+        print(f"checkpoint {ckpt}: stage {checkpoint.get('stage', '?')}, decoder {args.get('decoder')}, n_embd "
+              f"{args['n_embd']}, {len(checkpoint['model'])} tensors; head {head}, seeds {seed_list}, device {dev}, "
+              f"dtype {dt}" + (f", control {c['control']}" if c['control'] else '')
+              + (f"; {path} holds {', '.join(results)} already" if results else ''))
+        datas = [load_task(t, c['task_dir'], c['max_train_examples'], c['max_eval_examples']) for t in task_list]
+        for task, data in zip(task_list, datas):
+            skipped = sum(data['skipped'].values())
+            print(f"{task}: train {len(data['train']['label'])}, "
+                  + ', '.join(f"{k} {len(v['label'])}" for k, v in data['evals'].items())
+                  + (f"; texts read whole, up to {max_tokens(args, data['length'], c['max_len'])} tokens"
+                     if data['length'] is not None else '')
+                  + (f"; skipped {skipped} malformed rows {data['skipped']}" if skipped else ''), flush=True)
+            res = evaluate_task(checkpoint, tok, data, head, seed_list, {k: c[k] for k in HPARAMS}, dev,
+                                common.autocast(dev, dt), c['progress'], dt, c['control'])
+            print('\n'.join(markdown_table(res).splitlines()[2:]), flush=True)  # its rows of the table
+            merged = {**results, **res}  # a task evaluated again replaces its own entry
+            common.write_text(path, json.dumps({'run': run, 'results': merged}, indent=2) + '\n')
+            results = merged  # what the file holds now
+    except KeyboardInterrupt:
+        common.interrupted(f"{', '.join(results)} kept in {path}" if results else "nothing was written")
     print()
     print(markdown_table(results))
     print(f"\nwrote {path}")
 
 
 if __name__ == '__main__':
-    main()
+    settings = {**DEFAULTS, '__file__': __file__}  # the configurator sees the settings and nothing else
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read(), settings)
+    main({k: settings[k] for k in DEFAULTS})

@@ -1,8 +1,10 @@
 """eval_glue.py: metrics against hand-computed values, every task's reader on files in the official
-layouts, each head learning a tiny synthetic task, checkpoints of every stage, and the CLI end to end."""
+layouts, each head learning a tiny synthetic task, checkpoints of every stage and both arms, results
+that merge and are never lost, and the command line end to end."""
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -10,13 +12,13 @@ import torch
 
 from conftest import run_script
 
+import common
 import eval_glue as G
-import prepare_data
-import runtime
 from model import Classifier, ConceptConfig, ConceptDiffusion, ConceptMLM, pooled
 
 # ----------------------------------------------------------------------------------------------
-# a tiny prepared data directory and one checkpoint per stage, written as the train scripts do
+# one checkpoint per stage (and one of the standard arm) on the session's prepared data directory,
+# written as the training scripts write them
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -28,33 +30,39 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope='module')
-def tok_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('evaldata') / 'pydocs_tiny')
-    prepare_data.prepare(dataset='pydocs', max_docs=500, vocab_size=600, out_dir=out)
-    return out
-
-
-def make_ckpt(path, data_dir, stage, decoder):
-    meta = prepare_data.load_meta(data_dir)
+def make_ckpt(path, data_dir, stage, decoder, encoder='concept'):
+    meta = common.load_meta(data_dir)
     special = meta['special_tokens']
     args = dict(vocab_size=meta['vocab_size'], block_size=64, n_layer=2, n_head=2, n_embd=32, n_concepts=8,
-                ffn_size=64, decoder=decoder, pad_id=special['pad'], mask_id=special['mask'],
+                ffn_size=64, decoder=decoder, encoder=encoder, pad_id=special['pad'], mask_id=special['mask'],
                 eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'])
     torch.manual_seed(0)
     model = (ConceptDiffusion if stage == 'diffusion' else ConceptMLM)(ConceptConfig(**args))
-    runtime.save_checkpoint(path, {'stage': stage, 'model': model.state_dict(), 'model_args': args,
-                                   'tokenizer': meta['tokenizer'], 'special_tokens': special,
-                                   'data_dir': os.path.abspath(data_dir), 'config': {}, 'iter_num': 0})
+    common.save_checkpoint(path, {'stage': stage, 'model': model.state_dict(), 'model_args': args,
+                                  'tokenizer': meta['tokenizer'], 'special_tokens': special,
+                                  'data_dir': os.path.abspath(data_dir), 'config': {}, 'iter_num': 0})
     return path
 
 
 @pytest.fixture(scope='module')
-def ckpts(tok_dir, tmp_path_factory):
+def ckpts(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp('ckpts')
-    return {stage: make_ckpt(str(root / stage / 'ckpt.pt'), tok_dir, stage, decoder)
-            for stage, decoder in [('mlm', 'perceiver'), ('tsdae', 'posonly'), ('diffusion', 'diffusion'),
-                                   ('weighted', 'weighted')]}
+    return {name: make_ckpt(str(root / name / 'ckpt.pt'), data_dir, stage, decoder, encoder)
+            for name, stage, decoder, encoder in [
+                ('mlm', 'mlm', 'perceiver', 'concept'), ('tsdae', 'tsdae', 'posonly', 'concept'),
+                ('diffusion', 'diffusion', 'diffusion', 'concept'), ('weighted', 'mlm', 'weighted', 'concept'),
+                ('standard', 'mlm', 'perceiver', 'standard')]}
+
+
+def load(path):
+    """(checkpoint dict, its tokenizer), as main() has them."""
+    checkpoint = common.load_checkpoint(path)
+    return checkpoint, common.checkpoint_tokenizer(checkpoint)
+
+
+def main(**settings):
+    """eval_glue.main in this process, with the defaults a test does not set."""
+    G.main({**G.DEFAULTS, 'device': 'cpu', 'dtype': 'float32', 'progress': False, **settings})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,8 +81,9 @@ def test_metrics_match_hand_computed_values():
     assert G.pearson([3, 3, 3], [1, 2, 3]) == 0.0
     # ties share their average rank: x -> [1, 2.5, 2.5, 4]; r = 4.5 / sqrt(4.5 · 5)
     assert G.rankdata([1, 2, 2, 3]).tolist() == [1, 2.5, 2.5, 4]
-    assert G.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))
-    assert G.spearman([10, 20, 30], [1, 5, 100]) == pytest.approx(1.0)
+    spearman = G.METRICS['spearman']
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))
+    assert spearman([10, 20, 30], [1, 5, 100]) == pytest.approx(1.0)
     assert G.score(pred, label, ('f1', 'accuracy')) == pytest.approx({'f1': 200 / 3, 'accuracy': 400 / 6})
     # majority: the train split's most frequent label, scored on the eval labels
     assert G.majority(np.array([1, 1, 0]), np.array([1, 0, 0, 0]), 2, ('accuracy', 'f1')) == \
@@ -113,6 +122,7 @@ LAYOUTS = {  # task: (folder, header of train, of dev (None: none at all), row f
              lambda a, b, y, s: ['0', a, b, str(y)]),
     'paws': ('PAWS', ['id', 'sentence1', 'sentence2', 'label'], ['id', 'sentence1', 'sentence2', 'label'],
              lambda a, b, y, s: ['1', a, b, str(y)]),
+    'imdb': ('IMDB', ['id', 'sentence', 'label'], ['id', 'sentence', 'label'], lambda a, b, y, s: ['12_7', a, str(y)]),
 }
 SICK_HEAD = ['pair_ID', 'sentence_A', 'sentence_B', 'entailment_label', 'relatedness_score', 'entailment_AB',
              'entailment_BA', 'sentence_A_original', 'sentence_B_original', 'sentence_A_dataset',
@@ -136,10 +146,10 @@ def write_task(root, task, split, examples, extra=()):
     write_lines(os.path.join(root, folder, f'{split}.tsv'), rows, extra)
 
 
-def write_sick(root, examples, extra=()):
+def write_sick(root, examples, extra=(), header=True):
     """examples: (a, b, entailment word, relatedness, SemEval split)."""
-    rows = [SICK_HEAD] + [[str(i), a, b, e, f'{r:.1f}', 'A_neutral_B', 'B_neutral_A', a, b, 'FLICKR', 'FLICKR', s]
-                          for i, (a, b, e, r, s) in enumerate(examples)]
+    rows = [SICK_HEAD] * header + [[str(i), a, b, e, f'{r:.1f}', 'A_neutral_B', 'B_neutral_A', a, b, 'FLICKR',
+                                    'FLICKR', s] for i, (a, b, e, r, s) in enumerate(examples)]
     write_lines(os.path.join(root, 'SICK', 'SICK.txt'), rows, extra)
 
 
@@ -147,24 +157,28 @@ LABELS_IN_FILE = {'mnli': ['entailment', 'neutral', 'contradiction'], 'qnli': ['
                   'rte': ['entailment', 'not_entailment'], 'stsb': [0.0, 2.5, 5.0]}
 
 
+def eval_stems(task):
+    return [stem for stem, _ in (G.TASKS[task].evals or {task: ('dev', 'validation')}).values()]
+
+
 @pytest.mark.parametrize('task', list(LAYOUTS))
-def test_reader_of_each_glue_layout(task, tmp_path):
+def test_reader_of_each_layout(task, tmp_path):
     labels = LABELS_IN_FILE.get(task, [0, 1, 1])
     good = [(f'He said "yes" {i}.', f'b {i}', labels[i % len(labels)]) for i in range(3)]
     broken = ['only\tthree\tcols' if LAYOUTS[task][1] is None else 'too\tfew',
               '\t'.join(LAYOUTS[task][3]('a', 'b', 'maybe', 'train'))]  # a label that is none
-    for split in ['train'] + [stem for stem, _ in G.eval_sets(task).values()]:
+    for split in ['train'] + eval_stems(task):
         write_task(str(tmp_path), task, split, good, broken)
     data = G.load_task(task, str(tmp_path))
     expected_names = ['mnli_m', 'mnli_mm'] if task == 'mnli' else [task]
     assert list(data['evals']) == expected_names
     for split in [data['train'], *data['evals'].values()]:
         assert split['a'] == [a for a, _, _ in good]  # quotes stay literal text
-        if task in ('cola', 'sst2'):
+        if task in ('cola', 'sst2', 'imdb'):
             assert split['b'] is None
         else:
             assert split['b'] == [b for _, b, _ in good]
-        want = [LABELS_IN_FILE[task].index(y) if task in G.LABEL_NAMES else y for _, _, y in good]
+        want = [LABELS_IN_FILE[task].index(y) if isinstance(G.TASKS[task].labels, tuple) else y for _, _, y in good]
         assert split['label'].tolist() == pytest.approx(want)
     assert all(n == 2 for n in data['skipped'].values()) and len(data['skipped']) == 1 + len(expected_names)
 
@@ -185,31 +199,52 @@ def test_reader_of_sick(tmp_path):
     assert r['skipped'] == {'SICK.txt': 2} and e['skipped'] == {'SICK.txt': 2}
 
 
+def test_a_sick_file_without_its_header_keeps_its_first_row(tmp_path, capsys):
+    """Issue 35: the first data row was taken for the header and silently lost (40 rows read as 39)."""
+    examples = [(f'a {i}', f'b {i}', 'ENTAILMENT' if i % 2 else 'NEUTRAL', 1.0 + i / 10, 'TRAIN') for i in range(40)]
+    write_sick(str(tmp_path), examples + [('x', 'y', 'NEUTRAL', 2.0, 'TRIAL')], header=False)
+    for task in ('sick_r', 'sick_e'):
+        data = G.load_task(task, str(tmp_path))
+        assert len(data['train']['label']) == 40 and data['train']['a'][0] == 'a 0'
+    assert 'SICK.txt has no header line; its first row is read as data' in capsys.readouterr().out
+    write_sick(str(tmp_path), examples + [('x', 'y', 'NEUTRAL', 2.0, 'TRIAL')])  # with it: the same 40
+    assert len(G.load_task('sick_r', str(tmp_path))['train']['label']) == 40
+
+
+def test_files_with_cr_only_line_endings_are_read(tmp_path):
+    """Issue 35: a dev.tsv saved with CR line endings read as one line ("no usable examples")."""
+    write_task(str(tmp_path), 'sst2', 'train', [('good', None, 1), ('bad', None, 0)])
+    (tmp_path / 'SST-2' / 'dev.tsv').write_bytes(b'sentence\tlabel\rfine film\t1\rawful\t0\r')
+    data = G.load_task('sst2', str(tmp_path))
+    assert data['evals']['sst2']['a'] == ['fine film', 'awful'] and data['evals']['sst2']['label'].tolist() == [1, 0]
+    (tmp_path / 'SST-2' / 'train.tsv').write_bytes(b'sentence\tlabel\r\nok\t1\r\nno\t0\r\n')  # CRLF, as before
+    assert G.load_task('sst2', str(tmp_path))['train']['a'] == ['ok', 'no']
+
+
 def test_files_narrower_than_the_task_reads_are_one_clear_error(tmp_path):
-    """A header with fewer columns than the task reads: a DataError naming the file, not an IndexError."""
+    """A header with fewer columns than the task reads: one line naming the file, not an IndexError."""
     os.makedirs(tmp_path / 'STS-B')
     for stem in ('train', 'dev'):
         (tmp_path / 'STS-B' / f'{stem}.tsv').write_text('sentence1\tsentence2\tscore\na\tb\t3.0\n')
-    with pytest.raises(prepare_data.DataError, match=r'STS-B.train\.tsv has 3 tab-separated columns'):
+    with pytest.raises(common.InputError, match=r'STS-B.train\.tsv has 3 tab-separated columns'):
         G.load_task('stsb', str(tmp_path))
     os.makedirs(tmp_path / 'SICK')
     (tmp_path / 'SICK' / 'SICK.txt').write_text('pair_ID\tsentence_A\tsentence_B\n1\ta\tTRAIN\n')
-    with pytest.raises(prepare_data.DataError, match='SICK.txt has 3 tab-separated columns'):
+    with pytest.raises(common.InputError, match='SICK.txt has 3 tab-separated columns'):
         G.load_task('sick_r', str(tmp_path))
 
 
 def test_missing_files_and_hub_failures_are_one_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(prepare_data.DataError, match='RTE.train.tsv not found'):
+    with pytest.raises(common.InputError, match='RTE.train.tsv not found'):
         G.load_task('rte', str(tmp_path))
     import datasets
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, 'load_dataset', offline)
-    with pytest.raises(prepare_data.DataError, match='--data_dir'):
-        G.load_task('mrpc', '')
-    with pytest.raises(prepare_data.DataError, match='--data_dir'):
-        G.load_task('sick_e', '')
+    for task in ('mrpc', 'sick_e', 'imdb'):  # imdb is not on the hub at all
+        with pytest.raises(common.InputError, match='--task_dir'):
+            G.load_task(task, '')
 
 
 def test_hub_columns_and_splits(monkeypatch):
@@ -238,43 +273,57 @@ def test_hub_columns_and_splits(monkeypatch):
     assert [c[2] for c in calls[1:]] == [{'revision': 'refs/convert/parquet'}, {}]
 
 
-def test_subset_and_truncation():
+class WordTokenizer:
+    """A stand-in tokenizer: the text '7' is 7 tokens 0..6."""
+    cls_id, sep_id, pad_id = 100, 101, 102
+
+    def encode_batch(self, texts):
+        return [list(range(int(t))) for t in texts]
+
+
+def test_subset_truncation_and_the_task_length():
     split = G.make_split([str(i) for i in range(10)], None, [i % 2 for i in range(10)], 'sst2')
     small = G.subset(split, 4)
     assert len(small['a']) == 4 and small['a'] == sorted(small['a'], key=int)  # in file order
     assert small['label'].tolist() == [int(a) % 2 for a in small['a']]
     assert G.subset(split, 4)['a'] == small['a'] and G.subset(split, 0) is split  # fixed seed; 0 = all
-    a, b = G.truncate_pair(list(range(10)), list(range(3)), 8)
-    assert (len(a), len(b)) == (5, 3)
-    a, b = G.truncate_pair(list(range(10)), list(range(10)), 7)
-    assert (len(a), len(b)) == (4, 3)
-    assert G.truncate_pair([1, 2], [3], 8) == ([1, 2], [3])
+
+    def joined(a, b, max_len):  # '[cls] a [sep] b': the longer text is cut first (BERT)
+        x = G.tokenize(WordTokenizer(), {'a': [a], 'b': [b]}, True, max_len)['x'][0]
+        return x.index(101) - 1, len(x) - x.index(101) - 1
+    assert joined('10', '3', 10) == (5, 3) and joined('10', '10', 9) == (4, 3) and joined('2', '1', 10) == (2, 1)
+    apart = G.tokenize(WordTokenizer(), {'a': ['10'], 'b': ['3']}, False, 4)
+    assert apart['x'] == [[100, 0, 1, 2]] and apart['x_b'] == [[100, 0, 1, 2]]
+    # imdb reads whole texts; every length stops where the model's positions do
+    assert G.max_tokens({'block_size': 64}, None, 128) == 64 and G.max_tokens({'block_size': 64}, None, 8) == 8
+    assert G.max_tokens({'block_size': 64}, G.TASKS['imdb'].length, 8) == 64
 
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints of every stage load, and encode() gives padding-independent embeddings
 
-@pytest.mark.parametrize('stage', ['mlm', 'tsdae', 'diffusion'])
+@pytest.mark.parametrize('stage', ['mlm', 'tsdae', 'diffusion', 'standard'])
 def test_checkpoint_of_each_stage_loads_and_encodes(ckpts, stage):
-    ckpt, tok = G.load_pretrained(ckpts[stage])
-    model = G.fresh_model(ckpt)
+    model, _ = common.load_model(ckpts[stage])
     assert isinstance(model, ConceptDiffusion if stage == 'diffusion' else ConceptMLM)
     texts = ['Return the sum of an array.', 'A much longer sentence about tensors, files and sockets, ' * 3]
     emb = G.encode(texts, ckpts[stage])
     assert emb.shape == (2, 32) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
     alone = G.encode(texts[:1], ckpts[stage])  # padded in a batch with a longer text, or not at all
     torch.testing.assert_close(alone[0], emb[0], rtol=1e-4, atol=1e-5)
-    assert G.load_encoder(ckpts[stage])[0] is G.load_encoder(ckpts[stage])[0]  # cached
+    cached = [m for m, _ in G._encoders.values()]
+    G.encode('again', ckpts[stage])
+    assert [m for m, _ in G._encoders.values()] == cached and len(cached) <= 2  # loaded once
 
 
-def test_moved_tokenizer_directory_says_what_to_pass(ckpts, tok_dir, tmp_path):
-    ckpt = torch.load(ckpts['mlm'], weights_only=True)
-    ckpt['data_dir'] = str(tmp_path / 'moved_away')
+def test_moved_tokenizer_directory_says_what_to_pass(ckpts, data_dir, tmp_path):
+    checkpoint = torch.load(ckpts['mlm'], weights_only=True)
+    checkpoint['data_dir'] = str(tmp_path / 'moved_away')
     path = str(tmp_path / 'ckpt.pt')
-    runtime.save_checkpoint(path, ckpt)
-    with pytest.raises(prepare_data.DataError, match='--data_dir_tok'):
-        G.load_pretrained(path)
-    assert G.load_pretrained(path, tok_dir)[1].vocab_size == 600
+    common.save_checkpoint(path, checkpoint)
+    with pytest.raises(common.InputError, match='--data_dir'):
+        G.encode(['a sentence'], path)
+    assert G.encode(['a sentence'], path, data_dir=data_dir).shape == (1, 32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,9 +332,9 @@ def test_moved_tokenizer_directory_says_what_to_pass(ckpts, tok_dir, tmp_path):
 FILLER = 'the module returns a value for each index of the array and the default object'.split()
 
 
-def sentence(rng, keyword):
-    words = list(rng.choice(FILLER, size=6))
-    words.insert(int(rng.integers(0, 7)), keyword)
+def sentence(rng, keyword, n=6):
+    words = list(rng.choice(FILLER, size=n))
+    words.insert(int(rng.integers(0, n + 1)), keyword)
     return ' '.join(words)
 
 
@@ -305,11 +354,10 @@ def synthetic(n, seed, pair=False, regression=False):
 
 def synthetic_data(pair=False, regression=False, n_train=160, n_eval=64):
     task = 'stsb' if regression else ('mrpc' if pair else 'sst2')
-    metrics, n_labels, _ = G.TASKS[task]
     split = lambda ex: G.make_split([a for a, _, _ in ex], [b for _, b, _ in ex] if pair else None,  # noqa: E731
                                     [y for _, _, y in ex], task)
-    return {'task': 'synthetic', 'metrics': metrics if not pair else ('accuracy',), 'n_labels': n_labels,
-            'epochs': 4, 'train': split(synthetic(n_train, 1, pair, regression)),
+    return {'task': 'synthetic', 'metrics': G.TASKS[task].metrics if not pair else ('accuracy',),
+            'n_labels': G.n_labels(task), 'epochs': 4, 'train': split(synthetic(n_train, 1, pair, regression)),
             'evals': {'synthetic': split(synthetic(n_eval, 2, pair, regression))}, 'skipped': {}}
 
 
@@ -318,10 +366,10 @@ FAST = dict(learning_rate=3e-3, head_learning_rate=0.0, batch_size=16, dropout=0
 
 @pytest.mark.parametrize('stage,head,pair', [('mlm', 'pool', False), ('mlm', 'pair', True), ('mlm', 'decoder', False),
                                              ('tsdae', 'decoder', False), ('weighted', 'decoder', False),
-                                             ('diffusion', 'decoder', False)])
+                                             ('diffusion', 'decoder', False), ('standard', 'pool', True)])
 def test_each_head_learns_a_synthetic_task(ckpts, stage, head, pair):
-    ckpt, tok = G.load_pretrained(ckpts[stage])
-    res = G.evaluate_task(ckpt, tok, synthetic_data(pair), head, seeds=(0,), hp=FAST)['synthetic']
+    checkpoint, tok = load(ckpts[stage])
+    res = G.evaluate_task(checkpoint, tok, synthetic_data(pair), head, seeds=(0,), hp=FAST)['synthetic']
     assert res['accuracy'] > 80, res['per_seed']
     assert res['majority']['accuracy'] < 65 and res['n_train'] == 160 and res['n_eval'] == 64
     assert res['best_epoch']['accuracy'] >= res['accuracy'] and 1 <= res['best_epoch']['epoch'][0] <= 4
@@ -330,9 +378,9 @@ def test_each_head_learns_a_synthetic_task(ckpts, stage, head, pair):
 
 
 def test_regression_and_seeds(ckpts):
-    ckpt, tok = G.load_pretrained(ckpts['mlm'])
-    res = G.evaluate_task(ckpt, tok, synthetic_data(regression=True, n_train=96, n_eval=48), 'pool', seeds=(0, 1),
-                          hp={**FAST, 'epochs': 3})['synthetic']
+    checkpoint, tok = load(ckpts['mlm'])
+    res = G.evaluate_task(checkpoint, tok, synthetic_data(regression=True, n_train=96, n_eval=48), 'pool',
+                          seeds=(0, 1), hp={**FAST, 'epochs': 3})['synthetic']
     assert res['pearson'] > 50 and res['spearman'] > 50, res['per_seed']
     assert res['majority'] == {'pearson': 0.0, 'spearman': 0.0}
     assert res['std']['pearson'] > 0 and res['seeds'] == [0, 1] and len(res['best_epoch']['epoch']) == 2
@@ -342,7 +390,7 @@ def test_regression_and_seeds(ckpts):
 
 def test_cosine_head_needs_no_training(ckpts):
     """Pairs of identical sentences score 5, others 0: even an untrained encoder ranks them."""
-    ckpt, tok = G.load_pretrained(ckpts['mlm'])
+    checkpoint, tok = load(ckpts['mlm'])
     rng = np.random.default_rng(0)
     ex = []
     for i in range(40):
@@ -351,10 +399,28 @@ def test_cosine_head_needs_no_training(ckpts):
     split = G.make_split([a for a, _, _ in ex], [b for _, b, _ in ex], [y for _, _, y in ex], 'stsb')
     data = {'task': 'stsb', 'metrics': ('pearson', 'spearman'), 'n_labels': 1, 'epochs': 5, 'train': split,
             'evals': {'stsb': split}, 'skipped': {}}
-    res = G.evaluate_task(ckpt, tok, data, 'cosine')['stsb']
+    res = G.evaluate_task(checkpoint, tok, data, 'cosine')['stsb']
     assert math.isfinite(res['spearman']) and res['spearman'] > 50 and res['n_train'] == 0
-    with pytest.raises(ValueError, match='cosine'):
-        G.evaluate_task(ckpt, tok, synthetic_data(), 'cosine')
+    with pytest.raises(common.InputError, match='cosine'):
+        G.evaluate_task(checkpoint, tok, synthetic_data(), 'cosine')
+
+
+def test_imdb_reads_whole_texts_where_the_sentence_tasks_stop_at_max_len(ckpts):
+    """The label word at the end of a 40-word review: cut at max_len=4 it is gone (chance); imdb reads
+    the whole review (up to the model's 64 positions) and the probe finds it."""
+    checkpoint, tok = load(ckpts['mlm'])
+    rng = np.random.default_rng(0)
+
+    def reviews(n):
+        ys = rng.integers(0, 2, size=n)
+        return G.make_split([' '.join(rng.choice(FILLER, size=40)) + (' tensor' if y else ' socket') for y in ys],
+                            None, ys, 'imdb')
+    data = {'task': 'imdb', 'metrics': ('accuracy',), 'n_labels': 2, 'epochs': 1, 'train': reviews(120),
+            'evals': {'imdb': reviews(60)}, 'skipped': {}}
+    short = G.evaluate_task(checkpoint, tok, {**data, 'length': None}, 'probe', hp={'max_len': 4})['imdb']
+    whole = G.evaluate_task(checkpoint, tok, {**data, 'length': G.TASKS['imdb'].length}, 'probe',
+                            hp={'max_len': 4})['imdb']
+    assert whole['accuracy'] > 80 and short['accuracy'] < 70, (whole['accuracy'], short['accuracy'])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,15 +433,16 @@ def test_cli_on_a_glue_layout_directory(ckpts, tmp_path):
         for split, n, seed in (('train', 48, 1), ('dev', 24, 2)):
             ex = synthetic(n, seed, pair)
             if task == 'rte':
-                ex = [(a, b, G.LABEL_NAMES['rte'][y]) for a, b, y in ex]
+                ex = [(a, b, G.TASKS['rte'].labels[y]) for a, b, y in ex]
             if task == 'stsb':
                 ex = [(a, b, 4.0 * y + 0.5) for a, b, y in ex]
             write_task(root, task, split, ex, extra=['malformed'])
     out = str(tmp_path / 'r.json')
-    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}',
+    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--task_dir={root}',
                      '--tasks=stsb,mrpc,rte,sst2,cola', '--head=pool', f'--out={out}', '--device=cpu',
                      '--dtype=float32', '--epochs=1', '--progress=False')
-    results = json.load(open(out))
+    content = json.load(open(out))
+    results = content['results']
     want = {'stsb': ['pearson', 'spearman'], 'mrpc': ['f1', 'accuracy'], 'rte': ['accuracy'],
             'sst2': ['accuracy'], 'cola': ['mcc']}
     assert list(results) == list(want)
@@ -385,69 +452,101 @@ def test_cli_on_a_glue_layout_directory(ckpts, tmp_path):
             assert math.isfinite(r[m]) and m in r['majority']
         assert r['n_train'] == 48 and r['n_eval'] == 24 and r['seconds'] > 0
         assert sum(r['skipped'].values()) == 2  # the 'malformed' line of train.tsv and of dev.tsv
-    assert '| mrpc | f1 |' in run.stdout and '| cola | mcc |' in run.stdout
-    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--tasks=stsb',
-                     '--head=cosine', f'--out={out}', '--device=cpu', '--dtype=float32')
-    results = json.load(open(out))
+    assert content['run']['ckpt'] == os.path.abspath(ckpts['mlm']) and content['run']['head'] == 'pool'
+    assert content['run']['epochs'] == 1 and content['run']['seeds'] == [42] and content['run']['dtype'] == 'float32'
+    assert G.markdown_table(content) in run.stdout and '| cola | mcc |' in run.stdout
+    cosine_out = str(tmp_path / 'c.json')
+    run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--task_dir={root}', '--tasks=stsb', '--head=cosine',
+               f'--out={cosine_out}', '--device=cpu', '--dtype=float32')
+    results = json.load(open(cosine_out))['results']
     assert list(results) == ['stsb'] and math.isfinite(results['stsb']['spearman'])
-    bad = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--tasks=mrpc',
+    bad = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--task_dir={root}', '--tasks=mrpc',
                      '--head=cosine', check=False)
     assert bad.returncode != 0 and 'stsb and sick_r only' in bad.stderr and 'Traceback' not in bad.stderr
 
 
+def test_cli_probe_with_random_init_control(ckpts, tmp_path):
+    root = str(tmp_path / 'glue')
+    for task in ('sst2', 'stsb'):
+        for split, n, seed in (('train', 40, 1), ('dev', 20, 2)):
+            ex = synthetic(n, seed, task == 'stsb')
+            write_task(root, task, split, [(a, b, 4.0 * y + 0.5) for a, b, y in ex] if task == 'stsb' else ex)
+    out = str(tmp_path / 'p.json')
+    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--task_dir={root}', '--tasks=sst2,stsb',
+                     '--head=probe', '--control=random_init', '--seeds=1,2', f'--out={out}', '--device=cpu',
+                     '--dtype=float32')
+    results = json.load(open(out))['results']
+    for task, m in (('sst2', 'accuracy'), ('stsb', 'pearson')):
+        r = results[task]
+        assert all(math.isfinite(x[m]) for x in (r, r['majority'], r['bow'], r['random_init']))
+        assert r['random_init']['seeds'] == [1, 2] and r['head'] == 'probe'
+    assert '| sst2 | accuracy | probe |' in run.stdout and 'maj' in run.stdout
+    bad = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--task_dir={root}', '--control=random',
+                     check=False)
+    assert bad.returncode != 0 and 'Traceback' not in bad.stderr and "control='random': choose one of" in bad.stderr
+
+
 # ----------------------------------------------------------------------------------------------
-# bad settings and data: one clear error at startup, before any fine-tuning
+# bad settings and data: one clear line at startup, before anything is loaded or trained
 
-GOOD_HP = {**G.HPARAMS}
-
-
-@pytest.mark.parametrize('seeds,override,match', [
-    ('a', {}, 'seeds'), ('1.5', {}, 'seeds'), ('', {}, 'seeds'), ('-1', {}, 'seeds'), ('42,42', {}, 'distinct'),
-    ('42', {'epochs': -1}, 'epochs'), ('42', {'batch_size': 0}, 'batch_size'),
-    ('42', {'eval_batch_size': 0}, 'eval_batch_size'), ('42', {'learning_rate': -1.0}, 'learning_rate'),
-    ('42', {'dropout': 1.0}, 'dropout'), ('42', {'max_len': 1}, 'max_len'), ('42', {'max_len': 0}, 'max_len')])
-def test_settings_out_of_range_are_one_clear_error(seeds, override, match):
-    with pytest.raises(G.ConfigError, match=match):
-        G.check_settings(seeds, {**GOOD_HP, **override}, 'pool', ['sst2'])
-
-
-def test_negative_example_counts_are_one_clear_error():
-    with pytest.raises(G.ConfigError, match='max_train_examples=-5 must be >= 0'):
-        G.check_settings('1', GOOD_HP, 'probe', ['sst2'], max_train=-5)
-    with pytest.raises(G.ConfigError, match='max_eval_examples'):
-        G.check_settings('1', GOOD_HP, 'probe', ['sst2'], max_eval=-1)
+@pytest.mark.parametrize('settings,match', [
+    ({'seeds': 'a'}, 'seeds'), ({'seeds': '1.5'}, 'seeds'), ({'seeds': ''}, 'seeds'), ({'seeds': '-1'}, 'seeds'),
+    ({'seeds': '42,42'}, 'distinct'), ({'seeds': str(2 ** 63)}, r'2\*\*63 - 1'), ({'epochs': -1}, 'epochs'),
+    ({'batch_size': 0}, 'batch_size'), ({'eval_batch_size': 0}, 'eval_batch_size'),
+    ({'learning_rate': -1.0}, 'learning_rate'), ({'learning_rate': float('inf')}, 'not a finite number'),
+    ({'dropout': 1.0}, 'dropout'), ({'max_len': 1}, 'max_len'), ({'max_len': 0}, 'max_len'),
+    ({'max_train_examples': -5}, 'max_train_examples=-5 must be >= 0'), ({'max_eval_examples': -1}, 'max_eval'),
+    ({'head_init': 'lp'}, "head_init='lp': choose one of random, probe"), ({'head': 'mlp'}, "head='mlp'"),
+    ({'tasks': 'sst2,glu'}, r'unknown task\(s\) glu'), ({'tasks': 'imdb'}, 'imdb is not read from the hub'),
+    ({'head': 'pool', 'tasks': 'sst2,rte', 'max_len': 3}, r"\[sep\] b'.*max_len >= 4")])
+def test_settings_out_of_range_are_one_clear_error(settings, match):
+    with pytest.raises(common.InputError, match=match):
+        main(ckpt='/nonexistent/ckpt.pt', **settings)
 
 
-def test_settings_in_range_pass_and_max_len_counts_the_joined_pair():
-    assert G.check_settings('1, 2,3,', GOOD_HP, 'pool', ['sst2']) == [1, 2, 3]
-    assert G.check_settings('0', {**GOOD_HP, 'epochs': 0, 'dropout': 0.0, 'max_len': 2}, 'pool', ['sst2']) == [0]
-    assert G.check_settings('7', {**GOOD_HP, 'max_len': 3}, 'pair', ['rte']) == [7]  # a and b apart: 2 suffice
-    with pytest.raises(G.ConfigError, match=r"\[sep\] b'.*max_len >= 4"):  # '[cls] a [sep]' would drop b
-        G.check_settings('7', {**GOOD_HP, 'max_len': 3}, 'pool', ['sst2', 'rte'])
+def test_settings_in_range_reach_the_checkpoint(tmp_path):
+    """Every check passed: the next line is about the (missing) checkpoint, not a setting."""
+    for settings in ({'seeds': '1, 2,3,'}, {'seeds': str(2 ** 63 - 1), 'epochs': 0, 'dropout': 0.0, 'max_len': 2},
+                     {'head': 'pair', 'tasks': 'rte', 'max_len': 3}, {'tasks': 'glue,all,sst2'}):
+        with pytest.raises(common.InputError, match='checkpoint /nonexistent/ckpt.pt not found'):
+            main(ckpt='/nonexistent/ckpt.pt', out=str(tmp_path / 'r.json'), **settings)
+
+
+def test_the_task_folder_passed_as_data_dir_says_task_dir(tmp_path):
+    """--data_dir named the task folder before it named the tokenizer's folder."""
+    glue_dir(tmp_path, ('sst2',))
+    with pytest.raises(common.InputError, match=f'--data_dir={tmp_path} holds task folders: pass it as --task_dir'):
+        main(data_dir=str(tmp_path), tasks='sst2')
+
+
+def test_a_seed_past_64_bits_is_one_line_on_the_command_line(ckpts):
+    """Issue 35: torch.manual_seed raised 'Overflow when unpacking long long'."""
+    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', '--seeds=99999999999999999999', check=False)
+    assert run.returncode == 1 and 'Traceback' not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: seeds='99999999999999999999' must be")
+
+
+def test_decoder_head_on_a_standard_arm_checkpoint_is_refused(ckpts, tmp_path):
+    """Issue 35: it ran an unweighted mean of token states and called it 'decoder'."""
+    with pytest.raises(common.InputError, match="head=decoder reads a concept decoder.*encoder='standard'"):
+        main(ckpt=ckpts['standard'], head='decoder', tasks='sst2', task_dir=str(tmp_path), out=str(tmp_path / 'r.json'))
+    assert os.listdir(tmp_path) == []  # refused before any task was read or file written
 
 
 def test_max_len_too_short_for_encode_and_evaluate_task(ckpts):
-    with pytest.raises(G.ConfigError, match='max_len'):
-        G.encode(['a sentence'], ckpts['mlm'], max_len=1)
-    with pytest.raises(G.ConfigError, match='max_len'):
-        G.encode(['a sentence'], ckpts['mlm'], max_len=0)
-    ckpt, tok = G.load_pretrained(ckpts['mlm'])
-    with pytest.raises(G.ConfigError, match='max_len'):
-        G.evaluate_task(ckpt, tok, synthetic_data(pair=True, n_train=8, n_eval=4), 'pool', hp={**FAST, 'max_len': 3})
-
-
-def test_out_must_be_a_writable_file_path(tmp_path):
-    with pytest.raises(G.ConfigError, match='is a directory'):
-        G.check_out(str(tmp_path))
-    with pytest.raises(G.ConfigError, match='does not exist'):
-        G.check_out(str(tmp_path / 'missing' / 'r.json'))
-    G.check_out(str(tmp_path / 'r.json'))
+    for max_len in (1, 0):
+        with pytest.raises(common.InputError, match='max_len'):
+            G.encode(['a sentence'], ckpts['mlm'], max_len=max_len)
+    checkpoint, tok = load(ckpts['mlm'])
+    with pytest.raises(common.InputError, match='max_len'):
+        G.evaluate_task(checkpoint, tok, synthetic_data(pair=True, n_train=8, n_eval=4), 'pool',
+                        hp={**FAST, 'max_len': 3})
 
 
 def test_numeric_labels_in_a_word_labelled_file_name_the_expected_words(tmp_path):
     for split in ('train', 'dev'):
         write_task(str(tmp_path), 'rte', split, [('a', 'b', '0'), ('c', 'd', '1')])
-    with pytest.raises(prepare_data.DataError, match='one of entailment, not_entailment'):
+    with pytest.raises(common.InputError, match='one of entailment, not_entailment'):
         G.load_task('rte', str(tmp_path))
 
 
@@ -459,7 +558,7 @@ def test_cli_fails_fast_before_any_fine_tuning(ckpts, tmp_path, case):
     extra, message = {'bad_seeds': (['--tasks=sst2', '--seeds=a'], 'seeds='),
                       'missing_second_task': (['--tasks=sst2,qqp', f'--out={tmp_path / "r.json"}'], 'QQP'),
                       'out_is_a_directory': (['--tasks=sst2', f'--out={tmp_path}'], 'is a directory')}[case]
-    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--device=cpu',
+    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--task_dir={root}', '--device=cpu',
                      '--dtype=float32', '--epochs=1', *extra, check=False)
     assert run.returncode != 0 and 'Traceback' not in run.stderr, run.stderr
     assert message in run.stderr.strip().splitlines()[-1], run.stderr
@@ -507,13 +606,12 @@ def test_logistic_regression_reaches_the_regularised_optimum():
 
 def test_probe_regularisation_is_chosen_on_a_holdout_of_train_never_on_dev(ckpts):
     """The dev labels are only ever scored: shuffling them changes the dev score, never λ."""
-    ckpt, tok = G.load_pretrained(ckpts['mlm'])
-    data = synthetic_data(n_train=80, n_eval=40)
-    res = G.evaluate_task(ckpt, tok, data, 'probe')['synthetic']
+    checkpoint, tok = load(ckpts['mlm'])
+    res = G.evaluate_task(checkpoint, tok, synthetic_data(n_train=80, n_eval=40), 'probe')['synthetic']
     shuffled = synthetic_data(n_train=80, n_eval=40)
     ev = shuffled['evals']['synthetic']
     ev['label'] = np.random.default_rng(0).permutation(ev['label'])
-    res2 = G.evaluate_task(ckpt, tok, shuffled, 'probe')['synthetic']
+    res2 = G.evaluate_task(checkpoint, tok, shuffled, 'probe')['synthetic']
     assert res['probe_lambda'] == res2['probe_lambda'] and res['bow_lambda'] == res2['bow_lambda']
     assert res['accuracy'] != res2['accuracy']
     fit, hold = G.holdout_split(80)
@@ -534,24 +632,24 @@ def test_tfidf_of_unigrams_and_bigrams_by_hand():
 
 def test_bow_pair_features_are_a_b_absdiff_product():
     vec = G.TfIdf(['x y', 'x y', 'y z', 'y z'])  # x, y, z, 'x y', 'y z': V = 5
-    split = {'a': ['x y'], 'b': ['y z'], 'label': np.array([1])}
-    X = G.bow_features(vec, split).to_dense()[0]
-    a = G.sparse_rows(vec.rows(['x y']), 5).to_dense()[0]
-    b = G.sparse_rows(vec.rows(['y z']), 5).to_dense()[0]
+    X = G.bow_features(vec, {'a': ['x y'], 'b': ['y z'], 'label': np.array([1])}).to_dense()[0]
+    a, b = (G.bow_features(vec, {'a': [t], 'b': None}).to_dense()[0] for t in ('x y', 'y z'))
+    assert a.shape == (5,) and a.sum() > 0
     torch.testing.assert_close(X, torch.cat([a, b, (a - b).abs(), a * b]))
 
 
 def test_probe_and_bow_learn_a_synthetic_task_with_every_control(ckpts):
-    ckpt, tok = G.load_pretrained(ckpts['mlm'])
+    checkpoint, tok = load(ckpts['mlm'])
     for pair in (False, True):
-        res = G.evaluate_task(ckpt, tok, synthetic_data(pair), 'probe', seeds=(0, 1), control='random_init')['synthetic']
+        res = G.evaluate_task(checkpoint, tok, synthetic_data(pair), 'probe', seeds=(0, 1),
+                              control='random_init')['synthetic']
         assert res['bow']['accuracy'] > 90  # the label is a word: the bag of words must find it
         assert res['accuracy'] > 75, res
         assert res['seeds'] == [0] and res['std']['accuracy'] == 0.0  # a pretrained probe is deterministic
         rand = res['random_init']
         assert rand['seeds'] == [0, 1] and math.isfinite(rand['accuracy'])
         assert res['majority']['accuracy'] < 65 and res['head'] == 'probe' and res['control'] == 'random_init'
-    res = G.evaluate_task(ckpt, tok, synthetic_data(regression=True), 'probe')['synthetic']
+    res = G.evaluate_task(checkpoint, tok, synthetic_data(regression=True), 'probe')['synthetic']
     assert res['pearson'] > 50 and res['bow']['pearson'] > 90 and 'random_init' not in res
 
 
@@ -562,8 +660,9 @@ def test_controls_are_marked_against_each_score():
     assert G.versus(e, 'accuracy') == '>maj <bow <rand'  # 0.5 above random init is within the 1.0 spread
     e['random_init']['accuracy'] = 68.0
     assert G.versus(e, 'accuracy') == '>maj <bow >rand'
-    row = G.markdown_table({'sst2': e}).splitlines()[-1]
+    row = G.markdown_table({'run': {}, 'results': {'sst2': e}}).splitlines()[-1]  # a results file's content
     assert '| 70.0 ± 1.0 |' in row and '| 73.0 |' in row and '| 68.0 ± 0.2 |' in row and '>maj <bow >rand' in row
+    assert G.markdown_table({'sst2': e}) == G.markdown_table({'run': {}, 'results': {'sst2': e}})  # older files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,149 +690,199 @@ def test_pooling_ignores_padding_for_token_states_and_means_concepts():
         assert pooled(standard, idx, mask, scorer)[0, 0].item() == pytest.approx(3.0, abs=1e-3)  # 99s get none
 
 
-def test_random_init_control_is_the_same_architecture_untrained(ckpts):
-    ckpt, _ = G.load_pretrained(ckpts['mlm'])
-    ckpt = {**ckpt, 'model': {k: v + 1.0 if v.is_floating_point() else v for k, v in ckpt['model'].items()}}  # "trained"
-    trained = G.fresh_model(ckpt)
-    torch.manual_seed(3)
-    a = G.fresh_model(ckpt, random_init=True)
-    torch.manual_seed(3)
-    b = G.fresh_model(ckpt, random_init=True)
-    assert type(a) is type(trained) and a.state_dict().keys() == trained.state_dict().keys()
-    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())  # seeded
-    assert not torch.equal(a.encoder.wte.weight, trained.encoder.wte.weight)
+class Captured:
+    """The classifiers that fine-tuning builds, kept for a look inside."""
+
+    def __init__(self, monkeypatch):
+        self.clfs, original = [], Classifier.__init__
+
+        def keep(clf, *args, **kwargs):
+            original(clf, *args, **kwargs)
+            self.clfs.append(clf)
+        monkeypatch.setattr(Classifier, '__init__', keep)
 
 
-def test_head_learning_rate_moves_the_head_while_the_encoder_barely_moves(ckpts):
-    ckpt, tok = G.load_pretrained(ckpts['mlm'])
-    data = synthetic_data(n_train=64, n_eval=32)
-    captured = {}
-    original = Classifier.__init__
+def test_random_init_control_is_the_same_architecture_untrained(ckpts, monkeypatch):
+    checkpoint, tok = load(ckpts['mlm'])
+    checkpoint = {**checkpoint, 'model': {k: v + 1.0 if v.is_floating_point() else v
+                                          for k, v in checkpoint['model'].items()}}  # "trained"
+    captured = Captured(monkeypatch)
+    for _ in range(2):
+        G.evaluate_task(checkpoint, tok, synthetic_data(n_train=16, n_eval=8), 'pool', seeds=(3,),
+                        hp={**FAST, 'epochs': 1, 'learning_rate': 1e-12, 'head_learning_rate': 1e-12},
+                        control='random_init')
+    trained, untrained, _, again = (clf.model.state_dict() for clf in captured.clfs)
+    assert trained.keys() == untrained.keys() and type(captured.clfs[1].model) is type(captured.clfs[0].model)
+    assert all(torch.equal(untrained[k], again[k]) for k in untrained)  # drawn from the seed
+    assert not torch.equal(untrained['encoder.wte.weight'], trained['encoder.wte.weight'])
+    torch.testing.assert_close(trained['encoder.wte.weight'], checkpoint['model']['encoder.wte.weight'])
 
-    def keep(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        captured['clf'] = self
-    Classifier.__init__ = keep
-    try:
-        res = G.evaluate_task(ckpt, tok, data, 'pool', seeds=(0,),
-                              hp={**FAST, 'learning_rate': 1e-9, 'head_learning_rate': 3e-2})['synthetic']
-    finally:
-        Classifier.__init__ = original
-    clf = captured['clf']
-    before = G.fresh_model(ckpt).state_dict()
-    moved = max((clf.model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+
+def test_head_learning_rate_moves_the_head_while_the_encoder_barely_moves(ckpts, monkeypatch):
+    checkpoint, tok = load(ckpts['mlm'])
+    captured = Captured(monkeypatch)
+    res = G.evaluate_task(checkpoint, tok, synthetic_data(n_train=64, n_eval=32), 'pool', seeds=(0,),
+                          hp={**FAST, 'learning_rate': 1e-9, 'head_learning_rate': 3e-2})['synthetic']
+    moved = max((captured.clfs[0].model.state_dict()[k] - v).abs().max().item() for k, v in checkpoint['model'].items())
     assert moved < 1e-5 and res['per_seed']['0']['train_loss'][-1] < res['per_seed']['0']['train_loss'][0]
 
 
 @pytest.mark.parametrize('pair,regression', [(True, False), (False, True)])
 def test_probe_head_init_folds_the_fitted_probe_into_the_output_layer(ckpts, pair, regression):
     """LP-FT: before any step, the classifier's outputs are the probe's on its standardised features."""
-    ckpt, tok = G.load_pretrained(ckpts['mlm'])
+    checkpoint, tok = load(ckpts['mlm'])
     data = synthetic_data(pair, regression)
     enc = G.tokenize(tok, data['train'], False, 64)
     torch.manual_seed(0)
-    clf = Classifier(G.fresh_model(ckpt, 0.0), 'pair', data['n_labels'], pair, 0.0)
+    clf = Classifier(common.load_model(checkpoint, dropout=0.0)[0], 'pair', data['n_labels'], pair, 0.0)
     y = data['train']['label']
     y = (y - y.mean()) / y.std() if regression else y
     G.init_head_from_probe(clf, enc, y, data, G.HPARAMS)
-    Z, = G.standardise(G.head_features(clf, enc, 64, 'cpu'))
-    linear, _ = G.fit_probe(Z, y, data['n_labels'], data['metrics'])
-    out = G.predict(clf, enc, 64, 'cpu')
-    expected = G.linear_outputs(linear, Z).float().reshape(out.shape).numpy()
-    np.testing.assert_allclose(out, expected, atol=1e-3)
+    Z = G.run_batched(clf, clf.features, enc, clf.out.in_features, 64)
+    mean, std = G.feature_stats(Z)
+    linear, _ = G.fit_probe((Z - mean) / std, y, data['n_labels'], data['metrics'])
+    out = G.run_batched(clf, clf, enc, clf.out.out_features, 64).numpy()
+    expected = G.linear_outputs(linear, (Z - mean) / std).float().reshape(out.shape).numpy()
+    np.testing.assert_allclose(out, expected, rtol=2e-3, atol=1e-3)  # the standardisation folded in float32
     metric = data['metrics'][0]
     assert G.score(out[:, 0] if regression else out.argmax(-1), data['train']['label'], data['metrics'])[metric] > 90
 
 
 def test_probe_head_init_scores_from_the_first_epoch_where_a_random_head_cannot(ckpts):
-    ckpt, tok = G.load_pretrained(ckpts['mlm'])
+    checkpoint, tok = load(ckpts['mlm'])
     frozen = {**FAST, 'learning_rate': 1e-12, 'epochs': 1}  # fine-tuning moves nothing: only the init shows
-    scores = {init: G.evaluate_task(ckpt, tok, synthetic_data(), 'pool', seeds=(0,),
+    scores = {init: G.evaluate_task(checkpoint, tok, synthetic_data(), 'pool', seeds=(0,),
                                     hp={**frozen, 'head_init': init})['synthetic']['accuracy']
               for init in ('random', 'probe')}
     assert scores['probe'] > 85 and scores['random'] < 75, scores
-    with pytest.raises(G.ConfigError, match="head_init='lp' must be 'random'"):
-        G.check_settings('1', {**GOOD_HP, 'head_init': 'lp'}, 'pair', ['sst2'])
 
 
 # ----------------------------------------------------------------------------------------------
-# results are written as each task finishes, atomically, and nothing is left behind
+# results: written after every task, merged into a file of the same run, never lost
 
-def test_an_interrupted_run_keeps_the_tasks_it_finished(ckpts, tmp_path):
-    root = str(tmp_path / 'glue')
-    for task in ('sst2', 'mrpc'):
+def glue_dir(root, tasks=('sst2', 'mrpc')):
+    for task in tasks:
         for split, n, seed in (('train', 32, 1), ('dev', 16, 2)):
-            write_task(root, task, split, synthetic(n, seed, task == 'mrpc'))
+            write_task(str(root), task, split, synthetic(n, seed, task == 'mrpc'))
+    return str(root)
+
+
+def test_a_rerun_merges_into_the_results_of_the_same_run(ckpts, tmp_path, capsys):
+    """Issue 35: rerunning the task an interrupted run missed replaced the file, losing the others."""
+    root, out = glue_dir(tmp_path / 'glue'), str(tmp_path / 'r.json')
+    main(ckpt=ckpts['mlm'], task_dir=root, tasks='sst2', head='probe', out=out)
+    main(ckpt=ckpts['mlm'], task_dir=root, tasks='mrpc', head='probe', out=out)
+    first = json.load(open(out))
+    assert list(first['results']) == ['sst2', 'mrpc']
+    main(ckpt=ckpts['mlm'], task_dir=root, tasks='sst2', head='probe', out=out)  # a task again: its entry only
+    again = json.load(open(out))
+    assert list(again['results']) == ['sst2', 'mrpc'] and again['results']['mrpc'] == first['results']['mrpc']
+    assert again['results']['sst2']['accuracy'] == first['results']['sst2']['accuracy']
+    assert '| mrpc | f1 | probe |' in capsys.readouterr().out.split('wrote')[-2]  # the table shows both
+
+
+def test_the_default_out_keeps_runs_of_different_tasks(ckpts, tmp_path):
+    ckpt = str(tmp_path / 'run' / 'ckpt.pt')
+    common.save_checkpoint(ckpt, common.load_checkpoint(ckpts['mlm']))
+    root = glue_dir(tmp_path / 'glue')
+    for task in ('sst2', 'mrpc'):
+        main(ckpt=ckpt, task_dir=root, tasks=task, head='probe')
+    assert list(json.load(open(tmp_path / 'run' / 'glue_probe.json'))['results']) == ['sst2', 'mrpc']
+
+
+@pytest.mark.parametrize('change,named', [({'max_len': 32}, 'max_len 128 there, 32 here'),
+                                          ({'seeds': '1,2'}, 'seeds [42] there, [1, 2] here'),
+                                          ({'ckpt': 'tsdae'}, 'ckpt'), ({'head': 'pool'}, "head 'probe' there")])
+def test_results_of_another_run_are_refused_before_any_work(ckpts, tmp_path, change, named):
+    root, out = glue_dir(tmp_path / 'glue'), str(tmp_path / 'r.json')
+    main(ckpt=ckpts['mlm'], task_dir=root, tasks='sst2', head='probe', out=out)
+    before = open(out).read()
+    settings = {'ckpt': ckpts['mlm'], 'task_dir': root, 'tasks': 'mrpc', 'head': 'probe', 'out': out, **change}
+    settings['ckpt'] = ckpts.get(settings['ckpt'], settings['ckpt'])
+    with pytest.raises(common.InputError, match=f"holds the results of another run.*{re.escape(named)}.*another --out"):
+        main(**settings)
+    assert open(out).read() == before
+
+
+@pytest.mark.parametrize('content,match', [('{"torn', 'JSONDecodeError'), ('[1, 2]', 'TypeError'),
+                                           ('{"sst2": {"accuracy": 70, "majority": {}}}', "KeyError: 'run'")])
+def test_a_file_that_is_not_this_runs_results_is_never_overwritten(ckpts, tmp_path, content, match):
     out = tmp_path / 'r.json'
-    stray = tmp_path / 'r.json.tmp.999999999'  # left by a run killed mid-write (no such process)
-    stray.write_text('{"torn')
-    code = ("import sys, eval_glue as G\n"
-            "real = G.evaluate_task\n"
-            "def second_is_interrupted(ckpt, tok, data, *a, **k):\n"
-            "    if data['task'] == 'mrpc':\n"
-            "        raise KeyboardInterrupt\n"
-            "    return real(ckpt, tok, data, *a, **k)\n"
-            "G.evaluate_task = second_is_interrupted\n"
-            "G.main()\n")
-    import subprocess
-    import sys
-    from conftest import ROOT
-    run = subprocess.run([sys.executable, '-c', code, f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}',
-                          '--tasks=sst2,mrpc', '--head=probe', f'--out={out}', '--device=cpu', '--dtype=float32'],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'},
-                         timeout=300)
-    assert run.returncode != 0 and 'KeyboardInterrupt' in run.stderr
-    results = json.load(open(out))
-    assert list(results) == ['sst2'] and 'bow' in results['sst2'] and 'majority' in results['sst2']
+    out.write_text(content)
+    with pytest.raises(common.InputError, match=f'is not a results file that records its run .{match}'):
+        main(ckpt=ckpts['mlm'], task_dir=glue_dir(tmp_path / 'glue'), tasks='sst2', head='probe', out=str(out))
+    assert out.read_text() == content
+
+
+@pytest.mark.parametrize('control', ['', 'random_init'])
+def test_ctrl_c_says_in_one_line_what_is_kept(ckpts, tmp_path, monkeypatch, capsys, control):
+    """Issue 35: Ctrl-C printed a KeyboardInterrupt traceback; the finished tasks were kept silently."""
+    root, out = glue_dir(tmp_path / 'glue'), tmp_path / 'r.json'
+    (tmp_path / 'r.json.tmp.999999999').write_text('{"torn')  # left by a run killed mid-write (no such process)
+    real = G.frozen
+
+    def interrupted_at_mrpc(checkpoint, data, head, seed, hp, device, autocast, random_init):
+        if data['task'] == 'mrpc' and random_init == bool(control):  # in the random-init control, if it runs
+            raise KeyboardInterrupt
+        return real(checkpoint, data, head, seed, hp, device, autocast, random_init)
+    monkeypatch.setattr(G, 'frozen', interrupted_at_mrpc)
+    with pytest.raises(SystemExit) as e:
+        main(ckpt=ckpts['mlm'], task_dir=root, tasks='sst2,mrpc', head='probe', control=control, out=str(out))
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"interrupted; sst2 kept in {out}"
+    assert list(json.load(open(out))['results']) == ['sst2']
     assert sorted(os.listdir(tmp_path)) == ['glue', 'r.json']  # the stray temporary is gone, no new one
+    out.unlink()
+    with pytest.raises(SystemExit):
+        main(ckpt=ckpts['mlm'], task_dir=root, tasks='mrpc', head='probe', control=control, out=str(out))
+    assert capsys.readouterr().err.strip().endswith('interrupted; nothing was written') and not out.exists()
 
 
-def test_a_failed_results_write_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
-    path = str(tmp_path / 'r.json')
-    G.write_results(path, {'a': 1})
+# ----------------------------------------------------------------------------------------------
+# IMDB: a dev split carved once from its train.tsv, then read like the GLUE tasks
 
-    def full_disk(*args, **kwargs):
-        raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(G.json, 'dump', full_disk)
-    with pytest.raises(prepare_data.DataError, match='No space left on device.*--out'):
-        G.write_results(path, {'a': 2})
-    assert os.listdir(tmp_path) == ['r.json'] and json.load(open(path)) == {'a': 1}  # the old file intact
-
-
-def test_cli_probe_with_random_init_control(ckpts, tmp_path):
-    root = str(tmp_path / 'glue')
-    for task in ('sst2', 'stsb'):
-        for split, n, seed in (('train', 40, 1), ('dev', 20, 2)):
-            ex = synthetic(n, seed, task == 'stsb')
-            write_task(root, task, split, [(a, b, 4.0 * y + 0.5) for a, b, y in ex] if task == 'stsb' else ex)
-    out = str(tmp_path / 'p.json')
-    run = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--tasks=sst2,stsb',
-                     '--head=probe', '--control=random_init', '--seeds=1,2', f'--out={out}', '--device=cpu',
-                     '--dtype=float32')
-    results = json.load(open(out))
-    for task, m in (('sst2', 'accuracy'), ('stsb', 'pearson')):
-        r = results[task]
-        assert all(math.isfinite(x[m]) for x in (r, r['majority'], r['bow'], r['random_init']))
-        assert r['random_init']['seeds'] == [1, 2] and r['head'] == 'probe'
-    assert '| sst2 | accuracy | probe |' in run.stdout and 'maj' in run.stdout
-    bad = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--data_dir={root}', '--control=random',
-                     check=False)
-    assert bad.returncode != 0 and 'Traceback' not in bad.stderr and "unknown control 'random'" in bad.stderr
+def write_imdb(path, n, seed=0, repeats=0):
+    """n labelled reviews (the last `repeats` repeat earlier texts, as aclImdb does), IMDB's columns."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        y = int(rng.integers(0, 2))
+        text = rows[i - (n - repeats)][1] if i >= n - repeats else sentence(rng, 'tensor' if y else 'socket', 30)
+        rows.append([f'{i}_{7 if y else 2}', text, str(y)])
+    write_lines(str(path), [['id', 'sentence', 'label']] + rows)
+    return rows
 
 
-def test_encode_refuses_what_is_not_text_in_one_line(ckpts):
-    with pytest.raises(G.ConfigError, match='list of strings, got a int'):
-        G.encode(['fine', 3], ckpts['mlm'])
-    with pytest.raises(G.ConfigError, match='batch_size'):
-        G.encode(['fine'], ckpts['mlm'], batch_size=0)
+def test_imdb_split_is_disjoint_fixed_and_made_once(tmp_path):
+    rows = write_imdb(tmp_path / 'aclimdb' / 'train.tsv', 2500, repeats=40)
+    run = run_script('eval_glue.py', f'--make_imdb_split={tmp_path}/aclimdb/train.tsv', f'--task_dir={tmp_path}/a')
+    assert "keep dev.tsv's text out of pretraining" in run.stdout
+    G.split_imdb(f'{tmp_path}/aclimdb/train.tsv', f'{tmp_path}/b')
+    parts = {}
+    for name in ('train', 'dev'):
+        text = open(tmp_path / 'a' / 'IMDB' / f'{name}.tsv').read()
+        assert text == open(tmp_path / 'b' / 'IMDB' / f'{name}.tsv').read()  # the same seed, the same split
+        lines = text.splitlines()
+        assert lines[0] == 'id\tsentence\tlabel'
+        parts[name] = [line.split('\t') for line in lines[1:]]
+    train, dev = parts['train'], parts['dev']
+    assert 2000 <= len(dev) <= 2002 and len(train) + len(dev) == 2500 and sorted(train + dev) == sorted(rows)
+    assert not {r[0] for r in train} & {r[0] for r in dev} and not {r[1] for r in train} & {r[1] for r in dev}
+    again = run_script('eval_glue.py', f'--make_imdb_split={tmp_path}/aclimdb/train.tsv', f'--task_dir={tmp_path}/a',
+                       check=False)
+    assert again.returncode == 1 and 'exists: a split is made once' in again.stderr and 'Traceback' not in again.stderr
+    with pytest.raises(common.InputError, match='has 2500 reviews, too few for a dev split of 5000'):
+        G.split_imdb(f'{tmp_path}/aclimdb/train.tsv', f'{tmp_path}/c', n_dev=5000)
+    with pytest.raises(common.InputError, match='pass --task_dir'):
+        main(make_imdb_split=f'{tmp_path}/aclimdb/train.tsv')
+    assert sorted(os.listdir(tmp_path)) == ['a', 'aclimdb', 'b']
 
 
-def test_a_tsv_that_is_not_utf8_is_read_with_a_note(tmp_path, capsys):
-    os.makedirs(tmp_path / 'SST-2')
-    for stem in ('train', 'dev'):
-        (tmp_path / 'SST-2' / f'{stem}.tsv').write_bytes('\ufeffsentence\tlabel\ncaf\u00e9 ok\t1\nbad\t0\n'.encode('utf-8')
-                                                         if stem == 'train' else
-                                                         'sentence\tlabel\ncaf\u00e9 ok\t1\n'.encode('latin-1'))
-    data = G.load_task('sst2', str(tmp_path))
-    assert data['train']['a'] == ['caf\u00e9 ok', 'bad'] and data['skipped'] == {'train.tsv': 0, 'dev.tsv': 0}
-    assert 'dev.tsv is not UTF-8: 1 undecodable bytes' in capsys.readouterr().out
+def test_imdb_is_read_and_scored_like_the_glue_tasks(ckpts, tmp_path, capsys):
+    write_imdb(tmp_path / 'train.tsv', 120, seed=1)
+    G.split_imdb(str(tmp_path / 'train.tsv'), str(tmp_path / 'data'), n_dev=30)
+    data = G.load_task('imdb', str(tmp_path / 'data'))
+    assert data['length'] == math.inf and len(data['train']['label']) == 90 and data['train']['b'] is None
+    main(ckpt=ckpts['mlm'], task_dir=str(tmp_path / 'data'), tasks='imdb', head='probe', out=str(tmp_path / 'i.json'))
+    assert 'texts read whole, up to 64 tokens' in capsys.readouterr().out
+    assert json.load(open(tmp_path / 'i.json'))['results']['imdb']['accuracy'] > 60
