@@ -50,7 +50,7 @@ device = common.resolve_device(device)
 common.keep_freed_memory()
 model, checkpoint = common.load_model(ckpt, ckpt, device)
 if not isinstance(model, ConceptDiffusion):
-    raise common.InputError(f"{ckpt} is a {checkpoint.get('stage', '?')} checkpoint; sample.py needs one from "
+    raise common.InputError(f"{ckpt} is a {checkpoint.get('stage')} checkpoint; sample.py needs one from "
                             f"train_diffusion.py")
 tok = common.checkpoint_tokenizer(checkpoint, data_dir)
 mask_id, block_size = model.cfg.mask_id, model.cfg.block_size
@@ -67,8 +67,7 @@ if text:  # infilling: each '___' becomes 4 masks
             "text)" if len(pieces) == 1 else f"--text has no ___ within its first length={length} tokens, so there "
             f"is nothing to fill; raise --length (at most block_size={block_size}) or move a ___ earlier")
     if len(ids) > length:
-        print(f"note: --text is {len(ids)} tokens with its masks; only the first length={length} are used",
-              file=sys.stderr)
+        print(f"note: --text is {len(ids)} tokens with its masks; only the first {length} are used", file=sys.stderr)
     ids = ids[:length]
 else:
     ids = tok.encode(prompt) if prompt else []
@@ -105,7 +104,7 @@ if show_steps:
     print('-' * 80)
 for sample in samples:
     print(render(sample))
-    print('-' * 80)
+    print('-' * 80, flush=True)  # before the speed line on stderr
 print(f"{num_samples} x {length} tokens in {seconds:.2f} s: {num_samples * length / seconds:,.0f} tokens/s "
       f"({device}, {steps} steps)", file=sys.stderr)
 if out:
