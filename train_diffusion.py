@@ -193,7 +193,7 @@ while True:
         improved = metrics['val_nll_bound'] < best_val_loss  # the bound, which compares settings
         best_val_loss = min(best_val_loss, metrics['val_nll_bound'])
         if iter_num > start_iter and (improved or always_save_checkpoint):  # on every rank: each adds its RNG state
-            checkpoint = common.training_checkpoint('mlm', raw_model, optimizer, scaler, model_args, config, iter_num,
+            checkpoint = common.training_checkpoint('diffusion', raw_model, optimizer, scaler, model_args, config, iter_num,
                                                     best_val_loss, train_windows, meta, data_dir, train_seconds)
             if master:
                 common.save_checkpoint(ckpt, checkpoint)
