@@ -719,12 +719,13 @@ def load_checkpoint(ckpt, map_location='cpu'):
     try:
         checkpoint = torch.load(ckpt, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        if 'Weights only load failed' in str(e) or 'Unsupported global' in str(e):
+        if 'GLOBAL' in str(e) or 'Unsupported global' in str(e):  # a pickled object; a text file is 'Unsupported operand'
             raise InputError(f"checkpoint {ckpt} holds Python objects besides tensors, which loading would run as "
                              f"code (arbitrary code execution); it was not written by this project, so it was not "
                              f"loaded")
-        raise InputError(f"checkpoint {ckpt} could not be read ({type(e).__name__}: {first_line(e)}); it is corrupt "
-                         f"or not a checkpoint of this project")
+        why = type(e).__name__ if 'Weights only load failed' in str(e) else f"{type(e).__name__}: {first_line(e)}"
+        raise InputError(f"checkpoint {ckpt} could not be read ({why}); it is corrupt or not a checkpoint of this "
+                         f"project")  # torch's own text would advise weights_only=False
     if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in ('model', 'model_args')):
         raise InputError(f"{ckpt} holds {describe(checkpoint)}, not a checkpoint of this project: expected the dict "
                          f"train_*.py writes, with 'model', 'model_args' and more")
