@@ -2,18 +2,13 @@
 Share a trained model: any stage's checkpoint becomes a folder in the Hugging Face Hub layout, which
 everything that takes --ckpt reads (common.load_export), optionally uploaded to the hub.
 
-    python tools/export.py --ckpt=out/tiny_mlm/ckpt.pt --out_dir=hub/tiny_mlm
-    python tools/export.py --ckpt=out/tiny_mlm/ckpt.pt --out_dir=hub/tiny_mlm --push_to_hub=user/tiny-mlm
+    python tools/export.py --ckpt=out/tiny_mlm/ckpt.pt --out_dir=hub/tiny_mlm [--push_to_hub=user/tiny-mlm]
     python sample.py --ckpt=hub/tiny_diffusion          # or eval_glue.py --ckpt=..., encode(texts, 'hub/...')
 
-The folder holds
-    model.safetensors     the weights only (no optimizer, no torch.compile '_orig_mod.' prefixes; a
-                          tied lm_head is stored once and named in the file's metadata)
-    config.json           format, stage, model settings (encoder arm included), vocabulary, special
-                          ids, tokenizer recipe, training config
-    tokenizer.tiktoken    the BPE ranks file the recipe names (absent for a named tiktoken vocabulary)
-    README.md             a model card: what it is, how it was trained, the final validation metrics
-                          of log.jsonl and any eval_glue.py results beside the checkpoint
+The folder: model.safetensors (the weights only, a tied lm_head stored once and named in its
+metadata), config.json (format, stage, model settings, special ids, tokenizer recipe, training
+config), tokenizer.tiktoken (the BPE ranks the recipe names) and README.md, a model card with the
+final validation metrics of log.jsonl and the eval_glue.py results found beside the checkpoint.
 """
 import json
 import math
@@ -34,26 +29,8 @@ out_dir = ''                     # new, empty, or an earlier export (replaced wh
 data_dir = ''                    # where the checkpoint's tokenizer is, if its data directory moved
 push_to_hub = ''                 # owner/name: upload the export there too
 
-VAL_KEYS = ('val_loss', 'val_accuracy', 'val_recon_accuracy', 'val_nll_bound', 'val_ppl_bound', 'erank')
 
-
-def eval_results(run_dir):
-    """{file name: eval_glue.py results} of the JSON files beside a checkpoint that hold them."""
-    found = {}
-    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
-        if not name.endswith('.json') or name in ('run.json', common.EXPORT_CONFIG):
-            continue
-        try:
-            with open(os.path.join(run_dir, name), encoding='utf-8') as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and data and all(isinstance(v, dict) and 'majority' in v for v in data.values()):
-            found[name] = data
-    return found
-
-
-def model_card(checkpoint, model_args, log, results, name, n_weights):
+def model_card(checkpoint, model_args, log, run_dir, name, n_weights):
     """README.md of the export: what it is, how it was trained, what it scored and against what."""
     stage, cfg, arm = checkpoint.get('stage', '?'), checkpoint.get('config') or {}, model_args['encoder']
     C, H, N, V = model_args['n_concepts'], model_args['n_embd'], model_args['block_size'], model_args['vocab_size']
@@ -82,15 +59,21 @@ def model_card(checkpoint, model_args, log, results, name, n_weights):
     if log:
         first, last = (log[0] if log[0]['iter'] == 0 else {}), log[-1]
         rows = [f"| {k} | {'-' if first.get(k) is None else f'{first[k]:.4f}'} | {last[k]:.4f} |"
-                for k in VAL_KEYS if last.get(k) is not None]
+                for k in ('val_loss', 'val_accuracy', 'val_recon_accuracy', 'val_nll_bound', 'val_ppl_bound', 'erank')
+                if last.get(k) is not None]
         lines += ['## Validation (from log.jsonl)', '', f"| metric | untrained (iter 0) | final (iter {last['iter']}) |",
                   '|---|---:|---:|', *rows, '',
                   f"For scale: a uniform guess over the vocabulary scores a loss of ln({V}) = {math.log(V):.4f} nats; "
                   f"the untrained column is the same model before its first step.", '']
-    for fname, res in results.items():
+    found = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    for fname in sorted(n for n in found if n.endswith('.json') and n not in ('run.json', common.EXPORT_CONFIG)):
         try:
+            with open(os.path.join(run_dir, fname), encoding='utf-8') as f:
+                res = json.load(f)
+            if not (res and all(isinstance(v, dict) and 'majority' in v for v in res.values())):
+                continue  # not eval_glue.py results
             table = eval_glue.markdown_table(res)
-        except (KeyError, TypeError, ValueError):  # a results file of another version: left out of the card
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable, or of another version
             continue
         lines += [f'## Evaluation (`{fname}`, eval_glue.py)', '', table, '',
                   'Scores in percent; majority is the majority-class (or constant) baseline of each task.', '']
@@ -122,7 +105,8 @@ def export(ckpt, out_dir, data_dir='', name=''):
         else:
             seen[key], tensors[k] = k, t.detach().cpu().contiguous()
     run_dir = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
-    log = common.read_log(os.path.join(run_dir, 'log.jsonl')) if os.path.isfile(os.path.join(run_dir, 'log.jsonl')) else []
+    log_path = os.path.join(run_dir, 'log.jsonl')
+    log = common.read_log(log_path) if os.path.isfile(log_path) else []
     card = {'format': common.EXPORT_FORMAT[0], 'format_version': common.EXPORT_FORMAT[1],
             'stage': checkpoint.get('stage'), 'encoder': model_args['encoder'], 'vocab_size': model_args['vocab_size'],
             'special_tokens': checkpoint.get('special_tokens') or {k: model_args[f'{k}_id'] for k in common.SPECIALS},
@@ -130,8 +114,7 @@ def export(ckpt, out_dir, data_dir='', name=''):
             'best_val_loss': checkpoint.get('best_val_loss'), 'tokens_seen': log[-1].get('tokens_seen') if log else None,
             'trained_on': checkpoint.get('trained_on') or checkpoint.get('data_dir'),
             'training_config': checkpoint.get('config', {})}
-    readme = model_card(checkpoint, model_args, log, eval_results(run_dir), name or out_dir,
-                        sum(t.numel() for t in tensors.values()))
+    readme = model_card(checkpoint, model_args, log, run_dir, name or out_dir, sum(t.numel() for t in tensors.values()))
 
     def build(tmp):
         os.makedirs(tmp)
