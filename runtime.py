@@ -461,9 +461,9 @@ def load_checkpoint(path, map_location='cpu'):
     -> the checkpoint dict, with at least 'model' (a state_dict) and 'model_args'. Anything else (a
     missing path, a corrupt file, a bare state_dict, a saved tensor) is one line saying what was
     found and what is expected."""
-    import export
-    if os.path.isdir(path) or export.is_hub_id(path):
-        return export.load_exported(path, map_location)
+    import common  # TEMPORARY until runtime.py is deleted: export reading moved to common.py
+    if os.path.isdir(path) or common.is_hub_id(path):
+        return common.load_export(path, map_location)
     if not os.path.isfile(path):
         what = "is a directory (pass the ckpt.pt inside it)" if os.path.isdir(path) else "not found"
         raise SystemExit(f"checkpoint {path} {what} (train one first, e.g. python train_mlm.py config/tiny.py)")

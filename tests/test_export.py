@@ -1,25 +1,35 @@
-"""export.py: the Hub-layout directory, loading it (and a hub id) wherever a checkpoint is taken,
-the exact round trip, clear errors; and wandb's offline run (runtime.RunLog) holding the metrics.
-Nothing here touches the network: hub calls are replaced by fakes, and subprocesses get a dead proxy."""
+"""tools/export.py: the Hub-layout directory, loading it (and a hub id) wherever a checkpoint is
+taken (common.load_export), the exact round trip, clear errors, no temporary left by a killed export;
+and wandb's offline run holding the metrics. Nothing here touches the network: hub calls are replaced
+by fakes, and subprocesses get a dead proxy."""
 import glob
 import json
 import os
+import runpy
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import common
 from conftest import ROOT, TINY, read_log, run_script
+from tools import export
 
 NO_NETWORK = {'HF_HUB_OFFLINE': '1', 'HTTPS_PROXY': 'http://127.0.0.1:9', 'HTTP_PROXY': 'http://127.0.0.1:9',
               'WANDB_ERROR_REPORTING': 'false'}
 
 
+def run_export(monkeypatch, *args):
+    """tools/export.py's command line, in this process (an error is the InputError the user sees)."""
+    monkeypatch.setattr(sys, 'argv', ['tools/export.py', *args])
+    runpy.run_path(os.path.join(ROOT, 'tools', 'export.py'), run_name='__main__')
+
+
 @pytest.fixture(scope='module')
 def mlm_run(data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('mlm') / 'run')
-    run_script('train_mlm.py', *TINY, f'--dataset={data_dir}', f'--out_dir={out}', '--max_iters=3',
+    run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=3',
                '--eval_interval=3')
     return out
 
@@ -27,7 +37,7 @@ def mlm_run(data_dir, tmp_path_factory):
 @pytest.fixture(scope='module')
 def mlm_export(mlm_run, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('hub') / 'tiny_mlm')
-    res = run_script('export.py', f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={out}', env=NO_NETWORK)
+    res = run_script('tools/export.py', f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={out}', env=NO_NETWORK)
     assert f'exported {mlm_run}/ckpt.pt to {out}' in res.stdout
     return out
 
@@ -52,9 +62,8 @@ def test_the_directory_holds_weights_config_tokenizer_and_card(mlm_run, mlm_expo
 
 
 def test_round_trip_gives_the_same_weights_and_embeddings(mlm_run, mlm_export):
-    import runtime
     from eval_glue import encode
-    original, exported = runtime.load_checkpoint(f'{mlm_run}/ckpt.pt'), runtime.load_checkpoint(mlm_export)
+    original, exported = common.load_checkpoint(f'{mlm_run}/ckpt.pt'), common.load_checkpoint(mlm_export)
     assert set(original['model']) == set(exported['model'])
     for name, t in original['model'].items():
         assert torch.equal(t, exported['model'][name]), name
@@ -65,13 +74,12 @@ def test_round_trip_gives_the_same_weights_and_embeddings(mlm_run, mlm_export):
 
 
 def test_concept_geometry_of_an_export_reads_the_data_it_was_trained_on(mlm_run, mlm_export):
-    import runtime
+    from tools.plot import concept_geometry
     kwargs = dict(n_batches=1, batch_size=2)
-    assert runtime.concept_geometry(mlm_export, **kwargs) == runtime.concept_geometry(f'{mlm_run}/ckpt.pt', **kwargs)
+    assert concept_geometry(mlm_export, **kwargs) == concept_geometry(f'{mlm_run}/ckpt.pt', **kwargs)
 
 
 def test_encode_loads_an_export_again_once_it_is_replaced(mlm_run, tmp_path):
-    import export
     from eval_glue import encode
     export.export(f'{mlm_run}/ckpt.pt', f'{tmp_path}/hub')
     before = encode(['a sentence'], f'{tmp_path}/hub')
@@ -86,9 +94,9 @@ def test_encode_loads_an_export_again_once_it_is_replaced(mlm_run, tmp_path):
 
 def test_a_diffusion_export_samples_exactly_like_its_checkpoint(data_dir, tmp_path):
     run = str(tmp_path / 'diff')
-    run_script('train_diffusion.py', *TINY, f'--dataset={data_dir}', f'--out_dir={run}', '--max_iters=2',
+    run_script('train_diffusion.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={run}', '--max_iters=2',
                '--eval_interval=2', '--bound_levels=2')
-    run_script('export.py', f'--ckpt={run}/ckpt.pt', f'--out_dir={tmp_path}/hub', env=NO_NETWORK)
+    run_script('tools/export.py', f'--ckpt={run}/ckpt.pt', f'--out_dir={tmp_path}/hub', env=NO_NETWORK)
     assert json.load(open(f'{tmp_path}/hub/config.json'))['stage'] == 'diffusion'
     args = ['--prompt=Return the', '--length=20', '--steps=4', '--num_samples=2', '--seed=7']
     outs = [run_script('sample.py', f'--ckpt={ck}', *args, env=NO_NETWORK).stdout
@@ -98,7 +106,7 @@ def test_a_diffusion_export_samples_exactly_like_its_checkpoint(data_dir, tmp_pa
 
 
 def test_a_warm_start_takes_an_export(data_dir, mlm_export, tmp_path):
-    out = run_script('train_tsdae.py', *TINY, f'--dataset={data_dir}', f'--out_dir={tmp_path}/t', '--max_iters=1',
+    out = run_script('train_tsdae.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/t', '--max_iters=1',
                      '--eval_interval=1', f'--init_from={mlm_export}', env=NO_NETWORK)
     line = next(s for s in out.stdout.splitlines() if s.startswith('warm start from'))
     assert f'warm start from {mlm_export} (mlm stage, iter 3)' in line and 'loaded 0 ' not in line
@@ -106,8 +114,6 @@ def test_a_warm_start_takes_an_export(data_dir, mlm_export, tmp_path):
 
 def test_a_compiled_older_checkpoint_exports_without_prefixes_and_with_the_encoder_arm(mlm_run, tmp_path):
     from safetensors import safe_open
-
-    import export
     ckpt = torch.load(f'{mlm_run}/ckpt.pt', weights_only=True)
     ckpt['model'] = {f'_orig_mod.{k}': v for k, v in ckpt['model'].items()}  # what a compiled model saves
     ckpt['model_args'].pop('encoder')  # as in checkpoints older than the encoder key
@@ -121,20 +127,16 @@ def test_a_compiled_older_checkpoint_exports_without_prefixes_and_with_the_encod
 
 def test_a_hub_id_loads_through_huggingface_hub(mlm_run, mlm_export, monkeypatch):
     import huggingface_hub
-
-    import runtime
     asked = []
     monkeypatch.setattr(huggingface_hub, 'snapshot_download', lambda repo_id, **kw: asked.append(repo_id) or mlm_export)
-    loaded = runtime.load_checkpoint('someone/tiny-mlm')
+    loaded = common.load_checkpoint('someone/tiny-mlm')
     assert asked == ['someone/tiny-mlm']
-    original = runtime.load_checkpoint(f'{mlm_run}/ckpt.pt')
+    original = common.load_checkpoint(f'{mlm_run}/ckpt.pt')
     assert all(torch.equal(t, loaded['model'][k]) for k, t in original['model'].items())
 
 
-def test_push_to_hub_uploads_the_directory(mlm_export, monkeypatch):
+def test_push_to_hub_uploads_the_directory(mlm_run, tmp_path, monkeypatch):
     import huggingface_hub
-
-    import export
     calls = []
 
     class FakeApi:
@@ -144,19 +146,21 @@ def test_push_to_hub_uploads_the_directory(mlm_export, monkeypatch):
         def upload_folder(self, folder_path, repo_id, commit_message=''):
             calls.append(('upload', folder_path, repo_id))
     monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
-    export.push_to_hub(mlm_export, 'me/tiny-mlm')
-    assert calls == [('create', 'me/tiny-mlm', True), ('upload', mlm_export, 'me/tiny-mlm')]
+    hub = str(tmp_path / 'hub')
+    run_export(monkeypatch, f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={hub}', '--push_to_hub=me/tiny-mlm')
+    assert calls == [('create', 'me/tiny-mlm', True), ('upload', hub, 'me/tiny-mlm')]
+    assert "encode(['a sentence'], 'me/tiny-mlm')" in open(f'{hub}/README.md').read()
 
     class NoToken(FakeApi):
         def create_repo(self, repo_id, exist_ok=False):
             raise RuntimeError('Invalid user token.\nmore detail')
     monkeypatch.setattr(huggingface_hub, 'HfApi', NoToken)
-    with pytest.raises(SystemExit, match=r"uploading .* failed \(RuntimeError: Invalid user token.\); the export"):
-        export.push_to_hub(mlm_export, 'me/tiny-mlm')
+    with pytest.raises(common.InputError, match=r"uploading .* failed \(RuntimeError: Invalid user token.\); the export"):
+        run_export(monkeypatch, f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={hub}', '--push_to_hub=me/tiny-mlm')
+    assert sorted(os.listdir(hub)) == ['README.md', 'config.json', 'model.safetensors', 'tokenizer.tiktoken']
 
 
 def test_exporting_again_replaces_the_export_and_leaves_no_temporary_files(mlm_run, tmp_path):
-    import export
     for _ in range(2):
         export.export(f'{mlm_run}/ckpt.pt', f'{tmp_path}/hub')
     assert os.listdir(tmp_path) == ['hub'] and len(os.listdir(tmp_path / 'hub')) == 4
@@ -177,7 +181,6 @@ def test_the_card_reports_eval_results_beside_the_checkpoint(mlm_run, tmp_path):
     json.dump(results, open(tmp_path / 'run' / 'glue_pool.json', 'w'))
     with open(tmp_path / 'run' / 'log.jsonl', 'a') as f:
         f.write('{"iter": 99, "val_lo')  # a record cut short by a crash is left out, not an error
-    import export
     export.export(f'{tmp_path}/run/ckpt.pt', f'{tmp_path}/hub', name='me/tiny-mlm')
     card = open(tmp_path / 'hub' / 'README.md').read()
     assert "encode(['a sentence'], 'me/tiny-mlm')" in card and 'final (iter 3)' in card
@@ -193,29 +196,44 @@ def test_bad_inputs_are_one_line_and_write_nothing(mlm_run, mlm_export, tmp_path
         ([f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={tmp_path}/mine'], 'exists and is not an export'),
         ([f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={tmp_path}/mine/notes.txt'], 'is a file'),
         ([f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={tmp_path}/new', f'--data_dir={tmp_path}'],
-         'tokenizer.tiktoken is missing'),
+         'tokenizer.tiktoken, the tokenizer, is missing'),
         ([f'--ckpt={mlm_run}/ckpt.pt', f'--out_dir={tmp_path}/new', '--push_to_hub=not a repo'], 'not a hub repo id'),
         ([f'--ckpt={tmp_path}/empty_dir', f'--out_dir={tmp_path}/new'], 'a directory without config.json'),
         ([f'--ckpt={tmp_path}/none.pt', f'--out_dir={tmp_path}/new'], 'not found'),
         (['--ckpt=nobody/no-such-repo', f'--out_dir={tmp_path}/new'], 'is not a local path, and downloading it'),
         ([f'--ckpt={mlm_run}/ckpt.pt'], '--out_dir is needed'),
+        ([f'--ckpt={mlm_run}/ckpt.pt', '--out_dir=/proc/hub'], 'cannot be written'),
     ]
-    import export
-    import prepare_data
-    from model import ConfigError
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # read per request: no network
-    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # export.main installs the one-line hook
     for args, message in cases:  # in this process: the exception's message is the one line the user sees
-        monkeypatch.setattr(sys, 'argv', ['export.py', *args])
-        with pytest.raises((SystemExit, ConfigError, prepare_data.DataError)) as e:
-            export.main()
-        assert message in str(e.value) and '\n' not in str(e.value), (args, e.value)
+        with pytest.raises(common.InputError) as e:
+            run_export(monkeypatch, *args)
+        assert message in str(e.value) and str(e.value).startswith('error: ') and '\n' not in str(e.value), (args, e.value)
     assert sorted(os.listdir(tmp_path)) == ['empty_dir', 'mine'] and os.listdir(tmp_path / 'mine') == ['notes.txt']
     config = json.load(open(f'{mlm_export}/config.json'))
     json.dump({**config, 'format_version': 99}, open(tmp_path / 'empty_dir' / 'config.json', 'w'))
     out = run_script('sample.py', f'--ckpt={tmp_path}/empty_dir', check=False, env=NO_NETWORK)
-    assert out.returncode != 0 and 'export the checkpoint again with this code' in out.stderr
+    assert out.returncode != 0 and 'export the checkpoint again' in out.stderr
+
+
+def test_an_export_killed_midway_leaves_a_temporary_that_the_next_export_removes(mlm_run, tmp_path, capsys):
+    """kill -9 during an export leaves <out_dir>.tmp.<pid>/ (issue 35): the next export to the same
+    out_dir removes it, whether out_dir is new or an earlier export; a live writer's is left alone."""
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()  # a pid that no process has any more
+    for earlier in (False, True):
+        if earlier:
+            export.export(f'{mlm_run}/ckpt.pt', f'{tmp_path}/hub')
+        leftover = tmp_path / f'hub.tmp.{dead.pid}'
+        leftover.mkdir()
+        (leftover / 'model.safetensors').write_bytes(b'\0' * 1000)
+        alive = tmp_path / f'hub.tmp.{os.getppid()}'  # a running process's temporary: not ours to remove
+        alive.mkdir(exist_ok=True)
+        export.export(f'{mlm_run}/ckpt.pt', f'{tmp_path}/hub')
+        assert sorted(os.listdir(tmp_path)) == ['hub', alive.name]
+        assert 'removed 1 temporary file(s) that an interrupted run left' in capsys.readouterr().out
+        assert len(os.listdir(tmp_path / 'hub')) == 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +275,7 @@ def test_wandb_without_an_api_key_logs_offline_to_dot_wandb(data_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith('WANDB_')}
     env.update(NO_NETWORK, HOME=str(tmp_path), NETRC=str(tmp_path / 'no_netrc'), OMP_NUM_THREADS='1',
                PYTHONUNBUFFERED='1')
-    out = subprocess.run([sys.executable, os.path.join(ROOT, 'train_mlm.py'), *TINY, f'--dataset={data_dir}',
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'train_mlm.py'), *TINY, f'--data_dir={data_dir}',
                           f'--out_dir={tmp_path}/run', '--max_iters=2', '--eval_interval=1', '--wandb_log=True'],
                          cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,16 +1,28 @@
-"""plot.py: run curves and bench speed as PNGs with one line per run / (model, stage); the concept
+"""tools/plot.py: run curves and bench speed as PNGs with one line per run / (model, stage); the concept
 attention recomputed from the layer's weights equals what the layer attended with; the concept
-page is self-contained and holds every concept and token; clear one-line errors."""
+page is self-contained and holds every concept and token; concept_geometry, the collapse
+diagnostics of any checkpoint; clear one-line errors (a log with nothing to plot among them)."""
 import json
 import os
+import runpy
+import shutil
+import sys
 from html.parser import HTMLParser
 
 import pytest
 import torch
 
-from conftest import run_script
+import common
+from conftest import ROOT, TINY, run_script
+from tools import plot
 
 PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def run_plot(monkeypatch, *args):
+    """tools/plot.py's command line, in this process (an error is the exception the user sees)."""
+    monkeypatch.setattr(sys, 'argv', ['tools/plot.py', *args])
+    runpy.run_path(os.path.join(ROOT, 'tools', 'plot.py'), run_name='__main__')
 
 
 def write_log(run_dir, records):
@@ -24,21 +36,20 @@ def mlm_records(loss0, n=4):
              'val_loss': loss0 - 0.5 * i, 'val_accuracy': 0.01 * i, 'erank': 2.0 + i} for i in range(n)]
 
 
-def test_curves_overlay_one_line_per_run_in_every_panel(tmp_path):
-    import plot
+def test_curves_overlay_one_line_per_run_in_every_panel(tmp_path, monkeypatch, capsys):
     write_log(tmp_path / 'concept', mlm_records(9.0))
     write_log(tmp_path / 'standard', mlm_records(8.5, n=3))
     diffusion = [{**r, 'val_nll_bound': r['val_loss'] + 1} for r in mlm_records(9.5)]
     write_log(tmp_path / 'diffusion', diffusion)
-    runs = {name: plot.read_run(str(tmp_path / name)) for name in ('concept', 'standard', 'diffusion')}
-    fig = plot.plot_curves(runs)
+    fig = plot.plot_curves([str(tmp_path / name) for name in ('concept', 'standard', 'diffusion')])
     loss, acc, erank = fig.axes[:3]
     assert [line.get_label() for line in loss.lines] == ['concept', 'standard', 'diffusion (val_nll_bound)']
     assert list(loss.lines[2].get_ydata()) == [r['val_nll_bound'] for r in diffusion]  # the bound, not the CE
     assert list(loss.lines[1].get_xdata()) == [0, 1000, 2000]  # against tokens seen
     assert [len(ax.lines) for ax in (acc, erank)] == [3, 3]
-    plot.main([str(tmp_path / 'concept'), str(tmp_path / 'standard'), '--labels=concept arm,standard arm',
-               f'--out={tmp_path}/curves.png'])
+    run_plot(monkeypatch, f'--runs={tmp_path}/concept,{tmp_path}/standard', '--labels=concept arm,standard arm',
+             f'--out={tmp_path}/curves.png')
+    assert f'wrote {tmp_path}/curves.png' in capsys.readouterr().out
     data = (tmp_path / 'curves.png').read_bytes()
     assert data.startswith(PNG) and len(data) > 10_000
     assert sorted(os.listdir(tmp_path)) == ['concept', 'curves.png', 'diffusion', 'standard']  # no temporary file
@@ -58,10 +69,9 @@ def bench_json(path):
     return rows
 
 
-def test_bench_plot_is_log_log_with_one_line_per_model_and_stage(tmp_path):
-    import plot
+def test_bench_plot_is_log_log_with_one_line_per_model_and_stage(tmp_path, monkeypatch):
     rows = bench_json(tmp_path / 'bench.json')
-    fig = plot.plot_bench(plot.read_bench(str(tmp_path / 'bench.json')))
+    fig = plot.plot_bench(str(tmp_path / 'bench.json'))
     train, infer = fig.axes[:2]
     for ax in (train, infer):
         assert sorted(line.get_label() for line in ax.lines) == [
@@ -71,7 +81,7 @@ def test_bench_plot_is_log_log_with_one_line_per_model_and_stage(tmp_path):
     assert list(std_mlm.get_xdata()) == [64, 128, 256]  # the out-of-memory row is no point
     assert list(std_mlm.get_ydata()) == [r['train_tokens_per_s'] for r in rows
                                          if r['model'] == 'standard' and r['stage'] == 'mlm' and 'oom' not in r]
-    plot.main([f'--bench={tmp_path}/bench.json', f'--out={tmp_path}/speed.png'])
+    run_plot(monkeypatch, f'--bench={tmp_path}/bench.json', f'--out={tmp_path}/speed.png')
     assert (tmp_path / 'speed.png').read_bytes().startswith(PNG)
 
 
@@ -94,7 +104,6 @@ def tiny_model(**overrides):
 def test_recomputed_attention_is_what_the_last_layer_read_with(variant):
     """The weights times the layer's own values, through its output projection, give exactly the
     update that layer added to the concepts (captured by a hook on its projection)."""
-    import plot
     model, _ = tiny_model(**variant)
     enc = model.encoder
     idx = torch.randint(59, (2, 12))
@@ -124,7 +133,6 @@ def test_recomputed_attention_is_what_the_last_layer_read_with(variant):
 
 
 def test_padding_gets_no_attention():
-    import plot
     model, _ = tiny_model()
     idx = torch.randint(59, (1, 10))
     mask = torch.ones(1, 10, dtype=torch.bool)
@@ -136,10 +144,8 @@ def test_padding_gets_no_attention():
 @pytest.fixture
 def concept_ckpt(data_dir, tmp_path):
     """A checkpoint written the way the stages write theirs (model, args, tokenizer recipe, data dir)."""
-    import prepare_data
-    import runtime
     from model import ConceptConfig, ConceptMLM
-    meta = prepare_data.load_meta(data_dir)
+    meta = common.load_meta(data_dir)
     sp = meta['special_tokens']
     args = dict(vocab_size=meta['vocab_size'], block_size=24, n_layer=2, n_head=2, n_embd=16, n_concepts=5,
                 ffn_size=32, pad_id=sp['pad'], mask_id=sp['mask'], eod_id=sp['eod'], cls_id=sp['cls'], sep_id=sp['sep'])
@@ -147,11 +153,11 @@ def concept_ckpt(data_dir, tmp_path):
     model = ConceptMLM(ConceptConfig(**args))
 
     def write(path, model_args):
-        runtime.save_checkpoint(path, {'stage': 'mlm', 'model': model.state_dict(), 'model_args': model_args,
+        common.save_checkpoint(path, {'stage': 'mlm', 'model': model.state_dict(), 'model_args': model_args,
                                        'config': {}, 'iter_num': 0, 'best_val_loss': None,
                                        'tokenizer': meta['tokenizer'], 'special_tokens': sp, 'data_dir': data_dir})
         return path
-    return write, args, prepare_data.load_tokenizer(data_dir)
+    return write, args, common.load_tokenizer(data_dir)
 
 
 class PageParser(HTMLParser):
@@ -189,8 +195,8 @@ def test_the_concept_page_is_self_contained_and_holds_every_concept_and_token(co
     write, args, tok = concept_ckpt
     ck = write(str(tmp_path / 'ckpt.pt'), args)
     text = 'Return the number of items in the list, or raise ValueError if it is empty. ' * 3
-    out = run_script('plot.py', '--concepts', f'--ckpt={ck}', f'--text={text}', f'--out={tmp_path}/c.html',
-                     '--top_k=3')
+    out = run_script('tools/plot.py', '--concepts=True', f'--ckpt={ck}', f'--text={text}', f'--out={tmp_path}/c.html',
+                     '--top_k=3', '--geometry=True', '--n_batches=2', '--batch_size=2')
     page = PageParser()
     page.feed((tmp_path / 'c.html').read_text(encoding='utf-8'))
     ids = ([tok.cls_id] + tok.encode(text))[:24]  # cut at block_size
@@ -201,35 +207,114 @@ def test_the_concept_page_is_self_contained_and_holds_every_concept_and_token(co
     assert page.items == 5 and "cut at the model" in (tmp_path / 'c.html').read_text()
     assert '5 concepts x 24 tokens; mean attention entropy' in out.stdout and 'concept   0: ' in out.stdout
     assert 'uniform: ln 24 = 3.18' in out.stdout
+    geometry = next(line for line in out.stdout.splitlines() if line.startswith('concept geometry over 2 x 2'))
+    report = plot.concept_geometry(ck, n_batches=2, batch_size=2)
+    assert geometry.endswith(', '.join(f"{k} {v:.4f}" for k, v in report.items()))
 
 
-def test_the_concept_page_refuses_a_standard_encoder_in_one_line(concept_ckpt, tmp_path):
+def test_the_concept_page_refuses_a_standard_encoder_in_one_line(concept_ckpt, tmp_path, monkeypatch):
     write, args, _ = concept_ckpt
-    import plot
     ck = write(str(tmp_path / 'std.pt'), {**args, 'encoder': 'standard'})
-    with pytest.raises(SystemExit, match='standard-encoder checkpoint: it has no concepts') as e:
-        plot.main(['--concepts', f'--ckpt={ck}', '--text=hello', f'--out={tmp_path}/c.html'])
+    with pytest.raises(common.InputError, match='standard-encoder checkpoint: it has no concepts') as e:
+        run_plot(monkeypatch, '--concepts=True', f'--ckpt={ck}', '--text=hello', f'--out={tmp_path}/c.html')
     assert '\n' not in str(e.value) and not (tmp_path / 'c.html').exists()
 
 
-def test_bad_inputs_are_one_line(tmp_path):
+def test_bad_inputs_are_one_line(tmp_path, monkeypatch, capsys):
     write_log(tmp_path / 'run', mlm_records(9.0))
+    write_log(tmp_path / 'train_only', [{'iter': i, 'train_loss': 9.0 - i, 'tokens_seen': 100 * i} for i in range(3)])
     (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty_log').mkdir()
+    (tmp_path / 'empty_log' / 'log.jsonl').write_text('')
     (tmp_path / 'bad.json').write_text('{"rows": 3}')
     cases = [
-        ([str(tmp_path / 'empty'), f'--out={tmp_path}/a.png'], 'no log.jsonl there'),
-        ([str(tmp_path / 'run'), f'--out={tmp_path}/nodir/a.png'], 'does not exist'),
-        ([str(tmp_path / 'run'), f'--out={tmp_path}/a.html'], 'should end in .png'),
-        ([str(tmp_path / 'run'), '--labels=a,b', f'--out={tmp_path}/a.png'], 'one distinct label per run'),
+        ([f'--runs={tmp_path}/empty', f'--out={tmp_path}/a.png'], 'no log.jsonl there'),
+        ([f'--runs={tmp_path}/empty_log', f'--out={tmp_path}/a.png'], 'has no evaluation record'),
+        # issue 35: a log with none of the plotted keys was "wrote a.png" with three empty panels
+        ([f'--runs={tmp_path}/run,{tmp_path}/train_only', f'--out={tmp_path}/a.png'],
+         'none of its 3 records has a plotted key (val_nll_bound, val_loss, val_accuracy, erank)'),
+        ([f'--runs={tmp_path}/run', f'--out={tmp_path}/nodir/a.png'], 'does not exist'),
+        ([f'--runs={tmp_path}/run', f'--out={tmp_path}'], 'is a directory'),
+        ([f'--runs={tmp_path}/run', f'--out={tmp_path}/a.html'], 'should end in .png'),
+        ([f'--runs={tmp_path}/run', '--labels=a,b', f'--out={tmp_path}/a.png'], 'one distinct label per run'),
+        ([f'--runs={tmp_path}/run', f'--out={tmp_path}/a.png', '--top_k=0'], '--top_k=0 must be >= 1'),
         ([f'--bench={tmp_path}/bad.json', f'--out={tmp_path}/a.png'], 'is not a bench.py JSON'),
         ([f'--bench={tmp_path}/none.json', f'--out={tmp_path}/a.png'], 'not found'),
-        (['--concepts', f'--out={tmp_path}/a.html'], 'needs --ckpt'),
+        (['--concepts=True', f'--out={tmp_path}/a.html'], 'need --ckpt'),
+        (['--concepts=True', f'--ckpt={tmp_path}/x.pt', f'--out={tmp_path}/a.html'], 'non-empty --text'),
         ([f'--out={tmp_path}/a.png'], 'one of the three'),
-        (['--nonsense=1'], 'unrecognized arguments'),
+        ([f'--runs={tmp_path}/run', '--geometry=True', f'--out={tmp_path}/a.png'], 'one of the three'),
+        ([f'--runs={tmp_path}/run', '--device=cuda:7', f'--out={tmp_path}/a.png'], 'cuda:7'),
+        ([str(tmp_path / 'run'), f'--out={tmp_path}/a.png'], f'give run directories as --runs={tmp_path}/run '),
     ]
-    import plot
-    for args, message in cases:  # in this process: SystemExit's message is the line the user sees
-        with pytest.raises(SystemExit) as e:
-            plot.main(args)
-        assert message in str(e.value) and '\n' not in str(e.value), (args, e.value)
-    assert sorted(os.listdir(tmp_path)) == ['bad.json', 'empty', 'run']
+    for args, message in cases:  # in this process: the exception's message is the line the user sees
+        with pytest.raises(common.InputError) as e:
+            run_plot(monkeypatch, *args)
+        assert message in str(e.value) and str(e.value).startswith('error: ') and '\n' not in str(e.value), (args, e.value)
+    for args, message in ((['--nonsense=1'], 'unknown config key'), (['--concepts'], 'needs a value')):  # the configurator's own one-line errors
+        with pytest.raises(SystemExit, match=message):
+            run_plot(monkeypatch, *args)
+    assert 'wrote' not in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ['bad.json', 'empty', 'empty_log', 'run', 'train_only']
+
+
+# ----------------------------------------------------------------------------------------------
+# concept_geometry: the collapse diagnostics of any checkpoint (moved here from runtime.py)
+
+@pytest.fixture(scope='module')
+def mlm_run(data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('geometry') / 'run')
+    run_script('train_mlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2',
+               '--eval_interval=2')
+    return out
+
+
+def test_diagnostics_of_any_checkpoint(mlm_run, monkeypatch, capsys):
+    """concept_geometry reports the collapse metrics for a trained checkpoint, also from the command line."""
+    report = plot.concept_geometry(f'{mlm_run}/ckpt.pt', n_batches=2, batch_size=4)
+    assert set(report) == {'erank', 'erank_batchmean', 'concept_cos_mean', 'concept_cos_max', 'participation_ratio'}
+    assert 1.0 <= report['erank'] <= 8.0  # at most C = 8 concepts in the TINY shape
+    run_plot(monkeypatch, '--geometry=True', f'--ckpt={mlm_run}/ckpt.pt', '--n_batches=2', '--batch_size=4')
+    out = capsys.readouterr().out
+    assert 'concept geometry over 2 x 4 validation windows' in out and f"erank {report['erank']:.4f}" in out
+    assert 'wrote' not in out
+
+
+def test_concept_geometry_refuses_foreign_files_in_one_line(data_dir, tmp_path):
+    from model import ConceptConfig, ConceptMLM
+    model = ConceptMLM(ConceptConfig(n_layer=1, n_head=2, n_embd=32, n_concepts=4, ffn_size=64, block_size=16,
+                                     vocab_size=64, pad_id=60, mask_id=61, eod_id=62, cls_id=63, sep_id=59))
+    files = {'bare state_dict': tmp_path / 'state_dict.pt', 'bare tensor': tmp_path / 'tensor.pt',
+             'could not be read': tmp_path / 'notes.txt'}
+    torch.save(model.state_dict(), files['bare state_dict'])
+    torch.save(torch.zeros(3, 4), files['bare tensor'])
+    files['could not be read'].write_text('not a checkpoint\n')
+    for what, path in files.items():
+        with pytest.raises(common.InputError) as e:
+            plot.concept_geometry(str(path), data_dir)
+        assert what in str(e.value) and '\n' not in str(e.value)
+
+
+def test_concept_geometry_of_a_diverged_checkpoint_or_bad_arguments_is_one_line(mlm_run, tmp_path):
+    ckpt = str(tmp_path / 'ckpt.pt')
+    shutil.copy(f'{mlm_run}/ckpt.pt', ckpt)
+    with pytest.raises(common.InputError, match='n_batches=0'):
+        plot.concept_geometry(ckpt, n_batches=0)
+    with pytest.raises(common.InputError, match='does not exist'):
+        plot.concept_geometry(ckpt, data_dir=str(tmp_path / 'nowhere'))
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint['model']['lm_head.weight'][0, 0] = float('nan')
+    torch.save(checkpoint, ckpt)
+    with pytest.raises(common.InputError, match='non-finite weights'):
+        plot.concept_geometry(ckpt, n_batches=1, batch_size=2)
+
+
+def test_concept_geometry_says_it_does_not_apply_to_the_standard_arm(tmp_path):
+    from model import ConceptConfig, ConceptMLM
+    model = ConceptMLM(ConceptConfig(encoder='standard', vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32,
+                                     n_concepts=8, ffn_size=64, pad_id=96, mask_id=95, eod_id=94))
+    path = str(tmp_path / 'ckpt.pt')
+    torch.save({'stage': 'mlm', 'model': model.state_dict(), 'model_args': vars(model.cfg), 'data_dir': str(tmp_path)},
+               path)
+    with pytest.raises(common.InputError, match='do not apply'):
+        plot.concept_geometry(path)
