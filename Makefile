@@ -3,11 +3,11 @@
 #                     model trained on the CPU, then samples and their quality (~8 minutes on 2 cores).
 #                     make quickstart TSDAE=1 also trains the TSDAE stage, warm-started from the MLM.
 #   make test         the test suite (pytest, CPU, offline)
-#   make gpu-check    on a CUDA machine: CUDA tests, short bf16 compiled runs, torchrun, bench (gpu_check.sh)
+#   make gpu-check    on a CUDA machine: CUDA tests, short bf16 compiled runs, torchrun, bench (tools/gpu_check.sh)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-TINY := config/tiny.py --dataset=data/pydocs
+TINY := config/tiny.py --data_dir=data/pydocs
 SMALL_BATCH := --batch_size=32 --eval_iters=10
 SAMPLE := --prompt="Return the" --num_samples=3 --length=48 --steps=48 --block_len=1 --top_k=100
 
@@ -32,16 +32,17 @@ quickstart: venv data/pydocs/meta.json
 # 128 it would take ~9 minutes
 	if [ -n "$(TSDAE)" ]; then $(PY) train_tsdae.py $(TINY) $(SMALL_BATCH) --init_from=out/tiny_mlm/ckpt.pt; fi
 # diffusion starts from the MLM checkpoint (config/tiny_diffusion.py says why)
-	$(PY) train_diffusion.py config/tiny.py config/tiny_diffusion.py --dataset=data/pydocs --out_dir=out/tiny_diffusion
+	$(PY) train_diffusion.py config/tiny.py config/tiny_diffusion.py --data_dir=data/pydocs --out_dir=out/tiny_diffusion
 	@$(PY) -c "import json; r = [json.loads(l) for l in open('out/tiny_diffusion/log.jsonl')]; \
 	print(f\"diffusion: val NLL bound {r[0]['val_nll_bound']:.3f} -> {r[-1]['val_nll_bound']:.3f} nats/token after {r[-1]['iter']} iterations (out/tiny_diffusion)\")"
-	$(PY) sample.py --ckpt=out/tiny_diffusion/ckpt.pt $(SAMPLE)
+	$(PY) sample.py --ckpt=out/tiny_diffusion/ckpt.pt $(SAMPLE) --out=out/tiny_diffusion/samples.json
+	$(PY) tools/sample_quality.py --samples=out/tiny_diffusion/samples.json
 
 test: venv
 	$(PY) -m pytest -q tests
 
 gpu-check: venv data/pydocs/meta.json
-	PY=$(PY) bash gpu_check.sh
+	PY=$(PY) bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) data/pydocs out/tiny_mlm out/tiny_tsdae out/tiny_diffusion

@@ -2,7 +2,7 @@
 # effective batch 512 sequences, bf16. Meant for GPUs:
 #   torchrun --standalone --nproc_per_node=8 train_diffusion.py config/h512l2.py
 # On any number of GPUs the global batch stays 512 sequences: gradient_accumulation_steps is divided
-# by the world size, and beyond 8 GPUs each runs a smaller micro-batch (runtime.micro_batches_per_rank).
+# by the world size, and beyond 8 GPUs each runs a smaller micro-batch (common.split_global_batch).
 data_dir = 'data/minipile'            # python prepare_data.py --dataset=minipile (needs the HF hub)
 n_layer = 2
 n_head = 8

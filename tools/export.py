@@ -70,7 +70,8 @@ def model_card(checkpoint, model_args, log, run_dir, name, n_weights):
         try:
             with open(os.path.join(run_dir, fname), encoding='utf-8') as f:
                 res = json.load(f)
-            if not (res and all(isinstance(v, dict) and 'majority' in v for v in res.values())):
+            entries = res.get('results') if isinstance(res, dict) and 'run' in res else res
+            if not (entries and all(isinstance(v, dict) and 'majority' in v for v in entries.values())):
                 continue  # not eval_glue.py results
             table = eval_glue.markdown_table(res)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable, or of another version
