@@ -3,6 +3,8 @@
 #                     model trained on the CPU, then samples and their quality (~8 minutes on 2 cores).
 #                     make quickstart TSDAE=1 also trains the TSDAE stage, warm-started from the MLM.
 #   make test         the test suite (pytest, CPU, offline)
+#   make pretrain     MLM pretraining on a corpus of real text for a time budget, MINUTES=20 CORPUS=../shared/corpus
+#                     (the data is prepared once into data/pretrain_<corpus folder name>); out/pretrain_$(MINUTES)
 #   make gpu-check    on a CUDA machine: CUDA tests, short bf16 compiled runs, torchrun, bench (tools/gpu_check.sh)
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +13,11 @@ TINY := config/tiny.py --data_dir=data/pydocs
 SMALL_BATCH := --batch_size=32 --eval_iters=10
 SAMPLE := --prompt="Return the" --num_samples=3 --length=48 --steps=48 --block_len=1 --top_k=100
 
-.PHONY: venv quickstart test gpu-check clean
+MINUTES ?= 20
+CORPUS ?= ../shared/corpus
+PRETRAIN_DATA := data/pretrain_$(notdir $(abspath $(CORPUS)))
+
+.PHONY: venv quickstart pretrain test gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +43,12 @@ quickstart: venv data/pydocs/meta.json
 	print(f\"diffusion: val NLL bound {r[0]['val_nll_bound']:.3f} -> {r[-1]['val_nll_bound']:.3f} nats/token after {r[-1]['iter']} iterations (out/tiny_diffusion)\")"
 	$(PY) sample.py --ckpt=out/tiny_diffusion/ckpt.pt $(SAMPLE) --out=out/tiny_diffusion/samples.json
 	$(PY) tools/sample_quality.py --samples=out/tiny_diffusion/samples.json
+
+$(PRETRAIN_DATA)/meta.json: $(VENV)/.installed
+	$(PY) prepare_data.py --dataset=$(CORPUS) --vocab_size=4096 --data_dir=$(PRETRAIN_DATA)
+
+pretrain: venv $(PRETRAIN_DATA)/meta.json
+	$(PY) train_mlm.py config/pretrain.py --data_dir=$(PRETRAIN_DATA) --max_minutes=$(MINUTES) --out_dir=out/pretrain_$(MINUTES)
 
 test: venv
 	$(PY) -m pytest -q tests

