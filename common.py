@@ -389,13 +389,6 @@ class Tokenizer:
         return ''.join(out) + self.enc.decode(run)
 
 
-def load_ranks(path):
-    """tiktoken's ranks file: per line, base64 of a token's bytes and its rank. (tiktoken's own
-    loader caches by path under /tmp, so it could return stale ranks after a re-prepare.)"""
-    with open(path, 'rb') as f:
-        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
-
-
 def sha256_file(path):
     with open(path, 'rb') as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -424,7 +417,10 @@ def tokenizer_from_recipe(recipe, data_dir, fix):
             raise InputError(f"{path}, the tokenizer, is missing; {fix}")
         if recipe.get('file_sha256') and sha256_file(path) != recipe['file_sha256']:
             raise InputError(f"{path} is not the tokenizer this model was trained with (sha256 differs); {fix}")
-        ranks, base_specials = load_ranks(path), {}
+        with open(path, 'rb') as f:  # per line, base64 of a token's bytes and its rank (tiktoken's own loader
+            ranks = {base64.b64decode(token): int(rank)  # caches by path under /tmp: stale after a re-prepare)
+                     for token, rank in (line.split() for line in f if line.strip())}
+        base_specials = {}
     elif recipe['kind'] == 'tiktoken':
         base = named_encoding(recipe['name'])
         ranks, base_specials = base._mergeable_ranks, base._special_tokens  # tiktoken's documented extension path
@@ -574,16 +570,6 @@ def first_line(e, limit=200):
     return text if len(text) <= limit else text[:limit] + '...'
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 TEMPORARY = re.compile(r'(.+)\.tmp\.(\d+)(\.old)?$')
 
 
@@ -593,8 +579,16 @@ def remove_stale_temporaries(folder, stem=None):
     removed = 0
     for name in (os.listdir(folder) if os.path.isdir(folder) else []):
         m = TEMPORARY.match(name)
-        if not m or stem is not None and m.group(1) != stem or int(m.group(2)) != os.getpid() and alive(int(m.group(2))):
+        if not m or stem is not None and m.group(1) != stem:
             continue
+        if int(m.group(2)) != os.getpid():
+            try:
+                os.kill(int(m.group(2)), 0)
+                continue  # its writer is alive (or another user's)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
         path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -842,21 +836,15 @@ TRAJECTORY_KEYS = ('learning_rate', 'min_lr', 'warmup_iters', 'weight_decay', 'b
                    'deletion_rate', 'deletion_mode', 't_min', 'label_smoothing', 'elbo_weight', 'stratified_t')
 
 
-def model_args_from(config, meta, **fixed):
-    """The ConceptConfig fields among a stage's settings, the data directory's vocabulary and special
-    ids, and what the stage fixes (decoder='diffusion')."""
-    args = {k: config[k] for k in ConceptConfig.__dataclass_fields__ if k in config}
-    special = meta['special_tokens']
-    args.update(vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'], eod_id=special['eod'],
-                cls_id=special['cls'], sep_id=special['sep'], **fixed)
-    return args
-
-
 def init_model(stage, config, meta, data_dir, ckpt, **fixed):
     """init_from: 'scratch', 'resume' (this stage's run in ckpt, continued as it was) or the path of
     any stage's checkpoint to warm-start from (tensors of matching name and shape are copied).
-    -> (model, model_args, the checkpoint to resume from or None)."""
-    model_args, checkpoint, init_from = model_args_from(config, meta, **fixed), None, config['init_from']
+    -> (model, model_args, the checkpoint to resume from or None). model_args: the ConceptConfig fields
+    among the settings, the data directory's vocabulary and special ids, what the stage fixes."""
+    special, checkpoint, init_from = meta['special_tokens'], None, config['init_from']
+    model_args = {k: config[k] for k in ConceptConfig.__dataclass_fields__ if k in config}
+    model_args.update(vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
+                      eod_id=special['eod'], cls_id=special['cls'], sep_id=special['sep'], **fixed)
     if init_from == 'resume':
         checkpoint = load_checkpoint(ckpt)
         missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng', 'sampler') if k not in checkpoint]
@@ -901,18 +889,6 @@ def warm_start(model, ckpt, meta, data_dir):
         if names:
             print0(f"  {label + ':':7s} " + ', '.join(names))
     check_vocab(checkpoint, meta, ckpt, data_dir)
-
-
-def rng_states():
-    """Every rank's RNG state in rank order (call on all ranks): each draws its own dropout masks."""
-    state = {'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    if not is_ddp():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
 
 
 def restore_training_state(checkpoint, optimizer, scaler, train_windows, rank, config):
@@ -964,9 +940,14 @@ def training_checkpoint(stage, raw_model, optimizer, scaler, model_args, config,
         raise InputError(f"iter {iter_num}: the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}): not "
                          f"saved, the checkpoint is left as it was; try a lower learning_rate, more warmup_iters or "
                          f"grad_clip > 0")
+    rng = {'torch': torch.get_rng_state(), **({'cuda': torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+    states = [rng]  # every rank's, in rank order: each draws its own dropout masks
+    if is_ddp():
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rng)
     return {'stage': stage, 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'model_args': model_args,
-            'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states(),
+            'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': states,
             'sampler': train_windows.state_dict(), 'train_seconds': train_seconds, 'tokenizer': meta['tokenizer'],
             'special_tokens': meta['special_tokens'], 'data_dir': os.path.abspath(data_dir)}
 
@@ -1085,16 +1066,6 @@ def throughput(window, tokens_per_iter, peak):
 # ----------------------------------------------------------------------------------------------
 # the run log: out_dir/log.jsonl (one JSON object per evaluation), out_dir/run.json, optional wandb
 
-def git_commit():
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(['git', 'status', '--porcelain'], cwd=here, capture_output=True, text=True, timeout=5)
-        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def read_log(path):
     """The records of a log.jsonl; a line that does not parse (a crash tears the last one) is
     dropped with a note instead of failing."""
@@ -1125,7 +1096,14 @@ def start_log(out_dir, config, script, device, dtype, world_size, resumed_at=Non
     if resumed_at is not None and os.path.exists(path):
         records = [r for r in read_log(path) if r['iter'] <= resumed_at]
     write_text(path, ''.join(json.dumps(r) + '\n' for r in records))
-    run = {'script': script, 'config': config, 'git_commit': git_commit(), 'argv': sys.argv,
+    here, commit = os.path.dirname(os.path.abspath(__file__)), None
+    try:
+        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(['git', 'status', '--porcelain'], cwd=here, capture_output=True, text=True, timeout=5)
+        commit = sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    run = {'script': script, 'config': config, 'git_commit': commit, 'argv': sys.argv,
            'started': time.strftime('%Y-%m-%dT%H:%M:%S'), 'python': platform.python_version(),
            'torch': torch.__version__, 'numpy': np.__version__, 'platform': platform.platform(), 'device': device,
            'device_name': torch.cuda.get_device_name(device) if device.startswith('cuda') else platform.processor(),

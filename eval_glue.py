@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import prepare_data
 from model import Classifier, pair_features, pooled
 
 # ----------------------------------------------------------------------------------------------
@@ -77,6 +78,7 @@ dtype = 'bfloat16'             # 'float32' | 'bfloat16' | 'float16' (autocast)
 out = ''                       # results JSON; '' = glue_<head>.json beside the checkpoint
 progress = True                # tqdm bars on stderr and a line per epoch
 make_imdb_split = ''           # IMDB's train.tsv: write <task_dir>/IMDB/train.tsv and dev.tsv from it, and stop
+imdb_exclude = ''              # with it: a pretraining corpus whose documents never go to dev.tsv (they stay in train)
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 HPARAMS = {k: DEFAULTS[k] for k in ('epochs', 'learning_rate', 'head_learning_rate', 'head_init', 'batch_size',
                                     'eval_batch_size', 'max_len', 'warmup_steps', 'weight_decay', 'grad_clip',
@@ -266,9 +268,10 @@ def load_task(task, root='', max_train=0, max_eval=0):
             'skipped': skipped}
 
 
-def split_imdb(train_tsv, out_folder, n_dev=2000, seed=0):
+def split_imdb(train_tsv, out_folder, n_dev=2000, seed=0, exclude=''):
     """IMDB's labelled reviews come as one train.tsv: n_dev of them (a fixed seed) become dev.tsv, each
-    review with its exact repeats (aclImdb has some), so dev shares no id and no text with train.
+    review with its exact repeats (aclImdb has some), so dev shares no id and no text with train; a
+    review that is a document of the corpus `exclude` (a pretraining corpus) is never in dev.
     Writes <out_folder>/IMDB/ whole or not at all; keep dev.tsv's text out of pretraining."""
     folder = os.path.join(out_folder, 'IMDB')
     if not out_folder or os.path.exists(folder):
@@ -284,11 +287,16 @@ def split_imdb(train_tsv, out_folder, n_dev=2000, seed=0):
     groups = {}
     for i, row in enumerate(rows[1:], 1):
         groups.setdefault(row[1] if len(row) > 1 else row[0], []).append(i)
-    groups, dev = list(groups.values()), set()
-    for g in np.random.default_rng(seed).permutation(len(groups)):
+    seen = set()
+    if exclude:
+        seen = {doc.decode('utf-8') if isinstance(doc, (bytes, bytearray)) else doc
+                for doc in prepare_data.read_local(exclude, 'text')}
+    kept = [g for text, g in groups.items() if text not in seen]
+    dev = set()
+    for g in np.random.default_rng(seed).permutation(len(kept)):
         if len(dev) >= n_dev:
             break
-        dev.update(groups[g])
+        dev.update(kept[g])
     parts = {'train.tsv': [i for i in range(1, len(rows)) if i not in dev], 'dev.tsv': sorted(dev)}
 
     def write(tmp):
@@ -298,7 +306,8 @@ def split_imdb(train_tsv, out_folder, n_dev=2000, seed=0):
                 f.writelines('\t'.join(rows[i]) + '\n' for i in [0] + part)
     os.makedirs(out_folder, exist_ok=True)
     common.atomic_write(folder, write)
-    print(f"wrote {folder}: train.tsv {len(parts['train.tsv'])} reviews, dev.tsv {len(dev)}, no id or text in both; "
+    print(f"wrote {folder}: train.tsv {len(parts['train.tsv'])} reviews, dev.tsv {len(dev)}, no id or text in both"
+          + (f", {len(groups) - len(kept)} reviews of {exclude} kept out of dev" if exclude else '') + "; "
           f"keep dev.tsv's text out of pretraining, and evaluate with --task_dir={out_folder} --tasks=imdb")
 
 
@@ -864,7 +873,7 @@ def main(config):
     """The command line: every setting checked, then each task evaluated and merged into --out."""
     c, head = config, config['head']
     if c['make_imdb_split']:
-        return split_imdb(c['make_imdb_split'], c['task_dir'])
+        return split_imdb(c['make_imdb_split'], c['task_dir'], exclude=c['imdb_exclude'])
     common.check_settings(c)
     for k, allowed in CHOICES.items():
         if c[k] not in allowed:

@@ -226,9 +226,10 @@ class BiXTLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# positions: fixed sinusoids (Vaswani et al. 2017) with a learned gain per channel, in the encoders of
-# both arms and in every decoder query: no parameter grows with N, so a model trained on windows of
-# block_size tokens reads and writes any length (docs/LOG.md measures what it costs beyond block_size)
+# positions: fixed sinusoids (Vaswani et al. 2017) read through a learned linear map (Perceiver IO's
+# Fourier features), in the encoders of both arms and in every decoder query. No parameter grows with
+# N, so a model trained on windows of block_size tokens reads and writes any length; the map lets it
+# shape its own position codes within the window as a learned table would (docs/design.md).
 
 def sinusoids(pos, dim):
     """Positions pos (...) -> (..., dim) float32 features sin(p·f_i), cos(p·f_i), f_i = 10000^(-2i/dim)."""
@@ -238,15 +239,17 @@ def sinusoids(pos, dim):
 
 
 class Positions(nn.Module):
-    """sinusoids(pos) times a learned gain per channel, which starts at the scale of the learned
-    tables it replaces (std 0.02) and can grow or shrink the positions' share of each query."""
+    """pos (...) -> (..., dim): a learned linear map of the fixed sinusoids of each position, scaled by
+    1/dim so that an Adam step moves a position's code about as much as it moves a row of a learned
+    table (the map pools the gradient of every position: unscaled, the codes outgrow the token
+    embeddings within a hundred steps and the concepts collapse). Starts at a table's rms of 0.02."""
 
     def __init__(self, dim):
         super().__init__()
-        self.gain = nn.Parameter(torch.full((dim,), 0.02 * math.sqrt(2.0)))  # sinusoids have rms 1/sqrt(2)
+        self.proj = nn.Parameter(torch.randn(dim, dim) * 0.02 * math.sqrt(2 * dim))  # (out, in)
 
     def forward(self, pos):
-        return sinusoids(pos, self.gain.shape[0]) * self.gain  # (..., dim)
+        return sinusoids(pos, self.proj.shape[1]) @ self.proj.T / self.proj.shape[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,11 +373,6 @@ class StandardEncoder(Encoder):
 
 # ----------------------------------------------------------------------------------------------
 # decoders: concepts -> hidden states at the positions that need them
-
-def gather_states(states, pos):
-    """states (B, N, H) at positions pos (B, M) -> (B, M, H)"""
-    return torch.gather(states, 1, pos[..., None].expand(-1, -1, states.shape[-1]))
-
 
 def gather_and_pack(select):
     """select (B, N) bool -> pos, valid (B, Mmax): each row's selected positions first, padded with
@@ -679,7 +677,7 @@ class StageModel(nn.Module):
     @staticmethod
     def read_states(states, pos, packing=None):
         """The standard arm's decoding: states (B, N, H) at pos (B, M), packed given a Packing."""
-        h = gather_states(states, pos)
+        h = torch.gather(states, 1, pos[..., None].expand(-1, -1, states.shape[-1]))  # (B, M, H)
         return h if packing is None else packing.pack(h)
 
     def add_concept_losses(self, task_loss, concepts, step, stats):
@@ -701,6 +699,7 @@ class StageModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight') or name.endswith('t_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_res))
+
         # Identity value/output paths through every cross-attention (and the weighted decoder's
         # projection): token content crosses the bottleneck in the embedding basis from the first
         # step, where the tied lm_head reads it; from random projections the loss finds the

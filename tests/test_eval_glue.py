@@ -879,6 +879,20 @@ def test_imdb_split_is_disjoint_fixed_and_made_once(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['a', 'aclimdb', 'b']
 
 
+def test_imdb_split_keeps_a_pretraining_corpus_out_of_dev(tmp_path):
+    """--imdb_exclude: a review that is also a document of the pretraining corpus stays in train."""
+    import lzma
+    rows = write_imdb(tmp_path / 'train.tsv', 3300)
+    corpus = [r[1] for r in rows[::3]]  # a third of the reviews, unlabelled, in an .xz corpus
+    with lzma.open(tmp_path / 'unsup.txt.xz', 'wt') as f:
+        f.write('\n\n'.join(corpus + ['another review entirely']))
+    run = run_script('eval_glue.py', f'--make_imdb_split={tmp_path}/train.tsv', f'--task_dir={tmp_path}/s',
+                     f'--imdb_exclude={tmp_path}/unsup.txt.xz')
+    assert f'{len(set(corpus))} reviews of {tmp_path}/unsup.txt.xz kept out of dev' in run.stdout
+    dev = [line.split('\t')[1] for line in open(tmp_path / 's' / 'IMDB' / 'dev.tsv').read().splitlines()[1:]]
+    assert len(dev) == 2000 and not set(dev) & set(corpus)
+
+
 def test_imdb_is_read_and_scored_like_the_glue_tasks(ckpts, tmp_path, capsys):
     write_imdb(tmp_path / 'train.tsv', 120, seed=1)
     G.split_imdb(str(tmp_path / 'train.tsv'), str(tmp_path / 'data'), n_dev=30)

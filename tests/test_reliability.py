@@ -367,7 +367,7 @@ def test_a_checkpoint_with_learned_position_tables_is_refused_in_one_line(tmp_pa
                 mask_id=61, eod_id=62, cls_id=63, sep_id=59)
     state = ConceptMLM(ConceptConfig(**args)).state_dict()
     state['encoder.wpe.weight'] = torch.zeros(16, 32)
-    del state['encoder.wpe.gain']
+    del state['encoder.wpe.proj']
     torch.save({'stage': 'mlm', 'model': state, 'model_args': args}, tmp_path / 'old.pt')
     with pytest.raises(common.InputError, match='learned position tables .* train it again'):
         common.load_model(str(tmp_path / 'old.pt'))
