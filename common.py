@@ -1153,3 +1153,17 @@ def interrupted(kept):
     """Ctrl-C: one line saying what is kept instead of a traceback; exit status 130, as for SIGINT."""
     print(f"\ninterrupted; {kept}", file=sys.stderr, flush=True)
     raise SystemExit(130)
+
+
+def on_interrupt(ckpt):
+    """A training script's Ctrl-C (its loop runs at the top level, with no main() to catch it): one line,
+    on rank 0, about the last checkpoint instead of a traceback in every process."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, tb)
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(f"\ninterrupted; {ckpt} is whole, the last checkpoint written: continue with --init_from=resume"
+                  if os.path.exists(ckpt) else "\ninterrupted; no checkpoint was written", file=sys.stderr, flush=True)
+    sys.excepthook = hook

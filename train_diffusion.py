@@ -94,6 +94,7 @@ autocast = common.autocast(device, dtype)
 accum, micro_batch = common.split_global_batch(batch_size, gradient_accumulation_steps, world_size)
 out_dir = out_dir or common.default_out_dir('diffusion', encoder)
 ckpt = os.path.join(out_dir, 'ckpt.pt')
+common.on_interrupt(ckpt)  # Ctrl-C: one line about the last checkpoint, not a traceback
 if master:
     common.check_output(out_dir, '--out_dir', folder=True)  # before any long work
 tokens_per_iter = micro_batch * block_size * accum * world_size

@@ -371,3 +371,24 @@ def test_a_checkpoint_with_learned_position_tables_is_refused_in_one_line(tmp_pa
     torch.save({'stage': 'mlm', 'model': state, 'model_args': args}, tmp_path / 'old.pt')
     with pytest.raises(common.InputError, match='learned position tables .* train it again'):
         common.load_model(str(tmp_path / 'old.pt'))
+
+
+def test_ctrl_c_of_a_training_run_is_one_line_about_its_checkpoint(data_dir, tmp_path):
+    """SIGINT mid-run (issue 35): no KeyboardInterrupt traceback, a line naming what is kept."""
+    import signal
+    import time
+    out = str(tmp_path / 'run')
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_mlm.py'), *TINY, f'--data_dir={data_dir}',
+                             f'--out_dir={out}', '--max_iters=100000', '--eval_interval=2'], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(ckpt_of(out)) and time.time() < deadline:  # interrupted after a checkpoint
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and 'Traceback' not in err, err
+    assert err.strip().splitlines()[-1] == (f'interrupted; {ckpt_of(out)} is whole, the last checkpoint written: '
+                                            f'continue with --init_from=resume')
+    assert temporaries(out) == []
