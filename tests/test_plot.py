@@ -85,6 +85,40 @@ def test_bench_plot_is_log_log_with_one_line_per_model_and_stage(tmp_path, monke
     assert (tmp_path / 'speed.png').read_bytes().startswith(PNG)
 
 
+def glue_results(path, sst2, stsb, control=None):
+    """An eval_glue.py results file with sst2 and stsb (scores, seed spread, baselines, a random-init control)."""
+    results = {'sst2': {'accuracy': sst2, 'std': {'accuracy': 0.5}, 'bow': {'accuracy': 73.4},
+                        'majority': {'accuracy': 50.9}},
+               'stsb': {'pearson': stsb, 'spearman': stsb - 1, 'std': {'pearson': 0.2}, 'bow': {'pearson': 45.1},
+                        'majority': {'pearson': 0.0}}}
+    if control is not None:
+        results['sst2']['random_init'] = {'accuracy': control}
+    path.write_text(json.dumps({'run': {}, 'results': results}))
+    return str(path)
+
+
+def test_transfer_plot_has_one_line_per_arm_against_the_budget(tmp_path, monkeypatch):
+    a, b = glue_results(tmp_path / 'a.json', 66.0, 70.0), glue_results(tmp_path / 'b.json', 70.5, 72.8, control=68.7)
+    c = glue_results(tmp_path / 'c.json', 69.0, 71.0)
+    fig = plot.plot_transfer(f"concept:20:{b},concept:5:{a},standard:20:{c}")
+    by_task = {ax.get_title(): ax for ax in fig.axes}
+    assert sorted(by_task) == ['sst2', 'stsb']
+    sst2 = by_task['sst2']
+    concept = next(bars for bars in sst2.containers if bars.get_label() == 'concept').lines[0]
+    assert list(concept.get_xdata()) == [5, 20] and list(concept.get_ydata()) == [66.0, 70.5]  # sorted by budget
+    assert {bars.get_label() for bars in sst2.containers} == {'concept', 'standard'}
+    assert {line.get_label() for line in sst2.lines} >= {'bag of words', 'majority'}
+    hollow = [col for col in sst2.collections if col.get_label() == 'concept, random init']
+    assert hollow and hollow[0].get_offsets().tolist() == [[20.0, 68.7]]
+    assert next(line for line in by_task['stsb'].lines if line.get_label() == 'bag of words').get_ydata()[0] == 45.1
+    run_plot(monkeypatch, f'--transfer=concept:5:{a},concept:20:{b}', f'--out={tmp_path}/t.png')
+    assert (tmp_path / 't.png').read_bytes().startswith(PNG)
+    for bad, says in ((f'concept:{a}', 'each is <line>:<budget>:<results.json>'),
+                      (f'concept:5:{tmp_path}/none.json', 'is not an eval_glue.py results file')):
+        with pytest.raises(common.InputError, match=says):
+            plot.plot_transfer(bad)
+
+
 # ----------------------------------------------------------------------------------------------
 # what each concept reads
 
@@ -242,8 +276,8 @@ def test_bad_inputs_are_one_line(tmp_path, monkeypatch, capsys):
         ([f'--bench={tmp_path}/none.json', f'--out={tmp_path}/a.png'], 'not found'),
         (['--concepts=True', f'--out={tmp_path}/a.html'], 'need --ckpt'),
         (['--concepts=True', f'--ckpt={tmp_path}/x.pt', f'--out={tmp_path}/a.html'], 'non-empty --text'),
-        ([f'--out={tmp_path}/a.png'], 'one of the three'),
-        ([f'--runs={tmp_path}/run', '--geometry=True', f'--out={tmp_path}/a.png'], 'one of the three'),
+        ([f'--out={tmp_path}/a.png'], 'one of the four'),
+        ([f'--runs={tmp_path}/run', '--geometry=True', f'--out={tmp_path}/a.png'], 'one of the four'),
         ([f'--runs={tmp_path}/run', '--device=cuda:7', f'--out={tmp_path}/a.png'], 'cuda:7'),
         ([str(tmp_path / 'run'), f'--out={tmp_path}/a.png'], f'give run directories as --runs={tmp_path}/run '),
     ]

@@ -3,9 +3,12 @@ Pictures of runs, of speed, and of what each concept reads; the collapse diagnos
 
     python tools/plot.py --runs=out/tiny_mlm,out/tiny_mlm_standard --out=curves.png [--labels=concept,standard]
     python tools/plot.py --bench=bench.json --out=speed.png                 # bench.py's tokens/s against N
+    python tools/plot.py --transfer=concept:5:a.json,concept:20:b.json,standard:20:c.json --out=transfer.png
     python tools/plot.py --concepts=True --ckpt=out/tiny_mlm/ckpt.pt --text="..." --out=concepts.html
     python tools/plot.py --geometry=True --ckpt=out/tiny_mlm/ckpt.pt        # also with --concepts=True
 
+Transfer: eval_glue.py scores of several checkpoints against their pretraining budget (any unit: minutes,
+tokens), one line per name, with the bag of words, the majority class and any random-init control.
 Curves: validation loss (diffusion: the NLL bound), accuracy and concept erank against tokens seen.
 Concepts: the last encoder layer's concept-to-token attention as a self-contained HTML page.
 """
@@ -24,11 +27,13 @@ import matplotlib.ticker
 import torch
 
 import common
+from eval_glue import TASKS
 from model import concept_diagnostics
 
 runs = ''              # comma-separated run directories (out_dir) whose log.jsonl to plot
 labels = ''            # their legend labels, comma-separated (default: the directory names)
 bench = ''             # a bench.py JSON to plot against N
+transfer = ''          # eval_glue.py results against the pretraining budget: <line>:<budget>:<results.json>,...
 concepts = False       # the concept-to-token attention page of --ckpt reading --text
 geometry = False       # the collapse diagnostics of --ckpt on its validation text
 ckpt = ''              # a ckpt.pt, an export or a hub id
@@ -120,6 +125,47 @@ def plot_bench(path):
         fig.suptitle(f"{m.get('device_name', '?')} ({m.get('device', '?')}, {m.get('threads', '?')} threads), torch "
                      f"{m.get('torch', '?')}, compile={m.get('compile', '?')}; H={shape.get('n_embd', '?')}, "
                      f"{shape.get('n_layer', '?')} layers, C={shape.get('n_concepts', '?')}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_transfer(spec):
+    """Items <line>:<budget>:<eval_glue results.json> -> one panel per task: each line's score (the task's
+    first metric, mean ± std over seeds) against the budget, the bag of words and the majority class as
+    horizontal lines, and a random-init control (--control=random_init) as a hollow marker at its budget."""
+    lines, baselines = {}, {}  # task -> line -> [(budget, mean, std, random-init mean or None)]; task -> (bow, majority)
+    for item in spec.split(','):
+        try:
+            name, budget, path = item.strip().split(':', 2)
+            budget = float(budget)
+        except ValueError:
+            raise common.InputError(f"--transfer item {item!r}: each is <line>:<budget>:<results.json>, e.g. "
+                                    f"concept:20:out/pretrain_20/glue_probe.json")
+        try:
+            with open(path, encoding='utf-8') as f:
+                results = json.load(f)['results']
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise common.InputError(f"--transfer: {path} is not an eval_glue.py results file ({type(e).__name__}: {e})")
+        for task, r in results.items():
+            metric = TASKS[task].metrics[0] if task in TASKS else 'accuracy'
+            control = (r.get('random_init') or {}).get(metric)
+            lines.setdefault(task, {}).setdefault(name, []).append(
+                (budget, r[metric], r.get('std', {}).get(metric, 0.0), control))
+            baselines[task] = (r['bow'][metric], r['majority'][metric], metric)
+    fig, axes = plt.subplots(1, len(lines), figsize=(4.5 * len(lines), 3.8), squeeze=False)
+    for ax, (task, named) in zip(axes[0], sorted(lines.items())):
+        for i, (name, points) in enumerate(sorted(named.items())):
+            x, y, err, control = zip(*sorted(points))
+            ax.errorbar(x, y, yerr=err, marker='o', markersize=4, capsize=3, color=f"C{i}", label=name)
+            ax.scatter([a for a, c in zip(x, control) if c is not None], [c for c in control if c is not None],
+                       facecolors='none', edgecolors=f"C{i}", label=f"{name}, random init" if any(
+                           c is not None for c in control) else None)
+        bow, majority, metric = baselines[task]
+        ax.axhline(bow, color='k', linestyle='--', linewidth=1, label='bag of words')
+        ax.axhline(majority, color='grey', linestyle=':', linewidth=1, label='majority')
+        ax.set(title=task, xlabel='pretraining budget', ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -231,16 +277,16 @@ attention: {entropy(att):.2f} nats (uniform over the {N} tokens: {math.log(N):.2
 
 
 def main():
-    if [bool(runs), bool(bench), concepts or geometry].count(True) != 1:
-        raise common.InputError("give --runs=<run dirs>, --bench=<bench.json>, or --concepts=True / --geometry=True "
-                                "with --ckpt=..., one of the three")
+    if [bool(runs), bool(bench), bool(transfer), concepts or geometry].count(True) != 1:
+        raise common.InputError("give --runs=<run dirs>, --bench=<bench.json>, --transfer=<line:budget:results.json,...>, "
+                                "or --concepts=True / --geometry=True with --ckpt=..., one of the four")
     if top_k < 1:
         raise common.InputError(f"--top_k={top_k} must be >= 1")
     if (concepts or geometry) and not ckpt:
         raise common.InputError("--concepts and --geometry need --ckpt=<a ckpt.pt, an export or a hub id>")
     if concepts and not text.strip():
         raise common.InputError('--concepts=True needs a non-empty --text="..."')
-    if runs or bench or concepts:
+    if runs or bench or transfer or concepts:
         suffixes = ('.html', '.htm') if concepts else ('.png', '.pdf', '.svg')
         if not out:
             raise common.InputError(f"--out is needed, e.g. --out=plot{suffixes[0]}")
@@ -265,12 +311,12 @@ def main():
         report = concept_geometry(ckpt, data_dir or None, n_batches=n_batches, batch_size=batch_size, device=dev)
         print(f"concept geometry over {n_batches} x {batch_size} validation windows (collapse: erank and participation "
               f"ratio near 1, cosines near 1): " + ', '.join(f"{k} {v:.4f}" for k, v in report.items()))
-    if runs or bench:
-        fig = plot_bench(bench) if bench else plot_curves([r.strip() for r in runs.split(',')],
-                                                          [s.strip() for s in labels.split(',')] if labels else None)
+    if runs or bench or transfer:
+        fig = plot_bench(bench) if bench else plot_transfer(transfer) if transfer else plot_curves(
+            [r.strip() for r in runs.split(',')], [s.strip() for s in labels.split(',')] if labels else None)
         ext = os.path.splitext(out)[1].lstrip('.').lower()
         common.atomic_write(out, lambda tmp: fig.savefig(tmp, format=ext, dpi=100))
-    if runs or bench or concepts:
+    if runs or bench or transfer or concepts:
         print(f"wrote {out}")
 
 
