@@ -901,3 +901,22 @@ def test_imdb_is_read_and_scored_like_the_glue_tasks(ckpts, tmp_path, capsys):
     main(ckpt=ckpts['mlm'], task_dir=str(tmp_path / 'data'), tasks='imdb', head='probe', out=str(tmp_path / 'i.json'))
     assert 'texts read whole' in capsys.readouterr().out
     assert json.load(open(tmp_path / 'i.json'))['results']['imdb']['accuracy'] > 60
+
+
+@pytest.mark.parametrize('head,arm', [('pool', 'mlm'), ('pair', 'mlm'), ('decoder', 'mlm'), ('pool', 'standard')])
+def test_imdb_runs_with_every_head_of_both_arms(ckpts, tmp_path, head, arm):
+    """Issue 33: IMDB read whole, fine-tuned through each head (the decoder head is the concept arm's)."""
+    write_imdb(tmp_path / 'train.tsv', 60, seed=2)
+    G.split_imdb(str(tmp_path / 'train.tsv'), str(tmp_path / 'data'), n_dev=20)
+    out = tmp_path / 'r.json'
+    main(ckpt=ckpts[arm], task_dir=str(tmp_path / 'data'), tasks='imdb', head=head, seeds='1', epochs=1, out=str(out))
+    result = json.load(open(out))['results']['imdb']
+    assert result['head'] == head and result['n_train'] == 40 and 0 <= result['accuracy'] <= 100
+    assert {'majority', 'bow'} <= set(result)
+
+
+def test_imdb_has_no_zero_shot_similarity(ckpts, tmp_path):
+    write_imdb(tmp_path / 'train.tsv', 40, seed=3)
+    G.split_imdb(str(tmp_path / 'train.tsv'), str(tmp_path / 'data'), n_dev=10)
+    with pytest.raises(common.InputError, match='cosine'):
+        main(ckpt=ckpts['mlm'], task_dir=str(tmp_path / 'data'), tasks='imdb', head='cosine', out=str(tmp_path / 'c.json'))
