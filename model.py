@@ -266,16 +266,8 @@ class Encoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def embed(self, idx):
-        N = idx.shape[1]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            pos_emb = self.wpe(torch.arange(N, device=idx.device))  # (N, H)
-        else:  # sampling and evaluation encode the same N again and again: the codes are kept while the map is unchanged
-            key = (N, idx.device, self.wpe.proj.data_ptr(), self.wpe.proj._version, torch.get_autocast_dtype(idx.device.type)
-                   if torch.is_autocast_enabled(idx.device.type) else None)
-            if getattr(self, '_pos_cache', (None,))[0] != key:
-                self._pos_cache = (key, self.wpe(torch.arange(N, device=idx.device)))
-            pos_emb = self._pos_cache[1]
-        return self.drop(self.wte(idx) + pos_emb)  # (B, N, H)
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, N, H)
 
 
 class ConceptEncoder(Encoder):
