@@ -287,10 +287,7 @@ def split_imdb(train_tsv, out_folder, n_dev=2000, seed=0, exclude=''):
     groups = {}
     for i, row in enumerate(rows[1:], 1):
         groups.setdefault(row[1] if len(row) > 1 else row[0], []).append(i)
-    seen = set()
-    if exclude:
-        seen = {doc.decode('utf-8') if isinstance(doc, (bytes, bytearray)) else doc
-                for doc in prepare_data.read_local(exclude, 'text')}
+    seen = set(prepare_data.local_texts(exclude)) if exclude else set()
     kept = [g for text, g in groups.items() if text not in seen]
     dev = set()
     for g in np.random.default_rng(seed).permutation(len(kept)):

@@ -279,6 +279,13 @@ def read_local(path, text_column):
         raise InputError(f"{path} could not be read ({common.cause(e)}){hint}") from None
 
 
+def local_texts(path, text_column='text'):
+    """read_local's documents as str (its .txt reader yields UTF-8 bytes, for the tokenizer's speed): for
+    readers outside the data pipeline, eval_glue's IMDB split and tools/score_text.py."""
+    for doc in read_local(path, text_column):
+        yield doc.decode('utf-8') if isinstance(doc, (bytes, bytearray)) else doc
+
+
 def read_hub(name, split, text_column, streaming):
     """A Hugging Face hub dataset (a streamed one connects at its first read). Offline this fails,
     after datasets' retries: say so in one line."""

@@ -2,7 +2,8 @@
 # an hour of MLM on 2 CPU cores and unchanged on a GPU (only faster). The data, once (about 15 s):
 #   python prepare_data.py --dataset=../shared/corpus/gutenberg --vocab_size=8192 --val_fraction=0.05 --data_dir=data/gutenberg
 #   python train_mlm.py config/long.py           (out/long_mlm)
-#   python train_diffusion.py config/long.py     (out/long_diffusion)
+#   python train_diffusion.py config/long.py --init_from=out/long_mlm/ckpt.pt --time_cond=False --max_iters=200
+#                                                (out/long_diffusion: from scratch, 800 steps would take hours)
 # docs/LOG.md has what the run costs and what its concepts carry at 512, 4,096 and 32,768 tokens of context.
 data_dir = 'data/gutenberg'
 block_size = 32768

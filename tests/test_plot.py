@@ -113,8 +113,10 @@ def test_transfer_plot_has_one_line_per_arm_against_the_budget(tmp_path, monkeyp
     assert next(line for line in by_task['stsb'].lines if line.get_label() == 'bag of words').get_ydata()[0] == 45.1
     run_plot(monkeypatch, f'--transfer=concept:5:{a},concept:20:{b}', f'--out={tmp_path}/t.png')
     assert (tmp_path / 't.png').read_bytes().startswith(PNG)
+    (tmp_path / 'no_bow.json').write_text(json.dumps({'results': {'sst2': {'accuracy': 70.0}}}))  # no baselines
     for bad, says in ((f'concept:{a}', 'each is <line>:<budget>:<results.json>'),
-                      (f'concept:5:{tmp_path}/none.json', 'is not an eval_glue.py results file')):
+                      (f'concept:5:{tmp_path}/none.json', 'is not an eval_glue.py results file'),
+                      (f'concept:5:{tmp_path}/no_bow.json', 'is not an eval_glue.py results file')):
         with pytest.raises(common.InputError, match=says):
             plot.plot_transfer(bad)
 

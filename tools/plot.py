@@ -144,14 +144,14 @@ def plot_transfer(spec):
         try:
             with open(path, encoding='utf-8') as f:
                 results = json.load(f)['results']
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            for task, r in results.items():
+                metric = TASKS[task].metrics[0] if task in TASKS else 'accuracy'
+                control = (r.get('random_init') or {}).get(metric)
+                lines.setdefault(task, {}).setdefault(name, []).append(
+                    (budget, r[metric], r.get('std', {}).get(metric, 0.0), control))
+                baselines[task] = (r['bow'][metric], r['majority'][metric], metric)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise common.InputError(f"--transfer: {path} is not an eval_glue.py results file ({type(e).__name__}: {e})")
-        for task, r in results.items():
-            metric = TASKS[task].metrics[0] if task in TASKS else 'accuracy'
-            control = (r.get('random_init') or {}).get(metric)
-            lines.setdefault(task, {}).setdefault(name, []).append(
-                (budget, r[metric], r.get('std', {}).get(metric, 0.0), control))
-            baselines[task] = (r['bow'][metric], r['majority'][metric], metric)
     fig, axes = plt.subplots(1, len(lines), figsize=(4.5 * len(lines), 3.8), squeeze=False)
     for ax, (task, named) in zip(axes[0], sorted(lines.items())):
         for i, (name, points) in enumerate(sorted(named.items())):

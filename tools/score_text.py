@@ -64,8 +64,8 @@ if data_dir:
 else:
     tok = common.checkpoint_tokenizer(checkpoint)
     pieces, n = [], 0
-    for doc in prepare_data.read_local(text, 'text'):
-        ids = tok.encode(doc.decode('utf-8') if isinstance(doc, (bytes, bytearray)) else doc) + [tok.eod_id]
+    for doc in prepare_data.local_texts(text):
+        ids = tok.encode(doc) + [tok.eod_id]
         pieces.append(ids)
         n += len(ids)
         if n >= max_tokens:
