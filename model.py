@@ -30,9 +30,8 @@ class ConceptConfig:
     bias: bool = False          # biases in Linear layers (LayerNorms always have one)
     bixt: bool = False          # bidirectional cross-attention (Hiller et al. 2024): tokens are updated too
     recursive_iters: int = 0    # >0: one shared encoder layer applied this many times
-    shared_token_kv: bool = False  # one token K/V projection for all layers (not with bixt; see ConceptEncoder)
-    decoder: str = 'perceiver'  # MLM/TSDAE decoder: 'weighted' | 'perceiver' | 'posonly'; 'diffusion'
-    n_dec_layer: int = 1        # decoder layers (ignored by 'weighted', which has none)
+    decoder: str = 'perceiver'  # MLM/TSDAE decoder: 'perceiver' | 'posonly'; 'diffusion'
+    n_dec_layer: int = 1        # decoder layers
     tie_weights: bool = True    # lm_head shares the token embedding matrix
     # diffusion only (ConceptDiffusion)
     time_cond: bool = True      # AdaLN-Zero conditioning on t (MDLM and LLaDA work without it)
@@ -42,12 +41,10 @@ class ConceptConfig:
     stratified_t: bool = True   # one t per stratum [i/B, (i+1)/B) of the batch (MDLM's antithetic sampler)
     label_smoothing: float = 0.1
     elbo_weight: bool = True    # weight each masked token's loss by 1/t (the MDLM bound)
-    # concept geometry regularisers, in every stage (see ConceptLossWeighting)
+    # concept geometry regularisers, in every stage (see add_concept_losses)
     concept_losses: str = ''          # e.g. 'vicreg,t_regs_mst'; '' = none
-    concept_loss_weight: float = 0.02  # fixed: total regulariser weight, split evenly among them
+    concept_loss_weight: float = 0.02  # total regulariser weight, split evenly among them
     concept_loss_warmup: int = 0      # iterations of linear warmup of the regularisers
-    loss_weighting: str = 'fixed'     # 'fixed' | 'learnable' | 'kendall_gal'
-    concept_loss_pooled: bool = False  # VICReg statistics pooled over the batch (blind to within-sample collapse)
     # special token ids, copied from the data directory's meta.json
     pad_id: int = -1
     mask_id: int = -1
@@ -60,8 +57,10 @@ class ConceptConfig:
         return [i for i in (self.pad_id, self.mask_id, self.eod_id, self.cls_id, self.sep_id) if i >= 0]
 
 
-DECODERS = ('weighted', 'perceiver', 'posonly', 'diffusion')
+DECODERS = ('perceiver', 'posonly', 'diffusion')
 ENCODERS = ('concept', 'standard')
+# options that older checkpoints' model_args hold, at the only value this model.py has (build_model drops them)
+RETIRED_ARGS = {'shared_token_kv': False, 'loss_weighting': 'fixed', 'concept_loss_pooled': False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,15 +74,12 @@ _MATH_SDP_REDUCTION_DEFAULT = torch.backends.cuda.fp16_bf16_reduction_math_sdp_a
 def attention(q, k, v, key_mask=None, dropout_p=0.0):
     """SDPA over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values; key_mask (B, S) bool, True =
     may be attended. Every attention goes through here. CPU training sends short-sided attentions
-    (C x N, C x C, M x C) to the math kernel, kept in bf16 under autocast, whose backward beats the
-    flash kernel's for so few queries; its (T, S) scores grow with the long side only. Elsewhere
-    SDPA chooses."""
+    (C x N, C x C, M x C) to the math kernel, whose backward beats the flash kernel's for so few
+    queries; its (T, S) scores grow with the long side only."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
     if q.device.type == 'cpu' and q.requires_grad and min(q.shape[-2], k.shape[-2]) <= SHORT_SIDE:
-        # The math kernel would upcast bf16 inputs to float32 (half-speed matmuls); kept in bf16,
-        # its matmuls accumulate in float32 like every other bf16 matmul of the model. The flag is
-        # process-wide, so it is set for this call only: CUDA's and MPS's math fallbacks keep the
-        # default. (torch.compile traces the set and the restore, and compiles this call with it.)
+        # kept in bf16 (the kernel would upcast to float32: half-speed matmuls); the flag is
+        # process-wide, so it is set for this call only (torch.compile traces the set and restore)
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
         try:
             with sdpa_kernel(SDPBackend.MATH):
@@ -97,12 +93,11 @@ class CrossAttention(nn.Module):
     """Queries from one stream attend to keys/values of another. project_kv is separate so that a
     static context (the recursive encoder's tokens) is projected once and reused."""
 
-    def __init__(self, cfg, project_context=True):
+    def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
         self.c_q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        if project_context:  # else the caller passes keys/values projected elsewhere (shared_token_kv)
-            self.c_kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=cfg.bias)
+        self.c_kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
@@ -158,10 +153,10 @@ class GatedMLP(nn.Module):
 class ConceptLayer(nn.Module):
     """Pre-LN layer on the concepts: read the (static) tokens, attend among concepts, FFN."""
 
-    def __init__(self, cfg, project_tokens=True):
+    def __init__(self, cfg):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd)
-        self.cross_attn = CrossAttention(cfg, project_context=project_tokens)
+        self.cross_attn = CrossAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.self_attn = SelfAttention(cfg)
         self.ln_3 = nn.LayerNorm(cfg.n_embd)
@@ -282,9 +277,8 @@ class ConceptEncoder(Encoder):
             # recursive layer applied once (its token update would be parameters DDP never sees used)
             self.layers = nn.ModuleList([BiXTLayer(cfg, has_token_update=(i < n_distinct - 1 or cfg.recursive_iters > 1))
                                          for i in range(n_distinct)])
-        else:  # with shared_token_kv only the first layer owns a token K/V projection
-            self.layers = nn.ModuleList([ConceptLayer(cfg, project_tokens=(i == 0 or not cfg.shared_token_kv))
-                                         for i in range(n_distinct)])
+        else:
+            self.layers = nn.ModuleList([ConceptLayer(cfg) for _ in range(n_distinct)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
 
     @property
@@ -304,13 +298,10 @@ class ConceptEncoder(Encoder):
         if self.cfg.bixt:
             for i, layer in enumerate(layer_seq):
                 c, x = layer(c, x, attn_mask, update_tokens=(i < len(layer_seq) - 1))
-        else:
-            # static tokens: recursive and shared_token_kv project them to K/V once (2·H²·N MACs
-            # per further layer, the bulk of a layer at N >> C); otherwise each layer has its own
-            once = self.cfg.recursive_iters > 0 or self.cfg.shared_token_kv
+        else:  # static tokens: the recursive layer projects them to K/V once (2·H²·N MACs saved per iteration)
             token_kv = None
             for layer in layer_seq:
-                if token_kv is None or not once:
+                if token_kv is None or self.cfg.recursive_iters == 0:
                     token_kv = layer.cross_attn.project_kv(x)
                 c = layer(c, token_kv, attn_mask)
         return self.ln_f(c)
@@ -326,7 +317,7 @@ def adaln_modulation(adaLN, cond, packing=None):
 
 class TokenLayer(nn.Module):
     """The standard arm's pre-LN transformer layer, O(N²); with time_cond (MDLM's denoiser) both
-    sub-blocks are AdaLN-Zero-modulated, as in DiffusionLayer."""
+    sub-blocks are AdaLN-Zero-modulated, as in DecoderLayer."""
 
     def __init__(self, cfg, time_cond=False):
         super().__init__()
@@ -422,52 +413,51 @@ class Packing(NamedTuple):
 
 
 class DecoderLayer(nn.Module):
-    """Perceiver-IO decoder layer: queries read the concepts, then an FFN; no query-query attention."""
+    """Perceiver-IO decoder layer: queries read the concepts, then an FFN, O(M·C); no query-query
+    attention. With time_cond (diffusion), AdaLN-Zero: a zero-initialised map from t to shift, scale
+    and gate, so the layer starts as the identity."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, time_cond=False):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.time_cond = time_cond
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not time_cond)
         self.cross_attn = CrossAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not time_cond)
         self.mlp = GatedMLP(cfg)
+        if time_cond:
+            self.adaLN = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
 
-    def forward(self, q, concepts, packing=None):
-        """q (B, M, H), or packed (M', H) with a Packing: see CrossAttention."""
-        q = q + self.cross_attn(self.ln_1(q), self.cross_attn.project_kv(concepts), packing=packing)
-        return q + self.mlp(self.ln_2(q))
+    def forward(self, q, concepts, cond=None, packing=None):
+        """q (B, M, H), or packed (M', H) with a Packing (see CrossAttention); concepts (B, C, H); cond (B, H)."""
+        kv = self.cross_attn.project_kv(concepts)
+        if not self.time_cond:
+            q = q + self.cross_attn(self.ln_1(q), kv, packing=packing)
+            return q + self.mlp(self.ln_2(q))
+        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(self.adaLN, cond, packing)
+        q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, packing=packing)
+        return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
 
 
 class MLMDecoder(nn.Module):
-    """Reads the concepts back out at positions pos (B, M). weighted: a per-position softmax mixture
-    of the concepts, then LN-Linear; perceiver: queries = input token + position embedding;
-    posonly: position only, so all content must come through the concepts (TSDAE's)."""
+    """Reads the concepts back out at positions pos (B, M). perceiver: queries = input token +
+    position; posonly: position only, so all content must come through the concepts (TSDAE's)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.kind = cfg.decoder
-        if self.kind == 'weighted':
-            self.mix = nn.Linear(cfg.n_embd, cfg.n_concepts, bias=False)  # sinusoids(pos) -> concept logits
-            self.ln = nn.LayerNorm(cfg.n_embd)
-            self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=True)
-        else:
-            self.wpe = Positions(cfg.n_embd)
-            self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_dec_layer)])
-            self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.wpe = Positions(cfg.n_embd)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_dec_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
 
     def forward(self, concepts, pos, query_tok_emb=None, packing=None):
         """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H) for 'perceiver' -> (B, M, H), or
         (M', H) for the valid slots only given a Packing of (B, M)."""
-        if self.kind == 'weighted':
-            h = torch.bmm(F.softmax(self.mix(sinusoids(pos, self.mix.in_features)), dim=-1).to(concepts.dtype), concepts)
-            h = h if packing is None else packing.pack(h)
-            return self.proj(self.ln(h))  # no GELU: it would cut the identity-initialised path in half
         q = self.wpe(pos)
-        if self.kind == 'perceiver':
+        if query_tok_emb is not None:
             q = q + query_tok_emb
         if packing is not None:
             q = packing.pack(q)  # (M', H)
         for layer in self.layers:
-            q = layer(q, concepts, packing)
+            q = layer(q, concepts, packing=packing)
         return self.ln_f(q)  # (B, M, H) or (M', H)
 
 
@@ -488,34 +478,9 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, H)
 
 
-class DiffusionLayer(nn.Module):
-    """The noisy positions read the concepts, then an FFN: O(M·C). With time_cond, AdaLN-Zero: a
-    zero-initialised map from t to shift, scale and gate, so the layer starts as the identity."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.time_cond = cfg.time_cond
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.time_cond)
-        self.cross_attn = CrossAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.time_cond)
-        self.mlp = GatedMLP(cfg)
-        if cfg.time_cond:
-            self.adaLN = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
-
-    def forward(self, q, concepts, cond=None, packing=None):
-        """q (B, M, H), or (M', H) with a Packing; concepts (B, C, H); cond (B, H)."""
-        kv = self.cross_attn.project_kv(concepts)
-        if not self.time_cond:
-            q = q + self.cross_attn(self.ln_1(q), kv, packing=packing)
-            return q + self.mlp(self.ln_2(q))
-        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(self.adaLN, cond, packing)
-        q = q + gate1 * self.cross_attn(self.ln_1(q) * (1 + scale1) + shift1, kv, packing=packing)
-        return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
-
-
 class DiffusionDecoder(nn.Module):
     """Queries (the noisy token and its position; with local_window, its neighbours' noisy tokens
-    too) read the concepts through DiffusionLayers. The neighbours tell a masked position what is
+    too) read the concepts through time-conditioned DecoderLayers. The neighbours tell a masked position what is
     written next to it, which concepts pooled over the whole window blur; the window costs O(M·w)
     and its map starts at zero, so a warm start from an MLM checkpoint starts as that model."""
 
@@ -524,7 +489,7 @@ class DiffusionDecoder(nn.Module):
         self.wpe = Positions(cfg.n_embd)
         self.local = nn.Linear(2 * cfg.local_window * cfg.n_embd, cfg.n_embd, bias=False) if cfg.local_window else None
         self.time_emb = TimestepEmbedding(cfg) if cfg.time_cond else None
-        self.layers = nn.ModuleList([DiffusionLayer(cfg) for _ in range(cfg.n_dec_layer)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, cfg.time_cond) for _ in range(cfg.n_dec_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
 
     def forward(self, concepts, pos, query_tok_emb, t, neighbour_emb=None, packing=None):
@@ -643,20 +608,13 @@ class StageModel(nn.Module):
             raise ValueError(f"unknown decoder '{cfg.decoder}'; choose one of {', '.join(DECODERS)}")
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
-        if cfg.shared_token_kv and cfg.bixt:
-            raise ValueError("shared_token_kv=True needs static tokens, but bixt=True updates them; "
-                              "set one of them False")
         self.cfg = cfg
         self.standard = cfg.encoder == 'standard'
         if self.standard:
-            concept_only = [k for k in ('bixt', 'recursive_iters', 'shared_token_kv', 'concept_losses', 'local_window')
-                            if getattr(cfg, k)]
+            concept_only = [k for k in ('bixt', 'recursive_iters', 'concept_losses', 'local_window') if getattr(cfg, k)]
             if concept_only:
                 raise ValueError(f"encoder='standard' has no concepts: {', '.join(concept_only)} apply to the concept "
                                   f"arm only; leave them unset or use encoder='concept'")
-            if cfg.decoder == 'weighted':
-                raise ValueError("decoder='weighted' mixes concepts, which encoder='standard' does not have; "
-                                  "its lm_head reads the token states (decoder='perceiver' for MLM, 'posonly' for TSDAE)")
             if cfg.mask_id < 0:
                 raise ValueError("encoder='standard' needs mask_id (from the data directory's meta.json)")
             self.encoder = StandardEncoder(cfg, time_cond=cfg.decoder == 'diffusion' and cfg.time_cond)
@@ -664,8 +622,6 @@ class StageModel(nn.Module):
             self.encoder = ConceptEncoder(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.reg_names = parse_concept_losses(cfg.concept_losses)
-        self.loss_weighting = (ConceptLossWeighting(self.reg_names, cfg.loss_weighting, cfg.concept_loss_weight,
-                                                    cfg.concept_loss_warmup) if self.reg_names else None)
 
     def maskable(self, idx, attn_mask=None):
         """(B, N) bool: the ordinary tokens (not special, not padding) that a stage's noise may touch."""
@@ -681,15 +637,19 @@ class StageModel(nn.Module):
         return h if packing is None else packing.pack(h)
 
     def add_concept_losses(self, task_loss, concepts, step, stats):
-        """In training with concept_losses: the weighted total of task loss and regularisers; stats
-        gets the task loss and the weights as device tensors."""
-        if self.loss_weighting is None or not self.training:
+        """In training with concept_losses: task + Σ_k warm·(concept_loss_weight / K)·L_k, warm =
+        min(1, step / concept_loss_warmup) phasing the K regularisers in; stats['task_loss'] keeps
+        the task's own loss for the log."""
+        if not self.reg_names or not self.training:
             return task_loss
-        regs = concept_reg_losses(concepts, self.reg_names, pooled=self.cfg.concept_loss_pooled)
-        total, info = self.loss_weighting(task_loss, regs, step, as_floats=False)
+        cfg, K = self.cfg, len(self.reg_names)
+        warm = 1.0 if cfg.concept_loss_warmup <= 0 else min(1.0, max(step, 0) / cfg.concept_loss_warmup)
+        losses = torch.stack([task_loss.float()] + [CONCEPT_LOSSES[n](concepts).float() for n in self.reg_names])
+        one = torch.ones(1, device=losses.device)  # built on the device: a tensor from a list is a host copy
+        w = (torch.cat([one, torch.full((K,), warm, device=losses.device)])
+             * torch.cat([one, torch.full((K,), cfg.concept_loss_weight / K, device=losses.device)]))  # (1+K,)
         stats['task_loss'] = task_loss.detach()
-        stats['weighting'] = info
-        return total
+        return (w * losses).sum()
 
     def _finish_init(self):
         self.apply(self._init_weights)
@@ -700,17 +660,16 @@ class StageModel(nn.Module):
             if name.endswith('c_proj.weight') or name.endswith('t_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_res))
 
-        # Identity value/output paths through every cross-attention (and the weighted decoder's
-        # projection): token content crosses the bottleneck in the embedding basis from the first
-        # step, where the tied lm_head reads it; from random projections the loss finds the
-        # unigram solution first and the concepts collapse to an input-independent state.
+        # Identity value/output paths through every cross-attention: token content crosses the
+        # bottleneck in the embedding basis from the first step, where the tied lm_head reads it;
+        # from random projections the loss finds the unigram solution first and the concepts
+        # collapse to an input-independent state.
         H = self.cfg.n_embd
         eye = torch.eye(H)
         with torch.no_grad():
             for m in self.modules():
                 if isinstance(m, CrossAttention):
-                    if hasattr(m, 'c_kv'):
-                        m.c_kv.weight[H:] = eye
+                    m.c_kv.weight[H:] = eye
                     m.c_proj.weight.copy_(eye)
                 elif isinstance(m, BiXTLayer):
                     m.c_ref_val.weight[H:] = eye
@@ -718,8 +677,6 @@ class StageModel(nn.Module):
                     m.c_proj.weight.copy_(eye)
                     if m.has_token_update:
                         m.t_proj.weight.copy_(eye)
-                elif isinstance(m, MLMDecoder) and m.kind == 'weighted':
-                    m.proj.weight.copy_(eye)
         if self.cfg.tie_weights:
             self.lm_head.weight = self.encoder.wte.weight
 
@@ -792,9 +749,7 @@ class StageModel(nn.Module):
             macs += token_side * (self.encoder.n_iters - 1) / self.encoder.n_iters  # none in the last layer
         else:
             macs = C * 2 * H * H + 2 * C * N * H  # concept Q and out projections; QKᵀ and AV
-            # token K/V projection: once per distinct layer, or once in all (recursive, shared_token_kv)
-            n_projections = 1 if cfg.shared_token_kv else len(self.encoder.layers)
-            macs += N * 2 * H * H * n_projections / self.encoder.n_iters
+            macs += N * 2 * H * H * len(self.encoder.layers) / self.encoder.n_iters  # token K/V: once per distinct layer
         return 2 * (macs + concept_core) * self.encoder.n_iters
 
     def decoder_flops(self, n_decoded):
@@ -803,8 +758,6 @@ class StageModel(nn.Module):
         H, C, I = cfg.n_embd, cfg.n_concepts, cfg.ffn_size
         if self.standard:  # no decoder: the lm_head reads the token states
             macs = 0
-        elif cfg.decoder == 'weighted':
-            macs = M * (C * H + H * H)
         else:
             per_layer = M * (2 * H * H + 2 * C * H + 3 * H * I) + C * 2 * H * H
             if cfg.decoder == 'diffusion' and cfg.time_cond:
@@ -1122,14 +1075,12 @@ def sample_tokens(logits, temperature, top_k, never, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# concept geometry: regularisers against concept collapse, their weighting, and diagnostics. Each
-# regulariser maps concepts (B, C, H) to a float32 scalar computed within each sample across its C
-# concepts: statistics pooled over the batch cannot see concepts that are identical within a sample.
+# concept geometry: regularisers against concept collapse, and diagnostics. Each regulariser maps
+# concepts (B, C, H) to a float32 scalar computed within each sample across its C concepts:
+# statistics pooled over the batch cannot see concepts that are identical within a sample.
 
-SOFT_ORTHOGONALITY_THRESHOLD = 0.1  # |cos| tolerated by soft_orthogonality_loss
-UNIFORMITY_TEMPERATURE = 2.0        # T of uniformity_loss's Gaussian potential
-S_BOUND = 5.0                       # kendall_gal: each log-variance s lies in (-S_BOUND, S_BOUND)
-MAX_REG_RATIO = 1.0                 # kendall_gal: no regulariser weighs more than this times the task
+SOFT_ORTHOGONALITY_THRESHOLD = 0.1  # |cos| tolerated by soft_orthogonality
+UNIFORMITY_TEMPERATURE = 2.0        # T of uniformity's Gaussian potential
 
 
 def concept_cosines(concepts):
@@ -1145,25 +1096,18 @@ def mean_off_diagonal(m):
     return (m * (1.0 - torch.eye(C, device=m.device, dtype=m.dtype))).sum() / (B * max(C * (C - 1), 1))
 
 
-def vicreg_rows(concepts, pooled):
-    """The sets VICReg's statistics are taken over: B sets of C concepts (G, n, H) = (B, C, H), or
-    pooled, one set of B·C (which diverse samples satisfy even with identical concepts in each)."""
-    x = concepts.float()
-    return x.reshape(1, -1, x.shape[-1]) if pooled else x
-
-
-def variance_loss(concepts, pooled=False):
-    """VICReg variance hinge (Bardes et al. 2022): mean_d relu(1 − sqrt(Var_d + 1e-4))."""
-    x = vicreg_rows(concepts, pooled)                                          # (G, n, H)
+def variance_loss(concepts):
+    """VICReg variance hinge (Bardes et al. 2022) over each sample's C concepts: mean_d relu(1 − sqrt(Var_d + 1e-4))."""
+    x = concepts.float()                                                      # (B, C, H)
     return F.relu(1.0 - torch.sqrt(x.var(dim=1, correction=min(1, x.shape[1] - 1)) + 1e-4)).mean()
 
 
-def covariance_loss(concepts, pooled=False):
+def covariance_loss(concepts):
     """VICReg covariance Σ_{d≠e} Cov_de² / H. Within a sample Cov has rank <= C−1, so for C <= H it
-    cannot vanish at unit variance: it trades off against variance_loss. For n < H through
-    ‖XcᵀXc‖_F = ‖XcXcᵀ‖_F, in (n, n) memory instead of (H, H)."""
-    x = vicreg_rows(concepts, pooled)
-    G, n, H = x.shape
+    cannot vanish at unit variance: it trades off against variance_loss. For C < H through
+    ‖XcᵀXc‖_F = ‖XcXcᵀ‖_F, in (C, C) memory instead of (H, H)."""
+    x = concepts.float()
+    B, n, H = x.shape
     xc = x - x.mean(dim=1, keepdim=True)
     with torch.autocast(x.device.type, enabled=False):
         if n < H:
@@ -1184,7 +1128,7 @@ def t_regs_mst_loss(concepts):
     return -d.masked_fill(torch.eye(C, dtype=torch.bool, device=S.device), float('inf')).min(dim=-1).values.mean()
 
 
-# name (as written in the concept_losses setting) -> loss(concepts[, pooled]) -> scalar
+# name (as written in the concept_losses setting) -> loss(concepts) -> scalar
 CONCEPT_LOSSES = {
     'orthogonality': lambda c: mean_off_diagonal(concept_cosines(c).pow(2)),  # 0 iff pairwise orthogonal
     'soft_orthogonality': lambda c: mean_off_diagonal(  # tolerates |cos| <= the threshold, room for C > H
@@ -1193,84 +1137,21 @@ CONCEPT_LOSSES = {
     'uniformity': lambda c: mean_off_diagonal(torch.exp(-UNIFORMITY_TEMPERATURE * (2.0 - 2.0 * concept_cosines(c)))),
     'variance': variance_loss,
     'covariance': covariance_loss,
-    'vicreg': lambda c, pooled=False: variance_loss(c, pooled) + covariance_loss(c, pooled),
-    'combined': lambda c, pooled=False: variance_loss(c, pooled) + CONCEPT_LOSSES['uniformity'](c),
+    'vicreg': lambda c: variance_loss(c) + covariance_loss(c),
+    'combined': lambda c: variance_loss(c) + CONCEPT_LOSSES['uniformity'](c),
     't_regs_mst': t_regs_mst_loss,
 }
-POOLABLE = ('variance', 'covariance', 'vicreg', 'combined')
 
 
 def parse_concept_losses(spec):
     """'vicreg,t_regs_mst' -> ['vicreg', 't_regs_mst']; '' or 'none' -> []; ValueError otherwise."""
-    if spec.strip().lower() in ('', 'none'):
-        return []
-    names = [s.strip() for s in spec.split(',') if s.strip()]
-    valid = ', '.join(CONCEPT_LOSSES)
-    for name in names:
-        if name not in CONCEPT_LOSSES:
-            raise ValueError(f"unknown concept loss '{name}' in concept_losses='{spec}'; choose a comma-separated "
-                             f"subset of: {valid} (or 'none')")
-    if len(set(names)) != len(names):
-        raise ValueError(f"concept_losses='{spec}' lists a loss twice; valid names: {valid}")
+    names = [] if spec.strip().lower() in ('', 'none') else [s.strip() for s in spec.split(',') if s.strip()]
+    unknown = [n for n in names if n not in CONCEPT_LOSSES]
+    if unknown or len(set(names)) != len(names):
+        problem = f"unknown concept loss '{unknown[0]}'" if unknown else "a loss listed twice"
+        raise ValueError(f"{problem} in concept_losses='{spec}'; choose a comma-separated subset of: "
+                         f"{', '.join(CONCEPT_LOSSES)} (or 'none')")
     return names
-
-
-def concept_reg_losses(concepts, names, pooled=False):
-    """{name: scalar loss} of the named regularisers on concepts (B, C, H); pooled reaches VICReg's."""
-    return {n: CONCEPT_LOSSES[n](concepts, pooled) if n in POOLABLE else CONCEPT_LOSSES[n](concepts) for n in names}
-
-
-class ConceptLossWeighting(nn.Module):
-    """forward(task_loss, reg_losses, step) -> (total, info: 'warm', 'w_task', each regulariser's value
-    and weight 'w_<name>'). warm = min(1, step / warmup_iters) phases the regularisers in. fixed:
-    task + Σ_k (weight / K)·warm·L_k. learnable: softmax weights over [task, regs] (it can shrink the
-    task's weight). kendall_gal (Kendall et al. 2018): Σ_i 0.5·e^−s_i·L_i + 0.5·s_i, s boxed by
-    S_BOUND·tanh and each regulariser's weight capped at MAX_REG_RATIO times the task's, so a near-zero
-    regulariser can neither outweigh the task nor drive the total to −∞. 1-D float32 parameters:
-    never weight-decayed."""
-
-    STRATEGIES = ('fixed', 'learnable', 'kendall_gal')
-
-    def __init__(self, names, strategy='fixed', weight=0.02, warmup_iters=0):
-        super().__init__()
-        if strategy not in self.STRATEGIES:
-            raise ValueError(f"unknown concept loss weighting '{strategy}'; choose one of {', '.join(self.STRATEGIES)}")
-        self.names, self.strategy, self.weight, self.warmup_iters = list(names), strategy, weight, warmup_iters
-        if strategy == 'learnable' and self.names:
-            self.logits = nn.Parameter(torch.zeros(1 + len(self.names), dtype=torch.float32))  # index 0: the task
-        elif strategy == 'kendall_gal' and self.names:
-            self.log_var = nn.Parameter(torch.zeros(1 + len(self.names), dtype=torch.float32))  # raw, before the box
-
-    def warm(self, step):
-        return 1.0 if self.warmup_iters <= 0 else min(1.0, max(step, 0) / self.warmup_iters)
-
-    def log_variances(self):
-        """Kendall–Gal s = (s_task, s_reg...) after the box and the ratio cap: (1 + K,) float32."""
-        s = S_BOUND * torch.tanh(self.log_var.float() / S_BOUND)
-        return torch.cat([s[:1], torch.maximum(s[1:], s[:1].detach() - math.log(MAX_REG_RATIO))])
-
-    def forward(self, task_loss, reg_losses, step, as_floats=True):
-        """as_floats=False leaves info's values as 0-d device tensors: no host sync in the step."""
-        warm, K = self.warm(step), len(self.names)
-        losses = torch.stack([task_loss.float()] + [reg_losses[n].float() for n in self.names])  # (1+K,)
-        one = torch.ones(1, device=losses.device)  # on the device: a tensor from a list is a host-to-device copy
-        gate = torch.cat([one, torch.full((K,), float(warm), device=losses.device)])  # warm on the regularisers
-        if self.strategy == 'fixed' or K == 0:
-            w = gate * torch.cat([one, torch.full((K,), self.weight / max(K, 1), device=losses.device)])
-            total = (w * losses).sum()
-        elif self.strategy == 'learnable':
-            w = torch.softmax(self.logits.float() + torch.log(gate), dim=0)  # log 0 = -inf: weight 0, no gradient
-            total = (w * losses).sum()
-        else:
-            s = self.log_variances()
-            w = gate * 0.5 * torch.exp(-s)
-            total = (w * losses).sum() + (gate * 0.5 * s).sum()
-        values = torch.cat([w.detach(), losses.detach()])
-        values = values.tolist() if as_floats else values.unbind()  # tolist: one device sync
-        info = {'warm': warm, 'w_task': values[0]}
-        for k, name in enumerate(self.names):
-            info[f'w_{name}'], info[name] = values[1 + k], values[2 + K + k]
-        return total, info
 
 
 @torch.no_grad()

@@ -46,7 +46,6 @@ n_dec_layer = 2                  # cross-attention + FFN layers of the denoiser 
 local_window = 0                 # >0: each decoded position also reads the noisy tokens this many to each side
 bixt = False                     # bidirectional cross-attention: tokens are updated by the concepts
 recursive_iters = 0              # >0: one shared encoder layer applied this many times
-shared_token_kv = False          # one token K/V projection serves every encoder layer (not with bixt)
 tie_weights = True               # lm_head shares the token embedding
 # diffusion
 condition = 'noisy'              # what the encoder sees: 'noisy' (= what sampling gives it) | 'clean' | 'prefix'
@@ -58,10 +57,8 @@ elbo_weight = True               # weight masked tokens by 1/t: the loss estimat
 bound_levels = 8                 # t levels of the validation NLL bound (midpoint rule over (0, 1])
 # concept geometry (model.py): regularisers against concept collapse; the diagnostics are logged either way
 concept_losses = ''              # e.g. 'vicreg,t_regs_mst'; '' = none
-concept_loss_weight = 0.02       # total weight of the regularisers (fixed weighting), split evenly
+concept_loss_weight = 0.02       # total weight of the regularisers, split evenly
 concept_loss_warmup = 0          # iterations over which the regularisers ramp up linearly
-loss_weighting = 'fixed'         # 'fixed' | 'learnable' | 'kendall_gal' (bounded, see model.py)
-concept_loss_pooled = False      # True: VICReg statistics pooled over the batch, not per sample
 # optimizer (AdamW) and schedule (warmup, cosine to min_lr)
 learning_rate = 5e-4
 max_iters = 2000

@@ -40,20 +40,17 @@ n_concepts = 128
 ffn_size = 1024
 dropout = 0.0
 bias = False
-decoder = 'perceiver'            # 'weighted' | 'perceiver' | 'posonly'
+decoder = 'perceiver'            # 'perceiver' | 'posonly'
 n_dec_layer = 1
 bixt = False                     # bidirectional cross-attention: tokens are updated by the concepts
 recursive_iters = 0              # >0: one shared encoder layer applied this many times
-shared_token_kv = False          # one token K/V projection serves every encoder layer (not with bixt)
 tie_weights = True               # lm_head shares the token embedding
 # MLM noise
 mask_prob = 0.15                 # of the real tokens; of those 80% -> [MASK], 10% random, 10% kept
 # concept geometry (model.py): regularisers against concept collapse; the diagnostics are logged either way
 concept_losses = ''              # e.g. 'vicreg,t_regs_mst'; '' = none
-concept_loss_weight = 0.02       # total weight of the regularisers (fixed weighting), split evenly
+concept_loss_weight = 0.02       # total weight of the regularisers, split evenly
 concept_loss_warmup = 0          # iterations over which the regularisers ramp up linearly
-loss_weighting = 'fixed'         # 'fixed' | 'learnable' | 'kendall_gal' (bounded, see model.py)
-concept_loss_pooled = False      # True: VICReg statistics pooled over the batch, not per sample
 # optimizer (AdamW) and schedule (warmup, cosine to min_lr)
 learning_rate = 5e-4
 max_iters = 2000

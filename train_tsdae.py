@@ -41,21 +41,18 @@ n_concepts = 128
 ffn_size = 1024
 dropout = 0.0
 bias = False
-decoder = 'posonly'              # 'posonly' | 'weighted' (a perceiver query would show the answer)
+decoder = 'posonly'              # the only one: a perceiver query would show the answer
 n_dec_layer = 1
 bixt = False                     # bidirectional cross-attention: tokens are updated by the concepts
 recursive_iters = 0              # >0: one shared encoder layer applied this many times
-shared_token_kv = False          # one token K/V projection serves every encoder layer (not with bixt)
 tie_weights = True               # lm_head shares the token embedding
 # TSDAE noise
 deletion_rate = 0.6              # share of the real, non-special tokens deleted (the TSDAE paper's best)
 deletion_mode = 'hide'           # 'hide': hidden from the encoder, positions kept | 'drop': removed, gaps closed
 # concept geometry (model.py): regularisers against concept collapse; the diagnostics are logged either way
 concept_losses = ''              # e.g. 'vicreg,t_regs_mst'; '' = none
-concept_loss_weight = 0.02       # total weight of the regularisers (fixed weighting), split evenly
+concept_loss_weight = 0.02       # total weight of the regularisers, split evenly
 concept_loss_warmup = 0          # iterations over which the regularisers ramp up linearly
-loss_weighting = 'fixed'         # 'fixed' | 'learnable' | 'kendall_gal' (bounded, see model.py)
-concept_loss_pooled = False      # True: VICReg statistics pooled over the batch, not per sample
 # optimizer (AdamW) and schedule (warmup, cosine to min_lr)
 learning_rate = 5e-4
 max_iters = 2000
@@ -82,8 +79,8 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 # setup: settings, process, output folder, data, model, optimizer
 
 common.check_settings(config)
-if decoder not in ('posonly', 'weighted'):
-    raise common.InputError(f"TSDAE rebuilds every token from the concepts: decoder must be 'posonly' or 'weighted' "
+if decoder != 'posonly':
+    raise common.InputError(f"TSDAE rebuilds every token from the concepts: decoder must be 'posonly' "
                             f"(a '{decoder}' query contains the token it has to predict)")
 if encoder == 'standard' and deletion_mode == 'drop':
     raise common.InputError("encoder='standard' rebuilds each token from the state at its own position, which "

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, TINY, read_log, run_script
-from model import ConceptConfig, ConceptDiffusion, DiffusionLayer, Packing, gather_and_pack
+from model import ConceptConfig, ConceptDiffusion, DecoderLayer, Packing, gather_and_pack
 
 SPECIAL = dict(eod_id=96, pad_id=97, mask_id=98, cls_id=99, sep_id=95)
 
@@ -36,7 +36,7 @@ def test_adaln_zero_layers_start_as_identity():
     model = tiny_model()
     q, concepts, cond = torch.randn(3, 7, 32), torch.randn(3, 8, 32), torch.randn(3, 32)
     for layer in model.decoder.layers:
-        assert isinstance(layer, DiffusionLayer)
+        assert isinstance(layer, DecoderLayer) and layer.time_cond
         torch.testing.assert_close(layer(q, concepts, cond), q)
 
 

@@ -232,7 +232,7 @@ def test_a_training_step_reads_the_device_twice(monkeypatch, stage):
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, 'tolist', lambda self: tolist_calls.append(1) or tolist(self))
     torch.manual_seed(0)
-    cfg = tiny_cfg(concept_losses='vicreg', loss_weighting='kendall_gal', decoder='posonly' if stage == 'tsdae' else
+    cfg = tiny_cfg(concept_losses='vicreg,t_regs_mst', concept_loss_warmup=2, decoder='posonly' if stage == 'tsdae' else
                    'perceiver', pad_id=253, mask_id=254, eod_id=255)  # the specials on top, as prepare_data puts them
     model = ConceptDiffusion(cfg) if stage == 'diffusion' else ConceptMLM(cfg)
     optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.99), 'cpu')

@@ -70,9 +70,7 @@ def test_standard_arm_attends_across_tokens_and_costs_quadratic_flops():
 
 
 @pytest.mark.parametrize('kw,word', [(dict(bixt=True), 'bixt'), (dict(recursive_iters=2), 'recursive_iters'),
-                                     (dict(shared_token_kv=True), 'shared_token_kv'),
-                                     (dict(concept_losses='vicreg'), 'concept_losses'),
-                                     (dict(decoder='weighted'), 'weighted'), (dict(encoder='concpet'), 'concpet')])
+                                     (dict(concept_losses='vicreg'), 'concept_losses'), (dict(encoder='concpet'), 'concpet')])
 def test_settings_that_need_concepts_are_refused(kw, word):
     with pytest.raises(ValueError, match=word):
         ConceptMLM(cfg(**kw))

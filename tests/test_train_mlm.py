@@ -104,7 +104,7 @@ def test_smoke_logs_and_checkpoint(data_dir, tmp_path):
     assert not any(name.endswith('.tmp') or '.tmp.' in name for name in os.listdir(out))
 
 
-@pytest.mark.parametrize('variant', [['--decoder=perceiver'], ['--decoder=posonly'], ['--decoder=weighted'],
+@pytest.mark.parametrize('variant', [['--decoder=perceiver'], ['--decoder=posonly'],
                                      ['--bixt=True'], ['--recursive_iters=2'], ['--encoder=standard']])
 def test_loss_falls_on_real_text(data_dir, tmp_path, variant):
     out = str(tmp_path / 'run')
