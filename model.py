@@ -438,31 +438,6 @@ class DecoderLayer(nn.Module):
         return q + gate2 * self.mlp(self.ln_2(q) * (1 + scale2) + shift2)
 
 
-class MLMDecoder(nn.Module):
-    """Reads the concepts back out at positions pos (B, M). perceiver: queries = input token +
-    position; posonly: position only, so all content must come through the concepts (TSDAE's)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.wpe = Positions(cfg.n_embd)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_dec_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-
-    def forward(self, concepts, pos, query_tok_emb=None, packing=None):
-        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H) for 'perceiver' -> (B, M, H), or
-        (M', H) for the valid slots only given a Packing of (B, M)."""
-        q = self.wpe(pos)
-        if query_tok_emb is not None:
-            q = q + query_tok_emb
-        if packing is not None:
-            q = packing.pack(q)  # (M', H)
-        for layer in self.layers:
-            q = layer(q, concepts, packing=packing)
-        return self.ln_f(q)  # (B, M, H) or (M', H)
-
-
-# the diffusion decoder: the noisy positions read the concepts, conditioned on t
-
 class TimestepEmbedding(nn.Module):
     """t in [0, 1] -> (B, H): sinusoidal features of 1000·t (spread over the frequencies), then an MLP (DiT)."""
 
@@ -478,24 +453,31 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, H)
 
 
-class DiffusionDecoder(nn.Module):
-    """Queries (the noisy token and its position; with local_window, its neighbours' noisy tokens
-    too) read the concepts through time-conditioned DecoderLayers. The neighbours tell a masked position what is
-    written next to it, which concepts pooled over the whole window blur; the window costs O(M·w)
-    and its map starts at zero, so a warm start from an MLM checkpoint starts as that model."""
+class Decoder(nn.Module):
+    """Queries at positions pos (B, M) read the concepts (Perceiver IO). MLM: the query is the
+    position plus the input token ('perceiver'), or the position only ('posonly': all content must
+    come through the concepts, as TSDAE needs). Diffusion: the noisy token and its position, t
+    through AdaLN-Zero, and with local_window its neighbours' noisy tokens, which tell a masked
+    position what is written next to it (concepts pooled over the whole window blur that); the
+    window costs O(M·w) and its map starts at zero, so a warm start from MLM starts as that model."""
 
     def __init__(self, cfg):
         super().__init__()
+        diffusion = cfg.decoder == 'diffusion'
+        time_cond = diffusion and cfg.time_cond
         self.wpe = Positions(cfg.n_embd)
-        self.local = nn.Linear(2 * cfg.local_window * cfg.n_embd, cfg.n_embd, bias=False) if cfg.local_window else None
-        self.time_emb = TimestepEmbedding(cfg) if cfg.time_cond else None
-        self.layers = nn.ModuleList([DecoderLayer(cfg, cfg.time_cond) for _ in range(cfg.n_dec_layer)])
+        self.local = (nn.Linear(2 * cfg.local_window * cfg.n_embd, cfg.n_embd, bias=False)
+                      if diffusion and cfg.local_window else None)
+        self.time_emb = TimestepEmbedding(cfg) if time_cond else None
+        self.layers = nn.ModuleList([DecoderLayer(cfg, time_cond) for _ in range(cfg.n_dec_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
 
-    def forward(self, concepts, pos, query_tok_emb, t, neighbour_emb=None, packing=None):
-        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H); t (B,); neighbour_emb (B, M, 2w, H)
-        with local_window -> (B, M, H) or (M', H)."""
-        q = query_tok_emb + self.wpe(pos)
+    def forward(self, concepts, pos, query_tok_emb=None, t=None, neighbour_emb=None, packing=None):
+        """concepts (B, C, H); pos (B, M); query_tok_emb (B, M, H) or None (posonly); t (B,) and
+        neighbour_emb (B, M, 2w, H) for diffusion -> (B, M, H), or (M', H) given a Packing of (B, M)."""
+        q = self.wpe(pos)
+        if query_tok_emb is not None:
+            q = q + query_tok_emb
         if self.local is not None:
             q = q + self.local(neighbour_emb.flatten(2))  # (B, M, 2w·H) -> (B, M, H)
         if packing is not None:
@@ -780,7 +762,7 @@ class ConceptMLM(StageModel):
         super().__init__(cfg)
         if cfg.decoder == 'diffusion':
             raise ValueError("decoder='diffusion' belongs to ConceptDiffusion (train_diffusion.py)")
-        self.decoder = None if self.standard else MLMDecoder(cfg)
+        self.decoder = None if self.standard else Decoder(cfg)
         self._finish_init()
 
     # --- the two stages' noise (diffusion's is ConceptDiffusion.add_noise)
@@ -821,7 +803,7 @@ class ConceptMLM(StageModel):
         if self.standard:
             return self.read_states(memory, pos, packing)
         tok = self.encoder.wte(torch.gather(idx, 1, pos)) if self.cfg.decoder == 'perceiver' else None
-        return self.decoder(memory, pos, tok, packing)
+        return self.decoder(memory, pos, tok, None, None, packing)
 
     def forward(self, idx, targets=None, attn_mask=None, n_iters=None, step=0):
         """idx, targets (B, N), IGNORE_INDEX where no loss; attn_mask (B, N). With targets ->
@@ -881,7 +863,7 @@ class ConceptDiffusion(StageModel):
                               "use condition='noisy' or 'prefix'")
         if cfg.local_window < 0:
             raise ValueError(f"local_window={cfg.local_window} is out of range: 0 (off) or a positive number of positions")
-        self.decoder = None if self.standard else DiffusionDecoder(cfg)
+        self.decoder = None if self.standard else Decoder(cfg)
         self._finish_init()
         for m in self.modules():  # AdaLN-Zero: every modulated layer starts as the identity
             if getattr(m, 'adaLN', None) is not None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import common
 from conftest import TINY, run_script
-from model import ConceptConfig, ConceptDiffusion, ConceptMLM, MLMDecoder, Packing, attention, gather_and_pack
+from model import ConceptConfig, ConceptDiffusion, ConceptMLM, Decoder, Packing, attention, gather_and_pack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 DEVICE = 'cuda'
@@ -54,13 +54,13 @@ def test_sdpa_matches_the_math_kernel(dtype, with_mask, T, S):
 def test_packed_decoding_equals_padded_decoding(kind):
     torch.manual_seed(0)
     cfg = h512l2(decoder=kind)
-    decoder = MLMDecoder(cfg).to(DEVICE)
+    decoder = Decoder(cfg).to(DEVICE)
     concepts = torch.randn(8, 128, 512, device=DEVICE)
     select = torch.rand(8, 512, device=DEVICE) < torch.linspace(0.05, 0.9, 8, device=DEVICE)[:, None]
     pos, valid, packing = gather_and_pack(select)
     tok = torch.randn(*pos.shape, 512, device=DEVICE) if kind == 'perceiver' else None
     padded = decoder(concepts, pos, tok)[valid]
-    packed = decoder(concepts, pos, tok, packing)
+    packed = decoder(concepts, pos, tok, packing=packing)
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)
     assert torch.equal(packing.index, Packing.of(valid).index)
     assert torch.equal(gather_and_pack(select)[0], pos)

@@ -243,9 +243,9 @@ def test_packed_decoder_traces_as_one_graph(decoder):
     pos, valid, _ = gather_and_pack(targets != -100)
     concepts = model.encoder(idx)
     tok = model.encoder.wte(torch.gather(idx, 1, pos)) if decoder == 'perceiver' else None
-    explanation = torch._dynamo.explain(model.decoder)(concepts, pos, tok, Packing.of(valid))
+    explanation = torch._dynamo.explain(model.decoder)(concepts, pos, tok, None, None, Packing.of(valid))
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    torch.testing.assert_close(model.decoder(concepts, pos, tok, Packing.of(valid)),
+    torch.testing.assert_close(model.decoder(concepts, pos, tok, packing=Packing.of(valid)),
                                model.decoder(concepts, pos, tok)[valid])
 
 
