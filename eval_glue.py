@@ -1,36 +1,32 @@
 """
-GLUE, SICK, PAWS and IMDB for a checkpoint of any stage and either arm: fine-tune a small head on each
-task's training split and score its validation split, read the frozen encoder with a linear probe, or
-score sentence similarity zero-shot.
+GLUE and IMDB for a checkpoint of any stage and either arm: fine-tune a small head on each task's
+training split and score its validation split, read the frozen encoder with a linear probe, or score
+sentence similarity zero-shot.
 
     python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --task_dir=glue_data --tasks=stsb,mrpc,rte,sst2,cola
-    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --task_dir=glue_data --head=cosine --tasks=stsb,sick_r
+    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --task_dir=glue_data --head=cosine --tasks=stsb
     python eval_glue.py --ckpt=out/h512l6_mlm/ckpt.pt --tasks=glue --seeds=1,2,3 --device=cuda
     python eval_glue.py --make_imdb_split=aclimdb/IMDB/train.tsv --task_dir=imdb_data  # then --tasks=imdb
 
     from eval_glue import encode    # sentence embeddings: the mean of the encoder's states
     emb = encode(["a sentence", "another one"], 'out/tiny_mlm/ckpt.pt')   # tensor (2, n_embd)
 
---task_dir='' reads the Hugging Face hub; else a folder in the GLUE distribution's layout, as the TASKS
-table says: <TASK>/train.tsv and dev.tsv with the official columns, SICK/SICK.txt (TRIAL rows are its
-validation split, as on the hub), IMDB/ (id, sentence, label; --make_imdb_split carves its dev split).
+--task_dir='' reads the Hugging Face hub; else a folder in the GLUE distribution's layout (TASKS):
+<TASK>/train.tsv and dev.tsv with the official columns; IMDB/ (id, sentence, label) from --make_imdb_split.
 
 Heads: pool ('[cls] a [sep] b', weighted pooling, LayerNorm, linear); pair (a and b pooled apart,
 [a; b; |a-b|; a*b] -> linear); decoder (the concept arm's pretrained decoder, mean over real tokens);
-probe (frozen, as SentEval: mean-pooled features, ridge or logistic regression whose L2 strength a
-fixed 20% holdout of train picks, never the reported dev set); cosine (zero-shot: stsb, sick_r).
---head_init=probe starts the output layer as that probe (LP-FT). Beside every score: 'majority',
-'bow' (tf-idf uni- and bigrams, the probe's linear model) and with --control=random_init the same
-head on the untrained architecture; '>bow' marks a score that clears one by more than the seed spread.
+probe (frozen, as SentEval: ridge or logistic regression on mean-pooled features, its L2 strength
+picked on a fixed 20% holdout of train, never the reported dev set); cosine (zero-shot: stsb).
+Beside every score: 'majority', 'bow' (tf-idf uni- and bigrams, the probe's linear model) and with
+--control=random_init the same head on the untrained architecture.
 
-Protocol after crammedBERT (Geiping & Goldstein 2023), one for every task: 5 epochs (3 for the large
-tasks), batch 16, 10% warmup then cosine, AdamW (0.9, 0.98), no weight decay, 128 tokens (imdb: whole
-reviews), lr 1e-4 for the encoder, 1e-3 for the new head. The headline is the LAST epoch (mean and std
-over seeds); the best epoch, chosen on the reported set and so optimistic, stands beside it. Scores x100.
-
---out (glue_<head>.json beside the checkpoint) holds {"run": checkpoint, head and the settings that
-make the scores, "results": {task: entry}}, rewritten atomically after every task; a rerun of the
-same run merges into it, another run's file is refused. markdown_table() renders a file's content.
+Protocol after crammedBERT (Geiping & Goldstein 2023): 5 epochs (3 for the large tasks), batch 16,
+10% warmup then cosine, AdamW (0.9, 0.98), 128 tokens (imdb: whole reviews), lr 1e-4 for the encoder,
+1e-3 for the new head. The headline is the LAST epoch (mean and std over seeds); the best epoch, chosen
+on the reported set and so optimistic, stands beside it. Scores x100. --out (glue_<head>.json beside
+the checkpoint) holds {"run": what makes the scores, "results": {task: entry}}, rewritten after every
+task; a rerun of the same run merges into it, another run's file is refused.
 """
 import json
 import math
@@ -63,7 +59,6 @@ seeds = '42'                   # comma-separated, e.g. '1,2,3': one run each, me
 epochs = 0                     # 0 = the task's default (TASKS)
 learning_rate = 1e-4           # the pretrained encoder's (crammedBERT's 4e-5 suits an already good BERT-base)
 head_learning_rate = 1e-3      # the new head's, which starts from nothing; 0 = learning_rate
-head_init = 'random'           # 'random' | 'probe': the output layer starts as the linear probe of its features (LP-FT)
 batch_size = 16                # crammedBERT: large fine-tuning batches hurt
 eval_batch_size = 128
 max_len = 128                  # tokens per sequence (a packed pair: both texts); imdb reads whole texts
@@ -80,41 +75,32 @@ progress = True                # tqdm bars on stderr and a line per epoch
 make_imdb_split = ''           # IMDB's train.tsv: write <task_dir>/IMDB/train.tsv and dev.tsv from it, and stop
 imdb_exclude = ''              # with it: a pretraining corpus whose documents never go to dev.tsv (they stay in train)
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-HPARAMS = {k: DEFAULTS[k] for k in ('epochs', 'learning_rate', 'head_learning_rate', 'head_init', 'batch_size',
-                                    'eval_batch_size', 'max_len', 'warmup_steps', 'weight_decay', 'grad_clip',
-                                    'dropout')}
+HPARAMS = {k: DEFAULTS[k] for k in ('epochs', 'learning_rate', 'head_learning_rate', 'batch_size', 'eval_batch_size',
+                                    'max_len', 'warmup_steps', 'weight_decay', 'grad_clip', 'dropout')}
 RUN_SETTINGS = (*HPARAMS, 'max_train_examples', 'max_eval_examples', 'dtype')  # results merge where these agree
 CHOICES = {'head': ('pool', 'pair', 'decoder', 'probe', 'cosine'), 'control': ('', 'random_init')}  # beside common's
 
 # ----------------------------------------------------------------------------------------------
 # tasks: metrics (the first picks the best epoch); labels: how many (1 = a regression score) or the
 # words the local files write, in the hub's order; default epochs; the local folder, whether its files
-# open with a header line, the columns of text a, text b (None: one text) and the label; the hub
-# (dataset, configuration, columns a, b, label; None: not there); tokens per text (None: --max_len,
-# inf: the whole text); evaluation sets besides {task: ('dev', 'validation')}: {name: (file, hub split)}
+# open with a header line, the columns of text a, text b (None: one text) and the label; the hub's
+# columns a, b (None: not on the hub); tokens per text (None: --max_len, inf: the whole text);
+# evaluation sets besides {task: ('dev', 'validation')}: {name: (file, hub split)}
 Task = namedtuple('Task', 'metrics labels epochs folder header a b y hub length evals', defaults=(None, None))
-_GLUE, _NLI, _NLI2 = 'nyu-mll/glue', ('entailment', 'neutral', 'contradiction'), ('entailment', 'not_entailment')
+_NLI, _NLI2 = ('entailment', 'neutral', 'contradiction'), ('entailment', 'not_entailment')
 TASKS = {
-    'cola': Task(('mcc',), 2, 5, 'CoLA', False, 3, None, 1, (_GLUE, 'cola', 'sentence', None, 'label')),
-    'sst2': Task(('accuracy',), 2, 5, 'SST-2', True, 0, None, 1, (_GLUE, 'sst2', 'sentence', None, 'label')),
-    'mrpc': Task(('f1', 'accuracy'), 2, 5, 'MRPC', True, 3, 4, 0, (_GLUE, 'mrpc', 'sentence1', 'sentence2', 'label')),
-    'qqp': Task(('f1', 'accuracy'), 2, 3, 'QQP', True, 3, 4, 5, (_GLUE, 'qqp', 'question1', 'question2', 'label')),
-    'stsb': Task(('pearson', 'spearman'), 1, 5, 'STS-B', True, 7, 8, -1,
-                 (_GLUE, 'stsb', 'sentence1', 'sentence2', 'label')),
-    'mnli': Task(('accuracy',), _NLI, 3, 'MNLI', True, 8, 9, -1, (_GLUE, 'mnli', 'premise', 'hypothesis', 'label'),
+    'cola': Task(('mcc',), 2, 5, 'CoLA', False, 3, None, 1, ('sentence', None)),
+    'sst2': Task(('accuracy',), 2, 5, 'SST-2', True, 0, None, 1, ('sentence', None)),
+    'mrpc': Task(('f1', 'accuracy'), 2, 5, 'MRPC', True, 3, 4, 0, ('sentence1', 'sentence2')),
+    'qqp': Task(('f1', 'accuracy'), 2, 3, 'QQP', True, 3, 4, 5, ('question1', 'question2')),
+    'stsb': Task(('pearson', 'spearman'), 1, 5, 'STS-B', True, 7, 8, -1, ('sentence1', 'sentence2')),
+    'mnli': Task(('accuracy',), _NLI, 3, 'MNLI', True, 8, 9, -1, ('premise', 'hypothesis'),
                  evals={'mnli_m': ('dev_matched', 'validation_matched'),
                         'mnli_mm': ('dev_mismatched', 'validation_mismatched')}),
-    'qnli': Task(('accuracy',), _NLI2, 3, 'QNLI', True, 1, 2, -1, (_GLUE, 'qnli', 'question', 'sentence', 'label')),
-    'rte': Task(('accuracy',), _NLI2, 5, 'RTE', True, 1, 2, -1, (_GLUE, 'rte', 'sentence1', 'sentence2', 'label')),
-    'wnli': Task(('accuracy',), 2, 5, 'WNLI', True, 1, 2, -1, (_GLUE, 'wnli', 'sentence1', 'sentence2', 'label')),
-    'sick_r': Task(('pearson', 'spearman'), 1, 5, 'SICK', True, 1, 2, 4,  # SICK.txt, one file (read_local)
-                   ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'relatedness_score')),
-    'sick_e': Task(('accuracy',), _NLI, 5, 'SICK', True, 1, 2, 3,
-                   ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'label')),
-    'paws': Task(('f1', 'accuracy'), 2, 5, 'PAWS', True, 1, 2, 3,
-                 ('google-research-datasets/paws', 'labeled_final', 'sentence1', 'sentence2', 'label')),
-    # document-level sentiment; 23k training reviews of 231 words on average, 5.3M words an epoch: as
-    # large as qnli, which gets 3 epochs (sst2: 0.6M)
+    'qnli': Task(('accuracy',), _NLI2, 3, 'QNLI', True, 1, 2, -1, ('question', 'sentence')),
+    'rte': Task(('accuracy',), _NLI2, 5, 'RTE', True, 1, 2, -1, ('sentence1', 'sentence2')),
+    'wnli': Task(('accuracy',), 2, 5, 'WNLI', True, 1, 2, -1, ('sentence1', 'sentence2')),
+    # 23k training reviews of 231 words on average, 5.3M words an epoch: as large as qnli, which gets 3
     'imdb': Task(('accuracy',), 2, 3, 'IMDB', True, 1, None, 2, None, math.inf),
 }
 PRESETS = {'glue': 'cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte', 'all': ','.join(t for t in TASKS if t != 'imdb')}
@@ -145,7 +131,7 @@ def read_tsv(path):
     row ends only at a line end (\\n or \\r\\n; \\r in a file without \\n, as old Macs wrote)."""
     if not os.path.isfile(path):
         raise common.InputError(f"{path} not found; --task_dir must hold the GLUE layout (<TASK>/train.tsv, dev.tsv, "
-                                f"SICK/SICK.txt, PAWS/, IMDB/train.tsv, dev.tsv), or '' for the hub")
+                                f"IMDB/train.tsv, dev.tsv), or '' for the hub")
     with open(path, 'rb') as f:
         raw = f.read()
     try:
@@ -157,56 +143,39 @@ def read_tsv(path):
     return [line.rstrip('\r').split('\t') for line in lines if line.strip()]
 
 
-def rows_to_split(task, rows, n_cols):
-    """(split, skipped rows): a row of another width than the file's, or with an unreadable label (QQP
-    has a few), is skipped."""
-    t, a, b, labels, skipped = TASKS[task], [], [], [], 0
-    for row in rows:
-        try:
-            if len(row) != n_cols:
-                raise ValueError(row)
-            labels.append(parse_label(task, row[t.y]))
-        except ValueError:
-            skipped += 1
-            continue
-        a.append(row[t.a])
-        b += [] if t.b is None else [row[t.b]]
-    return make_split(a, None if t.b is None else b, labels, task), skipped
-
-
 def read_local(task, root, evals):
-    """(train, {result name: eval split}, {file: skipped rows}) from the GLUE layout under root. A file
+    """(train, {result name: eval split}, {file: skipped rows}) from the GLUE layout under root. A row
+    of another width than the file's, or with an unreadable label (QQP has a few), is skipped. A file
     whose first row's label reads as a label has lost its header line: that row is an example."""
-    t = TASKS[task]
+    t, splits, skipped = TASKS[task], {}, {}
     need = max(c for c in (t.a, t.b, t.y) if c is not None) + 1  # the columns a row must have
-
-    def read(name):
-        path = os.path.join(root, t.folder, name)
-        rows = read_tsv(path)
-        if not t.header:  # CoLA
-            return rows, need
-        try:
-            parse_label(task, rows[0][t.y])
-            print(f"note: {path} has no header line; its first row is read as data")
-            first = 0
-        except (ValueError, IndexError):
-            first = 1
-        if rows and len(rows[0]) < need:
-            raise common.InputError(f"{path} has {len(rows[0])} tab-separated columns, but {task} reads column "
-                                    f"{need - 1} (0-based); use the task's original files or --task_dir=''")
-        return rows[first:], len(rows[0]) if rows else 0
-
-    if t.folder == 'SICK':  # one file, whose last column (SemEval_set) names the split
-        rows, n_cols = read('SICK.txt')
-        good = [row for row in rows if len(row) == n_cols]
-        (train, s1), (dev, s2) = (rows_to_split(task, [r for r in good if r[-1].strip().upper() == s], n_cols)
-                                  for s in ('TRAIN', 'TRIAL'))  # TEST is not read
-        return train, {task: dev}, {'SICK.txt': len(rows) - len(good) + s1 + s2}
-    skipped, splits = {}, {}
-    train, skipped['train.tsv'] = rows_to_split(task, *read('train.tsv'))
-    for name, (stem, _) in evals.items():
-        splits[name], skipped[f'{stem}.tsv'] = rows_to_split(task, *read(f'{stem}.tsv'))
-    return train, splits, skipped
+    for name, stem in [('train', 'train')] + [(name, stem) for name, (stem, _) in evals.items()]:
+        path = os.path.join(root, t.folder, f'{stem}.tsv')
+        rows, n_cols = read_tsv(path), need
+        if t.header:  # all but CoLA
+            try:
+                parse_label(task, rows[0][t.y])
+                print(f"note: {path} has no header line; its first row is read as data")
+                first = 0
+            except (ValueError, IndexError):
+                first = 1
+            if rows and len(rows[0]) < need:
+                raise common.InputError(f"{path} has {len(rows[0])} tab-separated columns, but {task} reads column "
+                                        f"{need - 1} (0-based); use the task's original files or --task_dir=''")
+            rows, n_cols = rows[first:], len(rows[0]) if rows else 0
+        a, b, labels = [], [], []
+        for row in rows:
+            try:
+                if len(row) != n_cols:
+                    raise ValueError(row)
+                labels.append(parse_label(task, row[t.y]))
+            except ValueError:
+                continue
+            a.append(row[t.a])
+            b += [] if t.b is None else [row[t.b]]
+        splits[name] = make_split(a, None if t.b is None else b, labels, task)
+        skipped[f'{stem}.tsv'] = len(rows) - len(labels)
+    return splits.pop('train'), splits, skipped
 
 
 def read_hub(task, evals=None):
@@ -217,24 +186,16 @@ def read_hub(task, evals=None):
                                 f"{TASKS[task].folder}/train.tsv and dev.tsv>"
                                 + (" (--make_imdb_split makes them)" if task == 'imdb' else ''))
     import datasets
-    (path, config_name, col_a, col_b, col_y), ds, error, n = TASKS[task].hub, None, None, n_labels(task)
-    # SICK is a script dataset, which datasets>=4 cannot run: its parquet conversion first
-    for extra in [{'revision': 'refs/convert/parquet'}, {}] if path.endswith('sick') else [{}]:
-        try:
-            ds = datasets.load_dataset(path, config_name, **extra)
-            break
-        except Exception as e:  # noqa: BLE001 - no network, no such repo or revision, scripts: the same advice
-            error = e
-            if isinstance(e, ConnectionError):  # offline: another attempt would wait for the same timeouts
-                break
-    if ds is None:
-        raise common.InputError(f"could not load {task} from the Hugging Face hub ({path}: {common.first_line(error)})"
-                                f"; offline? download the data once and pass --task_dir=DIR in the GLUE layout "
-                                f"(DIR/<TASK>/train.tsv, dev.tsv; DIR/SICK/SICK.txt; DIR/PAWS/train.tsv, dev.tsv)")
-    skipped, splits = {}, {}
+    (col_a, col_b), n, splits, skipped = TASKS[task].hub, n_labels(task), {}, {}
+    try:
+        ds = datasets.load_dataset('nyu-mll/glue', task)
+    except Exception as e:  # noqa: BLE001 - no network, a renamed dataset: the same advice
+        raise common.InputError(f"could not load {task} from the Hugging Face hub (nyu-mll/glue: "
+                                f"{common.first_line(e)}); offline? download the data once and pass --task_dir=DIR "
+                                f"in the GLUE layout (DIR/<TASK>/train.tsv, dev.tsv)") from None
     for name, split in [('train', 'train')] + [(name, split) for name, (_, split) in evals.items()]:
         d = ds[split]  # a row without a usable label (the hub's test splits write -1) is dropped and counted
-        a, ys, b = d[col_a][:], d[col_y][:], d[col_b][:] if col_b else None  # [:]: a plain list, fast
+        a, ys, b = d[col_a][:], d['label'][:], d[col_b][:] if col_b else None  # [:]: a plain list, fast
         keep = [i for i, y in enumerate(ys) if y is not None and (n == 1 or 0 <= y < n)]
         splits[name] = make_split([a[i] for i in keep], None if b is None else [b[i] for i in keep],
                                   [ys[i] for i in keep], task)
@@ -630,8 +591,6 @@ def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontex
     if random_init:  # the same architecture, its weights drawn from this seed
         model = type(model)(model.cfg).to(device)
     clf = Classifier(model, head, n_labels, head == 'pair' and train['x_b'] is not None, hp['dropout']).to(device)
-    if hp['head_init'] == 'probe':
-        init_head_from_probe(clf, train, targets.numpy(), data, hp, device, autocast)
     n_epochs = hp['epochs'] or data['epochs']
     total = n_epochs * math.ceil(len(train['x']) / hp['batch_size'])
     warmup = hp['warmup_steps'] if hp['warmup_steps'] >= 0 else round(0.1 * total)
@@ -684,19 +643,6 @@ def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontex
     return history, losses
 
 
-@torch.no_grad()
-def init_head_from_probe(clf, enc, targets, data, hp, device='cpu', autocast=nullcontext()):
-    """LP-FT (Kumar et al. 2022): the output layer starts as the probe fitted on the head's own features
-    of the training split, so fine-tuning begins from what the encoder already separates instead of
-    sending a random layer's gradients into it; the probe's standardisation folded into weight and bias."""
-    Z = run_batched(clf, clf.features, enc, clf.out.in_features, hp['eval_batch_size'], device, autocast)  # (n, F)
-    mean, std = feature_stats(Z)
-    (w, b), _ = fit_probe((Z - mean) / std, targets, data['n_labels'], data['metrics'])
-    w = (w.float() if w.dim() == 2 else w.float()[:, None]) / std[:, None]     # (F, n_out)
-    clf.out.weight.copy_(w.T)
-    clf.out.bias.copy_(b.float().reshape(-1) - mean @ w)
-
-
 def frozen(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontext(), random_init=False):
     """The encoder read without training -> ([{eval name: scores}], λ or None). probe (SentEval): a
     linear model on standardised mean-pooled features, a pair encoded apart [a; b; |a - b|; a ⊙ b];
@@ -743,7 +689,7 @@ def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, devi
     hp, t0 = {**HPARAMS, **(hp or {})}, time.time()
     metrics, n_labels = data['metrics'], data['n_labels']
     if head == 'cosine' and (n_labels != 1 or data['train']['b'] is None):
-        raise common.InputError(f"head=cosine scores sentence similarity (stsb, sick_r), not {data['task']}")
+        raise common.InputError(f"head=cosine scores sentence similarity (stsb), not {data['task']}")
     length = max_tokens(data.get('length'), hp['max_len'])
     joined = head in ('pool', 'decoder')  # one sequence per example; pair, probe and cosine read a and b apart
     check_max_len(length, joined and data['train']['b'] is not None)
@@ -777,7 +723,6 @@ def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, devi
         if head == 'probe':
             entry['probe_lambda'] = [lam for _, _, lam in runs]
         if head not in ('probe', 'cosine'):
-            entry['head_init'] = hp['head_init']
             entry['per_seed'] = {str(s): {'scores': [e[name] for e in h], 'train_loss': loss}
                                  for s, (h, loss, _) in zip(used_seeds, runs)}
         results[name] = entry
@@ -888,8 +833,8 @@ def main(config):
                                 f"(e.g. --seeds=1,2,3): each is one run")
     seed_list = [int(p) for p in parts]
     if head == 'cosine' and any(TASKS[t].labels != 1 for t in task_list):
-        raise common.InputError(f"head=cosine scores sentence similarity without training: tasks stsb and sick_r "
-                                f"only, not {', '.join(t for t in task_list if TASKS[t].labels != 1)}")
+        raise common.InputError(f"head=cosine scores sentence similarity without training: task stsb only, not "
+                                f"{', '.join(t for t in task_list if TASKS[t].labels != 1)}")
     for t in task_list if not c['task_dir'] else []:
         if TASKS[t].hub is None:
             read_hub(t)  # the one line that says what to pass
