@@ -1,32 +1,21 @@
 """
-GLUE and IMDB for a checkpoint of any stage and either arm: fine-tune a small head on each task's
-training split and score its validation split, read the frozen encoder with a linear probe, or score
-sentence similarity zero-shot.
-
-    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --task_dir=glue_data --tasks=stsb,mrpc,rte,sst2,cola
-    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --task_dir=glue_data --head=cosine --tasks=stsb
-    python eval_glue.py --ckpt=out/h512l6_mlm/ckpt.pt --tasks=glue --seeds=1,2,3 --device=cuda
-    python eval_glue.py --make_imdb_split=aclimdb/IMDB/train.tsv --task_dir=imdb_data  # then --tasks=imdb
-
-    from eval_glue import encode    # sentence embeddings: the mean of the encoder's states
-    emb = encode(["a sentence", "another one"], 'out/tiny_mlm/ckpt.pt')   # tensor (2, n_embd)
-
---task_dir='' reads the Hugging Face hub; else a folder in the GLUE distribution's layout (TASKS):
-<TASK>/train.tsv and dev.tsv with the official columns; IMDB/ (id, sentence, label) from --make_imdb_split.
-
-Heads: pool ('[cls] a [sep] b', weighted pooling, LayerNorm, linear); pair (a and b pooled apart,
-[a; b; |a-b|; a*b] -> linear); decoder (the concept arm's pretrained decoder, mean over real tokens);
-probe (frozen, as SentEval: ridge or logistic regression on mean-pooled features, its L2 strength
-picked on a fixed 20% holdout of train, never the reported dev set); cosine (zero-shot: stsb).
-Beside every score: 'majority', 'bow' (tf-idf uni- and bigrams, the probe's linear model) and with
+GLUE and IMDB for a checkpoint of any stage and either arm: fine-tune a small head on each task, read
+the frozen encoder with a linear probe, or score sentence similarity zero-shot; beside every score its
+controls: 'majority', 'bow' (tf-idf uni- and bigrams, the probe's linear model) and with
 --control=random_init the same head on the untrained architecture.
 
-Protocol after crammedBERT (Geiping & Goldstein 2023): 5 epochs (3 for the large tasks), batch 16,
-10% warmup then cosine, AdamW (0.9, 0.98), 128 tokens (imdb: whole reviews), lr 1e-4 for the encoder,
-1e-3 for the new head. The headline is the LAST epoch (mean and std over seeds); the best epoch, chosen
-on the reported set and so optimistic, stands beside it. Scores x100. --out (glue_<head>.json beside
-the checkpoint) holds {"run": what makes the scores, "results": {task: entry}}, rewritten after every
-task; a rerun of the same run merges into it, another run's file is refused.
+    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --task_dir=glue_data --tasks=stsb,mrpc,rte,sst2,cola
+    python eval_glue.py --ckpt=out/h512l6_mlm/ckpt.pt --tasks=glue --seeds=1,2,3 --device=cuda  # the hub
+    python eval_glue.py --make_imdb_split=aclimdb/IMDB/train.tsv --task_dir=imdb_data  # then --tasks=imdb
+    from eval_glue import encode; emb = encode(["a sentence"], 'out/tiny_mlm/ckpt.pt')  # (1, n_embd)
+
+Heads: pool ('[cls] a [sep] b', weighted pooling, linear); pair (a and b pooled apart, [a; b; |a-b|; a*b]
+-> linear); decoder (the concept arm's pretrained decoder); probe (frozen, as SentEval: a linear model on
+mean-pooled features); cosine (zero-shot, stsb). Protocol after crammedBERT (Geiping & Goldstein 2023):
+5 epochs (3 for the large tasks), batch 16, 10% warmup then cosine, AdamW (0.9, 0.98), lr 1e-4 for the
+encoder, 1e-3 for the new head, 128 tokens (imdb: whole reviews). The headline is the LAST epoch (mean
+and std over seeds); the best epoch, chosen on the reported set and so optimistic, stands beside it.
+Scores x100, in --out: {"run": what makes the scores, "results": {task: entry}}, where a rerun merges.
 """
 import json
 import math
@@ -112,14 +101,15 @@ def n_labels(task):
 
 
 def parse_label(task, text):
-    """A label field as an int class or a float score; ValueError if it is not one."""
+    """A label field as an int class or a float score; None if it is not one."""
     labels = TASKS[task].labels
-    if isinstance(labels, tuple):
-        return labels.index(text.strip().lower())
-    value = float(text) if labels == 1 else int(text)
-    if not (math.isfinite(value) if labels == 1 else 0 <= value < labels):
-        raise ValueError(text)
-    return value
+    try:
+        if isinstance(labels, tuple):
+            return labels.index(text.strip().lower())
+        value = float(text) if labels == 1 else int(text)
+    except ValueError:
+        return None
+    return value if (math.isfinite(value) if labels == 1 else 0 <= value < labels) else None
 
 
 def make_split(a, b, labels, task):
@@ -145,42 +135,32 @@ def read_tsv(path):
 
 def read_local(task, root, evals):
     """(train, {result name: eval split}, {file: skipped rows}) from the GLUE layout under root. A row
-    of another width than the file's, or with an unreadable label (QQP has a few), is skipped. A file
+    of another width than the file's, or with an unreadable label (QQP has a few), is skipped; a file
     whose first row's label reads as a label has lost its header line: that row is an example."""
     t, splits, skipped = TASKS[task], {}, {}
     need = max(c for c in (t.a, t.b, t.y) if c is not None) + 1  # the columns a row must have
     for name, stem in [('train', 'train')] + [(name, stem) for name, (stem, _) in evals.items()]:
         path = os.path.join(root, t.folder, f'{stem}.tsv')
         rows, n_cols = read_tsv(path), need
-        if t.header:  # all but CoLA
-            try:
-                parse_label(task, rows[0][t.y])
-                print(f"note: {path} has no header line; its first row is read as data")
-                first = 0
-            except (ValueError, IndexError):
-                first = 1
-            if rows and len(rows[0]) < need:
+        if t.header and rows:  # all but CoLA
+            if len(rows[0]) < need:
                 raise common.InputError(f"{path} has {len(rows[0])} tab-separated columns, but {task} reads column "
                                         f"{need - 1} (0-based); use the task's original files or --task_dir=''")
-            rows, n_cols = rows[first:], len(rows[0]) if rows else 0
-        a, b, labels = [], [], []
-        for row in rows:
-            try:
-                if len(row) != n_cols:
-                    raise ValueError(row)
-                labels.append(parse_label(task, row[t.y]))
-            except ValueError:
-                continue
-            a.append(row[t.a])
-            b += [] if t.b is None else [row[t.b]]
-        splits[name] = make_split(a, None if t.b is None else b, labels, task)
-        skipped[f'{stem}.tsv'] = len(rows) - len(labels)
+            n_cols = len(rows[0])
+            if parse_label(task, rows[0][t.y]) is None:
+                rows = rows[1:]
+            else:
+                print(f"note: {path} has no header line; its first row is read as data")
+        labels = [parse_label(task, row[t.y]) if len(row) == n_cols else None for row in rows]
+        keep = [i for i, y in enumerate(labels) if y is not None]
+        splits[name] = make_split([rows[i][t.a] for i in keep], None if t.b is None else [rows[i][t.b] for i in keep],
+                                  [labels[i] for i in keep], task)
+        skipped[f'{stem}.tsv'] = len(rows) - len(keep)
     return splits.pop('train'), splits, skipped
 
 
 def read_hub(task, evals=None):
-    """The same from the Hugging Face hub; any failure (offline, a renamed dataset) is one line that
-    points at --task_dir."""
+    """The same from the Hugging Face hub; any failure (offline, a renamed dataset) is one line."""
     if TASKS[task].hub is None:
         raise common.InputError(f"{task} is not read from the hub: pass --task_dir=<a folder with "
                                 f"{TASKS[task].folder}/train.tsv and dev.tsv>"
@@ -230,10 +210,9 @@ def load_task(task, root='', max_train=0, max_eval=0):
 
 
 def split_imdb(train_tsv, out_folder, n_dev=2000, seed=0, exclude=''):
-    """IMDB's labelled reviews come as one train.tsv: n_dev of them (a fixed seed) become dev.tsv, each
-    review with its exact repeats (aclImdb has some), so dev shares no id and no text with train; a
-    review that is a document of the corpus `exclude` (a pretraining corpus) is never in dev.
-    Writes <out_folder>/IMDB/ whole or not at all; keep dev.tsv's text out of pretraining."""
+    """IMDB's labelled reviews come as one train.tsv: n_dev of them become dev.tsv, each with its exact
+    repeats, so dev shares no id and no text with train; a document of the corpus `exclude` (a pretraining
+    corpus) is never in dev. Writes <out_folder>/IMDB/ whole or not at all."""
     folder = os.path.join(out_folder, 'IMDB')
     if not out_folder or os.path.exists(folder):
         raise common.InputError(f"{folder} exists: a split is made once (its dev text kept out of pretraining); choose "
@@ -331,13 +310,12 @@ def majority(train_label, eval_label, n_labels, metrics):
 # token ids, once per task, and length-bucketed batches
 
 def max_tokens(task_len, max_len):
-    """Tokens per sequence: the task's own (imdb: the whole text) or max_len. Positions are sinusoids,
-    so a model reads past its training window (block_size); how well is in docs/LOG.md."""
-    return max_len if task_len is None else min(task_len, sys.maxsize)  # inf: the whole text, as a slice bound
+    """Tokens per sequence: the task's own (imdb: inf, the whole text) or max_len. Positions are
+    sinusoids, so a model reads past its training window; how well is in docs/LOG.md."""
+    return max_len if task_len is None else min(task_len, sys.maxsize)  # sys.maxsize: a slice bound
 
 
 def check_max_len(max_len, joined_pair):
-    """Room for [cls] and a token of each text: '[cls] a [sep] b' needs 4, '[cls] a' needs 2."""
     need, form = (4, "'[cls] a [sep] b'") if joined_pair else (2, "'[cls] text'")
     if not max_len >= need:
         raise common.InputError(f"max_len={max_len!r} is too short: {form} needs max_len >= {need} to keep a token "
@@ -364,7 +342,7 @@ def tokenize(tok, split, joined, max_len):
 
 def length_batches(enc, batch_size, rng=None):
     """Index arrays of examples of about the same length, so that little compute goes to padding. With
-    rng (training): shuffled, sorted only within windows of 50 batches, the batches shuffled. Without: sorted."""
+    rng (training): shuffled, sorted only within windows of 50 batches, the batches shuffled."""
     lengths = np.asarray([len(x) for x in enc['x']] if enc['x_b'] is None else
                          [len(a) + len(b) for a, b in zip(enc['x'], enc['x_b'])])
     if rng is None:
@@ -393,8 +371,7 @@ def batch_inputs(enc, rows, device):
 
 @torch.no_grad()
 def run_batched(module, fn, enc, width, batch_size, device='cpu', autocast=nullcontext()):
-    """fn(*batch inputs) for every example, module in eval mode, batched by length: (n, width) float32
-    on the CPU, in input order."""
+    """fn(*batch inputs) for every example, module in eval mode: (n, width) float32 on the CPU, in input order."""
     module.eval()
     out = torch.empty(len(enc['x']), width)
     for rows in length_batches(enc, batch_size):
@@ -418,7 +395,6 @@ HOLDOUT_FRACTION = 0.2  # of the training split, carved once with a fixed seed, 
 
 
 def matmul(X, W):
-    """X @ W for a dense or a sparse (COO) X."""
     return torch.sparse.mm(X, W) if X.is_sparse else X @ W
 
 
@@ -445,8 +421,8 @@ def fit_ridge(X, y, lam):
 
 
 def fit_logistic(X, y, n_classes, lam, init=None):
-    """Multinomial logistic regression by L-BFGS: mean cross-entropy + (λ/2)||W||², the bias free.
-    init (W, b) warm-starts it (the next λ of the grid starts from the last solution)."""
+    """Multinomial logistic regression by L-BFGS: mean cross-entropy + (λ/2)||W||², the bias free;
+    init (W, b) warm-starts it."""
     X = X.float() if not X.is_sparse else X.coalesce().float()
     y = torch.as_tensor(y, dtype=torch.long)
     W = (init[0].clone() if init else torch.zeros(X.shape[1], n_classes)).requires_grad_(True)
@@ -577,14 +553,14 @@ def bow_baseline(data):
 
 def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontext(), progress=False,
              dtype='float32', random_init=False):
-    """One run: a fresh copy of the model (random_init: untrained) and a new head, trained for the
-    task's epochs and scored on every evaluation set after every epoch. -> (scores per epoch, losses)."""
+    """One run: a fresh copy of the model (random_init: untrained) and a new head, trained for the task's
+    epochs and scored on every evaluation set after every epoch. -> (scores per epoch, train losses)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train, n_labels, labels = data['train_tok'], data['n_labels'], data['train']['label']
     regression = n_labels == 1
-    # regression targets are standardised: a fresh head starts near 0, and a 0-5 score would first
-    # cost epochs of learning its offset (the correlations do not change under this rescaling)
+    # regression targets standardised: a fresh head starts near 0, and would first spend epochs learning
+    # a 0-5 score's offset (the correlations do not change)
     y_mean, y_std = (float(labels.mean()), float(labels.std()) or 1.0) if regression else (0.0, 1.0)
     targets = torch.tensor((labels - y_mean) / y_std, dtype=torch.float32) if regression else torch.tensor(labels)
     model, _ = common.load_model(checkpoint, 'the checkpoint', device, dropout=hp['dropout'])
@@ -594,13 +570,11 @@ def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontex
     n_epochs = hp['epochs'] or data['epochs']
     total = n_epochs * math.ceil(len(train['x']) / hp['batch_size'])
     warmup = hp['warmup_steps'] if hp['warmup_steps'] >= 0 else round(0.1 * total)
-    # the new head starts from nothing and gets its own, larger learning rate (0: learning_rate)
-    head_params, groups = {id(p) for p in clf.head_parameters()}, []
-    for is_head in (False, True):
-        lr = (hp['head_learning_rate'] or hp['learning_rate']) if is_head else hp['learning_rate']
-        part = [p for p in clf.parameters() if p.requires_grad and (id(p) in head_params) == is_head]
-        groups += [{'params': [p for p in part if p.dim() >= 2], 'weight_decay': hp['weight_decay'], 'base_lr': lr},
-                   {'params': [p for p in part if p.dim() < 2], 'weight_decay': 0.0, 'base_lr': lr}]
+    head_ids = {id(p) for p in clf.head_parameters()}  # the new head starts from nothing: its own, larger lr
+    groups = [{'params': [p for p in clf.parameters() if p.requires_grad and (id(p) in head_ids) == is_head
+                          and (p.dim() >= 2) == decay], 'weight_decay': hp['weight_decay'] if decay else 0.0,
+               'base_lr': (hp['head_learning_rate'] or hp['learning_rate']) if is_head else hp['learning_rate']}
+              for is_head in (False, True) for decay in (True, False)]
     device_type = common.device_type(str(device))
     optimizer = torch.optim.AdamW(groups, lr=hp['learning_rate'], betas=(0.9, 0.98), eps=1e-6,
                                   fused=device_type in ('cuda', 'cpu'))
@@ -612,9 +586,8 @@ def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontex
         loss_sum = 0.0
         for rows in (bar := tqdm(batches, desc=f"{data['task']} seed {seed} epoch {epoch + 1}/{n_epochs}",
                                  leave=False, disable=not progress)):
-            factor = common.get_lr(step, 1.0, 0.0, warmup, total)  # warmup then cosine, for every group
-            for group in optimizer.param_groups:
-                group['lr'] = factor * group['base_lr']
+            for group in optimizer.param_groups:  # warmup then cosine, for every group
+                group['lr'] = common.get_lr(step, 1.0, 0.0, warmup, total) * group['base_lr']
             with autocast:
                 o = clf(*batch_inputs(train, rows, device))
             y = targets[torch.as_tensor(rows)].to(device)
@@ -644,9 +617,8 @@ def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontex
 
 
 def frozen(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontext(), random_init=False):
-    """The encoder read without training -> ([{eval name: scores}], λ or None). probe (SentEval): a
-    linear model on standardised mean-pooled features, a pair encoded apart [a; b; |a - b|; a ⊙ b];
-    cosine: the cosine of the mean-pooled states of a and b."""
+    """The encoder read without training -> ([{eval name: scores}], λ or None). probe (SentEval): a linear
+    model on standardised mean-pooled features, a pair [a; b; |a - b|; a ⊙ b]; cosine: that of a and b."""
     torch.manual_seed(seed)
     model, _ = common.load_model(checkpoint, 'the checkpoint', device)
     model = type(model)(model.cfg).to(device) if random_init else model
@@ -678,30 +650,29 @@ def summarise(runs, seeds, name, first, metrics):
         best = {m: [h[b][name][m] for (h, _, _), b in zip(runs, best_epochs)] for m in metrics}
         entry['best_epoch'] = {**{m: round(float(np.mean(v)), 4) for m, v in best.items()},
                                'epoch': [b + 1 for b in best_epochs]}
-    entry['seeds'] = seeds
-    return entry
+    return {**entry, 'seeds': seeds}
 
 
 def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, device='cpu', autocast=nullcontext(),
                   progress=False, dtype='float32', control=''):
     """The head run once per seed, summarised with the controls beside every score: {eval name: {metric:
     last-epoch mean, 'std', 'best_epoch', 'majority', 'bow', 'random_init', 'n_train', ...}}."""
-    hp, t0 = {**HPARAMS, **(hp or {})}, time.time()
-    metrics, n_labels = data['metrics'], data['n_labels']
-    if head == 'cosine' and (n_labels != 1 or data['train']['b'] is None):
+    hp, t0, is_frozen = {**HPARAMS, **(hp or {})}, time.time(), head in ('probe', 'cosine')
+    metrics, n_labels, train = data['metrics'], data['n_labels'], data['train']
+    if head == 'cosine' and (n_labels != 1 or train['b'] is None):
         raise common.InputError(f"head=cosine scores sentence similarity (stsb), not {data['task']}")
     length = max_tokens(data.get('length'), hp['max_len'])
     joined = head in ('pool', 'decoder')  # one sequence per example; pair, probe and cosine read a and b apart
-    check_max_len(length, joined and data['train']['b'] is not None)
+    check_max_len(length, joined and train['b'] is not None)
     data['evals_tok'] = {name: tokenize(tok, e, joined, length) for name, e in data['evals'].items()}
     if head != 'cosine':
-        data['train_tok'] = tokenize(tok, data['train'], joined, length)
+        data['train_tok'] = tokenize(tok, train, joined, length)
 
     def run_head(random_init):
         """[(scores per epoch, train losses, probe λ)] and the seeds run: a pretrained probe or cosine is
         deterministic and runs once; every other run (fine-tuning, any random init) draws from its seed."""
-        used = list(seeds)[:1] if head in ('probe', 'cosine') and not random_init else list(seeds)
-        if head in ('probe', 'cosine'):
+        used = list(seeds)[:1] if is_frozen and not random_init else list(seeds)
+        if is_frozen:
             return [(history, [], lam) for history, lam in
                     (frozen(checkpoint, data, head, s, hp, device, autocast, random_init) for s in used)], used
         return [(*finetune(checkpoint, data, head, s, hp, device, autocast, progress, dtype, random_init), None)
@@ -711,21 +682,16 @@ def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, devi
     bow, first, seconds = bow_baseline(data), next(iter(data['evals'])), round(time.time() - t0, 2)
     results = {}
     for name, ev in data['evals'].items():
-        entry = summarise(runs, used_seeds, name, first, metrics)
-        entry['majority'] = majority(data['train']['label'], ev['label'], n_labels, metrics)
-        entry['bow'] = bow[name][0]
-        if controls is not None:
-            entry['random_init'] = summarise(*controls, name, first, metrics)
-        entry.update({'n_train': 0 if head == 'cosine' else len(data['train']['label']),
-                      'n_eval': len(ev['label']), 'seconds': seconds, 'head': head,
-                      'control': control or None, 'epochs': len(runs[0][0]) if head not in ('probe', 'cosine') else 0,
-                      'skipped': data['skipped'], 'bow_lambda': bow[name][1]})
-        if head == 'probe':
-            entry['probe_lambda'] = [lam for _, _, lam in runs]
-        if head not in ('probe', 'cosine'):
-            entry['per_seed'] = {str(s): {'scores': [e[name] for e in h], 'train_loss': loss}
-                                 for s, (h, loss, _) in zip(used_seeds, runs)}
-        results[name] = entry
+        results[name] = {
+            **summarise(runs, used_seeds, name, first, metrics),
+            'majority': majority(train['label'], ev['label'], n_labels, metrics), 'bow': bow[name][0],
+            **({'random_init': summarise(*controls, name, first, metrics)} if controls else {}),
+            'n_train': 0 if head == 'cosine' else len(train['label']), 'n_eval': len(ev['label']),
+            'seconds': seconds, 'head': head, 'control': control or None,
+            'epochs': 0 if is_frozen else len(runs[0][0]), 'skipped': data['skipped'], 'bow_lambda': bow[name][1],
+            **({'probe_lambda': [lam for _, _, lam in runs]} if head == 'probe' else {}),
+            **({} if is_frozen else {'per_seed': {str(s): {'scores': [e[name] for e in h], 'train_loss': loss}
+                                                  for s, (h, loss, _) in zip(used_seeds, runs)}})}
     return results
 
 
@@ -765,14 +731,14 @@ _encoders = {}  # (checkpoint path, its mtime, device, data_dir) -> (model, toke
 
 
 def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir=''):
-    """Sentence embeddings (len(texts), n_embd), float32 on the CPU, not normalised: each text read as
-    '[cls] text' (max_len tokens, as far as the model reads), its embedding the plain mean of the
-    encoder's states, which favours none where no pooling was trained; head=cosine scores their cosine.
-    A checkpoint is loaded once (again when its file changes)."""
+    """Sentence embeddings (len(texts), n_embd), float32 on the CPU, not normalised: each '[cls] text'
+    (max_len tokens) read as the plain mean of the encoder's states, which favours none where no pooling
+    was trained; head=cosine scores their cosine. A checkpoint is loaded once (again when it changes)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
-    if not all(isinstance(t, str) for t in texts):
-        bad = next(t for t in texts if not isinstance(t, str))
-        raise common.InputError(f"encode() takes a string or a list of strings, got a {type(bad).__name__} among them")
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad:
+        raise common.InputError(f"encode() takes a string or a list of strings, got a {type(bad[0]).__name__} among "
+                                f"them")
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise common.InputError(f"batch_size={batch_size!r} must be a positive integer")
     check_max_len(max_len, False)
@@ -784,12 +750,12 @@ def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir=''):
         while len(_encoders) > 2:
             del _encoders[next(iter(_encoders))]
     model, tok = _encoders[key]
-    length = max_tokens(None, max_len)
-    seqs = [[tok.cls_id] + ids[:length - 1] for ids in tok.encode_batch(texts)]
+    seqs = [[tok.cls_id] + ids[:max_len - 1] for ids in tok.encode_batch(texts)]
     return embed(model, seqs, tok.pad_id, batch_size, device) if seqs else torch.empty(0, model.cfg.n_embd)
 
 
 # ----------------------------------------------------------------------------------------------
+# the command line
 
 def existing_results(path, run):
     """The entries of the results file at path that this run merges into ({} if none); a file of
@@ -859,8 +825,8 @@ def main(config):
         _, _, _, _, dev, dt = common.init_process(c['device'], c['dtype'], seed_list[0])
         tok = common.checkpoint_tokenizer(checkpoint, c['data_dir'])
         if c['max_len'] > args['block_size'] or 'imdb' in task_list:
-            print(f"note: sequences longer than the model's training window ({args['block_size']} tokens) read positions "
-                  f"it never saw in training")
+            print(f"note: sequences longer than the model's training window ({args['block_size']} tokens) read "
+                  f"positions it never saw in training")
         print(f"checkpoint {ckpt}: stage {checkpoint.get('stage', '?')}, decoder {args.get('decoder')}, n_embd "
               f"{args['n_embd']}, {len(checkpoint['model'])} tensors; head {head}, seeds {seed_list}, device {dev}, "
               f"dtype {dt}" + (f", control {c['control']}" if c['control'] else '')
@@ -880,9 +846,7 @@ def main(config):
             results = merged  # what the file holds now
     except KeyboardInterrupt:
         common.interrupted(f"{', '.join(results)} kept in {path}" if results else "nothing was written")
-    print()
-    print(markdown_table(results))
-    print(f"\nwrote {path}")
+    print(f"\n{markdown_table(results)}\n\nwrote {path}")
 
 
 if __name__ == '__main__':
