@@ -1,6 +1,6 @@
 """
-GLUE and IMDB for a checkpoint of any stage and either arm: fine-tune a small head on each task, read
-the frozen encoder with a linear probe, or score sentence similarity zero-shot; beside every score its
+GLUE and IMDB for a checkpoint of any stage and either arm: a small head fine-tuned on each task, the
+frozen encoder read by a linear probe, or sentence similarity zero-shot; every score beside its
 controls: 'majority', 'bow' (tf-idf uni- and bigrams, the probe's linear model) and with
 --control=random_init the same head on the untrained architecture.
 
@@ -9,13 +9,9 @@ controls: 'majority', 'bow' (tf-idf uni- and bigrams, the probe's linear model) 
     python eval_glue.py --make_imdb_split=aclimdb/IMDB/train.tsv --task_dir=imdb_data  # then --tasks=imdb
     from eval_glue import encode; emb = encode(["a sentence"], 'out/tiny_mlm/ckpt.pt')  # (1, n_embd)
 
-Heads: pool ('[cls] a [sep] b', weighted pooling, linear); pair (a and b pooled apart, [a; b; |a-b|; a*b]
--> linear); decoder (the concept arm's pretrained decoder); probe (frozen, as SentEval: a linear model on
-mean-pooled features); cosine (zero-shot, stsb). Protocol after crammedBERT (Geiping & Goldstein 2023):
-5 epochs (3 for the large tasks), batch 16, 10% warmup then cosine, AdamW (0.9, 0.98), lr 1e-4 for the
-encoder, 1e-3 for the new head, 128 tokens (imdb: whole reviews). The headline is the LAST epoch (mean
-and std over seeds); the best epoch, chosen on the reported set and so optimistic, stands beside it.
-Scores x100, in --out: {"run": what makes the scores, "results": {task: entry}}, where a rerun merges.
+The protocol follows crammedBERT (Geiping & Goldstein 2023): see the defaults. The headline is the LAST
+epoch (mean and std over seeds); the best epoch, chosen on the reported set and so optimistic, stands
+beside it. Scores x100, in --out: {"run": what makes the scores, "results": {task: entry}}.
 """
 import json
 import math
@@ -133,54 +129,38 @@ def read_tsv(path):
     return [line.rstrip('\r').split('\t') for line in lines if line.strip()]
 
 
-def read_local(task, root, evals):
-    """(train, {result name: eval split}, {file: skipped rows}) from the GLUE layout under root. A row
-    of another width than the file's, or with an unreadable label (QQP has a few), is skipped; a file
-    whose first row's label reads as a label has lost its header line: that row is an example."""
-    t, splits, skipped = TASKS[task], {}, {}
-    need = max(c for c in (t.a, t.b, t.y) if c is not None) + 1  # the columns a row must have
-    for name, stem in [('train', 'train')] + [(name, stem) for name, (stem, _) in evals.items()]:
-        path = os.path.join(root, t.folder, f'{stem}.tsv')
-        rows, n_cols = read_tsv(path), need
-        if t.header and rows:  # all but CoLA
-            if len(rows[0]) < need:
-                raise common.InputError(f"{path} has {len(rows[0])} tab-separated columns, but {task} reads column "
-                                        f"{need - 1} (0-based); use the task's original files or --task_dir=''")
-            n_cols = len(rows[0])
-            if parse_label(task, rows[0][t.y]) is None:
-                rows = rows[1:]
-            else:
-                print(f"note: {path} has no header line; its first row is read as data")
-        labels = [parse_label(task, row[t.y]) if len(row) == n_cols else None for row in rows]
-        keep = [i for i, y in enumerate(labels) if y is not None]
-        splits[name] = make_split([rows[i][t.a] for i in keep], None if t.b is None else [rows[i][t.b] for i in keep],
-                                  [labels[i] for i in keep], task)
-        skipped[f'{stem}.tsv'] = len(rows) - len(keep)
-    return splits.pop('train'), splits, skipped
+def read_file(task, path):
+    """[(text a, text b or None, label)] of a file in the GLUE layout, the label None for a row to skip:
+    one of another width than the file's, or with an unreadable label (QQP has a few). A file whose
+    first row's label reads as a label has lost its header line: that row is an example."""
+    t, rows = TASKS[task], read_tsv(path)
+    n_cols = need = max(c for c in (t.a, t.b, t.y) if c is not None) + 1  # the columns a row must have
+    if t.header and rows:  # all but CoLA
+        if len(rows[0]) < need:
+            raise common.InputError(f"{path} has {len(rows[0])} tab-separated columns, but {task} reads column "
+                                    f"{need - 1} (0-based); use the task's original files or --task_dir=''")
+        n_cols = len(rows[0])
+        if parse_label(task, rows[0][t.y]) is None:
+            rows = rows[1:]
+        else:
+            print(f"note: {path} has no header line; its first row is read as data")
+    return [(row[t.a], None if t.b is None else row[t.b], parse_label(task, row[t.y])) if len(row) == n_cols
+            else (None, None, None) for row in rows]
 
 
-def read_hub(task, evals=None):
-    """The same from the Hugging Face hub; any failure (offline, a renamed dataset) is one line."""
+def read_hub(task):
+    """The task's splits from the Hugging Face hub; any failure (offline, a renamed dataset) is one line."""
     if TASKS[task].hub is None:
         raise common.InputError(f"{task} is not read from the hub: pass --task_dir=<a folder with "
                                 f"{TASKS[task].folder}/train.tsv and dev.tsv>"
                                 + (" (--make_imdb_split makes them)" if task == 'imdb' else ''))
     import datasets
-    (col_a, col_b), n, splits, skipped = TASKS[task].hub, n_labels(task), {}, {}
     try:
-        ds = datasets.load_dataset('nyu-mll/glue', task)
+        return datasets.load_dataset('nyu-mll/glue', task)
     except Exception as e:  # noqa: BLE001 - no network, a renamed dataset: the same advice
         raise common.InputError(f"could not load {task} from the Hugging Face hub (nyu-mll/glue: "
                                 f"{common.first_line(e)}); offline? download the data once and pass --task_dir=DIR "
                                 f"in the GLUE layout (DIR/<TASK>/train.tsv, dev.tsv)") from None
-    for name, split in [('train', 'train')] + [(name, split) for name, (_, split) in evals.items()]:
-        d = ds[split]  # a row without a usable label (the hub's test splits write -1) is dropped and counted
-        a, ys, b = d[col_a][:], d['label'][:], d[col_b][:] if col_b else None  # [:]: a plain list, fast
-        keep = [i for i, y in enumerate(ys) if y is not None and (n == 1 or 0 <= y < n)]
-        splits[name] = make_split([a[i] for i in keep], None if b is None else [b[i] for i in keep],
-                                  [ys[i] for i in keep], task)
-        skipped[split] = len(d) - len(keep)
-    return splits.pop('train'), splits, skipped
 
 
 def subset(split, n, seed=0):
@@ -193,19 +173,31 @@ def subset(split, n, seed=0):
 
 
 def load_task(task, root='', max_train=0, max_eval=0):
-    """Everything evaluate_task needs to know about a task, its splits included."""
+    """Everything evaluate_task needs to know about a task, its splits read from the GLUE layout under
+    root, or from the hub if root is ''; a row without a usable label is skipped and counted."""
     if task not in TASKS:
         raise common.InputError(f"unknown task '{task}'; choose from {', '.join(TASKS)}, or 'glue' / 'all'")
     t, n = TASKS[task], n_labels(task)
-    evals = t.evals or {task: ('dev', 'validation')}
-    train, evals, skipped = read_local(task, root, evals) if root else read_hub(task, evals)
-    if len(train['label']) == 0 or any(len(e['label']) == 0 for e in evals.values()):
+    hub, splits, skipped = None if root else read_hub(task), {}, {}
+    for name, (stem, split) in {'train': ('train', 'train'), **(t.evals or {task: ('dev', 'validation')})}.items():
+        if root:
+            rows = read_file(task, os.path.join(root, t.folder, f'{stem}.tsv'))
+        else:  # [:]: a plain list, fast; the hub's test splits write the label -1
+            d = hub[split]
+            rows = [(a, b, y if y is not None and (n == 1 or 0 <= y < n) else None) for a, b, y in
+                    zip(d[t.hub[0]][:], d[t.hub[1]][:] if t.hub[1] else [None] * len(d), d['label'][:])]
+        kept = [row for row in rows if row[2] is not None]
+        splits[name] = make_split([a for a, _, _ in kept], None if t.b is None else [b for _, b, _ in kept],
+                                  [y for _, _, y in kept], task)
+        skipped[f'{stem}.tsv' if root else split] = len(rows) - len(kept)
+    train = splits.pop('train')
+    if len(train['label']) == 0 or any(len(e['label']) == 0 for e in splits.values()):
         expected = ('that is a number (a similarity score)' if n == 1 else f"word, one of {', '.join(t.labels)}"
                     if isinstance(t.labels, tuple) else f"from 0 to {n - 1}")
         raise common.InputError(f"{task}: no usable examples in {root or 'the hub data'} ({skipped} skipped); each "
                                 f"row needs the task's columns and a label {expected}")
     return {'task': task, 'metrics': t.metrics, 'n_labels': n, 'epochs': t.epochs, 'length': t.length,
-            'train': subset(train, max_train), 'evals': {k: subset(v, max_eval) for k, v in evals.items()},
+            'train': subset(train, max_train), 'evals': {k: subset(v, max_eval) for k, v in splits.items()},
             'skipped': skipped}
 
 
@@ -506,9 +498,6 @@ class TfIdf:
         self.index = {g: i for i, g in enumerate(kept)}
         self.idf = {g: math.log((1 + len(texts)) / (1 + df[g])) + 1 for g in kept}
 
-    def __len__(self):
-        return len(self.index)
-
     def rows(self, texts):
         """One {column: weight} dict per text."""
         out = []
@@ -522,7 +511,7 @@ class TfIdf:
 
 def bow_features(vec, split):
     """tf-idf rows of a split, for a pair [a; b; |a - b|; a ⊙ b] over the vocabulary: sparse (n, V or 4V)."""
-    V, rows = len(vec), vec.rows(split['a'])
+    V, rows = len(vec.index), vec.rows(split['a'])
     if split['b'] is not None:
         rows = [{**a, **{V + k: v for k, v in b.items()},
                  **{2 * V + k: abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in a.keys() | b.keys()
@@ -540,7 +529,7 @@ def bow_baseline(data):
     examples: the bar a representation must clear to have learned more than its words."""
     train = data['train']
     vec = TfIdf(train['a'] + (train['b'] or []))
-    if len(vec) == 0:  # no n-gram occurs twice: nothing to learn from, the majority answer
+    if not vec.index:  # no n-gram occurs twice: nothing to learn from, the majority answer
         return {name: (majority(train['label'], e['label'], data['n_labels'], data['metrics']), None)
                 for name, e in data['evals'].items()}
     model, lam = fit_probe(bow_features(vec, train), train['label'], data['n_labels'], data['metrics'])
@@ -557,24 +546,24 @@ def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontex
     epochs and scored on every evaluation set after every epoch. -> (scores per epoch, train losses)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train, n_labels, labels = data['train_tok'], data['n_labels'], data['train']['label']
-    regression = n_labels == 1
+    train, labels, regression = data['train_tok'], data['train']['label'], data['n_labels'] == 1
     # regression targets standardised: a fresh head starts near 0, and would first spend epochs learning
     # a 0-5 score's offset (the correlations do not change)
     y_mean, y_std = (float(labels.mean()), float(labels.std()) or 1.0) if regression else (0.0, 1.0)
     targets = torch.tensor((labels - y_mean) / y_std, dtype=torch.float32) if regression else torch.tensor(labels)
     model, _ = common.load_model(checkpoint, 'the checkpoint', device, dropout=hp['dropout'])
-    if random_init:  # the same architecture, its weights drawn from this seed
-        model = type(model)(model.cfg).to(device)
-    clf = Classifier(model, head, n_labels, head == 'pair' and train['x_b'] is not None, hp['dropout']).to(device)
+    model = type(model)(model.cfg).to(device) if random_init else model  # untrained: drawn from this seed
+    pair = head == 'pair' and train['x_b'] is not None
+    clf = Classifier(model, head, data['n_labels'], pair, hp['dropout']).to(device)
     n_epochs = hp['epochs'] or data['epochs']
     total = n_epochs * math.ceil(len(train['x']) / hp['batch_size'])
     warmup = hp['warmup_steps'] if hp['warmup_steps'] >= 0 else round(0.1 * total)
-    head_ids = {id(p) for p in clf.head_parameters()}  # the new head starts from nothing: its own, larger lr
-    groups = [{'params': [p for p in clf.parameters() if p.requires_grad and (id(p) in head_ids) == is_head
-                          and (p.dim() >= 2) == decay], 'weight_decay': hp['weight_decay'] if decay else 0.0,
-               'base_lr': (hp['head_learning_rate'] or hp['learning_rate']) if is_head else hp['learning_rate']}
-              for is_head in (False, True) for decay in (True, False)]
+    head_params, groups = {id(p) for p in clf.head_parameters()}, []
+    for is_head in (False, True):  # the new head starts from nothing: its own, larger learning rate
+        lr = (hp['head_learning_rate'] or hp['learning_rate']) if is_head else hp['learning_rate']
+        part = [p for p in clf.parameters() if p.requires_grad and (id(p) in head_params) == is_head]
+        groups += [{'params': [p for p in part if p.dim() >= 2], 'weight_decay': hp['weight_decay'], 'base_lr': lr},
+                   {'params': [p for p in part if p.dim() < 2], 'weight_decay': 0.0, 'base_lr': lr}]
     device_type = common.device_type(str(device))
     optimizer = torch.optim.AdamW(groups, lr=hp['learning_rate'], betas=(0.9, 0.98), eps=1e-6,
                                   fused=device_type in ('cuda', 'cpu'))
@@ -682,16 +671,20 @@ def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, devi
     bow, first, seconds = bow_baseline(data), next(iter(data['evals'])), round(time.time() - t0, 2)
     results = {}
     for name, ev in data['evals'].items():
-        results[name] = {
-            **summarise(runs, used_seeds, name, first, metrics),
-            'majority': majority(train['label'], ev['label'], n_labels, metrics), 'bow': bow[name][0],
-            **({'random_init': summarise(*controls, name, first, metrics)} if controls else {}),
-            'n_train': 0 if head == 'cosine' else len(train['label']), 'n_eval': len(ev['label']),
-            'seconds': seconds, 'head': head, 'control': control or None,
-            'epochs': 0 if is_frozen else len(runs[0][0]), 'skipped': data['skipped'], 'bow_lambda': bow[name][1],
-            **({'probe_lambda': [lam for _, _, lam in runs]} if head == 'probe' else {}),
-            **({} if is_frozen else {'per_seed': {str(s): {'scores': [e[name] for e in h], 'train_loss': loss}
-                                                  for s, (h, loss, _) in zip(used_seeds, runs)}})}
+        entry = {**summarise(runs, used_seeds, name, first, metrics),
+                 'majority': majority(train['label'], ev['label'], n_labels, metrics), 'bow': bow[name][0]}
+        if controls:
+            entry['random_init'] = summarise(*controls, name, first, metrics)
+        entry.update({'n_train': 0 if head == 'cosine' else len(train['label']), 'n_eval': len(ev['label']),
+                      'seconds': seconds, 'head': head, 'control': control or None,
+                      'epochs': 0 if is_frozen else len(runs[0][0]), 'skipped': data['skipped'],
+                      'bow_lambda': bow[name][1]})
+        if head == 'probe':
+            entry['probe_lambda'] = [lam for _, _, lam in runs]
+        if not is_frozen:
+            entry['per_seed'] = {str(s): {'scores': [e[name] for e in h], 'train_loss': loss}
+                                 for s, (h, loss, _) in zip(used_seeds, runs)}
+        results[name] = entry
     return results
 
 
