@@ -1,36 +1,19 @@
 """
-GLUE, SICK, PAWS and IMDB for a checkpoint of any stage and either arm: fine-tune a small head on each
-task's training split and score its validation split, read the frozen encoder with a linear probe, or
-score sentence similarity zero-shot.
+GLUE and IMDB for a checkpoint of any stage and either arm: a small head fine-tuned on each task, the
+frozen encoder read by a linear probe, or sentence similarity zero-shot; every score beside its
+controls: 'majority', 'bow' (tf-idf uni- and bigrams, the probe's linear model) and with
+--control=random_init the same head on the untrained architecture.
 
     python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --task_dir=glue_data --tasks=stsb,mrpc,rte,sst2,cola
-    python eval_glue.py --ckpt=out/tiny_mlm/ckpt.pt --task_dir=glue_data --head=cosine --tasks=stsb,sick_r
-    python eval_glue.py --ckpt=out/h512l6_mlm/ckpt.pt --tasks=glue --seeds=1,2,3 --device=cuda
+    python eval_glue.py --ckpt=out/h512l6_mlm/ckpt.pt --tasks=glue --seeds=1,2,3 --device=cuda  # the hub
     python eval_glue.py --make_imdb_split=aclimdb/IMDB/train.tsv --task_dir=imdb_data  # then --tasks=imdb
+    from eval_glue import encode; emb = encode(["a sentence"], 'out/tiny_mlm/ckpt.pt')  # (1, n_embd)
 
-    from eval_glue import encode    # sentence embeddings: the mean of the encoder's states
-    emb = encode(["a sentence", "another one"], 'out/tiny_mlm/ckpt.pt')   # tensor (2, n_embd)
-
---task_dir='' reads the Hugging Face hub; else a folder in the GLUE distribution's layout, as the TASKS
-table says: <TASK>/train.tsv and dev.tsv with the official columns, SICK/SICK.txt (TRIAL rows are its
-validation split, as on the hub), IMDB/ (id, sentence, label; --make_imdb_split carves its dev split).
-
-Heads: pool ('[cls] a [sep] b', weighted pooling, LayerNorm, linear); pair (a and b pooled apart,
-[a; b; |a-b|; a*b] -> linear); decoder (the concept arm's pretrained decoder, mean over real tokens);
-probe (frozen, as SentEval: mean-pooled features, ridge or logistic regression whose L2 strength a
-fixed 20% holdout of train picks, never the reported dev set); cosine (zero-shot: stsb, sick_r).
---head_init=probe starts the output layer as that probe (LP-FT). Beside every score: 'majority',
-'bow' (tf-idf uni- and bigrams, the probe's linear model) and with --control=random_init the same
-head on the untrained architecture; '>bow' marks a score that clears one by more than the seed spread.
-
-Protocol after crammedBERT (Geiping & Goldstein 2023), one for every task: 5 epochs (3 for the large
-tasks), batch 16, 10% warmup then cosine, AdamW (0.9, 0.98), no weight decay, 128 tokens (imdb: whole
-reviews), lr 1e-4 for the encoder, 1e-3 for the new head. The headline is the LAST epoch (mean and std
-over seeds); the best epoch, chosen on the reported set and so optimistic, stands beside it. Scores x100.
-
---out (glue_<head>.json beside the checkpoint) holds {"run": checkpoint, head and the settings that
-make the scores, "results": {task: entry}}, rewritten atomically after every task; a rerun of the
-same run merges into it, another run's file is refused. markdown_table() renders a file's content.
+Protocol after crammedBERT (Geiping & Goldstein 2023): 5 epochs (3 for the large tasks), batch 16, 10%
+warmup then cosine, AdamW (0.9, 0.98), lr 1e-4 for the encoder and 1e-3 for the new head, 128 tokens
+(imdb: whole reviews). The headline is the LAST epoch (mean and std over seeds); the best epoch, chosen
+on the reported set and so optimistic, stands beside it. Scores x100, in --out: {"run": what makes the
+scores, "results": {task: entry}}.
 """
 import json
 import math
@@ -63,7 +46,6 @@ seeds = '42'                   # comma-separated, e.g. '1,2,3': one run each, me
 epochs = 0                     # 0 = the task's default (TASKS)
 learning_rate = 1e-4           # the pretrained encoder's (crammedBERT's 4e-5 suits an already good BERT-base)
 head_learning_rate = 1e-3      # the new head's, which starts from nothing; 0 = learning_rate
-head_init = 'random'           # 'random' | 'probe': the output layer starts as the linear probe of its features (LP-FT)
 batch_size = 16                # crammedBERT: large fine-tuning batches hurt
 eval_batch_size = 128
 max_len = 128                  # tokens per sequence (a packed pair: both texts); imdb reads whole texts
@@ -80,41 +62,32 @@ progress = True                # tqdm bars on stderr and a line per epoch
 make_imdb_split = ''           # IMDB's train.tsv: write <task_dir>/IMDB/train.tsv and dev.tsv from it, and stop
 imdb_exclude = ''              # with it: a pretraining corpus whose documents never go to dev.tsv (they stay in train)
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-HPARAMS = {k: DEFAULTS[k] for k in ('epochs', 'learning_rate', 'head_learning_rate', 'head_init', 'batch_size',
-                                    'eval_batch_size', 'max_len', 'warmup_steps', 'weight_decay', 'grad_clip',
-                                    'dropout')}
+HPARAMS = {k: DEFAULTS[k] for k in ('epochs', 'learning_rate', 'head_learning_rate', 'batch_size', 'eval_batch_size',
+                                    'max_len', 'warmup_steps', 'weight_decay', 'grad_clip', 'dropout')}
 RUN_SETTINGS = (*HPARAMS, 'max_train_examples', 'max_eval_examples', 'dtype')  # results merge where these agree
 CHOICES = {'head': ('pool', 'pair', 'decoder', 'probe', 'cosine'), 'control': ('', 'random_init')}  # beside common's
 
 # ----------------------------------------------------------------------------------------------
 # tasks: metrics (the first picks the best epoch); labels: how many (1 = a regression score) or the
 # words the local files write, in the hub's order; default epochs; the local folder, whether its files
-# open with a header line, the columns of text a, text b (None: one text) and the label; the hub
-# (dataset, configuration, columns a, b, label; None: not there); tokens per text (None: --max_len,
-# inf: the whole text); evaluation sets besides {task: ('dev', 'validation')}: {name: (file, hub split)}
+# open with a header line, the columns of text a, text b (None: one text) and the label; the hub's
+# columns a, b (None: not on the hub); tokens per text (None: --max_len, inf: the whole text);
+# evaluation sets besides {task: ('dev', 'validation')}: {name: (file, hub split)}
 Task = namedtuple('Task', 'metrics labels epochs folder header a b y hub length evals', defaults=(None, None))
-_GLUE, _NLI, _NLI2 = 'nyu-mll/glue', ('entailment', 'neutral', 'contradiction'), ('entailment', 'not_entailment')
+_NLI, _NLI2 = ('entailment', 'neutral', 'contradiction'), ('entailment', 'not_entailment')
 TASKS = {
-    'cola': Task(('mcc',), 2, 5, 'CoLA', False, 3, None, 1, (_GLUE, 'cola', 'sentence', None, 'label')),
-    'sst2': Task(('accuracy',), 2, 5, 'SST-2', True, 0, None, 1, (_GLUE, 'sst2', 'sentence', None, 'label')),
-    'mrpc': Task(('f1', 'accuracy'), 2, 5, 'MRPC', True, 3, 4, 0, (_GLUE, 'mrpc', 'sentence1', 'sentence2', 'label')),
-    'qqp': Task(('f1', 'accuracy'), 2, 3, 'QQP', True, 3, 4, 5, (_GLUE, 'qqp', 'question1', 'question2', 'label')),
-    'stsb': Task(('pearson', 'spearman'), 1, 5, 'STS-B', True, 7, 8, -1,
-                 (_GLUE, 'stsb', 'sentence1', 'sentence2', 'label')),
-    'mnli': Task(('accuracy',), _NLI, 3, 'MNLI', True, 8, 9, -1, (_GLUE, 'mnli', 'premise', 'hypothesis', 'label'),
+    'cola': Task(('mcc',), 2, 5, 'CoLA', False, 3, None, 1, ('sentence', None)),
+    'sst2': Task(('accuracy',), 2, 5, 'SST-2', True, 0, None, 1, ('sentence', None)),
+    'mrpc': Task(('f1', 'accuracy'), 2, 5, 'MRPC', True, 3, 4, 0, ('sentence1', 'sentence2')),
+    'qqp': Task(('f1', 'accuracy'), 2, 3, 'QQP', True, 3, 4, 5, ('question1', 'question2')),
+    'stsb': Task(('pearson', 'spearman'), 1, 5, 'STS-B', True, 7, 8, -1, ('sentence1', 'sentence2')),
+    'mnli': Task(('accuracy',), _NLI, 3, 'MNLI', True, 8, 9, -1, ('premise', 'hypothesis'),
                  evals={'mnli_m': ('dev_matched', 'validation_matched'),
                         'mnli_mm': ('dev_mismatched', 'validation_mismatched')}),
-    'qnli': Task(('accuracy',), _NLI2, 3, 'QNLI', True, 1, 2, -1, (_GLUE, 'qnli', 'question', 'sentence', 'label')),
-    'rte': Task(('accuracy',), _NLI2, 5, 'RTE', True, 1, 2, -1, (_GLUE, 'rte', 'sentence1', 'sentence2', 'label')),
-    'wnli': Task(('accuracy',), 2, 5, 'WNLI', True, 1, 2, -1, (_GLUE, 'wnli', 'sentence1', 'sentence2', 'label')),
-    'sick_r': Task(('pearson', 'spearman'), 1, 5, 'SICK', True, 1, 2, 4,  # SICK.txt, one file (read_local)
-                   ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'relatedness_score')),
-    'sick_e': Task(('accuracy',), _NLI, 5, 'SICK', True, 1, 2, 3,
-                   ('RobZamp/sick', None, 'sentence_A', 'sentence_B', 'label')),
-    'paws': Task(('f1', 'accuracy'), 2, 5, 'PAWS', True, 1, 2, 3,
-                 ('google-research-datasets/paws', 'labeled_final', 'sentence1', 'sentence2', 'label')),
-    # document-level sentiment; 23k training reviews of 231 words on average, 5.3M words an epoch: as
-    # large as qnli, which gets 3 epochs (sst2: 0.6M)
+    'qnli': Task(('accuracy',), _NLI2, 3, 'QNLI', True, 1, 2, -1, ('question', 'sentence')),
+    'rte': Task(('accuracy',), _NLI2, 5, 'RTE', True, 1, 2, -1, ('sentence1', 'sentence2')),
+    'wnli': Task(('accuracy',), 2, 5, 'WNLI', True, 1, 2, -1, ('sentence1', 'sentence2')),
+    # 23k training reviews of 231 words on average, 5.3M words an epoch: as large as qnli, which gets 3
     'imdb': Task(('accuracy',), 2, 3, 'IMDB', True, 1, None, 2, None, math.inf),
 }
 PRESETS = {'glue': 'cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte', 'all': ','.join(t for t in TASKS if t != 'imdb')}
@@ -126,14 +99,15 @@ def n_labels(task):
 
 
 def parse_label(task, text):
-    """A label field as an int class or a float score; ValueError if it is not one."""
+    """A label field as an int class or a float score; None if it is not one."""
     labels = TASKS[task].labels
-    if isinstance(labels, tuple):
-        return labels.index(text.strip().lower())
-    value = float(text) if labels == 1 else int(text)
-    if not (math.isfinite(value) if labels == 1 else 0 <= value < labels):
-        raise ValueError(text)
-    return value
+    try:
+        if isinstance(labels, tuple):
+            return labels.index(text.strip().lower())
+        value = float(text) if labels == 1 else int(text)
+    except ValueError:
+        return None
+    return value if (math.isfinite(value) if labels == 1 else 0 <= value < labels) else None
 
 
 def make_split(a, b, labels, task):
@@ -145,7 +119,7 @@ def read_tsv(path):
     row ends only at a line end (\\n or \\r\\n; \\r in a file without \\n, as old Macs wrote)."""
     if not os.path.isfile(path):
         raise common.InputError(f"{path} not found; --task_dir must hold the GLUE layout (<TASK>/train.tsv, dev.tsv, "
-                                f"SICK/SICK.txt, PAWS/, IMDB/train.tsv, dev.tsv), or '' for the hub")
+                                f"IMDB/train.tsv, dev.tsv), or '' for the hub")
     with open(path, 'rb') as f:
         raw = f.read()
     try:
@@ -157,89 +131,38 @@ def read_tsv(path):
     return [line.rstrip('\r').split('\t') for line in lines if line.strip()]
 
 
-def rows_to_split(task, rows, n_cols):
-    """(split, skipped rows): a row of another width than the file's, or with an unreadable label (QQP
-    has a few), is skipped."""
-    t, a, b, labels, skipped = TASKS[task], [], [], [], 0
-    for row in rows:
-        try:
-            if len(row) != n_cols:
-                raise ValueError(row)
-            labels.append(parse_label(task, row[t.y]))
-        except ValueError:
-            skipped += 1
-            continue
-        a.append(row[t.a])
-        b += [] if t.b is None else [row[t.b]]
-    return make_split(a, None if t.b is None else b, labels, task), skipped
-
-
-def read_local(task, root, evals):
-    """(train, {result name: eval split}, {file: skipped rows}) from the GLUE layout under root. A file
-    whose first row's label reads as a label has lost its header line: that row is an example."""
-    t = TASKS[task]
-    need = max(c for c in (t.a, t.b, t.y) if c is not None) + 1  # the columns a row must have
-
-    def read(name):
-        path = os.path.join(root, t.folder, name)
-        rows = read_tsv(path)
-        if not t.header:  # CoLA
-            return rows, need
-        try:
-            parse_label(task, rows[0][t.y])
-            print(f"note: {path} has no header line; its first row is read as data")
-            first = 0
-        except (ValueError, IndexError):
-            first = 1
-        if rows and len(rows[0]) < need:
+def read_file(task, path):
+    """[(text a, text b or None, label)] of a file in the GLUE layout, the label None for a row to skip:
+    one of another width than the file's, or with an unreadable label (QQP has a few). A file whose
+    first row's label reads as a label has lost its header line: that row is an example."""
+    t, rows = TASKS[task], read_tsv(path)
+    n_cols = need = max(c for c in (t.a, t.b, t.y) if c is not None) + 1  # the columns a row must have
+    if t.header and rows:  # all but CoLA
+        if len(rows[0]) < need:
             raise common.InputError(f"{path} has {len(rows[0])} tab-separated columns, but {task} reads column "
                                     f"{need - 1} (0-based); use the task's original files or --task_dir=''")
-        return rows[first:], len(rows[0]) if rows else 0
-
-    if t.folder == 'SICK':  # one file, whose last column (SemEval_set) names the split
-        rows, n_cols = read('SICK.txt')
-        good = [row for row in rows if len(row) == n_cols]
-        (train, s1), (dev, s2) = (rows_to_split(task, [r for r in good if r[-1].strip().upper() == s], n_cols)
-                                  for s in ('TRAIN', 'TRIAL'))  # TEST is not read
-        return train, {task: dev}, {'SICK.txt': len(rows) - len(good) + s1 + s2}
-    skipped, splits = {}, {}
-    train, skipped['train.tsv'] = rows_to_split(task, *read('train.tsv'))
-    for name, (stem, _) in evals.items():
-        splits[name], skipped[f'{stem}.tsv'] = rows_to_split(task, *read(f'{stem}.tsv'))
-    return train, splits, skipped
+        n_cols = len(rows[0])
+        if parse_label(task, rows[0][t.y]) is None:
+            rows = rows[1:]
+        else:
+            print(f"note: {path} has no header line; its first row is read as data")
+    return [(row[t.a], None if t.b is None else row[t.b], parse_label(task, row[t.y])) if len(row) == n_cols
+            else (None, None, None) for row in rows]
 
 
-def read_hub(task, evals=None):
-    """The same from the Hugging Face hub; any failure (offline, a renamed dataset) is one line that
-    points at --task_dir."""
+def read_hub(task):
+    """The task's splits from the Hugging Face hub; any failure (offline, a renamed dataset) is one line."""
     if TASKS[task].hub is None:
         raise common.InputError(f"{task} is not read from the hub: pass --task_dir=<a folder with "
                                 f"{TASKS[task].folder}/train.tsv and dev.tsv>"
                                 + (" (--make_imdb_split makes them)" if task == 'imdb' else ''))
     import datasets
-    (path, config_name, col_a, col_b, col_y), ds, error, n = TASKS[task].hub, None, None, n_labels(task)
-    # SICK is a script dataset, which datasets>=4 cannot run: its parquet conversion first
-    for extra in [{'revision': 'refs/convert/parquet'}, {}] if path.endswith('sick') else [{}]:
-        try:
-            ds = datasets.load_dataset(path, config_name, **extra)
-            break
-        except Exception as e:  # noqa: BLE001 - no network, no such repo or revision, scripts: the same advice
-            error = e
-            if isinstance(e, ConnectionError):  # offline: another attempt would wait for the same timeouts
-                break
-    if ds is None:
-        raise common.InputError(f"could not load {task} from the Hugging Face hub ({path}: {common.first_line(error)})"
-                                f"; offline? download the data once and pass --task_dir=DIR in the GLUE layout "
-                                f"(DIR/<TASK>/train.tsv, dev.tsv; DIR/SICK/SICK.txt; DIR/PAWS/train.tsv, dev.tsv)")
-    skipped, splits = {}, {}
-    for name, split in [('train', 'train')] + [(name, split) for name, (_, split) in evals.items()]:
-        d = ds[split]  # a row without a usable label (the hub's test splits write -1) is dropped and counted
-        a, ys, b = d[col_a][:], d[col_y][:], d[col_b][:] if col_b else None  # [:]: a plain list, fast
-        keep = [i for i, y in enumerate(ys) if y is not None and (n == 1 or 0 <= y < n)]
-        splits[name] = make_split([a[i] for i in keep], None if b is None else [b[i] for i in keep],
-                                  [ys[i] for i in keep], task)
-        skipped[split] = len(d) - len(keep)
-    return splits.pop('train'), splits, skipped
+    try:
+        return datasets.load_dataset('nyu-mll/glue', task)
+    except Exception as e:  # noqa: BLE001 - no network, a renamed dataset: the same advice
+        raise common.InputError(f"could not load {task} from the Hugging Face hub (nyu-mll/glue: "
+                                f"{common.first_line(e)}); offline? download the data once and pass --task_dir=DIR "
+                                f"in the GLUE layout (DIR/<TASK>/train.tsv, dev.tsv)") from None
 
 
 def subset(split, n, seed=0):
@@ -252,27 +175,38 @@ def subset(split, n, seed=0):
 
 
 def load_task(task, root='', max_train=0, max_eval=0):
-    """Everything evaluate_task needs to know about a task, its splits included."""
+    """Everything evaluate_task needs to know about a task, its splits read from the GLUE layout under
+    root, or from the hub if root is ''; a row without a usable label is skipped and counted."""
     if task not in TASKS:
         raise common.InputError(f"unknown task '{task}'; choose from {', '.join(TASKS)}, or 'glue' / 'all'")
     t, n = TASKS[task], n_labels(task)
-    evals = t.evals or {task: ('dev', 'validation')}
-    train, evals, skipped = read_local(task, root, evals) if root else read_hub(task, evals)
-    if len(train['label']) == 0 or any(len(e['label']) == 0 for e in evals.values()):
+    hub, splits, skipped = None if root else read_hub(task), {}, {}
+    for name, (stem, split) in {'train': ('train', 'train'), **(t.evals or {task: ('dev', 'validation')})}.items():
+        if root:
+            rows = read_file(task, os.path.join(root, t.folder, f'{stem}.tsv'))
+        else:  # [:]: a plain list, fast; the hub's test splits write the label -1
+            d = hub[split]
+            rows = [(a, b, y if y is not None and (n == 1 or 0 <= y < n) else None) for a, b, y in
+                    zip(d[t.hub[0]][:], d[t.hub[1]][:] if t.hub[1] else [None] * len(d), d['label'][:])]
+        kept = [row for row in rows if row[2] is not None]
+        splits[name] = make_split([a for a, _, _ in kept], None if t.b is None else [b for _, b, _ in kept],
+                                  [y for _, _, y in kept], task)
+        skipped[f'{stem}.tsv' if root else split] = len(rows) - len(kept)
+    train = splits.pop('train')
+    if len(train['label']) == 0 or any(len(e['label']) == 0 for e in splits.values()):
         expected = ('that is a number (a similarity score)' if n == 1 else f"word, one of {', '.join(t.labels)}"
                     if isinstance(t.labels, tuple) else f"from 0 to {n - 1}")
         raise common.InputError(f"{task}: no usable examples in {root or 'the hub data'} ({skipped} skipped); each "
                                 f"row needs the task's columns and a label {expected}")
     return {'task': task, 'metrics': t.metrics, 'n_labels': n, 'epochs': t.epochs, 'length': t.length,
-            'train': subset(train, max_train), 'evals': {k: subset(v, max_eval) for k, v in evals.items()},
+            'train': subset(train, max_train), 'evals': {k: subset(v, max_eval) for k, v in splits.items()},
             'skipped': skipped}
 
 
 def split_imdb(train_tsv, out_folder, n_dev=2000, seed=0, exclude=''):
-    """IMDB's labelled reviews come as one train.tsv: n_dev of them (a fixed seed) become dev.tsv, each
-    review with its exact repeats (aclImdb has some), so dev shares no id and no text with train; a
-    review that is a document of the corpus `exclude` (a pretraining corpus) is never in dev.
-    Writes <out_folder>/IMDB/ whole or not at all; keep dev.tsv's text out of pretraining."""
+    """IMDB's labelled reviews come as one train.tsv: n_dev of them become dev.tsv, each with its exact
+    repeats, so dev shares no id and no text with train; a document of the corpus `exclude` (a pretraining
+    corpus) is never in dev. Writes <out_folder>/IMDB/ whole or not at all."""
     folder = os.path.join(out_folder, 'IMDB')
     if not out_folder or os.path.exists(folder):
         raise common.InputError(f"{folder} exists: a split is made once (its dev text kept out of pretraining); choose "
@@ -370,13 +304,12 @@ def majority(train_label, eval_label, n_labels, metrics):
 # token ids, once per task, and length-bucketed batches
 
 def max_tokens(task_len, max_len):
-    """Tokens per sequence: the task's own (imdb: the whole text) or max_len. Positions are sinusoids,
-    so a model reads past its training window (block_size); how well is in docs/LOG.md."""
-    return max_len if task_len is None else min(task_len, sys.maxsize)  # inf: the whole text, as a slice bound
+    """Tokens per sequence: the task's own (imdb: inf, the whole text) or max_len. Positions are
+    sinusoids, so a model reads past its training window; how well is in docs/LOG.md."""
+    return max_len if task_len is None else min(task_len, sys.maxsize)  # sys.maxsize: a slice bound
 
 
 def check_max_len(max_len, joined_pair):
-    """Room for [cls] and a token of each text: '[cls] a [sep] b' needs 4, '[cls] a' needs 2."""
     need, form = (4, "'[cls] a [sep] b'") if joined_pair else (2, "'[cls] text'")
     if not max_len >= need:
         raise common.InputError(f"max_len={max_len!r} is too short: {form} needs max_len >= {need} to keep a token "
@@ -403,7 +336,7 @@ def tokenize(tok, split, joined, max_len):
 
 def length_batches(enc, batch_size, rng=None):
     """Index arrays of examples of about the same length, so that little compute goes to padding. With
-    rng (training): shuffled, sorted only within windows of 50 batches, the batches shuffled. Without: sorted."""
+    rng (training): shuffled, sorted only within windows of 50 batches, the batches shuffled."""
     lengths = np.asarray([len(x) for x in enc['x']] if enc['x_b'] is None else
                          [len(a) + len(b) for a, b in zip(enc['x'], enc['x_b'])])
     if rng is None:
@@ -432,8 +365,7 @@ def batch_inputs(enc, rows, device):
 
 @torch.no_grad()
 def run_batched(module, fn, enc, width, batch_size, device='cpu', autocast=nullcontext()):
-    """fn(*batch inputs) for every example, module in eval mode, batched by length: (n, width) float32
-    on the CPU, in input order."""
+    """fn(*batch inputs) for every example, module in eval mode: (n, width) float32 on the CPU, in input order."""
     module.eval()
     out = torch.empty(len(enc['x']), width)
     for rows in length_batches(enc, batch_size):
@@ -457,7 +389,6 @@ HOLDOUT_FRACTION = 0.2  # of the training split, carved once with a fixed seed, 
 
 
 def matmul(X, W):
-    """X @ W for a dense or a sparse (COO) X."""
     return torch.sparse.mm(X, W) if X.is_sparse else X @ W
 
 
@@ -484,8 +415,8 @@ def fit_ridge(X, y, lam):
 
 
 def fit_logistic(X, y, n_classes, lam, init=None):
-    """Multinomial logistic regression by L-BFGS: mean cross-entropy + (λ/2)||W||², the bias free.
-    init (W, b) warm-starts it (the next λ of the grid starts from the last solution)."""
+    """Multinomial logistic regression by L-BFGS: mean cross-entropy + (λ/2)||W||², the bias free;
+    init (W, b) warm-starts it."""
     X = X.float() if not X.is_sparse else X.coalesce().float()
     y = torch.as_tensor(y, dtype=torch.long)
     W = (init[0].clone() if init else torch.zeros(X.shape[1], n_classes)).requires_grad_(True)
@@ -569,9 +500,6 @@ class TfIdf:
         self.index = {g: i for i, g in enumerate(kept)}
         self.idf = {g: math.log((1 + len(texts)) / (1 + df[g])) + 1 for g in kept}
 
-    def __len__(self):
-        return len(self.index)
-
     def rows(self, texts):
         """One {column: weight} dict per text."""
         out = []
@@ -585,7 +513,7 @@ class TfIdf:
 
 def bow_features(vec, split):
     """tf-idf rows of a split, for a pair [a; b; |a - b|; a ⊙ b] over the vocabulary: sparse (n, V or 4V)."""
-    V, rows = len(vec), vec.rows(split['a'])
+    V, rows = len(vec.index), vec.rows(split['a'])
     if split['b'] is not None:
         rows = [{**a, **{V + k: v for k, v in b.items()},
                  **{2 * V + k: abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in a.keys() | b.keys()
@@ -603,7 +531,7 @@ def bow_baseline(data):
     examples: the bar a representation must clear to have learned more than its words."""
     train = data['train']
     vec = TfIdf(train['a'] + (train['b'] or []))
-    if len(vec) == 0:  # no n-gram occurs twice: nothing to learn from, the majority answer
+    if not vec.index:  # no n-gram occurs twice: nothing to learn from, the majority answer
         return {name: (majority(train['label'], e['label'], data['n_labels'], data['metrics']), None)
                 for name, e in data['evals'].items()}
     model, lam = fit_probe(bow_features(vec, train), train['label'], data['n_labels'], data['metrics'])
@@ -616,28 +544,24 @@ def bow_baseline(data):
 
 def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontext(), progress=False,
              dtype='float32', random_init=False):
-    """One run: a fresh copy of the model (random_init: untrained) and a new head, trained for the
-    task's epochs and scored on every evaluation set after every epoch. -> (scores per epoch, losses)."""
+    """One run: a fresh copy of the model (random_init: untrained) and a new head, trained for the task's
+    epochs and scored on every evaluation set after every epoch. -> (scores per epoch, train losses)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train, n_labels, labels = data['train_tok'], data['n_labels'], data['train']['label']
-    regression = n_labels == 1
-    # regression targets are standardised: a fresh head starts near 0, and a 0-5 score would first
-    # cost epochs of learning its offset (the correlations do not change under this rescaling)
+    train, labels, regression = data['train_tok'], data['train']['label'], data['n_labels'] == 1
+    # regression targets standardised: a fresh head starts near 0, and would first spend epochs learning
+    # a 0-5 score's offset (the correlations do not change)
     y_mean, y_std = (float(labels.mean()), float(labels.std()) or 1.0) if regression else (0.0, 1.0)
     targets = torch.tensor((labels - y_mean) / y_std, dtype=torch.float32) if regression else torch.tensor(labels)
     model, _ = common.load_model(checkpoint, 'the checkpoint', device, dropout=hp['dropout'])
-    if random_init:  # the same architecture, its weights drawn from this seed
-        model = type(model)(model.cfg).to(device)
-    clf = Classifier(model, head, n_labels, head == 'pair' and train['x_b'] is not None, hp['dropout']).to(device)
-    if hp['head_init'] == 'probe':
-        init_head_from_probe(clf, train, targets.numpy(), data, hp, device, autocast)
+    model = type(model)(model.cfg).to(device) if random_init else model  # untrained: drawn from this seed
+    pair = head == 'pair' and train['x_b'] is not None
+    clf = Classifier(model, head, data['n_labels'], pair, hp['dropout']).to(device)
     n_epochs = hp['epochs'] or data['epochs']
     total = n_epochs * math.ceil(len(train['x']) / hp['batch_size'])
     warmup = hp['warmup_steps'] if hp['warmup_steps'] >= 0 else round(0.1 * total)
-    # the new head starts from nothing and gets its own, larger learning rate (0: learning_rate)
     head_params, groups = {id(p) for p in clf.head_parameters()}, []
-    for is_head in (False, True):
+    for is_head in (False, True):  # the new head starts from nothing: its own, larger learning rate
         lr = (hp['head_learning_rate'] or hp['learning_rate']) if is_head else hp['learning_rate']
         part = [p for p in clf.parameters() if p.requires_grad and (id(p) in head_params) == is_head]
         groups += [{'params': [p for p in part if p.dim() >= 2], 'weight_decay': hp['weight_decay'], 'base_lr': lr},
@@ -653,9 +577,8 @@ def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontex
         loss_sum = 0.0
         for rows in (bar := tqdm(batches, desc=f"{data['task']} seed {seed} epoch {epoch + 1}/{n_epochs}",
                                  leave=False, disable=not progress)):
-            factor = common.get_lr(step, 1.0, 0.0, warmup, total)  # warmup then cosine, for every group
-            for group in optimizer.param_groups:
-                group['lr'] = factor * group['base_lr']
+            for group in optimizer.param_groups:  # warmup then cosine, for every group
+                group['lr'] = common.get_lr(step, 1.0, 0.0, warmup, total) * group['base_lr']
             with autocast:
                 o = clf(*batch_inputs(train, rows, device))
             y = targets[torch.as_tensor(rows)].to(device)
@@ -684,23 +607,9 @@ def finetune(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontex
     return history, losses
 
 
-@torch.no_grad()
-def init_head_from_probe(clf, enc, targets, data, hp, device='cpu', autocast=nullcontext()):
-    """LP-FT (Kumar et al. 2022): the output layer starts as the probe fitted on the head's own features
-    of the training split, so fine-tuning begins from what the encoder already separates instead of
-    sending a random layer's gradients into it; the probe's standardisation folded into weight and bias."""
-    Z = run_batched(clf, clf.features, enc, clf.out.in_features, hp['eval_batch_size'], device, autocast)  # (n, F)
-    mean, std = feature_stats(Z)
-    (w, b), _ = fit_probe((Z - mean) / std, targets, data['n_labels'], data['metrics'])
-    w = (w.float() if w.dim() == 2 else w.float()[:, None]) / std[:, None]     # (F, n_out)
-    clf.out.weight.copy_(w.T)
-    clf.out.bias.copy_(b.float().reshape(-1) - mean @ w)
-
-
 def frozen(checkpoint, data, head, seed, hp, device='cpu', autocast=nullcontext(), random_init=False):
-    """The encoder read without training -> ([{eval name: scores}], λ or None). probe (SentEval): a
-    linear model on standardised mean-pooled features, a pair encoded apart [a; b; |a - b|; a ⊙ b];
-    cosine: the cosine of the mean-pooled states of a and b."""
+    """The encoder read without training -> ([{eval name: scores}], λ or None). probe (SentEval): a linear
+    model on standardised mean-pooled features, a pair [a; b; |a - b|; a ⊙ b]; cosine: that of a and b."""
     torch.manual_seed(seed)
     model, _ = common.load_model(checkpoint, 'the checkpoint', device)
     model = type(model)(model.cfg).to(device) if random_init else model
@@ -732,30 +641,29 @@ def summarise(runs, seeds, name, first, metrics):
         best = {m: [h[b][name][m] for (h, _, _), b in zip(runs, best_epochs)] for m in metrics}
         entry['best_epoch'] = {**{m: round(float(np.mean(v)), 4) for m, v in best.items()},
                                'epoch': [b + 1 for b in best_epochs]}
-    entry['seeds'] = seeds
-    return entry
+    return {**entry, 'seeds': seeds}
 
 
 def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, device='cpu', autocast=nullcontext(),
                   progress=False, dtype='float32', control=''):
     """The head run once per seed, summarised with the controls beside every score: {eval name: {metric:
     last-epoch mean, 'std', 'best_epoch', 'majority', 'bow', 'random_init', 'n_train', ...}}."""
-    hp, t0 = {**HPARAMS, **(hp or {})}, time.time()
-    metrics, n_labels = data['metrics'], data['n_labels']
-    if head == 'cosine' and (n_labels != 1 or data['train']['b'] is None):
-        raise common.InputError(f"head=cosine scores sentence similarity (stsb, sick_r), not {data['task']}")
+    hp, t0, is_frozen = {**HPARAMS, **(hp or {})}, time.time(), head in ('probe', 'cosine')
+    metrics, n_labels, train = data['metrics'], data['n_labels'], data['train']
+    if head == 'cosine' and (n_labels != 1 or train['b'] is None):
+        raise common.InputError(f"head=cosine scores sentence similarity (stsb), not {data['task']}")
     length = max_tokens(data.get('length'), hp['max_len'])
     joined = head in ('pool', 'decoder')  # one sequence per example; pair, probe and cosine read a and b apart
-    check_max_len(length, joined and data['train']['b'] is not None)
+    check_max_len(length, joined and train['b'] is not None)
     data['evals_tok'] = {name: tokenize(tok, e, joined, length) for name, e in data['evals'].items()}
     if head != 'cosine':
-        data['train_tok'] = tokenize(tok, data['train'], joined, length)
+        data['train_tok'] = tokenize(tok, train, joined, length)
 
     def run_head(random_init):
         """[(scores per epoch, train losses, probe λ)] and the seeds run: a pretrained probe or cosine is
         deterministic and runs once; every other run (fine-tuning, any random init) draws from its seed."""
-        used = list(seeds)[:1] if head in ('probe', 'cosine') and not random_init else list(seeds)
-        if head in ('probe', 'cosine'):
+        used = list(seeds)[:1] if is_frozen and not random_init else list(seeds)
+        if is_frozen:
             return [(history, [], lam) for history, lam in
                     (frozen(checkpoint, data, head, s, hp, device, autocast, random_init) for s in used)], used
         return [(*finetune(checkpoint, data, head, s, hp, device, autocast, progress, dtype, random_init), None)
@@ -765,19 +673,17 @@ def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, devi
     bow, first, seconds = bow_baseline(data), next(iter(data['evals'])), round(time.time() - t0, 2)
     results = {}
     for name, ev in data['evals'].items():
-        entry = summarise(runs, used_seeds, name, first, metrics)
-        entry['majority'] = majority(data['train']['label'], ev['label'], n_labels, metrics)
-        entry['bow'] = bow[name][0]
-        if controls is not None:
+        entry = {**summarise(runs, used_seeds, name, first, metrics),
+                 'majority': majority(train['label'], ev['label'], n_labels, metrics), 'bow': bow[name][0]}
+        if controls:
             entry['random_init'] = summarise(*controls, name, first, metrics)
-        entry.update({'n_train': 0 if head == 'cosine' else len(data['train']['label']),
-                      'n_eval': len(ev['label']), 'seconds': seconds, 'head': head,
-                      'control': control or None, 'epochs': len(runs[0][0]) if head not in ('probe', 'cosine') else 0,
-                      'skipped': data['skipped'], 'bow_lambda': bow[name][1]})
+        entry.update({'n_train': 0 if head == 'cosine' else len(train['label']), 'n_eval': len(ev['label']),
+                      'seconds': seconds, 'head': head, 'control': control or None,
+                      'epochs': 0 if is_frozen else len(runs[0][0]), 'skipped': data['skipped'],
+                      'bow_lambda': bow[name][1]})
         if head == 'probe':
             entry['probe_lambda'] = [lam for _, _, lam in runs]
-        if head not in ('probe', 'cosine'):
-            entry['head_init'] = hp['head_init']
+        if not is_frozen:
             entry['per_seed'] = {str(s): {'scores': [e[name] for e in h], 'train_loss': loss}
                                  for s, (h, loss, _) in zip(used_seeds, runs)}
         results[name] = entry
@@ -820,14 +726,14 @@ _encoders = {}  # (checkpoint path, its mtime, device, data_dir) -> (model, toke
 
 
 def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir=''):
-    """Sentence embeddings (len(texts), n_embd), float32 on the CPU, not normalised: each text read as
-    '[cls] text' (max_len tokens, as far as the model reads), its embedding the plain mean of the
-    encoder's states, which favours none where no pooling was trained; head=cosine scores their cosine.
-    A checkpoint is loaded once (again when its file changes)."""
+    """Sentence embeddings (len(texts), n_embd), float32 on the CPU, not normalised: each '[cls] text'
+    (max_len tokens) read as the plain mean of the encoder's states, which favours none where no pooling
+    was trained; head=cosine scores their cosine. A checkpoint is loaded once (again when it changes)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
-    if not all(isinstance(t, str) for t in texts):
-        bad = next(t for t in texts if not isinstance(t, str))
-        raise common.InputError(f"encode() takes a string or a list of strings, got a {type(bad).__name__} among them")
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad:
+        raise common.InputError(f"encode() takes a string or a list of strings, got a {type(bad[0]).__name__} among "
+                                f"them")
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise common.InputError(f"batch_size={batch_size!r} must be a positive integer")
     check_max_len(max_len, False)
@@ -839,12 +745,12 @@ def encode(texts, ckpt, batch_size=64, device='cpu', max_len=128, data_dir=''):
         while len(_encoders) > 2:
             del _encoders[next(iter(_encoders))]
     model, tok = _encoders[key]
-    length = max_tokens(None, max_len)
-    seqs = [[tok.cls_id] + ids[:length - 1] for ids in tok.encode_batch(texts)]
+    seqs = [[tok.cls_id] + ids[:max_len - 1] for ids in tok.encode_batch(texts)]
     return embed(model, seqs, tok.pad_id, batch_size, device) if seqs else torch.empty(0, model.cfg.n_embd)
 
 
 # ----------------------------------------------------------------------------------------------
+# the command line
 
 def existing_results(path, run):
     """The entries of the results file at path that this run merges into ({} if none); a file of
@@ -888,8 +794,8 @@ def main(config):
                                 f"(e.g. --seeds=1,2,3): each is one run")
     seed_list = [int(p) for p in parts]
     if head == 'cosine' and any(TASKS[t].labels != 1 for t in task_list):
-        raise common.InputError(f"head=cosine scores sentence similarity without training: tasks stsb and sick_r "
-                                f"only, not {', '.join(t for t in task_list if TASKS[t].labels != 1)}")
+        raise common.InputError(f"head=cosine scores sentence similarity without training: task stsb only, not "
+                                f"{', '.join(t for t in task_list if TASKS[t].labels != 1)}")
     for t in task_list if not c['task_dir'] else []:
         if TASKS[t].hub is None:
             read_hub(t)  # the one line that says what to pass
@@ -914,8 +820,8 @@ def main(config):
         _, _, _, _, dev, dt = common.init_process(c['device'], c['dtype'], seed_list[0])
         tok = common.checkpoint_tokenizer(checkpoint, c['data_dir'])
         if c['max_len'] > args['block_size'] or 'imdb' in task_list:
-            print(f"note: sequences longer than the model's training window ({args['block_size']} tokens) read positions "
-                  f"it never saw in training")
+            print(f"note: sequences longer than the model's training window ({args['block_size']} tokens) read "
+                  f"positions it never saw in training")
         print(f"checkpoint {ckpt}: stage {checkpoint.get('stage', '?')}, decoder {args.get('decoder')}, n_embd "
               f"{args['n_embd']}, {len(checkpoint['model'])} tensors; head {head}, seeds {seed_list}, device {dev}, "
               f"dtype {dt}" + (f", control {c['control']}" if c['control'] else '')
@@ -935,9 +841,7 @@ def main(config):
             results = merged  # what the file holds now
     except KeyboardInterrupt:
         common.interrupted(f"{', '.join(results)} kept in {path}" if results else "nothing was written")
-    print()
-    print(markdown_table(results))
-    print(f"\nwrote {path}")
+    print(f"\n{markdown_table(results)}\n\nwrote {path}")
 
 
 if __name__ == '__main__':

@@ -121,13 +121,8 @@ LAYOUTS = {  # task: (folder, header of train, of dev (None: none at all), row f
             lambda a, b, y, s: ['0', a, b, y]),
     'wnli': ('WNLI', ['index', 'sentence1', 'sentence2', 'label'], ['index', 'sentence1', 'sentence2', 'label'],
              lambda a, b, y, s: ['0', a, b, str(y)]),
-    'paws': ('PAWS', ['id', 'sentence1', 'sentence2', 'label'], ['id', 'sentence1', 'sentence2', 'label'],
-             lambda a, b, y, s: ['1', a, b, str(y)]),
     'imdb': ('IMDB', ['id', 'sentence', 'label'], ['id', 'sentence', 'label'], lambda a, b, y, s: ['12_7', a, str(y)]),
 }
-SICK_HEAD = ['pair_ID', 'sentence_A', 'sentence_B', 'entailment_label', 'relatedness_score', 'entailment_AB',
-             'entailment_BA', 'sentence_A_original', 'sentence_B_original', 'sentence_A_dataset',
-             'sentence_B_dataset', 'SemEval_set']
 
 
 def write_lines(path, rows, extra=()):
@@ -145,13 +140,6 @@ def write_task(root, task, split, examples, extra=()):
     head = train_head if split == 'train' else dev_head
     rows = ([head] if head else []) + [row(a, b, y, split) for a, b, y in examples]
     write_lines(os.path.join(root, folder, f'{split}.tsv'), rows, extra)
-
-
-def write_sick(root, examples, extra=(), header=True):
-    """examples: (a, b, entailment word, relatedness, SemEval split)."""
-    rows = [SICK_HEAD] * header + [[str(i), a, b, e, f'{r:.1f}', 'A_neutral_B', 'B_neutral_A', a, b, 'FLICKR',
-                                    'FLICKR', s] for i, (a, b, e, r, s) in enumerate(examples)]
-    write_lines(os.path.join(root, 'SICK', 'SICK.txt'), rows, extra)
 
 
 LABELS_IN_FILE = {'mnli': ['entailment', 'neutral', 'contradiction'], 'qnli': ['entailment', 'not_entailment'],
@@ -184,32 +172,16 @@ def test_reader_of_each_layout(task, tmp_path):
     assert all(n == 2 for n in data['skipped'].values()) and len(data['skipped']) == 1 + len(expected_names)
 
 
-def test_reader_of_sick(tmp_path):
-    examples = [('A man plays', 'A man is playing', 'ENTAILMENT', 4.5, 'TRAIN'),
-                ('A dog runs', 'A cat sleeps', 'NEUTRAL', 1.2, 'TRAIN'),
-                ('Nobody sings', 'A woman sings', 'CONTRADICTION', 3.0, 'TRIAL'),
-                ('Kids play', 'Children play', 'ENTAILMENT', 4.9, 'TEST')]
-    write_sick(str(tmp_path), examples, extra=['1\tshort\trow', '\t'.join(['9', 'a', 'b', 'UNSURE', 'x'] + ['z'] * 6
-                                                                          + ['TRAIN'])])
-    r = G.load_task('sick_r', str(tmp_path))
-    e = G.load_task('sick_e', str(tmp_path))
-    assert r['train']['a'] == ['A man plays', 'A dog runs'] and r['train']['b'] == ['A man is playing', 'A cat sleeps']
-    assert r['train']['label'].tolist() == pytest.approx([4.5, 1.2])
-    assert r['evals']['sick_r']['label'].tolist() == pytest.approx([3.0])  # TRIAL is the validation split
-    assert e['train']['label'].tolist() == [0, 1] and e['evals']['sick_e']['label'].tolist() == [2]
-    assert r['skipped'] == {'SICK.txt': 2} and e['skipped'] == {'SICK.txt': 2}
-
-
-def test_a_sick_file_without_its_header_keeps_its_first_row(tmp_path, capsys):
+def test_a_file_without_its_header_keeps_its_first_row(tmp_path, capsys):
     """Issue 35: the first data row was taken for the header and silently lost (40 rows read as 39)."""
-    examples = [(f'a {i}', f'b {i}', 'ENTAILMENT' if i % 2 else 'NEUTRAL', 1.0 + i / 10, 'TRAIN') for i in range(40)]
-    write_sick(str(tmp_path), examples + [('x', 'y', 'NEUTRAL', 2.0, 'TRIAL')], header=False)
-    for task in ('sick_r', 'sick_e'):
-        data = G.load_task(task, str(tmp_path))
-        assert len(data['train']['label']) == 40 and data['train']['a'][0] == 'a 0'
-    assert 'SICK.txt has no header line; its first row is read as data' in capsys.readouterr().out
-    write_sick(str(tmp_path), examples + [('x', 'y', 'NEUTRAL', 2.0, 'TRIAL')])  # with it: the same 40
-    assert len(G.load_task('sick_r', str(tmp_path))['train']['label']) == 40
+    examples = [(f'a {i}', f'b {i}', 1.0 + i / 10) for i in range(40)]
+    write_task(str(tmp_path), 'stsb', 'dev', examples[:5])
+    write_lines(str(tmp_path / 'STS-B' / 'train.tsv'), [LAYOUTS['stsb'][3](a, b, y, 'train') for a, b, y in examples])
+    data = G.load_task('stsb', str(tmp_path))
+    assert len(data['train']['label']) == 40 and data['train']['a'][0] == 'a 0'
+    assert 'train.tsv has no header line; its first row is read as data' in capsys.readouterr().out
+    write_task(str(tmp_path), 'stsb', 'train', examples)  # with it: the same 40
+    assert len(G.load_task('stsb', str(tmp_path))['train']['label']) == 40
 
 
 def test_files_with_cr_only_line_endings_are_read(tmp_path):
@@ -229,10 +201,6 @@ def test_files_narrower_than_the_task_reads_are_one_clear_error(tmp_path):
         (tmp_path / 'STS-B' / f'{stem}.tsv').write_text('sentence1\tsentence2\tscore\na\tb\t3.0\n')
     with pytest.raises(common.InputError, match=r'STS-B.train\.tsv has 3 tab-separated columns'):
         G.load_task('stsb', str(tmp_path))
-    os.makedirs(tmp_path / 'SICK')
-    (tmp_path / 'SICK' / 'SICK.txt').write_text('pair_ID\tsentence_A\tsentence_B\n1\ta\tTRAIN\n')
-    with pytest.raises(common.InputError, match='SICK.txt has 3 tab-separated columns'):
-        G.load_task('sick_r', str(tmp_path))
 
 
 def test_missing_files_and_hub_failures_are_one_clear_error(tmp_path, monkeypatch):
@@ -243,35 +211,26 @@ def test_missing_files_and_hub_failures_are_one_clear_error(tmp_path, monkeypatc
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, 'load_dataset', offline)
-    for task in ('mrpc', 'sick_e', 'imdb'):  # imdb is not on the hub at all
+    for task in ('mrpc', 'imdb'):  # imdb is not on the hub at all
         with pytest.raises(common.InputError, match='--task_dir'):
             G.load_task(task, '')
 
 
 def test_hub_columns_and_splits(monkeypatch):
-    """The hub path, offline: a stand-in load_dataset returns what the hub's MNLI and SICK hold."""
+    """The hub path, offline: a stand-in load_dataset returns what the hub's MNLI holds."""
     import datasets
     calls = []
 
     def fake(path, name=None, **kwargs):
         calls.append((path, name, kwargs))
-        if path.endswith('sick') and 'revision' in kwargs:
-            raise RuntimeError("Dataset scripts are no longer supported")  # the fallback is tried next
-        if path == 'nyu-mll/glue':
-            rows = {'premise': ['p1', 'p2', 'p3'], 'hypothesis': ['h1', 'h2', 'h3'], 'label': [2, 0, -1]}
-            return datasets.DatasetDict({s: datasets.Dataset.from_dict(rows)
-                                         for s in ('train', 'validation_matched', 'validation_mismatched')})
-        rows = {'sentence_A': ['a1', 'a2'], 'sentence_B': ['b1', 'b2'], 'label': [0, 1],
-                'relatedness_score': [4.5, 1.0]}
-        return datasets.DatasetDict({s: datasets.Dataset.from_dict(rows) for s in ('train', 'validation')})
+        rows = {'premise': ['p1', 'p2', 'p3'], 'hypothesis': ['h1', 'h2', 'h3'], 'label': [2, 0, -1]}
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(rows)
+                                     for s in ('train', 'validation_matched', 'validation_mismatched')})
     monkeypatch.setattr(datasets, 'load_dataset', fake)
     mnli = G.load_task('mnli')
     assert calls[0] == ('nyu-mll/glue', 'mnli', {}) and list(mnli['evals']) == ['mnli_m', 'mnli_mm']
     assert mnli['train']['a'] == ['p1', 'p2'] and mnli['train']['b'] == ['h1', 'h2']
     assert mnli['train']['label'].tolist() == [2, 0] and mnli['skipped']['train'] == 1  # -1: no label
-    sick = G.load_task('sick_r')
-    assert sick['evals']['sick_r']['label'].tolist() == pytest.approx([4.5, 1.0])
-    assert [c[2] for c in calls[1:]] == [{'revision': 'refs/convert/parquet'}, {}]
 
 
 class WordTokenizer:
@@ -462,7 +421,7 @@ def test_cli_on_a_glue_layout_directory(ckpts, tmp_path):
     assert list(results) == ['stsb'] and math.isfinite(results['stsb']['spearman'])
     bad = run_script('eval_glue.py', f'--ckpt={ckpts["mlm"]}', f'--task_dir={root}', '--tasks=mrpc',
                      '--head=cosine', check=False)
-    assert bad.returncode != 0 and 'stsb and sick_r only' in bad.stderr and 'Traceback' not in bad.stderr
+    assert bad.returncode != 0 and 'stsb only' in bad.stderr and 'Traceback' not in bad.stderr
 
 
 def test_cli_probe_with_random_init_control(ckpts, tmp_path):
@@ -496,7 +455,7 @@ def test_cli_probe_with_random_init_control(ckpts, tmp_path):
     ({'learning_rate': -1.0}, 'learning_rate'), ({'learning_rate': float('inf')}, 'not a finite number'),
     ({'dropout': 1.0}, 'dropout'), ({'max_len': 1}, 'max_len'), ({'max_len': 0}, 'max_len'),
     ({'max_train_examples': -5}, 'max_train_examples=-5 must be >= 0'), ({'max_eval_examples': -1}, 'max_eval'),
-    ({'head_init': 'lp'}, "head_init='lp': choose one of random, probe"), ({'head': 'mlp'}, "head='mlp'"),
+    ({'head': 'mlp'}, "head='mlp'"),
     ({'tasks': 'sst2,glu'}, r'unknown task\(s\) glu'), ({'tasks': 'imdb'}, 'imdb is not read from the hub'),
     ({'head': 'pool', 'tasks': 'sst2,rte', 'max_len': 3}, r"\[sep\] b'.*max_len >= 4")])
 def test_settings_out_of_range_are_one_clear_error(settings, match):
@@ -725,37 +684,6 @@ def test_head_learning_rate_moves_the_head_while_the_encoder_barely_moves(ckpts,
                           hp={**FAST, 'learning_rate': 1e-9, 'head_learning_rate': 3e-2})['synthetic']
     moved = max((captured.clfs[0].model.state_dict()[k] - v).abs().max().item() for k, v in checkpoint['model'].items())
     assert moved < 1e-5 and res['per_seed']['0']['train_loss'][-1] < res['per_seed']['0']['train_loss'][0]
-
-
-@pytest.mark.parametrize('pair,regression', [(True, False), (False, True)])
-def test_probe_head_init_folds_the_fitted_probe_into_the_output_layer(ckpts, pair, regression):
-    """LP-FT: before any step, the classifier's outputs are the probe's on its standardised features."""
-    checkpoint, tok = load(ckpts['mlm'])
-    data = synthetic_data(pair, regression)
-    enc = G.tokenize(tok, data['train'], False, 64)
-    torch.manual_seed(0)
-    clf = Classifier(common.load_model(checkpoint, dropout=0.0)[0], 'pair', data['n_labels'], pair, 0.0)
-    y = data['train']['label']
-    y = (y - y.mean()) / y.std() if regression else y
-    G.init_head_from_probe(clf, enc, y, data, G.HPARAMS)
-    Z = G.run_batched(clf, clf.features, enc, clf.out.in_features, 64)
-    mean, std = G.feature_stats(Z)
-    linear, _ = G.fit_probe((Z - mean) / std, y, data['n_labels'], data['metrics'])
-    out = G.run_batched(clf, clf, enc, clf.out.out_features, 64).numpy()
-    expected = G.linear_outputs(linear, (Z - mean) / std).float().reshape(out.shape).numpy()
-    np.testing.assert_allclose(out, expected, rtol=2e-3, atol=1e-3)  # the standardisation folded in float32
-    metric = data['metrics'][0]
-    # the probe fits its own training split far above the majority's 50 (or a correlation of 0)
-    assert G.score(out[:, 0] if regression else out.argmax(-1), data['train']['label'], data['metrics'])[metric] > 75
-
-
-def test_probe_head_init_scores_from_the_first_epoch_where_a_random_head_cannot(ckpts):
-    checkpoint, tok = load(ckpts['mlm'])
-    frozen = {**FAST, 'learning_rate': 1e-12, 'epochs': 1}  # fine-tuning moves nothing: only the init shows
-    scores = {init: G.evaluate_task(checkpoint, tok, synthetic_data(), 'pool', seeds=(0,),
-                                    hp={**frozen, 'head_init': init})['synthetic']['accuracy']
-              for init in ('random', 'probe')}
-    assert scores['probe'] > 85 and scores['random'] < 75, scores
 
 
 # ----------------------------------------------------------------------------------------------
