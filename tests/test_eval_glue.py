@@ -51,8 +51,7 @@ def ckpts(data_dir, tmp_path_factory):
     return {name: make_ckpt(str(root / name / 'ckpt.pt'), data_dir, stage, decoder, encoder)
             for name, stage, decoder, encoder in [
                 ('mlm', 'mlm', 'perceiver', 'concept'), ('tsdae', 'tsdae', 'posonly', 'concept'),
-                ('diffusion', 'diffusion', 'diffusion', 'concept'), ('weighted', 'mlm', 'weighted', 'concept'),
-                ('standard', 'mlm', 'perceiver', 'standard')]}
+                ('diffusion', 'diffusion', 'diffusion', 'concept'), ('standard', 'mlm', 'perceiver', 'standard')]}
 
 
 def load(path):
@@ -324,7 +323,7 @@ FAST = dict(learning_rate=3e-3, head_learning_rate=0.0, batch_size=16, dropout=0
 
 
 @pytest.mark.parametrize('stage,head,pair', [('mlm', 'pool', False), ('mlm', 'pair', True), ('mlm', 'decoder', False),
-                                             ('tsdae', 'decoder', False), ('weighted', 'decoder', False),
+                                             ('tsdae', 'decoder', False),
                                              ('diffusion', 'decoder', False), ('standard', 'pool', True)])
 def test_each_head_learns_a_synthetic_task(ckpts, stage, head, pair):
     checkpoint, tok = load(ckpts[stage])
