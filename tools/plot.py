@@ -156,8 +156,6 @@ def plot_transfer(spec):
     return fig
 
 
-# what each concept reads, and whether the concepts collapsed
-
 @torch.no_grad()
 def concept_attention(model, idx, attn_mask=None):
     """(n_head, C, N) float32 for the first sequence of idx: the last encoder layer's concept-to-token softmax,
@@ -214,21 +212,19 @@ def entropy(att):
     return float(-(att * att.clamp_min(1e-12).log()).sum(-1).mean())
 
 
-def show(token):
-    return html.escape(token.replace(' ', '\u2423').replace('\n', '\u21b5').replace('\t', '\u21e5')) or '&nbsp;'
-
-
 def concept_page(tokens, att, top, title, cut=False):
     """Self-contained HTML (inline CSS, no scripts). Cells are shaded against the page's largest weight, so a
     concept that reads all tokens alike stays pale rather than looking as sharp as one that reads a single token."""
     C, N = att.shape
     shade = (att / att.max().clamp_min(1e-12)).tolist()
-    head = ''.join(f'<th class="t">{show(t)}</th>' for t in tokens)
+    shown = [html.escape(t.replace(' ', '\u2423').replace('\n', '\u21b5').replace('\t', '\u21e5')) or '&nbsp;'
+             for t in tokens]  # whitespace made visible
+    head = ''.join(f'<th class="t">{t}</th>' for t in shown)
     rows = ''.join(f'<tr><th class="c">{c}</th>' + ''.join(
-        f'<td style="background:rgba(31,81,160,{s:.3f})" title="{show(tokens[j])}: {float(att[c, j]):.4f}"></td>'
+        f'<td style="background:rgba(31,81,160,{s:.3f})" title="{shown[j]}: {float(att[c, j]):.4f}"></td>'
         for j, s in enumerate(shade[c])) + '</tr>\n' for c in range(C))
     tops = ''.join('<li><b>concept {}</b>: {}</li>'.format(
-        c, ', '.join(f'<code>{show(tokens[j])}</code> {w:.3f}' for j, w in top[c])) for c in range(C))
+        c, ', '.join(f'<code>{shown[j]}</code> {w:.3f}' for j, w in top[c])) for c in range(C))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
