@@ -1,14 +1,9 @@
 """
-Share a trained model: any stage's checkpoint becomes a folder in the Hugging Face Hub layout, which
-everything that takes --ckpt reads (common.load_export), optionally uploaded to the hub.
+Share a trained model: a checkpoint becomes a folder in the Hugging Face Hub layout (model.safetensors, config.json,
+the tokenizer's ranks, a model card) that everything taking --ckpt reads (common.load_export), optionally uploaded.
 
     python tools/export.py --ckpt=out/tiny_mlm/ckpt.pt --out_dir=hub/tiny_mlm [--push_to_hub=user/tiny-mlm]
     python sample.py --ckpt=hub/tiny_diffusion          # or eval_glue.py --ckpt=..., encode(texts, 'hub/...')
-
-The folder: model.safetensors (the weights only, a tied lm_head stored once and named in its
-metadata), config.json (format, stage, model settings, special ids, tokenizer recipe, training
-config), tokenizer.tiktoken (the BPE ranks the recipe names) and README.md, a model card with the
-final validation metrics of log.jsonl and the eval_glue.py results found beside the checkpoint.
 """
 import json
 import math
@@ -18,8 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs from anywhere
 
-from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 import common
 import eval_glue
@@ -66,13 +60,13 @@ def model_card(checkpoint, model_args, log, run_dir, name, n_weights):
                   f"For scale: a uniform guess over the vocabulary scores a loss of ln({V}) = {math.log(V):.4f} nats; "
                   f"the untrained column is the same model before its first step.", '']
     found = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    for fname in sorted(n for n in found if n.endswith('.json') and n not in ('run.json', common.EXPORT_CONFIG)):
+    for fname in sorted(n for n in found if n.endswith('.json')):  # eval_glue.py results, told apart by their content
         try:
             with open(os.path.join(run_dir, fname), encoding='utf-8') as f:
                 res = json.load(f)
             entries = res.get('results') if isinstance(res, dict) and 'run' in res else res
             if not (entries and all(isinstance(v, dict) and 'majority' in v for v in entries.values())):
-                continue  # not eval_glue.py results
+                continue
             table = eval_glue.markdown_table(res)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable, or of another version
             continue
@@ -82,9 +76,8 @@ def model_card(checkpoint, model_args, log, run_dir, name, n_weights):
 
 
 def export(ckpt, out_dir, data_dir='', name=''):
-    """Write the export of ckpt to out_dir through common.atomic_write: built at <out_dir>.tmp.<pid>,
-    then swapped in, so a failure or a kill leaves out_dir as it was (and the next export removes a
-    killed one's temporary). name: what the model card calls it (the hub id when pushed; else out_dir)."""
+    """Write the export of ckpt to out_dir through common.atomic_write, so a failure or a kill leaves out_dir as it
+    was. name: what the model card calls it (the hub id when pushed; else out_dir)."""
     out_dir = os.path.normpath(out_dir)
     common.check_output(out_dir, '--out_dir', folder=True, replaced=True)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, common.EXPORT_CONFIG)):
@@ -119,21 +112,15 @@ def export(ckpt, out_dir, data_dir='', name=''):
 
     def build(tmp):
         os.makedirs(tmp)
-        weights = os.path.join(tmp, common.EXPORT_WEIGHTS)
-        try:
-            save_file(tensors, weights, metadata={'format': 'pt', 'tied': json.dumps(tied)})
-        except SafetensorError as e:  # a full disk: atomic_write's one line
-            raise OSError(str(e)) from e
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(weights, 0o666 & ~umask)  # safetensors writes it owner-only
-        with open(os.path.join(tmp, common.EXPORT_CONFIG), 'w', encoding='utf-8') as f:
-            f.write(json.dumps(card, indent=2, default=str) + '\n')
+        with open(os.path.join(tmp, common.EXPORT_WEIGHTS), 'wb') as f:  # not save_file: it writes owner-only
+            f.write(save(tensors, metadata={'format': 'pt', 'tied': json.dumps(tied)}))
+        for fname, content in ((common.EXPORT_CONFIG, json.dumps(card, indent=2, default=str) + '\n'),
+                               ('README.md', readme)):
+            with open(os.path.join(tmp, fname), 'w', encoding='utf-8') as f:
+                f.write(content)
         if recipe.get('file'):
             shutil.copyfile(os.path.join(data_dir or checkpoint['data_dir'], recipe['file']),
                             os.path.join(tmp, recipe['file']))
-        with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
-            f.write(readme)
     common.atomic_write(out_dir, build)
     return out_dir
 

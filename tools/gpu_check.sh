@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
-# The one-command GPU check (make gpu-check): the CUDA tests, a short bf16 compiled run of each stage at
-# the h512l2 shape, a 1-GPU torchrun and GPU-sized bench.py rows; it ends with the MFU of every run.
-# About 6 minutes on one H100/H200. Runs from the repo root, with data/pydocs (make data/pydocs/meta.json);
-# writes under $OUT (default out/gpu_check).
+# make gpu-check: the CUDA tests, a short bf16 compiled run of each stage (h512l2), a 1-GPU torchrun and GPU-sized
+# bench.py rows, then the MFU of every run. About 6 minutes on one H100/H200; writes under $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -1,16 +1,11 @@
 """
-Pictures of runs, of speed, and of what each concept reads; the collapse diagnostics of a checkpoint.
+Pictures of runs, speed and transfer; what each concept reads; the collapse diagnostics of a checkpoint.
 
     python tools/plot.py --runs=out/tiny_mlm,out/tiny_mlm_standard --out=curves.png [--labels=concept,standard]
     python tools/plot.py --bench=bench.json --out=speed.png                 # bench.py's tokens/s against N
     python tools/plot.py --transfer=concept:5:a.json,concept:20:b.json,standard:20:c.json --out=transfer.png
     python tools/plot.py --concepts=True --ckpt=out/tiny_mlm/ckpt.pt --text="..." --out=concepts.html
     python tools/plot.py --geometry=True --ckpt=out/tiny_mlm/ckpt.pt        # also with --concepts=True
-
-Transfer: eval_glue.py scores of several checkpoints against their pretraining budget (any unit: minutes,
-tokens), one line per name, with the bag of words, the majority class and any random-init control.
-Curves: validation loss (diffusion: the NLL bound), accuracy and concept erank against tokens seen.
-Concepts: the last encoder layer's concept-to-token attention as a self-contained HTML page.
 """
 import html
 import json
@@ -23,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
-import matplotlib.ticker
 import torch
 
 import common
@@ -33,7 +27,7 @@ from model import concept_diagnostics
 runs = ''              # comma-separated run directories (out_dir) whose log.jsonl to plot
 labels = ''            # their legend labels, comma-separated (default: the directory names)
 bench = ''             # a bench.py JSON to plot against N
-transfer = ''          # eval_glue.py results against the pretraining budget: <line>:<budget>:<results.json>,...
+transfer = ''          # eval_glue.py scores against a pretraining budget (any unit): <line>:<budget>:<results.json>,...
 concepts = False       # the concept-to-token attention page of --ckpt reading --text
 geometry = False       # the collapse diagnostics of --ckpt on its validation text
 ckpt = ''              # a ckpt.pt, an export or a hub id
@@ -53,8 +47,7 @@ CURVES = (('validation loss (nats; diffusion: NLL bound)', ('val_nll_bound', 'va
 
 
 def plot_curves(run_dirs, names=None):
-    """One panel per CURVES entry, one line per run (labelled names, by default the directory
-    names) -> matplotlib Figure. A run with nothing to plot is one line, not an empty panel."""
+    """One panel per CURVES entry, one line per run, labelled names (by default the directory names) -> Figure."""
     names = names or [os.path.basename(os.path.normpath(r)) for r in run_dirs]
     if len(names) != len(run_dirs) or len(set(names)) != len(names):
         raise common.InputError(f"--labels needs one distinct label per run ({len(run_dirs)} runs, labels {names}); "
@@ -64,33 +57,31 @@ def plot_curves(run_dirs, names=None):
         path = run if run.endswith('.jsonl') else os.path.join(run, 'log.jsonl')
         if not os.path.isfile(path):
             raise common.InputError(f"{run}: no log.jsonl there; give a training run's out_dir (e.g. out/tiny_mlm)")
-        found[name] = common.read_log(path)
-        if not found[name]:
+        records = found[name] = common.read_log(path)
+        if not records:
             raise common.InputError(f"{path} has no evaluation record: the run has not evaluated yet")
-        if not any(r.get(k) is not None for r in found[name] for _, keys in CURVES for k in keys):
-            plotted = ', '.join(k for _, keys in CURVES for k in keys)
-            raise common.InputError(f"{path}: none of its {len(found[name])} records has a plotted key ({plotted}); "
+        if not any(r.get(k) is not None for r in records for _, keys in CURVES for k in keys):
+            raise common.InputError(f"{path}: none of its {len(records)} records has a plotted key "
+                                    f"({', '.join(k for _, keys in CURVES for k in keys)}); "
                                     f"nothing to plot (not a training run's log?)")
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.8))
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.8), layout='tight')
     for ax, (title, keys) in zip(axes, CURVES):
         for label, records in found.items():
             key = next((k for k in keys if any(r.get(k) is not None for r in records)), None)
-            if key is None:
-                continue
-            x, y = zip(*[(r.get('tokens_seen', r['iter']), r[key]) for r in records if r.get(key) is not None])
-            ax.plot(x, y, marker='o', markersize=3, label=label if key == keys[-1] else f"{label} ({key})")
+            if key is not None:
+                x, y = zip(*[(r.get('tokens_seen', r['iter']), r[key]) for r in records if r.get(key) is not None])
+                ax.plot(x, y, marker='o', markersize=3, label=label if key == keys[-1] else f"{label} ({key})")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel('tokens seen')
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 def plot_bench(path):
-    """bench.py's JSON -> training and encoding tokens/s against N, log-log: one line per (model,
-    stage); colour is the stage, the line style the model (solid: concept, dashed: standard)."""
+    """bench.py's JSON -> training and encoding tokens/s against N, log-log, one line per (model, stage):
+    colour is the stage, the line style the model (solid: concept, dashed: standard)."""
     if not os.path.isfile(path):
         raise common.InputError(f"--bench={path} not found; write one with python bench.py ... --out={path}")
     try:
@@ -103,7 +94,8 @@ def plot_bench(path):
         raise common.InputError(f"--bench={path} has no measured row (every row is an error or out of memory)")
     series = sorted({(r['model'], r['stage']) for r in rows})
     colours = {s: f"C{i}" for i, s in enumerate(sorted({s for _, s in series}))}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    lens = sorted({r['seq_len'] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout='tight')
     for ax, key, title in zip(axes, ('train_tokens_per_s', 'infer_tokens_per_s'),
                               ('training step (forward, backward, AdamW)', 'encoding (forward, no grad)')):
         for model, stage in series:
@@ -111,11 +103,9 @@ def plot_bench(path):
             ax.plot(x, y, marker='o', markersize=3, color=colours[stage],
                     linestyle='-' if model == 'concept' else '--', label=f"{model} {stage}")
         ax.set_xscale('log', base=2)
-        ax.set_yscale('log')
-        lens = sorted({r['seq_len'] for r in rows})
         ax.set_xticks(lens, [str(n) for n in lens])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set(xlabel='sequence length N (tokens)', ylabel='tokens / s')
+        ax.set_xticks([], minor=True)
+        ax.set(yscale='log', xlabel='sequence length N (tokens)', ylabel='tokens / s')
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which='both')
         ax.legend(fontsize=8)
@@ -125,14 +115,12 @@ def plot_bench(path):
         fig.suptitle(f"{m.get('device_name', '?')} ({m.get('device', '?')}, {m.get('threads', '?')} threads), torch "
                      f"{m.get('torch', '?')}, compile={m.get('compile', '?')}; H={shape.get('n_embd', '?')}, "
                      f"{shape.get('n_layer', '?')} layers, C={shape.get('n_concepts', '?')}", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
 def plot_transfer(spec):
-    """Items <line>:<budget>:<eval_glue results.json> -> one panel per task: each line's score (the task's
-    first metric, mean ± std over seeds) against the budget, the bag of words and the majority class as
-    horizontal lines, and a random-init control (--control=random_init) as a hollow marker at its budget."""
+    """<line>:<budget>:<eval_glue results.json>,... -> a panel per task: each line's first metric (mean ± std over
+    seeds) against the budget; bag of words and majority as horizontal lines, random init as a hollow marker."""
     lines, baselines = {}, {}  # task -> line -> [(budget, mean, std, random-init mean or None)]; task -> (bow, majority)
     for item in spec.split(','):
         try:
@@ -146,52 +134,40 @@ def plot_transfer(spec):
                 results = json.load(f)['results']
             for task, r in results.items():
                 metric = TASKS[task].metrics[0] if task in TASKS else 'accuracy'
-                control = (r.get('random_init') or {}).get(metric)
                 lines.setdefault(task, {}).setdefault(name, []).append(
-                    (budget, r[metric], r.get('std', {}).get(metric, 0.0), control))
+                    (budget, r[metric], r.get('std', {}).get(metric, 0.0), (r.get('random_init') or {}).get(metric)))
                 baselines[task] = (r['bow'][metric], r['majority'][metric], metric)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise common.InputError(f"--transfer: {path} is not an eval_glue.py results file ({type(e).__name__}: {e})")
-    fig, axes = plt.subplots(1, len(lines), figsize=(4.5 * len(lines), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(lines), figsize=(4.5 * len(lines), 3.8), squeeze=False, layout='tight')
     for ax, (task, named) in zip(axes[0], sorted(lines.items())):
         for i, (name, points) in enumerate(sorted(named.items())):
             x, y, err, control = zip(*sorted(points))
             ax.errorbar(x, y, yerr=err, marker='o', markersize=4, capsize=3, color=f"C{i}", label=name)
-            ax.scatter([a for a, c in zip(x, control) if c is not None], [c for c in control if c is not None],
-                       facecolors='none', edgecolors=f"C{i}", label=f"{name}, random init" if any(
-                           c is not None for c in control) else None)
+            hollow = [(a, c) for a, c in zip(x, control) if c is not None]
+            if hollow:
+                ax.scatter(*zip(*hollow), facecolors='none', edgecolors=f"C{i}", label=f"{name}, random init")
         bow, majority, metric = baselines[task]
         ax.axhline(bow, color='k', linestyle='--', linewidth=1, label='bag of words')
         ax.axhline(majority, color='grey', linestyle=':', linewidth=1, label='majority')
         ax.set(title=task, xlabel='pretraining budget', ylabel=metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return fig
 
 
-# ----------------------------------------------------------------------------------------------
-# what each concept reads, and whether the concepts collapsed
-
 @torch.no_grad()
 def concept_attention(model, idx, attn_mask=None):
-    """(n_head, C, N) float32, for the first sequence of idx: the softmax over tokens of the last
-    encoder layer's concept queries against the token keys, recomputed from that layer's weights
-    and the inputs it received in an ordinary encoder forward (a pre-hook records them, so that
-    model.py needs no code for this page)."""
+    """(n_head, C, N) float32 for the first sequence of idx: the last encoder layer's concept-to-token softmax,
+    recomputed from its weights and the inputs a pre-hook records in an ordinary forward (model.py needs no code)."""
     encoder = model.encoder
     module = encoder.layers[-1] if encoder.cfg.bixt else encoder.layers[-1].cross_attn  # the last concepts-read-tokens
     seen = {}
-    hook = module.register_forward_pre_hook(lambda m, args: seen.update(args=args))
-    try:
+    with module.register_forward_pre_hook(lambda m, args: seen.update(args=args)):
         encoder(idx, attn_mask)
-    finally:
-        hook.remove()
     if not encoder.cfg.bixt:
-        x, kv, key_mask = seen['args'][:3]                      # ln_1(c) (B, C, H); keys (B, nh, N, hs)
-        B, C, H = x.shape
-        q = module.c_q(x).view(B, C, module.n_head, H // module.n_head).transpose(1, 2)  # (B, nh, C, hs)
-        k = kv[0]
+        x, (k, _), key_mask = seen['args'][:3]                  # ln_1(c) (B, C, H); keys (B, nh, N, hs)
+        q = module.c_q(x).unflatten(-1, (module.n_head, -1)).transpose(1, 2)  # (B, nh, C, hs)
     else:
         c, x, key_mask = seen['args'][:3]                       # concepts (B, C, H), tokens (B, N, H)
         q, _ = module._heads(module.c_ref_val(module.ln_c(c)))  # (B, nh, C, hs)
@@ -212,9 +188,8 @@ def concept_model(ckpt, device, what):
 
 
 def concept_geometry(ckpt, data_dir=None, split='val', n_batches=10, batch_size=16, device='cpu', seed=1337):
-    """model.concept_diagnostics (erank, erank_batchmean, concept_cos_mean/max, participation_ratio) of
-    any checkpoint, averaged over n_batches fixed windows of clean text of a prepared data directory
-    (by default its own): whether a finished model's concepts collapsed, without training it again."""
+    """model.concept_diagnostics of any checkpoint averaged over n_batches fixed windows of clean text of a
+    prepared data directory (by default its own): whether a finished model's concepts collapsed."""
     for name, value in (('n_batches', n_batches), ('batch_size', batch_size)):
         if not (type(value) is int and value > 0):
             raise common.InputError(f"concept_geometry: {name}={value!r} must be a positive integer")
@@ -237,22 +212,19 @@ def entropy(att):
     return float(-(att * att.clamp_min(1e-12).log()).sum(-1).mean())
 
 
-def show(token):
-    return html.escape(token.replace(' ', '\u2423').replace('\n', '\u21b5').replace('\t', '\u21e5')) or '&nbsp;'
-
-
 def concept_page(tokens, att, top, title, cut=False):
-    """Self-contained HTML: inline CSS only, no scripts, nothing fetched. Cells are shaded against
-    the page's largest weight, so a concept that reads all tokens alike stays pale rather than
-    looking as sharp as one that reads a single token; a cell's tooltip has its weight."""
+    """Self-contained HTML (inline CSS, no scripts). Cells are shaded against the page's largest weight, so a
+    concept that reads all tokens alike stays pale rather than looking as sharp as one that reads a single token."""
     C, N = att.shape
     shade = (att / att.max().clamp_min(1e-12)).tolist()
-    head = ''.join(f'<th class="t">{show(t)}</th>' for t in tokens)
+    shown = [html.escape(t.replace(' ', '\u2423').replace('\n', '\u21b5').replace('\t', '\u21e5')) or '&nbsp;'
+             for t in tokens]  # whitespace made visible
+    head = ''.join(f'<th class="t">{t}</th>' for t in shown)
     rows = ''.join(f'<tr><th class="c">{c}</th>' + ''.join(
-        f'<td style="background:rgba(31,81,160,{s:.3f})" title="{show(tokens[j])}: {float(att[c, j]):.4f}"></td>'
+        f'<td style="background:rgba(31,81,160,{s:.3f})" title="{shown[j]}: {float(att[c, j]):.4f}"></td>'
         for j, s in enumerate(shade[c])) + '</tr>\n' for c in range(C))
     tops = ''.join('<li><b>concept {}</b>: {}</li>'.format(
-        c, ', '.join(f'<code>{show(tokens[j])}</code> {w:.3f}' for j, w in top[c])) for c in range(C))
+        c, ', '.join(f'<code>{shown[j]}</code> {w:.3f}' for j, w in top[c])) for c in range(C))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -314,8 +286,7 @@ def main():
     if runs or bench or transfer:
         fig = plot_bench(bench) if bench else plot_transfer(transfer) if transfer else plot_curves(
             [r.strip() for r in runs.split(',')], [s.strip() for s in labels.split(',')] if labels else None)
-        ext = os.path.splitext(out)[1].lstrip('.').lower()
-        common.atomic_write(out, lambda tmp: fig.savefig(tmp, format=ext, dpi=100))
+        common.atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.rsplit('.', 1)[1].lower(), dpi=100))
     if runs or bench or transfer or concepts:
         print(f"wrote {out}")
 

@@ -1,10 +1,7 @@
 """
-Signs of the quality of sample.py's samples that need no other model, each beside the same number
-for real validation text and for samples of the training unigram distribution (what a model that
-learned only token frequencies writes): the longest run of one repeated token, the share of distinct
-tokens, and the share of word bigrams that occur in the training split. Then the validation split's
-unigram cross-entropy beside the run's best NLL bound (a model must go below it), and the concepts
-control: the NLL bound of validation windows from their own concepts and from another window's.
+Signs of the quality of sample.py's samples that need no other model, beside real validation text and samples of
+the training unigram distribution; the validation unigram cross-entropy beside the run's best NLL bound; and the
+NLL bound of validation windows from their own concepts and from another window's.
 
     python sample.py --ckpt=out/tiny_diffusion/ckpt.pt --out=out/tiny_diffusion/samples.json
     python tools/sample_quality.py --samples=out/tiny_diffusion/samples.json [--control_windows=64]
@@ -19,21 +16,18 @@ import torch
 
 import common
 
-# ----------------------------------------------------------------------------------------------
 samples = 'out/tiny_diffusion/samples.json'  # what sample.py --out=... wrote
 data_dir = ''              # the training data, if not where the samples' checkpoint records it
 bigram_tokens = 4_000_000  # the training-bigram set is built from at most this many training tokens
 control_windows = 64       # validation windows (one batch) of the concepts control; 0: none
 device = ''                # '': the device the samples were drawn on (the control's numbers depend on it)
 exec(open(os.path.join(ROOT, 'configurator.py')).read())
-# ----------------------------------------------------------------------------------------------
 WORDS = re.compile(r"\w+")
 
 
 def training_bigrams(tok, tokens, eod_id):
-    """The word bigrams of a stretch of a training split, each document on its own, built once so
-    that a sample's bigrams are looked up in O(1) each: (word -> number, set of bigram codes), a
-    bigram being one int64 (first word's number << 31 | second's), which keeps the set small."""
+    """-> (word -> number, set of the word bigrams of each training document): a bigram is one int64
+    (first word's number << 31 | second's), which keeps the set small."""
     word_id, codes = {}, [np.zeros(0, dtype=np.int64)]
     for doc in tok.decode(np.asarray(tokens)).split(tok.decode([eod_id])):
         ids = np.array([word_id.setdefault(w, len(word_id)) for w in WORDS.findall(doc)], dtype=np.int64)
@@ -42,9 +36,8 @@ def training_bigrams(tok, tokens, eod_id):
 
 
 def unigram(train_tokens, val_tokens, vocab_size, special_ids):
-    """-> (token counts of the training split, specials zeroed; nats per token of the validation
-    split's non-special tokens under those counts, add-one smoothed over the non-special ids): the
-    level a diffusion model that learned only token frequencies reaches, so its NLL bound must go below it."""
+    """-> (token counts of the training split, specials zeroed; nats per token of the validation split's
+    non-special tokens under those counts, add-one smoothed): what a model of token frequencies alone reaches."""
     counts = np.zeros(vocab_size, dtype=np.float64)
     for start in range(0, len(train_tokens), 1 << 24):  # in chunks: bincount would copy a large split as int64
         counts += np.bincount(np.asarray(train_tokens[start:start + (1 << 24)]), minlength=vocab_size)
@@ -55,9 +48,8 @@ def unigram(train_tokens, val_tokens, vocab_size, special_ids):
 
 
 def quality_row(name, ids, texts, bigrams):
-    """One line of the table: the longest run of one token back to back ("the the the" is 3), the
-    mean share of distinct tokens (low for text that repeats itself), and the share of the texts'
-    word bigrams that training_bigrams (bigrams) holds."""
+    """One line of the table: the longest run of one token back to back ("the the the" is 3), the mean share
+    of distinct tokens (low for text that repeats itself), the share of the texts' word bigrams seen in training."""
     word_id, codes = bigrams
     pairs = [(word_id.get(a), word_id.get(b)) for words in map(WORDS.findall, texts) for a, b in zip(words, words[1:])]
     seen = sum(a is not None and b is not None and a * (1 << 31) + b in codes for a, b in pairs)
@@ -90,8 +82,7 @@ train_tokens, _ = common.open_split(data_dir, 'train', meta)
 val_tokens, val_starts = common.open_split(data_dir, 'val', meta)
 cfg, block_size = model.cfg, model.cfg.block_size
 
-# the same measures for the first `length` tokens of validation documents (real text) and for
-# tokens drawn from the training unigram distribution (what a frequency-only model writes)
+# the references: the starts of validation documents, and tokens drawn from the training unigram distribution
 counts, unigram_ce = unigram(train_tokens, val_tokens, cfg.vocab_size, cfg.special_ids)
 n_ref = max(len(drawn), 32)
 val_ends = list(val_starts[1:]) + [len(val_tokens)]
@@ -114,8 +105,7 @@ if cfg.condition != 'clean' and checkpoint.get('best_val_loss') is not None:
 print(line)
 n_windows = min(control_windows, len(val_tokens) // block_size)
 if n_windows >= 2 and not model.standard and cfg.condition != 'clean':  # one batch, the same noise for both
-    windows = torch.from_numpy(np.asarray(val_tokens[:n_windows * block_size], dtype=np.int64))
-    windows = windows.view(n_windows, block_size).to(device)  # (n_windows, block_size)
+    windows = torch.as_tensor(val_tokens[:n_windows * block_size].astype(np.int64)).view(n_windows, -1).to(device)
     own, swapped = (model.nll_bound(windows, generator=torch.Generator(device=device).manual_seed(seed),
                                     swap_concepts=swap) for swap in (False, True))
     own, swapped = own[0] / own[1], swapped[0] / swapped[1]

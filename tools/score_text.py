@@ -1,15 +1,10 @@
 """
-How well a checkpoint predicts a text: the masked-token loss of an MLM checkpoint, the NLL
-bound of a diffusion checkpoint (nats/token), on any text file or a prepared data directory's split,
-with each scored span read in windows of several context lengths. The scored tokens and their
-noise are the same at every length, so the rows differ only in the context the model reads.
+The masked-token loss (MLM) or NLL bound (diffusion) of a checkpoint on any text, in nats/token, each scored span
+read in windows of several context lengths: the scored tokens and their noise are the same at every length, so
+the rows differ only in the context the model reads.
 
     python tools/score_text.py --ckpt=out/long_mlm/ckpt.pt --data_dir=data/gutenberg --split=val --contexts=512,4096,32768
     python tools/score_text.py --ckpt=out/tiny_diffusion/ckpt.pt --text=../shared/corpus/wikipedia/wiki_00.txt.xz
-
-A window is noised as in training (MLM: 15% of its tokens; diffusion: every level t of the bound's
-midpoint rule), and only its span's tokens are scored: span_len tokens at n_spans places spread
-evenly over the text (documents joined by <|endofdoc|>), each window centred on its span.
 """
 import json
 import os
@@ -31,10 +26,10 @@ data_dir = ''            # a prepared data directory (its tokenizer must be the 
 split = 'val'            # split
 max_tokens = 2_000_000   # read at most this many tokens of the text
 contexts = ''            # comma-separated window lengths; '' = the checkpoint's block_size
-n_spans = 16
-span_len = 256
-mask_prob = 0.15         # MLM checkpoints
-bound_levels = 8         # diffusion checkpoints: levels of t
+n_spans = 16             # scored spans, spread evenly over the text, each in the middle of its windows ...
+span_len = 256           # ... of this many tokens
+mask_prob = 0.15         # MLM checkpoints: the share of a window's tokens masked, as in training
+bound_levels = 8         # diffusion checkpoints: levels of t of the bound's midpoint rule
 device = 'cpu'
 dtype = 'bfloat16'
 seed = 1337
@@ -62,15 +57,12 @@ if data_dir:
     common.check_vocab(checkpoint, meta, ckpt, data_dir)
     tokens = np.asarray(common.open_split(data_dir, split, meta)[0][:max_tokens], dtype=np.int64)
 else:
-    tok = common.checkpoint_tokenizer(checkpoint)
-    pieces, n = [], 0
-    for doc in prepare_data.local_texts(text):
-        ids = tok.encode(doc) + [tok.eod_id]
-        pieces.append(ids)
-        n += len(ids)
-        if n >= max_tokens:
+    tok, tokens = common.checkpoint_tokenizer(checkpoint), []
+    for doc in prepare_data.local_texts(text):  # documents joined by <|endofdoc|>
+        tokens += tok.encode(doc) + [tok.eod_id]
+        if len(tokens) >= max_tokens:
             break
-    tokens = np.concatenate(pieces)[:max_tokens] if pieces else np.zeros(0, dtype=np.int64)
+    tokens = np.array(tokens[:max_tokens], dtype=np.int64)
 longest = max(context_list)
 if len(tokens) < longest:
     raise common.InputError(f"the text has {len(tokens):,} tokens, fewer than the longest context of {longest:,}; "
@@ -84,50 +76,37 @@ if diffusion and model.cfg.condition == 'clean':
 # spans spread evenly, each far enough from both ends for the longest window to be centred on it
 span_starts = np.linspace(longest // 2, len(tokens) - longest // 2 - span_len, n_spans).astype(np.int64) \
     if len(tokens) >= longest + span_len else np.full(n_spans, (len(tokens) - span_len) // 2)
-autocast = common.autocast(device, dtype)
-
-
-def noised(window, at, k, level, context):
-    """The window's noise: the span's from a generator of (span, level) alone, so it is the same at
-    every context length; the rest from one of (span, level, context). -> (inputs, targets or masked)."""
-    g_span = torch.Generator(device).manual_seed(seed + 1000 * k + level)
-    g_rest = torch.Generator(device).manual_seed(seed + 1000 * k + level + 7919 * context)
-    span = window[:, at:at + span_len]
-    if diffusion:
-        t = torch.full((1,), (level + 0.5) / bound_levels, device=device)
-        noisy, masked, maskable = model.add_noise(window, t, generator=g_rest)
-        noisy[:, at:at + span_len], masked[:, at:at + span_len], maskable[:, at:at + span_len] = \
-            model.add_noise(span, t, generator=g_span)
-        inside = torch.zeros_like(masked)
-        inside[:, at:at + span_len] = True
-        return noisy, masked & inside, int(maskable[:, at:at + span_len].sum()), t
-    inputs, _ = model.mlm_noise(window, g_rest, mask_prob)
-    inputs[:, at:at + span_len], span_targets = model.mlm_noise(span, g_span, mask_prob)
-    targets = torch.full_like(window, IGNORE_INDEX)
-    targets[:, at:at + span_len] = span_targets
-    return inputs, targets, None, None
 
 
 rows = []
-with torch.no_grad(), autocast:
+with torch.no_grad(), common.autocast(device, dtype):
     for context in context_list:
         t0, total, n_scored = time.time(), 0.0, 0.0
         for k, s in enumerate(span_starts.tolist()):
             a = min(max(0, s + span_len // 2 - context // 2), len(tokens) - context)  # the window, centred
             window = torch.from_numpy(tokens[a:a + context]).to(device)[None]  # (1, context)
-            at = s - a
+            span = slice(s - a, s - a + span_len)
             for level in range(bound_levels if diffusion else 1):
-                x, chosen, n_maskable, t = noised(window, at, k, level, context)
-                if diffusion:  # MDLM's bound on the span: Σ over masked span tokens of CE / t, per level
-                    memory = model.encode(window, x, t)
-                    pos, valid, packing = gather_and_pack(chosen)
-                    h = model.denoise(memory, x, pos, t, packing)
-                    ce = F.cross_entropy(model.lm_head(h).float(), packing.pack(torch.gather(window, 1, pos)),
-                                         reduction='sum')
+                # the span's noise from a generator of (span, level) alone: the same at every context length
+                g_span = torch.Generator(device).manual_seed(seed + 1000 * k + level)
+                g_rest = torch.Generator(device).manual_seed(seed + 1000 * k + level + 7919 * context)
+                if diffusion:  # MDLM's bound on the span: Σ over its masked tokens of CE / t, per level
+                    t = torch.full((1,), (level + 0.5) / bound_levels, device=device)
+                    x, _, _ = model.add_noise(window, t, generator=g_rest)
+                    x[:, span], masked, maskable = model.add_noise(window[:, span], t, generator=g_span)
+                    chosen = torch.zeros_like(window, dtype=torch.bool)
+                    chosen[:, span] = masked
+                    pos, _, packing = gather_and_pack(chosen)
+                    logits = model.lm_head(model.denoise(model.encode(window, x, t), x, pos, t, packing))
+                    ce = F.cross_entropy(logits.float(), packing.pack(torch.gather(window, 1, pos)), reduction='sum')
                     total += ce.item() / t.item() / bound_levels
-                    n_scored += n_maskable / bound_levels
+                    n_scored += int(maskable.sum()) / bound_levels
                 else:
-                    _, loss, stats = model(x, chosen)
+                    x, _ = model.mlm_noise(window, g_rest, mask_prob)
+                    x[:, span], span_targets = model.mlm_noise(window[:, span], g_span, mask_prob)
+                    targets = torch.full_like(window, IGNORE_INDEX)
+                    targets[:, span] = span_targets
+                    _, loss, stats = model(x, targets)
                     total += loss.item() * stats['n_pred']
                     n_scored += stats['n_pred']
         rows.append({'context': context, 'nats_per_token': total / max(n_scored, 1e-9), 'tokens_scored': n_scored,
