@@ -136,7 +136,7 @@ def tiny_model(**overrides):
     return model, args
 
 
-@pytest.mark.parametrize('variant', [{}, {'bixt': True}, {'recursive_iters': 3}, {'shared_token_kv': True}])
+@pytest.mark.parametrize('variant', [{}, {'bixt': True}, {'recursive_iters': 3}])
 def test_recomputed_attention_is_what_the_last_layer_read_with(variant):
     """The weights times the layer's own values, through its output projection, give exactly the
     update that layer added to the concepts (captured by a hook on its projection)."""
