@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import tiktoken
@@ -572,10 +573,7 @@ def atomic_write(path, write, then='free space there or choose another place'):
 
 
 def write_text(path, text):
-    def write(tmp):
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.write(text)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
 
 
 def check_output(path, what='--out', folder=False, replaced=False):
@@ -757,8 +755,7 @@ def check_vocab(checkpoint, meta, ckpt, data_dir):
 
 # --- a training stage's model: from scratch, resumed, or warm-started from another stage
 
-# the settings besides the architecture that shape a run's course: a resume that changes one goes on, but not as the
-# uninterrupted run would have
+# the settings besides the architecture that shape a run's course: a resume that changes one is no longer exact
 TRAJECTORY_KEYS = ('learning_rate', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1', 'beta2', 'grad_clip',
                    'batch_size', 'gradient_accumulation_steps', 'doc_aligned', 'seed', 'dtype', 'mask_prob',
                    'deletion_rate', 'deletion_mode', 't_min', 'label_smoothing', 'elbo_weight', 'stratified_t')
