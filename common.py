@@ -1,11 +1,5 @@
-"""
-What the training stages, eval_glue.py, sample.py and bench.py share, as plain functions: the one
-error type and the settings check; process setup (device, precision, DDP); the data directory
-(reading, checking, its tokenizer) and the batch loader over it; the learning-rate schedule; the
-guarded optimizer step; checkpoints (save, load, exported folders, the hub) and the run log; one
-atomic write, one output-path check and one cleanup of a killed run's temporary files.
-No object here owns a training loop: each train_*.py is its own loop, top to bottom.
-"""
+"""What the training stages, eval_glue.py, sample.py and bench.py share, as plain functions (each train_*.py is its
+own loop, top to bottom)."""
 import base64
 import errno
 import hashlib
@@ -19,6 +13,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import tiktoken
@@ -29,15 +24,13 @@ from model import ConceptConfig, ConceptDiffusion, ConceptMLM
 
 
 class InputError(SystemExit):
-    """Bad input (a setting, a file, a corpus, a checkpoint): the program ends with one line that
-    says how to fix it, before any long work where it can be found early."""
+    """Bad input (a setting, a file, a checkpoint): the program ends with one line that says how to fix it."""
 
     def __init__(self, message):
         super().__init__(f"error: {message}")
 
 
-# ----------------------------------------------------------------------------------------------
-# settings: one table of ranges for every script (a key a script lacks is skipped)
+# --- settings: one table of ranges for every script (a key a script lacks is skipped)
 
 POSITIVE = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval',
             'n_layer', 'n_head', 'n_embd', 'n_concepts', 'ffn_size', 'n_dec_layer', 'learning_rate',
@@ -45,8 +38,7 @@ POSITIVE = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_int
 NON_NEGATIVE = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip', 'seed',
                 'recursive_iters', 'local_window', 'concept_loss_weight', 'concept_loss_warmup', 'max_minutes',
                 'epochs', 'head_learning_rate', 'max_train_examples', 'max_eval_examples')
-FRACTIONS = {'dropout': (0, 1), 'beta1': (0, 1), 'beta2': (0, 1), 'deletion_rate': (0, 1), 't_min': (0, 1),
-             'label_smoothing': (0, 1)}  # lo <= value < hi
+FRACTIONS = ('dropout', 'beta1', 'beta2', 'deletion_rate', 't_min', 'label_smoothing')
 CHOICES = {'encoder': ('concept', 'standard'), 'dtype': ('float32', 'bfloat16', 'float16'),
            'deletion_mode': ('hide', 'drop'), 'condition': ('noisy', 'clean', 'prefix'),
            'loss_weighting': ('fixed', 'learnable', 'kendall_gal'), 'head_init': ('random', 'probe')}
@@ -54,22 +46,16 @@ MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes a 64-bit integer
 
 
 def check_settings(config):
-    """Every setting in its range, before anything runs: a number is finite (1e309 is infinity),
-    a count is not zero where zero would divide or train on nothing, a name is one of its choices."""
+    """Every setting in its range before anything runs (1e309 is infinity; a zero count would divide by zero)."""
     for k, v in config.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise InputError(f"{k}={v!r} is not a finite number")
-    for k in POSITIVE:
-        if k in config and not config[k] > 0:
-            raise InputError(f"{k}={config[k]!r} must be > 0")
-    for k in NON_NEGATIVE:
-        if k in config and not config[k] >= 0:
-            raise InputError(f"{k}={config[k]!r} must be >= 0")
-    for k, (lo, hi) in FRACTIONS.items():
-        if k in config and not lo <= config[k] < hi:
-            raise InputError(f"{k}={config[k]!r} must be in [{lo}, {hi})")
-    if 'mask_prob' in config and not 0 < config['mask_prob'] <= 1:
-        raise InputError(f"mask_prob={config['mask_prob']!r} must be in (0, 1]")
+    ranges = ((POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+              (FRACTIONS, lambda v: 0 <= v < 1, "in [0, 1)"), (('mask_prob',), lambda v: 0 < v <= 1, "in (0, 1]"))
+    for keys, ok, rule in ranges:
+        for k in keys:
+            if k in config and not ok(config[k]):
+                raise InputError(f"{k}={config[k]!r} must be {rule}")
     if 'seed' in config and not (isinstance(config['seed'], int) and config['seed'] <= MAX_SEED):
         raise InputError(f"seed={config['seed']!r} must be an integer from 0 to 2**63 - 1")
     for k, allowed in CHOICES.items():
@@ -81,13 +67,12 @@ def check_settings(config):
 
 
 def print0(*args, **kwargs):
-    """print on the master process only (rank 0 of a torchrun job)."""
+    """print on rank 0 of a torchrun job only."""
     if int(os.environ.get('RANK', 0)) == 0:
         print(*args, **kwargs, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# process: device, precision, DDP
+# --- process: device, precision, DDP
 
 def resolve_device(device):
     """'auto' -> cuda, mps or cpu; a device this torch cannot see is one line."""
@@ -103,20 +88,14 @@ def resolve_device(device):
 
 
 def keep_freed_memory():
-    """Ask glibc to keep 1 GiB of freed heap: otherwise the large tensors a CPU step frees go back
-    to the OS and the next step page-faults them in again (docs/design.md). No-op without glibc."""
+    """glibc keeps 1 GiB of freed heap: else each CPU step page-faults its large tensors in again (docs/design.md)."""
     if platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc':
         import ctypes
-        try:
-            ctypes.CDLL(None).mallopt(-2, 1 << 30)  # M_TOP_PAD
-        except (OSError, AttributeError):
-            pass
+        ctypes.CDLL(None).mallopt(-2, 1 << 30)  # M_TOP_PAD
 
 
 def init_process(device='auto', dtype='bfloat16', seed=1337):
-    """torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) -> (ddp, rank, local_rank, world_size,
-    device, dtype); nccl on CUDA, gloo elsewhere. Seeds torch with seed + rank (dropout differs per
-    rank; data sampling is seeded on its own). bf16 becomes fp16 where the device lacks it."""
+    """torchrun's environment -> (ddp, rank, local_rank, world_size, device, dtype); dropout is seeded per rank."""
     ddp = 'RANK' in os.environ and int(os.environ.get('WORLD_SIZE', '1')) > 1
     device = resolve_device(device)
     keep_freed_memory()
@@ -142,10 +121,8 @@ def device_type(device):
 
 
 def autocast(device, dtype):
-    """The context every forward pass runs in: bf16/fp16 autocast, or nothing for float32."""
-    if dtype == 'float32':
-        return nullcontext()
-    return torch.autocast(device_type(device), dtype=getattr(torch, dtype))
+    """The context every forward pass runs in."""
+    return nullcontext() if dtype == 'float32' else torch.autocast(device_type(device), dtype=getattr(torch, dtype))
 
 
 def is_ddp():
@@ -153,36 +130,33 @@ def is_ddp():
 
 
 def mean_over_ranks(value):
-    """The mean across ranks of a number or a 0-d tensor, as a Python float: one all-reduce and one
-    host synchronisation, so call it at log time, not every step."""
+    """The mean across ranks of a number or 0-d tensor, as a float. It synchronises: call it at log time."""
     if not is_ddp():
         return float(value)
-    t = torch.as_tensor(value, dtype=torch.float64).detach().clone().to(torch.device(
-        'cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu')
+    device = f'cuda:{torch.cuda.current_device()}' if dist.get_backend() == 'nccl' else 'cpu'
+    t = torch.as_tensor(value, dtype=torch.float64).detach().clone().to(device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
 
 
 def split_global_batch(batch_size, gradient_accumulation_steps, world_size):
-    """The global batch (batch_size x gradient_accumulation_steps sequences) is the contract at any
-    world size: each rank runs ceil(accum / world_size) micro-batches, shrunk to the largest size
-    that still gives exactly that batch. -> (micro-batches per rank, micro-batch size)."""
+    """-> (micro-batches per rank, micro-batch size) that keep batch_size x accumulation exact at any world size."""
     global_batch = batch_size * gradient_accumulation_steps
     accum = -(-gradient_accumulation_steps // world_size)
     if global_batch % (accum * world_size) == 0:
         return accum, global_batch // (accum * world_size)
-    if global_batch % world_size == 0:  # the fewest micro-batches whose size divides this rank's share
+    if global_batch % world_size == 0:
         share = global_batch // world_size
         accum = next(a for a in range(accum, share + 1) if share % a == 0)
         return accum, share // accum
     raise InputError(f"the global batch of {global_batch} sequences (batch_size={batch_size} x "
                      f"gradient_accumulation_steps={gradient_accumulation_steps}) cannot be split evenly over "
-                     f"{world_size} processes; choose batch_size x gradient_accumulation_steps divisible by {world_size}")
+                     f"{world_size} processes; choose batch_size x gradient_accumulation_steps divisible by "
+                     f"{world_size}")
 
 
 def finish_process(ddp):
-    """The last call of a stage. A torchrun worker then leaves with os._exit: torch's C++ static
-    destructors at a normal exit can abort a multi-process CPU run after its last step (docs/design.md)."""
+    """A torchrun worker leaves by os._exit: torch's exit can abort a multi-process CPU run (docs/design.md)."""
     if ddp:
         dist.barrier()  # rank 0 may still be writing a checkpoint; gloo aborts if a peer leaves first
         dist.destroy_process_group()
@@ -191,10 +165,9 @@ def finish_process(ddp):
         os._exit(0)
 
 
-# ----------------------------------------------------------------------------------------------
-# the data directory (written by prepare_data.py): train.bin / val.bin (uint16 or uint32 ids,
-# documents back to back, each ended by <|endofdoc|>), train_docs.npy / val_docs.npy (int64 start of
-# every document), tokenizer.tiktoken (a trained BPE's ranks), meta.json (written last)
+# --- the data directory (prepare_data.py writes it): train.bin / val.bin (uint16 or uint32 ids, documents back to
+# back, each ended by <|endofdoc|>), train_docs.npy / val_docs.npy (int64 start of every document),
+# tokenizer.tiktoken (a trained BPE's ranks), meta.json (written last)
 
 FORMAT_VERSION = 1
 SPECIALS = {'eod': '<|endofdoc|>', 'pad': '<|pad|>', 'mask': '<|mask|>', 'cls': '<|cls|>', 'sep': '<|sep|>'}
@@ -203,43 +176,43 @@ CORPUS_SUFFIXES = ('.txt', '.jsonl', '.json', '.parquet', '.xz', '.gz', '.bz2')
 
 
 def prepare_command(data_dir, dataset=None):
-    """The command that (re)creates data_dir."""
     return f"create it with: python prepare_data.py --dataset={dataset or '<corpus>'} --data_dir={data_dir}"
 
 
+def read_json(path, fix):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is unreadable ({e}); {fix}")
+
+
 def load_meta(data_dir):
-    """meta.json of a prepared data directory, after checking that its files are there with the
-    sizes it promises and every token id is in the vocabulary; otherwise one line with the fix."""
-    if os.path.isfile(data_dir) or os.path.isdir(data_dir) and not os.path.exists(os.path.join(data_dir, 'meta.json')) \
+    """meta.json of a prepared data directory whose files are whole; otherwise one line with the fix."""
+    name, path = os.path.basename(os.path.normpath(data_dir)), os.path.join(data_dir, 'meta.json')
+    if os.path.isfile(data_dir) or os.path.isdir(data_dir) and not os.path.exists(path) \
             and any(f.endswith(CORPUS_SUFFIXES) for f in os.listdir(data_dir)):
-        stem = os.path.basename(os.path.normpath(data_dir)).split('.')[0]
+        stem = name.split('.')[0]
         raise InputError(f"{data_dir} is a corpus, not a prepared data directory; prepare it first: python "
                          f"prepare_data.py --dataset={data_dir} (it writes data/{stem}), then use --data_dir=data/{stem}")
-    guess = os.path.basename(os.path.normpath(data_dir))
-    remedy = prepare_command(data_dir, guess if guess == 'pydocs' else None)
+    remedy = prepare_command(data_dir, name if name == 'pydocs' else None)
     if not os.path.isdir(data_dir):
         raise InputError(f"data directory {data_dir} does not exist; {remedy}")
-    path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
         raise InputError(f"{data_dir} has no meta.json (not a prepared data directory, or preparing it did not "
                          f"finish); {remedy}")
-    try:
-        with open(path, encoding='utf-8') as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path} is unreadable ({e}); {remedy}")
-    source = meta.get('source') if isinstance(meta, dict) else None
+    meta = read_json(path, remedy)
+    meta = meta if isinstance(meta, dict) else {}
+    source = meta.get('source')
     remedy = prepare_command(data_dir, source.get('dataset') if isinstance(source, dict) else None)
-    if not isinstance(meta, dict) or meta.get('format_version') != FORMAT_VERSION:
-        version = meta.get('format_version') if isinstance(meta, dict) else None
-        raise InputError(f"{data_dir} has format_version {version!r}, this code reads {FORMAT_VERSION}; "
-                         f"prepare it again: {remedy}")
+    if meta.get('format_version') != FORMAT_VERSION:
+        raise InputError(f"{data_dir} has format_version {meta.get('format_version')!r}, this code reads "
+                         f"{FORMAT_VERSION}; prepare it again: {remedy}")
     problem = meta_problem(meta)
     if problem:
         raise InputError(f"{path} is damaged: {problem}; {remedy}")
     for split in SPLITS:
-        check_split(data_dir, meta, split, remedy, in_order=True)
-        check_token_ids(data_dir, meta, split, remedy)
+        check_split(data_dir, meta, split, remedy, thorough=True)
     if meta['tokenizer'].get('file') and not os.path.isfile(os.path.join(data_dir, meta['tokenizer']['file'])):
         raise InputError(f"{data_dir}: {meta['tokenizer']['file']} is missing; {remedy}")
     return meta
@@ -256,7 +229,8 @@ def meta_problem(meta):
     if meta['dtype'] != token_dtype(meta['vocab_size']).name:
         return f"dtype {meta['dtype']!r} does not fit vocab_size {meta['vocab_size']}"
     specials = meta['special_tokens']
-    if set(specials) != set(SPECIALS) or not all(type(v) is int and 0 <= v < meta['vocab_size'] for v in specials.values()):
+    if set(specials) != set(SPECIALS) or not all(type(v) is int and 0 <= v < meta['vocab_size']
+                                                 for v in specials.values()):
         return f"its special_tokens must map {', '.join(SPECIALS)} to ids below vocab_size"
     missing = [k for k in ('kind', 'name', 'pattern', 'n_base') if k not in meta['tokenizer']]
     if missing:
@@ -275,38 +249,21 @@ def token_dtype(vocab_size):
     return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
 
 
-_ids_checked = set()  # (path, inode, size, mtime, ctime) of .bin files whose ids were found in range, this process
+_ids_checked = set()  # versions of .bin files whose ids were all found below vocab_size, in this process
 
 
-def check_token_ids(data_dir, meta, split, remedy, chunk=1 << 24):
-    """Every id of a split below vocab_size (a right-sized .bin can still hold garbage, which would
-    fail deep inside the embedding): one chunked pass, once per file version and process."""
-    path = os.path.join(data_dir, f'{split}.bin')
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key in _ids_checked:
-        return
-    n = meta['splits'][split]['tokens']
-    tokens = np.memmap(path, dtype=meta['dtype'], mode='r', shape=(n,))
-    top = max(int(tokens[a:a + chunk].max()) for a in range(0, n, chunk))
-    if top >= meta['vocab_size']:
-        raise InputError(f"{path} holds token id {top}, but the vocabulary has {meta['vocab_size']} ids: corrupt; {remedy}")
-    _ids_checked.add(key)
-
-
-def check_split(data_dir, meta, split, remedy, in_order=False):
-    """A split's files against meta.json -> its memory-mapped document starts. The O(docs) check that
-    they rise runs only with in_order (once, in load_meta): open_split runs every training step."""
+def check_split(data_dir, meta, split, remedy, thorough=False):
+    """A split's files against meta.json -> its memory-mapped document starts. thorough (load_meta's, not each step's):
+    the offsets rise and every id is below vocab_size (a right-sized .bin can hold garbage), once per file version."""
     info = meta['splits'][split]
     bin_path, docs_path = os.path.join(data_dir, f'{split}.bin'), os.path.join(data_dir, f'{split}_docs.npy')
-    if not os.path.isfile(bin_path):
-        raise InputError(f"{bin_path} is missing; {remedy}")
+    for path in (bin_path, docs_path):
+        if not os.path.isfile(path):
+            raise InputError(f"{path} is missing; {remedy}")
     want, have = info['tokens'] * np.dtype(meta['dtype']).itemsize, os.path.getsize(bin_path)
     if have != want:
         raise InputError(f"{bin_path} has {have} bytes but meta.json says {info['tokens']} {meta['dtype']} tokens "
                          f"({want} bytes): truncated or corrupt; {remedy}")
-    if not os.path.isfile(docs_path):
-        raise InputError(f"{docs_path} is missing; {remedy}")
     try:
         starts = np.load(docs_path, mmap_mode='r')
     except (OSError, ValueError, EOFError):
@@ -314,17 +271,27 @@ def check_split(data_dir, meta, split, remedy, in_order=False):
     if starts.ndim != 1 or starts.dtype.kind not in 'iu' or len(starts) != info['docs']:
         raise InputError(f"{docs_path} holds {starts.dtype} of shape {starts.shape}, but meta.json says "
                          f"{info['docs']} int64 document offsets: corrupt; {remedy}")
-    if len(starts) and (starts[0] != 0 or starts[-1] >= info['tokens'] or in_order and (starts[1:] < starts[:-1]).any()):
+    rising = not thorough or (starts[1:] >= starts[:-1]).all()
+    if len(starts) and (starts[0] != 0 or starts[-1] >= info['tokens'] or not rising):
         raise InputError(f"{docs_path}: the document offsets do not rise from 0 to below the {info['tokens']} "
                          f"tokens of {split}.bin: corrupt; {remedy}")
+    if thorough:
+        st = os.stat(bin_path)
+        version = (os.path.realpath(bin_path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if version not in _ids_checked:
+            tokens = np.memmap(bin_path, dtype=meta['dtype'], mode='r', shape=(info['tokens'],))
+            top = max(int(tokens[a:a + 2 ** 24].max()) for a in range(0, info['tokens'], 2 ** 24))
+            if top >= meta['vocab_size']:
+                raise InputError(f"{bin_path} holds token id {top}, but the vocabulary has {meta['vocab_size']} ids: "
+                                 f"corrupt; {remedy}")
+            _ids_checked.add(version)
     return starts
 
 
 def read_meta_file(data_dir):
     try:
-        with open(os.path.join(data_dir, 'meta.json'), encoding='utf-8') as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_json(os.path.join(data_dir, 'meta.json'), '')
+    except InputError:
         return None
 
 
@@ -332,14 +299,11 @@ _versions_seen = {}  # .bin path -> (inode, mtime) this process last read
 
 
 def open_split(data_dir, split, meta):
-    """(tokens, doc_starts) of a split: read-only memmaps, cheap to open per batch. A split whose file
-    was replaced since the last open is checked against the job's meta, so a job never trains on
-    another corpus unnoticed."""
-    remedy = prepare_command(data_dir, meta['source'].get('dataset'))
+    """(tokens, doc_starts) of a split as memmaps, cheap per batch; a replaced file must still fit the job's meta."""
     changed = InputError(f"{data_dir} changed while this job ran (prepared again or removed), so the job's data "
                          f"is gone; start the job again on the new data, or prepare the old corpus elsewhere")
     try:
-        doc_starts = check_split(data_dir, meta, split, remedy)
+        doc_starts = check_split(data_dir, meta, split, prepare_command(data_dir, meta['source'].get('dataset')))
     except InputError:
         if read_meta_file(data_dir) != meta:
             raise changed from None
@@ -357,13 +321,12 @@ def open_split(data_dir, split, meta):
 # --- the tokenizer
 
 class Tokenizer:
-    """A tiktoken Encoding with our 5 special tokens on top. Text is always encoded as ordinary
-    text: '<|mask|>' typed in a document is characters, never the mask id."""
+    """A tiktoken Encoding with our 5 special tokens on top; a '<|mask|>' in a text is characters, not the mask id."""
 
     def __init__(self, enc, recipe):
         self.enc, self.recipe, self.vocab_size = enc, recipe, enc.n_vocab
-        ids = {key: enc.encode_single_token(tok) for key, tok in SPECIALS.items()}
-        self.eod_id, self.pad_id, self.mask_id, self.cls_id, self.sep_id = (ids[k] for k in SPECIALS)
+        ids = map(enc.encode_single_token, SPECIALS.values())
+        self.eod_id, self.pad_id, self.mask_id, self.cls_id, self.sep_id = ids
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)
@@ -409,8 +372,7 @@ def with_specials(name, pattern, ranks, base_specials, n_base):
 
 
 def tokenizer_from_recipe(recipe, data_dir, fix):
-    """The Tokenizer of a recipe (meta.json's, which a checkpoint stores too); a bpe recipe needs the
-    folder with its ranks file, whose sha256 must match. fix: what to do when that file is wrong."""
+    """The Tokenizer of meta.json's recipe (a checkpoint keeps it); bpe reads the ranks file in data_dir, by sha256."""
     if recipe['kind'] == 'bpe':
         path = os.path.join(data_dir or '.', recipe['file'])
         if not os.path.isfile(path):
@@ -433,7 +395,6 @@ def tokenizer_from_recipe(recipe, data_dir, fix):
 
 
 def load_tokenizer(data_dir):
-    """The Tokenizer of a prepared data directory."""
     return tokenizer_from_recipe(load_meta(data_dir)['tokenizer'], data_dir, prepare_command(data_dir))
 
 
@@ -449,20 +410,14 @@ def checkpoint_tokenizer(checkpoint, data_dir=''):
 
 # --- batches
 
-def noise_seed(seed, step, micro):
-    return (seed * 1_000_003 + step * 9_973 + micro) % (2 ** 63)
-
-
 def noise_generator(seed, device):
     return torch.Generator(device=device).manual_seed(seed)
 
 
 class TokenWindows:
-    """Batches of fixed-length token windows from one split. Every rank draws the offsets of the
-    whole global step (world_size x accum micro-batches) from the same seeded generator and keeps
-    its own slice, so a 2-process run sees the data of a 1-process run with twice the accumulation;
-    each micro-batch comes with a noise seed of (seed, step, global micro-batch index) only, so a
-    stage's masking is the same at any world size and on resume. The generator is the whole state."""
+    """Batches of token windows from one split. Every rank draws the offsets of the whole global step from one seeded
+    generator and keeps its slice, and a micro-batch's noise seed is (seed, step, global micro-batch index): the data
+    and masking are the same at any world size and on resume. The generator and the step are the whole state."""
 
     def __init__(self, data_dir, split, block_size, batch_size, doc_aligned=False, seed=1337,
                  rank=0, world_size=1, accum=1, device='cpu'):
@@ -474,8 +429,8 @@ class TokenWindows:
         if self.n_tokens < block_size + 1:
             raise InputError(f"{data_dir}: the {split} split has {self.n_tokens} tokens, fewer than block_size="
                              f"{block_size}; use a smaller --block_size or prepare more data")
-        self.starts = None
-        if doc_aligned:  # windows start at a document start
+        self.starts = None  # or, doc_aligned, the document starts that begin a full window
+        if doc_aligned:
             starts = np.asarray(doc_starts, dtype=np.int64)
             self.starts = torch.from_numpy(starts[starts + block_size <= self.n_tokens])
             if len(self.starts) == 0:
@@ -485,16 +440,13 @@ class TokenWindows:
         self.prefetched = None  # (the state before the draw, the drawn step)
 
     def next_step(self):
-        """This rank's micro-batches of one optimizer step: accum pairs of (ids (B, T) int64 on the
-        device, noise seed); the prefetched step if there is one."""
-        if self.prefetched is not None:
-            batches, self.prefetched = self.prefetched[1], None
-            return batches
-        return self.draw()
+        """This rank's micro-batches of one optimizer step: accum pairs (ids (B, T) int64 on the device, noise seed)."""
+        batches = self.prefetched[1] if self.prefetched else self.draw()
+        self.prefetched = None
+        return batches
 
     def prefetch(self):
-        """Draw the next step now and start its host-to-device copy, so that it travels while the
-        device computes this one. A checkpoint keeps the state before the draw."""
+        """Draw the next step and start its copy to the device while this one computes; state_dict is the one before."""
         if self.prefetched is None:
             self.prefetched = (self.state_dict(), self.draw())
 
@@ -514,14 +466,12 @@ class TokenWindows:
                                for o in offsets[g].tolist()])
             if self.device.startswith('cuda'):
                 idx = idx.pin_memory().to(self.device, non_blocking=True)
-            out.append((idx.to(self.device), noise_seed(self.seed, self.step, g)))
+            out.append((idx.to(self.device), (self.seed * 1_000_003 + self.step * 9_973 + g) % (2 ** 63)))
         self.step += 1
         return out
 
     def state_dict(self):
-        if self.prefetched is not None:
-            return self.prefetched[0]
-        return {'generator': self.generator.get_state(), 'step': self.step}
+        return self.prefetched[0] if self.prefetched else {'generator': self.generator.get_state(), 'step': self.step}
 
     def load_state_dict(self, state):
         self.generator.set_state(state['generator'].cpu())
@@ -529,18 +479,13 @@ class TokenWindows:
 
 
 def fixed_batches(data_dir, split, block_size, batch_size, n_batches, doc_aligned, seed, rank, device):
-    """n_batches batches drawn once with a fixed seed: validation sees the same windows and noise at
-    every evaluation, so its curve is not noisy by construction."""
+    """n_batches drawn once with a fixed seed: validation sees the same windows and noise at every evaluation."""
     windows = TokenWindows(data_dir, split, block_size, batch_size, doc_aligned, seed + 7919 * rank, device=device)
     return [windows.next_step()[0] for _ in range(n_batches)]
 
 
-# ----------------------------------------------------------------------------------------------
-# schedule
-
 def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, budget_fraction=None):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then flat (nanoGPT). A run with
-    a time budget passes the fraction of it spent instead: the decay reaches min_lr at its end."""
+    """Linear warmup, cosine decay to min_lr at lr_decay_iters (or at the end of a time budget: budget_fraction)."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if budget_fraction is not None:
@@ -552,8 +497,7 @@ def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, budget_fract
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-# ----------------------------------------------------------------------------------------------
-# files: one atomic write, one output-path check, one cleanup of what a killed run left
+# --- files: one atomic write, one output-path check, one cleanup of what a killed run left
 
 def cause(e):
     """Why a write failed, in a few words."""
@@ -570,12 +514,18 @@ def first_line(e, limit=200):
     return text if len(text) <= limit else text[:limit] + '...'
 
 
-TEMPORARY = re.compile(r'(.+)\.tmp\.(\d+)(\.old)?$')
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+TEMPORARY = re.compile(r'(.+)\.tmp\.(\d+)(\.old)?$')  # how every writer here names its temporaries
 
 
 def remove_stale_temporaries(folder, stem=None):
-    """Remove the `<name>.tmp.<pid>` files and folders that a killed writer (a process no longer alive)
-    left in folder; stem: only those of that name. Every writer here names its temporaries so."""
+    """Remove the temporaries (of name stem, or all) that a killed writer, a process no longer alive, left in folder."""
     removed = 0
     for name in (os.listdir(folder) if os.path.isdir(folder) else []):
         m = TEMPORARY.match(name)
@@ -584,28 +534,22 @@ def remove_stale_temporaries(folder, stem=None):
         if int(m.group(2)) != os.getpid():
             try:
                 os.kill(int(m.group(2)), 0)
-                continue  # its writer is alive (or another user's)
+                continue  # its writer is alive
             except ProcessLookupError:
                 pass
             except PermissionError:
-                continue
-        path = os.path.join(folder, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.remove(path)
+                continue  # alive, another user's
+        remove(os.path.join(folder, name))
         removed += 1
     if removed:
         print0(f"removed {removed} temporary file(s) that an interrupted run left in {folder}")
 
 
 def atomic_write(path, write, then='free space there or choose another place'):
-    """write(tmp) builds the file or folder at tmp beside path, which then replaces path in one
-    rename: a crash never leaves a torn result, and a failed write (full disk, read-only folder)
-    removes its temporary, leaves path as it was and ends in one line."""
+    """write(tmp) builds a file or folder beside path, which one rename then replaces: a crash never leaves a torn
+    result, and a failed write leaves path as it was, no temporary, and one line."""
     path = os.path.normpath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    remove_stale_temporaries(folder, os.path.basename(path))
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         write(tmp)
@@ -619,29 +563,21 @@ def atomic_write(path, write, then='free space there or choose another place'):
         else:
             os.replace(tmp, path)
     except BaseException as e:
-        for leftover in (tmp, tmp + '.old'):
-            if os.path.isdir(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
-            elif os.path.exists(leftover):
-                os.remove(leftover)
+        remove(tmp)
+        remove(tmp + '.old')
         if isinstance(e, (OSError, RuntimeError)):
             state = 'is unchanged' if os.path.exists(path) else 'was not written'
             raise InputError(f"could not write {path}: {cause(e)}; {path} {state}: {then}") from None
         raise
-    shutil.rmtree(tmp + '.old', ignore_errors=True)
+    remove(tmp + '.old')
 
 
 def write_text(path, text):
-    def write(tmp):
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.write(text)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
 
 
 def check_output(path, what='--out', folder=False, replaced=False):
-    """Before any long work: path can be written, as a file or (folder=True) a directory; replaced:
-    a folder built beside path and renamed over it (a data directory, an export), which a mount
-    point cannot be. Removes the temporary files a killed run left there."""
+    """Before any long work: path can be written, as a file or a folder (replaced: renamed over, so no mount point)."""
     full = os.path.abspath(path)
     if os.path.exists(full) and os.path.isdir(full) != folder:
         kind, want = ('a file', 'a directory') if folder else ('a directory', 'a file name')
@@ -651,7 +587,8 @@ def check_output(path, what='--out', folder=False, replaced=False):
                          f"e.g. {what}={os.path.join(path, 'data')}")
     parent = os.path.dirname(full)
     if not folder and not os.path.isdir(parent):
-        raise InputError(f"{what}={path}: the directory {parent} does not exist; create it first or choose another path")
+        raise InputError(f"{what}={path}: the directory {parent} does not exist; create it first or choose another "
+                         f"path")
     existing = full if folder and not replaced else parent
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -669,8 +606,7 @@ def check_output(path, what='--out', folder=False, replaced=False):
         remove_stale_temporaries(parent, os.path.basename(full))
 
 
-# ----------------------------------------------------------------------------------------------
-# checkpoints: tensors and plain Python values only (they load with weights_only=True)
+# --- checkpoints: tensors and plain Python values only (they load with weights_only=True)
 
 EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_FORMAT = 'config.json', 'model.safetensors', ('concept-encoder', 1)
 HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')  # owner/name
@@ -681,7 +617,6 @@ def is_hub_id(path):
 
 
 def save_checkpoint(ckpt, checkpoint):
-    """torch.save through atomic_write: a crash mid-write never leaves a torn ckpt.pt."""
     os.makedirs(os.path.dirname(os.path.abspath(ckpt)), exist_ok=True)
     atomic_write(ckpt, lambda tmp: torch.save(checkpoint, tmp),
                  "free space (or raise the limit), then continue with --init_from=resume" if os.path.exists(ckpt)
@@ -699,9 +634,7 @@ def describe(obj):
 
 
 def load_checkpoint(ckpt, map_location='cpu'):
-    """A ckpt.pt that train_*.py wrote, a folder that tools/export.py wrote, or a hub repo id of one
-    -> the checkpoint dict ('model', 'model_args', the tokenizer recipe, ...). Anything else is one
-    line saying what was found and what is expected."""
+    """A ckpt.pt, a folder of tools/export.py or a hub id of one -> the dict ('model', 'model_args', 'tokenizer'...)."""
     if os.path.isdir(ckpt) or is_hub_id(ckpt):
         return load_export(ckpt, map_location)
     if not os.path.isfile(ckpt):
@@ -709,7 +642,7 @@ def load_checkpoint(ckpt, map_location='cpu'):
     try:
         checkpoint = torch.load(ckpt, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        if 'GLOBAL' in str(e) or 'Unsupported global' in str(e):  # a pickled object; a text file is 'Unsupported operand'
+        if 'GLOBAL' in str(e) or 'Unsupported global' in str(e):  # a pickled object (text: 'Unsupported operand')
             raise InputError(f"checkpoint {ckpt} holds Python objects besides tensors, which loading would run as "
                              f"code (arbitrary code execution); it was not written by this project, so it was not "
                              f"loaded")
@@ -727,8 +660,7 @@ def load_checkpoint(ckpt, map_location='cpu'):
 
 
 def load_export(path, map_location='cpu'):
-    """An exported folder (model.safetensors, config.json, the tokenizer) or a hub repo id of one
-    (downloaded through huggingface_hub's cache) -> the dict load_checkpoint returns."""
+    """An exported folder (model.safetensors, config.json, the tokenizer) or a hub id of one -> load_checkpoint's."""
     if not os.path.isdir(path):
         try:
             from huggingface_hub import snapshot_download
@@ -736,31 +668,26 @@ def load_export(path, map_location='cpu'):
         except Exception as e:  # noqa: BLE001 - no network, no such repo, no access: one answer
             raise InputError(f"{path} is not a local path, and downloading it from the hub failed "
                              f"({type(e).__name__}: {first_line(e)}); check the name, your network or HF_TOKEN")
-    config_path = os.path.join(path, EXPORT_CONFIG)
+    config_path, weights = os.path.join(path, EXPORT_CONFIG), os.path.join(path, EXPORT_WEIGHTS)
     if not os.path.isfile(config_path):
         raise InputError(f"{path} is a directory without {EXPORT_CONFIG}: give a ckpt.pt or a folder written by "
                          f"tools/export.py")
-    try:
-        with open(config_path, encoding='utf-8') as f:
-            card = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{config_path} is unreadable ({e}); export the checkpoint again")
+    card = read_json(config_path, "export the checkpoint again")
     if (card.get('format'), card.get('format_version')) != EXPORT_FORMAT:
         raise InputError(f"{config_path} is not a concept-encoder export of format {EXPORT_FORMAT[1]} (format "
-                         f"{card.get('format')!r}, version {card.get('format_version')!r}); export the checkpoint again")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-    weights = os.path.join(path, EXPORT_WEIGHTS)
+                         f"{card.get('format')!r}, version {card.get('format_version')!r}); export the checkpoint "
+                         f"again")
     if not os.path.isfile(weights):
         raise InputError(f"{weights} is missing; export the checkpoint again")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
     try:
         state = load_file(weights, device=str(map_location))
         with safe_open(weights, 'pt') as f:
             tied = json.loads((f.metadata() or {}).get('tied', '{}'))
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"{weights} could not be read ({type(e).__name__}: {e}); it may be corrupt")
-    for alias, name in tied.items():
-        state[alias] = state[name]
+    state.update({alias: state[name] for alias, name in tied.items()})
     return {'stage': card['stage'], 'model': state, 'model_args': card['model_args'],
             'config': card.get('training_config', {}), 'iter_num': card.get('iter_num'),
             'best_val_loss': card.get('best_val_loss'), 'tokenizer': card['tokenizer'],
@@ -770,7 +697,7 @@ def load_export(path, map_location='cpu'):
 
 def nonfinite_tensors(state):
     """Names of the floating-point tensors of a state_dict that hold a nan or an inf."""
-    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
 
 
 def load_weights(model, state, ckpt):
@@ -801,8 +728,7 @@ def build_model(model_args, ckpt='the settings'):
 
 
 def load_model(checkpoint, ckpt='the checkpoint', device='cpu', **overrides):
-    """A checkpoint (a path, or a dict from load_checkpoint) -> (model in eval mode on device, the dict);
-    overrides replace ConceptConfig fields (dropout=0.1). Non-finite weights (a diverged run) are one line."""
+    """A path or load_checkpoint's dict -> (model in eval mode, the dict); overrides: ConceptConfig fields."""
     if isinstance(checkpoint, str):
         ckpt, checkpoint = checkpoint, load_checkpoint(checkpoint)
     bad = nonfinite_tensors(checkpoint['model'])
@@ -820,27 +746,24 @@ def check_vocab(checkpoint, meta, ckpt, data_dir):
         raise InputError(f"checkpoint {ckpt} has vocab_size {checkpoint['model_args'].get('vocab_size')} but "
                          f"{data_dir} has {meta['vocab_size']}: use the data directory the checkpoint was trained on")
     if checkpoint.get('tokenizer') not in (None, meta['tokenizer']):
-        name = checkpoint['tokenizer'].get('name') if isinstance(checkpoint['tokenizer'], dict) else checkpoint['tokenizer']
+        name = checkpoint['tokenizer']
+        name = name.get('name') if isinstance(name, dict) else name
         raise InputError(f"checkpoint {ckpt} was trained with another tokenizer than {data_dir}'s ({name} vs "
                          f"{meta['tokenizer'].get('name')}, or the same name trained on other text): use the data "
                          f"directory the checkpoint was trained on")
 
 
-# ----------------------------------------------------------------------------------------------
-# a training stage's model: from scratch, resumed, or warm-started from another stage
+# --- a training stage's model: from scratch, resumed, or warm-started from another stage
 
-# the settings besides the architecture that shape a run's course: a resume that changes one goes on,
-# but not as the uninterrupted run would have
+# the settings besides the architecture that shape a run's course: a resume that changes one is no longer exact
 TRAJECTORY_KEYS = ('learning_rate', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1', 'beta2', 'grad_clip',
                    'batch_size', 'gradient_accumulation_steps', 'doc_aligned', 'seed', 'dtype', 'mask_prob',
                    'deletion_rate', 'deletion_mode', 't_min', 'label_smoothing', 'elbo_weight', 'stratified_t')
 
 
 def init_model(stage, config, meta, data_dir, ckpt, **fixed):
-    """init_from: 'scratch', 'resume' (this stage's run in ckpt, continued as it was) or the path of
-    any stage's checkpoint to warm-start from (tensors of matching name and shape are copied).
-    -> (model, model_args, the checkpoint to resume from or None). model_args: the ConceptConfig fields
-    among the settings, the data directory's vocabulary and special ids, what the stage fixes."""
+    """init_from: 'scratch', 'resume' (ckpt's run, as it was) or a checkpoint of any stage to warm-start from ->
+    (model, model_args: the settings' ConceptConfig fields, the vocabulary and fixed; the checkpoint to resume)."""
     special, checkpoint, init_from = meta['special_tokens'], None, config['init_from']
     model_args = {k: config[k] for k in ConceptConfig.__dataclass_fields__ if k in config}
     model_args.update(vocab_size=meta['vocab_size'], pad_id=special['pad'], mask_id=special['mask'],
@@ -871,8 +794,7 @@ def init_model(stage, config, meta, data_dir, ckpt, **fixed):
 
 
 def warm_start(model, ckpt, meta, data_dir):
-    """Copy every tensor of another stage's checkpoint whose name and shape match (the encoder, and
-    the decoder where the architectures agree); say what was loaded and what is new."""
+    """Copy each tensor of another stage's checkpoint whose name and shape match; say what was loaded and what not."""
     checkpoint = load_checkpoint(ckpt)
     bad = nonfinite_tensors(checkpoint['model'])
     if bad:
@@ -892,9 +814,8 @@ def warm_start(model, ckpt, meta, data_dir):
 
 
 def restore_training_state(checkpoint, optimizer, scaler, train_windows, rank, config):
-    """What exact resume needs besides the weights -> (iter_num, best_val_loss, train_seconds); a note
-    for each way this run's settings leave the run's own course. With another number of processes,
-    rank r takes RNG state r mod the old count (the run goes on, no longer bit for bit)."""
+    """Exact resume besides the weights -> (iter_num, best_val_loss, train_seconds). At another world size rank r
+    takes RNG state r mod the old count (no longer bit for bit)."""
     try:
         optimizer.load_state_dict(checkpoint['optimizer'])
         if checkpoint.get('scaler'):
@@ -924,23 +845,25 @@ def resume_differences(old, new):
         default = " (lr_decay_iters=0 means max_iters)" if not new.get('lr_decay_iters') else ""
         notes.append(f"the LR schedule changes: it now decays over {decay_new} iterations, the run's own over "
                      f"{decay_old}{default}; --lr_decay_iters={decay_old} keeps the run's own schedule")
-    changed = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in TRAJECTORY_KEYS if k in old and k in new and old[k] != new[k]]
+    changed = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in TRAJECTORY_KEYS
+               if k in old and k in new and old[k] != new[k]]
     if changed:
-        notes.append(f"settings differ from the run's ({'; '.join(changed)}): pass the run's values to continue it exactly")
+        notes.append(f"settings differ from the run's ({'; '.join(changed)}): pass the run's values to continue it "
+                     f"exactly")
     return notes
 
 
 def training_checkpoint(stage, raw_model, optimizer, scaler, model_args, config, iter_num, best_val_loss,
                         train_windows, meta, data_dir, train_seconds):
-    """The dict ckpt.pt holds (call on every rank: each adds its RNG state). The tokenizer recipe and
-    data directory travel along, so eval_glue.py and sample.py need only --ckpt. Non-finite weights
-    are never saved (a diverged model would replace the last good one)."""
+    """The dict ckpt.pt holds (call on every rank, for its RNG state), with the tokenizer and the data directory."""
     bad = nonfinite_tensors(raw_model.state_dict())
     if bad:
         raise InputError(f"iter {iter_num}: the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}): not "
                          f"saved, the checkpoint is left as it was; try a lower learning_rate, more warmup_iters or "
                          f"grad_clip > 0")
-    rng = {'torch': torch.get_rng_state(), **({'cuda': torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+    rng = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng['cuda'] = torch.cuda.get_rng_state_all()
     states = [rng]  # every rank's, in rank order: each draws its own dropout masks
     if is_ddp():
         states = [None] * dist.get_world_size()
@@ -959,23 +882,19 @@ def default_out_dir(stage, encoder='concept'):
     return os.path.join('out', f"{name}_{stage}" + ('' if encoder == 'concept' else f"_{encoder}"))
 
 
-# ----------------------------------------------------------------------------------------------
-# the guarded optimizer step
+# --- the guarded optimizer step
 
 def optimizer_step(optimizer, scaler, params, loss, grad_clip, nonfinite_streak, max_nonfinite_steps, iter_num,
                    ckpt, saved_iter, dtype):
-    """unscale -> clip -> step, skipping a step whose loss or gradient is not finite (every rank takes
-    the same decision) -> (grad norm, skipped steps in a row). The run stops after max_nonfinite_steps
-    skips in a row, or at a skip that finds the weights themselves non-finite (no later step can
-    recover), naming the last good checkpoint (saved_iter: this run's, None if none). float16's
-    GradScaler skips steps of its own while it finds its scale (an overflowing gradient): not counted."""
+    """unscale -> clip -> step, skipped on every rank if the loss or a gradient is not finite -> (grad norm, skips in a
+    row). Stops at max_nonfinite_steps skips in a row or non-finite weights, naming the last good checkpoint
+    (saved_iter; None: none this run). float16's own skips while it finds its loss scale are not counted."""
     params = list(params)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
     loss_finite = torch.isfinite(torch.as_tensor(loss, device=grad_norm.device))
-    finite = loss_finite & torch.isfinite(grad_norm)
+    finite = (loss_finite & torch.isfinite(grad_norm)).float()
     if is_ddp():
-        finite = finite.float()
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if bool(finite):  # the step's one read of the loss
         scaler.step(optimizer)
@@ -1010,8 +929,7 @@ def diverged(what, iter_num, ckpt, saved_iter, dtype):
 
 
 def check_validation(value, iter_num, model, ckpt, saved_iter, dtype):
-    """A validation loss that is not finite means the model diverged: stop before it is logged or
-    saved (a nan is never the best)."""
+    """A validation loss that is not finite means the model diverged: stop before it is logged or saved."""
     if not math.isfinite(value):
         bad = nonfinite_tensors(model.state_dict())
         why = (f"the weights are not finite ({len(bad)} tensors, e.g. {bad[0]})" if bad else
@@ -1019,8 +937,7 @@ def check_validation(value, iter_num, model, ckpt, saved_iter, dtype):
         diverged(f"validation loss is {value}: {why}", iter_num, ckpt, saved_iter, dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# throughput: one peak-FLOPs function for the training log and bench.py
+# --- throughput: one peak-FLOPs function for the training log and bench.py
 
 GPU_PEAK_FLOPS = {  # dense bf16/fp16 and tf32 FLOP/s, by the exact name torch reports (vendor prefix removed)
     'H200': (989e12, 494e12), 'H100 80GB HBM3': (989e12, 494e12), 'H100 SXM': (989e12, 494e12),
@@ -1034,8 +951,7 @@ _cpu_peak = {}
 
 
 def peak_flops(device, dtype):
-    """FLOP/s one device reaches in dtype: a known GPU's listed dense peak; the CPU's matmul peak,
-    measured once per process (what matmuls reach on this machine now); None for anything else."""
+    """FLOP/s: a known GPU's listed dense peak, the CPU's matmul peak measured once per process, or None."""
     if device.startswith('cuda'):
         peaks = GPU_PEAK_FLOPS.get(torch.cuda.get_device_name(device).removeprefix('NVIDIA ').strip())
         return None if peaks is None else peaks[1] if dtype == 'float32' else peaks[0]
@@ -1063,17 +979,15 @@ def throughput(window, tokens_per_iter, peak):
     return f"{steps * tokens_per_iter / seconds:,.0f} tok/s, mfu {mfu}"
 
 
-# ----------------------------------------------------------------------------------------------
-# the run log: out_dir/log.jsonl (one JSON object per evaluation), out_dir/run.json, optional wandb
+# --- the run log: out_dir/log.jsonl (one JSON object per evaluation), out_dir/run.json, optional wandb
 
 def read_log(path):
-    """The records of a log.jsonl; a line that does not parse (a crash tears the last one) is
-    dropped with a note instead of failing."""
+    """The records of a log.jsonl; a line that does not parse (a crash tears the last one) is dropped with a note."""
     records, torn = [], []
     with open(path, encoding='utf-8', errors='replace') as f:
         for number, line in enumerate(f, 1):
             try:
-                record = json.loads(line) if line.strip() else {}
+                record = json.loads(line)
             except ValueError:
                 record = None
             if isinstance(record, dict) and isinstance(record.get('iter'), int):
@@ -1087,9 +1001,7 @@ def read_log(path):
 
 
 def start_log(out_dir, config, script, device, dtype, world_size, resumed_at=None):
-    """A fresh log.jsonl, or for a resumed run the records up to resumed_at (later ones belong to the
-    abandoned continuation); run.json with the config, commit, versions and device.
-    -> (log path, the iterations already logged, seconds already elapsed)."""
+    """log.jsonl, fresh or kept up to resumed_at, and run.json -> (log path, iterations logged, seconds elapsed)."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'log.jsonl')
     records = []
@@ -1141,8 +1053,7 @@ def mean_diagnostics(diagnostics):
 
 
 def token_mean(total, n, what):
-    """A validation metric as a mean over every scored token of every batch and rank, so that a
-    batch with nothing to score weighs nothing; nothing to score at all is one line."""
+    """A validation metric's mean over every scored token of all batches and ranks; none at all is one line."""
     n = mean_over_ranks(n)
     if n == 0:
         raise InputError(f"validation has no token to score: raise {what}")
@@ -1156,8 +1067,7 @@ def interrupted(kept):
 
 
 def on_interrupt(ckpt):
-    """A training script's Ctrl-C (its loop runs at the top level, with no main() to catch it): one line,
-    on rank 0, about the last checkpoint instead of a traceback in every process."""
+    """A training script's Ctrl-C (at top level, no main() catches it): one line about the checkpoint, on rank 0."""
     previous = sys.excepthook
 
     def hook(kind, value, tb):
