@@ -20,7 +20,7 @@ import tiktoken
 import torch
 import torch.distributed as dist
 
-from model import ConceptConfig, ConceptDiffusion, ConceptMLM
+from model import RETIRED_ARGS, ConceptConfig, ConceptDiffusion, ConceptMLM
 
 
 class InputError(SystemExit):
@@ -40,8 +40,7 @@ NON_NEGATIVE = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight
                 'epochs', 'head_learning_rate', 'max_train_examples', 'max_eval_examples')
 FRACTIONS = ('dropout', 'beta1', 'beta2', 'deletion_rate', 't_min', 'label_smoothing')
 CHOICES = {'encoder': ('concept', 'standard'), 'dtype': ('float32', 'bfloat16', 'float16'),
-           'deletion_mode': ('hide', 'drop'), 'condition': ('noisy', 'clean', 'prefix'),
-           'loss_weighting': ('fixed', 'learnable', 'kendall_gal'), 'head_init': ('random', 'probe')}
+           'deletion_mode': ('hide', 'drop'), 'condition': ('noisy', 'clean', 'prefix')}
 MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes a 64-bit integer
 
 
@@ -717,7 +716,13 @@ def load_weights(model, state, ckpt):
 
 
 def build_model(model_args, ckpt='the settings'):
-    """ConceptDiffusion for decoder='diffusion', else ConceptMLM; a setting the model refuses is one line."""
+    """ConceptDiffusion for decoder='diffusion', else ConceptMLM; a setting the model refuses is one line.
+    Older checkpoints' retired options load where they hold the only value model.py still has."""
+    retired = [f"{k}={v!r}" for k, v in model_args.items() if k in RETIRED_ARGS and v != RETIRED_ARGS[k]]
+    if retired:
+        raise InputError(f"{ckpt}: {', '.join(retired)} was retired from model.py (docs/design.md, 'Retired "
+                         f"ablations'); read it with a checkout of c335a25, which has the code")
+    model_args = {k: v for k, v in model_args.items() if k not in RETIRED_ARGS}
     try:
         cfg = ConceptConfig(**model_args)
         return (ConceptDiffusion if cfg.decoder == 'diffusion' else ConceptMLM)(cfg)

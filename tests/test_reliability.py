@@ -373,6 +373,26 @@ def test_a_checkpoint_with_learned_position_tables_is_refused_in_one_line(tmp_pa
         common.load_model(str(tmp_path / 'old.pt'))
 
 
+def test_a_checkpoint_with_retired_options_loads_at_their_old_defaults_and_is_refused_otherwise(tmp_path):
+    """Checkpoints from before issue 32 hold shared_token_kv, loss_weighting and concept_loss_pooled."""
+    import common
+    from model import ConceptConfig, ConceptMLM
+    args = dict(n_layer=1, n_head=2, n_embd=32, n_concepts=4, ffn_size=64, block_size=16, vocab_size=64, pad_id=60,
+                mask_id=61, eod_id=62, cls_id=63, sep_id=59)
+    state = ConceptMLM(ConceptConfig(**args)).state_dict()
+    old = dict(args, shared_token_kv=False, loss_weighting='fixed', concept_loss_pooled=False)
+    torch.save({'stage': 'mlm', 'model': state, 'model_args': old}, tmp_path / 'old.pt')
+    model, _ = common.load_model(str(tmp_path / 'old.pt'))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    for retired, said in ((dict(shared_token_kv=True), 'shared_token_kv=True was retired'),
+                          (dict(loss_weighting='kendall_gal'), "loss_weighting='kendall_gal' was retired"),
+                          (dict(decoder='weighted'), "unknown decoder 'weighted'")):
+        torch.save({'stage': 'mlm', 'model': state, 'model_args': dict(old, **retired)}, tmp_path / 'retired.pt')
+        with pytest.raises(common.InputError, match=said) as e:
+            common.load_model(str(tmp_path / 'retired.pt'))
+        assert '\n' not in str(e.value)
+
+
 def test_ctrl_c_of_a_training_run_is_one_line_about_its_checkpoint(data_dir, tmp_path):
     """SIGINT mid-run (issue 35): no KeyboardInterrupt traceback, a line naming what is kept."""
     import signal
