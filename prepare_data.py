@@ -102,8 +102,7 @@ def read_pydocs(num_workers=2):
 def file_docstrings(path):
     """The docstrings of one .py file worth keeping (not "Return self."); [] if it does not parse."""
     try:
-        with open(path, 'rb') as f, warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # SyntaxWarnings about escapes in old code
+        with open(path, 'rb') as f, warnings.catch_warnings(action='ignore'):  # SyntaxWarnings in old code
             tree = ast.parse(f.read())
     except (SyntaxError, ValueError, RecursionError, MemoryError, OSError):
         return []
@@ -223,12 +222,11 @@ def read_local(path, text_column):
     """The documents of a local file, or of every corpus file under a directory (sorted). .json and
     .parquet go through the datasets library (streamed); its many errors are one line, as a damaged file's."""
     if os.path.isdir(path):
-        files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
-                       if file_format(f))
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if file_format(f))
         if not files:
             raise InputError(f"{path}: no {'/'.join(_FORMATS)} files (or {'/'.join(_COMPRESSED)} of them) in it")
-        for rel in files:
-            yield from read_local(os.path.join(path, rel), text_column)
+        for file in files:
+            yield from read_local(file, text_column)
         return
     kind = file_format(path)
     try:
@@ -447,21 +445,21 @@ def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe'
     def build(tmp):
         os.makedirs(tmp)
         stats, fingerprint = spool_corpus(islice(source_docs, max_docs or None), tmp, val_fraction, seed)
-        total = stats['train'] + stats['val']
-        print(f"corpus: {total['docs']:,} documents, {total['chars'] / 1e6:.1f}M characters ({stats['train']['docs']:,}"
-              f" train / {stats['val']['docs']:,} val) in {time.time() - t_start:.1f}s")
+        n_docs, chars = stats['train']['docs'] + stats['val']['docs'], stats['train']['chars'] + stats['val']['chars']
+        print(f"corpus: {n_docs:,} documents, {chars / 1e6:.1f}M characters ({stats['train']['docs']:,} train / "
+              f"{stats['val']['docs']:,} val) in {time.time() - t_start:.1f}s")
         t0 = time.time()
         tok = make_tokenizer(tokenizer, base, vocab_size, corpus_name(dataset), tmp, bpe_max_chars)
         dtype = common.token_dtype(tok.vocab_size)
         seconds['tokenizer'], t0 = time.time() - t0, time.time()
         with ThreadPoolExecutor(num_threads) as executor, \
-                tqdm(total=total['docs'], desc='encoding', unit=' docs', mininterval=1.0) as bar:
+                tqdm(total=n_docs, desc='encoding', unit=' docs', mininterval=1.0) as bar:
             for s in common.SPLITS:
                 stats[s]['tokens'] = encode_split(tok, tmp, s, stats[s]['docs'], dtype, executor, num_threads, bar)
         seconds['encoding'] = time.time() - t0
-        source = {'dataset': dataset, 'kind': kind, 'docs': total['docs'], 'chars': total['chars'],
-                  'fingerprint': fingerprint, 'max_docs': max_docs,
-                  **({'text_column': text_column} if kind != 'pydocs' else {}), **({'split': split} if kind == 'hub' else {})}
+        source = {'dataset': dataset, 'kind': kind, 'docs': n_docs, 'chars': chars, 'fingerprint': fingerprint,
+                  'max_docs': max_docs, **({'text_column': text_column} if kind != 'pydocs' else {}),
+                  **({'split': split} if kind == 'hub' else {})}
         meta.update({'format_version': common.FORMAT_VERSION, 'tokenizer': tok.recipe, 'vocab_size': tok.vocab_size,
                      'special_tokens': {key: tok.enc.encode_single_token(t) for key, t in common.SPECIALS.items()},
                      'dtype': dtype.name, 'splits': {s: {k: stats[s][k] for k in ('tokens', 'docs', 'chars')}
