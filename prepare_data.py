@@ -112,9 +112,7 @@ def file_docstrings(path):
 def docstrings(node):
     """Docstrings in source order; visits statements only (much faster than ast.walk)."""
     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-        doc = ast.get_docstring(node, clean=True)
-        if doc:
-            yield doc.strip()
+        yield (ast.get_docstring(node, clean=True) or '').strip()  # '' is dropped with the tiny ones
     for field in ('body', 'handlers', 'orelse', 'finalbody'):
         for child in getattr(node, field, ()):
             if hasattr(child, 'body'):  # defs and compound statements
