@@ -1,16 +1,14 @@
 """
 Speed and memory of the concept encoder against the standard encoder of the same shape (model.py's
-encoder='standard' arm, as trained: the same blocks, widths, vocabulary and objective; O(N²) attention).
+encoder='standard' arm: the same blocks, widths, vocabulary and objective; O(N²) attention).
 
     python bench.py config/h512l2.py --seq_lens=512,2048,8192 --dtype=bfloat16 --out=bench.json
     python bench.py config/h512l2.py --seq_lens=8192,32768 --stages=generate
 
-Each row (stage, N, model) runs in a fresh process: training tokens/s (forward, backward, AdamW: the
-median timed step; compiled as training compiles with compile=True), encoding tokens/s (eager), peak
-memory (RSS on the CPU, max allocated on CUDA) and MFU against common.peak_flops, on random tokens.
-A row that ran out of memory (or that the OOM killer ended) says "oom"; a crashed one its last line.
---stages=generate times generate() filling one fully masked sequence in generate_steps steps
-(tokens/s of finished text); every step re-encodes it: O(C·N) against O(N²).
+Each row (stage, N, model) runs on random tokens in a fresh process: training tokens/s (the median step of
+forward, backward and AdamW, compiled as training compiles), eager encoding tokens/s, peak memory (RSS on the
+CPU, max allocated on CUDA), MFU against common.peak_flops; "oom" if it ran out of memory, a crash its last
+line. --stages=generate times generate() filling one masked sequence in generate_steps steps (O(C·N) vs O(N²)).
 """
 import itertools
 import json
@@ -27,7 +25,6 @@ import torch
 import common
 from model import ConceptConfig, ConceptDiffusion, ConceptMLM
 
-# ----------------------------------------------------------------------------------------------
 # defaults (a config file such as config/h512l2.py sets the model shape; its training keys are skipped)
 n_layer = 2
 n_head = 8
@@ -52,15 +49,13 @@ mem_limit_gb = 20.0              # CPU: address-space limit of a worker; beyond 
 out = ''                         # write the results here as JSON
 worker = ''                      # internal: 'model:stage:seq_len' runs one measurement and prints JSON
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-# ----------------------------------------------------------------------------------------------
 STAGES, MODELS = ('mlm', 'tsdae', 'diffusion', 'generate'), ('concept', 'standard')
 LEAST = {'vocab_size': 6, 'generate_steps': 1, 'tokens_per_batch': 0, 'warmup_steps': -1, 'timed_steps': 0,
          'timed_seconds': 0, 'mem_limit_gb': 0}  # 6: the 5 specials and one ordinary token
 
 
 def setting_list(name, value, allowed=None):
-    """'a,b' -> ['a', 'b'] (positive ints without allowed): an empty list or a value not allowed is
-    one line before anything is measured (a typo must not end up as a row)."""
+    """'a,b' -> ['a', 'b'] (positive ints without allowed); a typo is one line before anything is measured."""
     items = [v.strip() for v in value.split(',') if v.strip()]
     bad = [v for v in items if (v not in allowed if allowed else not (v.isdigit() and int(v) > 0))]
     if bad or not items:
@@ -88,20 +83,17 @@ common.keep_freed_memory()  # as the training scripts do: bench measures their s
 device_type = common.device_type(device)  # 'cuda' | 'mps' | 'cpu'
 if device_type == 'mps' and dtype == 'bfloat16':
     dtype = 'float16'  # as the training scripts do on MPS
-# A GPU step at the CPU's 8192 tokens takes about a millisecond, launch overhead included: the GPU needs a
-# training-sized batch (h512l2's 64 x 512 tokens), more steps, and compiled rows more warm-up (autotuning).
+# a GPU needs a training-sized batch (a step of 8192 tokens takes a millisecond), compiled rows more warm-up
 DEVICE_SIZES = {'cuda': (32768, 3, 20), 'mps': (8192, 2, 5), 'cpu': (8192, 1, 3)}  # tokens, warm-up, timed
 tokens_per_batch = tokens_per_batch or DEVICE_SIZES[device_type][0]
 warmup_steps = DEVICE_SIZES[device_type][1] if warmup_steps < 0 else warmup_steps
 timed_steps = timed_steps or DEVICE_SIZES[device_type][2]
-MASK_ID, PAD_ID = vocab_size - 3, vocab_size - 4  # the last ids play the special tokens
-N_REGULAR = vocab_size - 5
+MASK_ID, PAD_ID, N_REGULAR = vocab_size - 3, vocab_size - 4, vocab_size - 5  # the last 5 ids play the specials
 
 
 def timed(step):
-    """Seconds of each call of step(): timed_steps calls, or 2 once they add up to timed_seconds
-    (the slow rows). The caller takes the median: one call slowed by a neighbour moves it little.
-    A timing waits for the device, whose kernels run asynchronously."""
+    """Seconds of each call of step() (for a median: a call slowed by a neighbour moves it little):
+    timed_steps calls, or 2 once they add up to timed_seconds. Each waits for the device's async kernels."""
     sync = {'cuda': torch.cuda.synchronize, 'mps': lambda: torch.mps.synchronize()}.get(device_type, lambda: None)
     times = []
     while len(times) < timed_steps and not (len(times) >= 2 and sum(times) >= timed_seconds):
@@ -180,7 +172,6 @@ if worker:  # the row and its peak memory (MPS keeps no peak: what its driver ho
     print('BENCH_ROW ' + json.dumps(row), flush=True)
     sys.exit(0)
 
-# ----------------------------------------------------------------------------------------------
 # the driver: one fresh process per row, then a table and the JSON
 peak = common.peak_flops(device, dtype)
 device_name = (torch.cuda.get_device_name(device) if device_type == 'cuda' else

@@ -1,17 +1,9 @@
 """
-Command-line and config-file overrides, nanoGPT-style. A script defines its defaults as module
-globals and then runs exec(open('configurator.py').read()), which walks sys.argv left to right
-(later arguments win):
-    config/h512l2.py     a config file: Python assignments, executed in order
-    --key=value          one override, parsed with ast.literal_eval (a bare word is a string)
-
-A config file is Python and runs as code, like the script it configures: trust it as you would a
-script. The "assignments only" rule catches mistakes, it is not a sandbox. Command-line values
-stay literals. Unlike nanoGPT's, every mistake is one line: an unknown key names the closest one;
-types are checked against the default, with the conversions a person expects (--learning_rate=1 is
-a float, --compile=false a bool, --max_iters=1e4 an int; a None default takes anything).
-One config file serves all three stages, so a key that only another train_*.py defines (t_min in
-train_mlm.py) is skipped with a note; on the command line only the script's own keys are accepted.
+nanoGPT-style overrides: a script defines its defaults as globals, then exec(open('configurator.py').read())
+applies sys.argv left to right: a config file (config/h512l2.py: Python assignments, trusted as the script is)
+or --key=value (ast.literal_eval; a bare word is a string). A mistake is one line: an unknown key names the
+closest; a value takes its default's type (--learning_rate=1 a float, --compile=false a bool, --max_iters=1e4
+an int; a None default takes anything); a file's key that only another train_*.py has is skipped with a note.
 """
 import ast as _ast
 import builtins as _builtins
@@ -34,8 +26,7 @@ def _note(message):
 
 
 def _stage_keys(script):
-    """The defaults of the train_*.py scripts beside this file: their top-level assignments above the
-    line that execs configurator.py (names assigned later, such as meta, are derived, not settable)."""
+    """The defaults of the train_*.py scripts beside this one: their assignments above the configurator's exec."""
     keys = set()
     for path in _glob.glob(_os.path.join(_os.path.dirname(_os.path.abspath(script or '.')), 'train_*.py')):
         for node in _ast.parse(open(path, encoding='utf-8').read()).body:
@@ -46,42 +37,38 @@ def _stage_keys(script):
     return keys
 
 
-def _unknown(key, known, where):
-    close = _difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-    _fail(f"unknown config key '{key}' in {where}" + (f" (did you mean '{close[0]}'?)" if close else ''))
-
-
-def _coerce(key, value, default, raw=None):
-    """value as the type of the script's default, or a one-line error."""
-    want = type(default)
-    if default is None:
+def _coerce(key, value, default, cli=False):
+    """value (a config file's, or a command-line string parsed here) as the type of the script's default,
+    or a one-line error."""
+    raw = value if cli else None
+    if cli:
+        try:
+            value = _ast.literal_eval(raw)
+        except (SyntaxError, ValueError):
+            value = raw  # a bare word such as --decoder=perceiver
+    want, text = type(default), str(raw if cli else value)
+    if default is None or want in (bool, str) and isinstance(value, want):
         return value
-    if want is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(raw if raw is not None else value).strip().lower()
-        if text in ('true', 'yes', '1', 'false', 'no', '0'):
-            return text in ('true', 'yes', '1')
-    elif want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif want is int and not isinstance(value, bool) and isinstance(value, (int, float)):
-        if isinstance(value, int) or value.is_integer():
-            return int(value)
-    elif want is str:
-        return value if isinstance(value, str) else str(raw if raw is not None else value)
-    elif want in (tuple, list) and isinstance(value, (tuple, list)):
+    if want is bool and text.strip().lower() in ('true', 'yes', '1', 'false', 'no', '0'):
+        return text.strip().lower() in ('true', 'yes', '1')
+    if type(value) in (int, float) and (want is float or want is int and (type(value) is int or value.is_integer())):
+        return want(value)
+    if want is str:
+        return text
+    if want in (tuple, list) and isinstance(value, (tuple, list)):
         return want(value)
     _fail(f"{key} expects {want.__name__} (default {default!r}), got {type(value).__name__} {value!r}")
 
 
-def _apply_file(path, namespace, defaults):
+def _file_values(path):
+    """The settings a config file assigns, or a one-line error naming the file and line."""
     if not _os.path.isfile(path):
         _fail(f"config file '{path}' not found (config files live in config/, e.g. config/tiny.py)")
     try:
-        source = open(path, encoding='utf-8-sig').read()  # -sig: a BOM some editors write is not code
-        tree = _ast.parse(source, filename=path)
+        tree = _ast.parse(open(path, encoding='utf-8-sig').read(), filename=path)  # -sig: drop an editor's BOM
     except UnicodeDecodeError as e:
-        _fail(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save the config file as UTF-8")
+        _fail(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+              f"save the config file as UTF-8")
     except (SyntaxError, ValueError) as e:  # ValueError: null bytes
         where = f"{path}:{e.lineno}" if getattr(e, 'lineno', None) else path
         _fail(f"{where}: invalid Python ({getattr(e, 'msg', e)}); config files hold assignments such as n_layer = 2")
@@ -96,38 +83,28 @@ def _apply_file(path, namespace, defaults):
         lines = [t.lineno for t in _traceback.extract_tb(e.__traceback__) if t.filename == path]
         hint = f" (a string needs quotes: '{e.name}')" if isinstance(e, NameError) else ''
         _fail(f"{path}:{lines[-1] if lines else '?'}: {type(e).__name__}: {e}{hint}")
-    others = None
-    for key, value in values.items():
-        if key.startswith('_'):
-            continue
-        if key not in defaults:
-            others = _stage_keys(namespace.get('__file__')) if others is None else others
-            if key not in others:
-                _unknown(key, defaults, path)
-            _note(f"config: {key} = {value!r} is for another stage; skipped here")
-            continue
-        namespace[key] = _coerce(key, value, defaults[key])
-        _note(f"config: {key} = {namespace[key]!r}  ({path})")
+    return {k: v for k, v in values.items() if not k.startswith('_')}  # _names: the file's own helpers
 
 
 def _apply(namespace, argv):
     plain = (int, float, bool, str, tuple, list, type(None))
     defaults = {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, plain)}
     for arg in argv:
-        if not arg.startswith('--'):
-            _apply_file(arg, namespace, defaults)
-            continue
-        if '=' not in arg:
+        cli = arg.startswith('--')
+        if cli and '=' not in arg:
             _fail(f"'{arg}' needs a value, e.g. {arg}=True")
-        key, raw = arg[2:].split('=', 1)
-        if key not in defaults:
-            _unknown(key, defaults, 'the command line')
-        try:
-            value = _ast.literal_eval(raw)
-        except (SyntaxError, ValueError):
-            value = raw  # a bare word such as --decoder=perceiver
-        namespace[key] = _coerce(key, value, defaults[key], raw)
-        _note(f"config: {key} = {namespace[key]!r}  (command line)")
+        values = dict([arg[2:].split('=', 1)]) if cli else _file_values(arg)  # cli: {key: its string}
+        others = _stage_keys(namespace.get('__file__')) if not cli and set(values) - set(defaults) else ()
+        for key, value in values.items():
+            if key in others and key not in defaults:
+                _note(f"config: {key} = {value!r} is for another stage; skipped here")
+            elif key not in defaults:
+                close = _difflib.get_close_matches(key, sorted(defaults), n=1, cutoff=0.6)
+                _fail(f"unknown config key '{key}' in {'the command line' if cli else arg}" +
+                      (f" (did you mean '{close[0]}'?)" if close else ''))
+            else:
+                namespace[key] = _coerce(key, value, defaults[key], cli)
+                _note(f"config: {key} = {namespace[key]!r}  ({'command line' if cli else arg})")
 
 
 _apply(globals(), _sys.argv[1:])

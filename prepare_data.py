@@ -1,21 +1,17 @@
 """
-Turn a text corpus into a data directory that training memory-maps (common.py reads it):
+Turn a text corpus into the data directory that training memory-maps (common.py reads it):
 
-    train.bin, val.bin              token ids, headerless uint16 (uint32 if vocab_size > 65536);
-                                    documents back to back, each followed by <|endofdoc|>
-    train_docs.npy, val_docs.npy    int64 start offset of every document in its .bin
-    tokenizer.tiktoken              the BPE ranks (--tokenizer=bpe only), tiktoken's file format
-    meta.json                       what is needed to read all of the above; written last
+    train.bin, val.bin              token ids, uint16 (uint32 past 65,536), each document ended by <|endofdoc|>
+    train_docs.npy, val_docs.npy    int64 start of every document in its .bin
+    tokenizer.tiktoken              the BPE ranks (--tokenizer=bpe only), in tiktoken's format
+    meta.json                       how to read all of the above; written last
 
     python prepare_data.py                                  # offline: stdlib/torch/numpy docstrings
     python prepare_data.py --dataset=../shared/corpus/imdb  # a folder of .txt.xz files
     python prepare_data.py --dataset=minipile --tokenizer=gpt2  # the hub, a tiktoken vocabulary (online)
 
-A local corpus is a .txt (documents separated by blank lines), .jsonl, .json or .parquet file, each
-optionally compressed (x.txt.xz is a .txt), or a directory of them; its text must be UTF-8. A
-document goes to train or val by a hash of (seed, index); two runs give byte-identical files.
-Memory stays bounded: the corpus is streamed once into spool files on disk, BPE is trained from the
-train spool, and the encoding pass appends part after part to the .bin, a book in pieces.
+A local corpus is a UTF-8 .txt (blank lines between documents), .jsonl, .json or .parquet file, maybe
+compressed (x.txt.xz), or a directory of them. It is streamed once to spool files: memory stays bounded.
 """
 import ast
 import base64
@@ -25,7 +21,6 @@ import gzip
 import hashlib
 import importlib.util
 import inspect
-import io
 import json
 import lzma
 import multiprocessing
@@ -37,7 +32,7 @@ import sysconfig
 import time
 import warnings
 import zlib
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import islice
 
@@ -48,7 +43,6 @@ from tqdm import tqdm
 import common
 from common import InputError
 
-# ----------------------------------------------------------------------------------------------
 # defaults (overridable by a config file and --key=value, see configurator.py)
 dataset = 'pydocs'               # 'pydocs' | 'minipile' | a hub name 'owner/name' | a local file or directory
 text_column = 'text'             # column holding the text (hub, .jsonl/.json, .parquet)
@@ -62,12 +56,10 @@ max_docs = 0                     # 0 = all; else only the first max_docs documen
 num_threads = 2                  # encoding threads (and pydocs parser processes)
 bpe_max_chars = 1_000_000_000    # BPE is trained on (about) the first this many characters of the train split
 hub_streaming = True             # stream hub datasets instead of downloading them whole first
-# ----------------------------------------------------------------------------------------------
 
 # GPT-4's split pattern with digit runs of at most 2 (as nanochat): fewer number tokens in a small vocab
 _SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-# 'word| word': the split pattern always cuts between a letter and ' word', looking no further, so the
-# pieces of a document cut there give the ids (and BPE's counts) of the whole
+# 'word| word': the split pattern always cuts there, so pieces cut there give the whole's ids and BPE counts
 _CUT = re.compile(r'(?<=[A-Za-z]) (?=[A-Za-z])')
 _RANKS_FILE = 'tokenizer.tiktoken'
 _DATA_FILES = {'meta.json', _RANKS_FILE, 'train.bin', 'val.bin', 'train_docs.npy', 'val_docs.npy'}
@@ -77,31 +69,22 @@ _PYDOCS_SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__', 'test', 't
 _PART_CHARS = 256_000  # text per unit of encoding work (at most 2·num_threads units wait in memory)
 
 
-# ----------------------------------------------------------------------------------------------
-# corpus readers: each yields the documents (str, or UTF-8 bytes for .txt) in a deterministic order
-
 def read_pydocs(num_workers=2):
-    """Module, class and function docstrings of the Python standard library, torch and numpy:
-    about 9 MB of technical English that every machine with this repo's venv has, so the whole
-    pipeline runs offline. Files are parsed with ast (never imported) in sorted order, on
-    num_workers processes (parsing is the slow part); tiny docstrings and exact repeats are dropped."""
-    roots = [sysconfig.get_paths()['stdlib']]
-    for name in ('torch', 'numpy'):
-        spec = importlib.util.find_spec(name)  # locates the package without importing it
-        if spec is not None and spec.submodule_search_locations:
-            roots.append(sorted(spec.submodule_search_locations)[0])
+    """Docstrings of the standard library, torch and numpy (about 9 MB of technical English on any machine
+    with this repo's venv: works offline), parsed by ast on num_workers processes, repeats dropped."""
+    specs = [importlib.util.find_spec(name) for name in ('torch', 'numpy')]  # found, not imported
+    roots = [sysconfig.get_paths()['stdlib']] + [sorted(spec.submodule_search_locations)[0] for spec in specs
+                                                 if spec is not None and spec.submodule_search_locations]
     paths = []
-    for root in roots:  # the .py files sorted by their path under root, without tests and vendored packages
+    for root in roots:  # sorted, without tests and vendored packages
         files = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if d not in _PYDOCS_SKIP_DIRS]
-            files += [os.path.normpath(os.path.join(os.path.relpath(dirpath, root), f)) for f in filenames
-                      if f.endswith('.py')]
-        paths += [os.path.join(root, rel) for rel in sorted(files)]
+            files += [os.path.join(dirpath, f) for f in filenames if f.endswith('.py')]
+        paths += sorted(files)
     pool, per_file, seen = None, map(file_docstrings, paths), set()
     if num_workers > 1 and sys.platform == 'linux':
-        # fork, not spawn: spawn re-runs the caller's main script in each worker, which breaks any script
-        # that calls prepare() without a __main__ guard. Workers ignore Ctrl-C: the main process says it.
+        # fork: spawn would re-run a caller's script that lacks a __main__ guard; Ctrl-C is the main process's
         pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context('fork'),
                                    initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
         per_file = pool.map(file_docstrings, paths, chunksize=16)
@@ -117,25 +100,22 @@ def read_pydocs(num_workers=2):
 
 
 def file_docstrings(path):
-    """The docstrings of one .py file worth keeping as documents; [] if it does not parse."""
+    """The docstrings of one .py file worth keeping (not "Return self."); [] if it does not parse."""
     try:
-        with open(path, 'rb') as f, warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # SyntaxWarnings about escapes in old code
+        with open(path, 'rb') as f, warnings.catch_warnings(action='ignore'):  # SyntaxWarnings in old code
             tree = ast.parse(f.read())
     except (SyntaxError, ValueError, RecursionError, MemoryError, OSError):
         return []
-    return [doc for doc in docstrings(tree) if len(doc) >= 24 and len(doc.split()) >= 4]  # not "Return self."
+    return [doc for doc in docstrings(tree) if len(doc) >= 24 and len(doc.split()) >= 4]
 
 
 def docstrings(node):
-    """Docstrings in source order. Visits statements only: several times faster than ast.walk."""
+    """Docstrings in source order; visits statements only (much faster than ast.walk)."""
     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-        doc = ast.get_docstring(node, clean=True)
-        if doc:
-            yield doc.strip()
+        yield (ast.get_docstring(node, clean=True) or '').strip()  # '' is dropped with the tiny ones
     for field in ('body', 'handlers', 'orelse', 'finalbody'):
         for child in getattr(node, field, ()):
-            if hasattr(child, 'body'):  # defs and compound statements (if/try/with/for...)
+            if hasattr(child, 'body'):  # defs and compound statements
                 yield from docstrings(child)
 
 
@@ -146,15 +126,14 @@ def file_format(path):
     return ext if ext in _FORMATS else None
 
 
-def open_binary(path):
-    """A file as a stream of bytes, decompressed on the fly (never whole in memory) if it is one."""
-    return _COMPRESSED.get(os.path.splitext(path)[1], (open,))[0](path, 'rb')
+def open_file(path, mode='rb', **text_options):
+    """A file, decompressed on the fly if it is compressed."""
+    return _COMPRESSED.get(os.path.splitext(path)[1], (open,))[0](path, mode, **text_options)
 
 
 def check_text_file(path):
-    """Refuse a file that is not UTF-8 text before reading it: UTF-16/32 (a byte-order mark, or NUL
-    bytes) and binary files (NUL bytes) would otherwise become a few garbage documents."""
-    with open_binary(path) as f:
+    """Refuse UTF-16/32 (a byte-order mark or NUL bytes) and binary files, which would read as garbage."""
+    with open_file(path) as f:
         head = f.read(1 << 16)
     convert = f"convert it to UTF-8 first, e.g. iconv -f {{}} -t UTF-8 {path} > utf8{file_format(path)}"
     for bom, name in ((codecs.BOM_UTF32_LE, 'UTF-32'), (codecs.BOM_UTF32_BE, 'UTF-32'),
@@ -170,21 +149,18 @@ def check_text_file(path):
 
 
 def read_txt(path):
-    """Documents of a UTF-8 text file as UTF-8 bytearrays: separated by blank (whitespace-only)
-    lines, with universal newlines (\\n, \\r\\n or an old Mac's \\r, each read as \\n). Read line by
-    line: memory is bounded by the longest document, held once as bytes (a str of it can take 4 bytes
-    per character). A BOM is dropped; bad UTF-8 bytes become U+FFFD and their lines are counted in a
-    warning (a latin-1 file should be converted, not silently mangled)."""
+    """The documents (blank lines between them) of a UTF-8 text file, as UTF-8 bytearrays: a str may take 4
+    bytes a character. Bad UTF-8 bytes become U+FFFD, with a warning: latin-1 is converted, not mangled."""
     check_text_file(path)
     doc, bad_lines, first_bad, number = bytearray(), 0, None, 0
     # surrogateescape keeps bad bytes as they are, to be replaced exactly as a bytes decode does
-    with io.TextIOWrapper(open_binary(path), encoding='utf-8-sig', errors='surrogateescape') as f:
+    with open_file(path, 'rt', encoding='utf-8-sig', errors='surrogateescape') as f:
         for number, line in enumerate(f, 1):
             if '\0' in line:
                 raise InputError(f"{path}:{number}: a NUL byte: binary data, not text; give a UTF-8 text file")
             try:
                 data = line.encode('utf-8')
-            except UnicodeEncodeError:  # escaped bad bytes
+            except UnicodeEncodeError:
                 data = line.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace').encode('utf-8')
                 bad_lines, first_bad = bad_lines + 1, first_bad or number
             if line.strip(' \t\n\r\x0b\x0c'):  # ASCII whitespace, as bytes.strip: a line of U+00A0 is text
@@ -201,7 +177,6 @@ def read_txt(path):
 
 
 def checked_text(text, where, text_column):
-    """A document's text, or the one-line error for a column that holds something else."""
     if not isinstance(text, str):
         raise InputError(f"{where}: column '{text_column}' holds {type(text).__name__}, not text; "
                          f"set --text_column to the column with the text")
@@ -209,11 +184,10 @@ def checked_text(text, where, text_column):
 
 
 def read_jsonl(path, text_column):
-    """The text_column of a JSON Lines file, one object per line, read with the json module so
-    that a malformed line is reported by its number. Rows whose text is null or absent are skipped."""
+    """The text_column of a JSON Lines file, a malformed line named by its number; null texts are skipped."""
     check_text_file(path)
     have_column = False
-    with open_binary(path) as f:
+    with open_file(path) as f:
         for number, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -243,16 +217,14 @@ def texts_of(ds, text_column, what):
 
 
 def read_local(path, text_column):
-    """The documents of a local file, or of every corpus file under a directory (sorted). A
-    .json/.parquet file goes through the datasets library (streamed: no cache copy); its reader's
-    errors (pyarrow's ArrowInvalid, ...) are one line naming the file, as a damaged file's are."""
+    """The documents of a local file, or of every corpus file under a directory (sorted). .json and
+    .parquet go through the datasets library (streamed); its many errors are one line, as a damaged file's."""
     if os.path.isdir(path):
-        files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
-                       if file_format(f))
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if file_format(f))
         if not files:
             raise InputError(f"{path}: no {'/'.join(_FORMATS)} files (or {'/'.join(_COMPRESSED)} of them) in it")
-        for rel in files:
-            yield from read_local(os.path.join(path, rel), text_column)
+        for file in files:
+            yield from read_local(file, text_column)
         return
     kind = file_format(path)
     try:
@@ -265,8 +237,6 @@ def read_local(path, text_column):
             try:
                 ds = datasets.load_dataset(kind[1:], data_files=os.path.abspath(path), split='train', streaming=True)
                 yield from texts_of(ds, text_column, path)
-            except InputError:
-                raise
             except Exception as e:  # noqa: BLE001 - the reader's own exceptions are many and undocumented
                 raise InputError(f"{path}: not readable as {kind[1:]} ({type(e).__name__}: {common.first_line(e)}); "
                                  f"check the file, or convert it to .jsonl (one JSON object per line) or .txt")
@@ -280,21 +250,17 @@ def read_local(path, text_column):
 
 
 def local_texts(path, text_column='text'):
-    """read_local's documents as str (its .txt reader yields UTF-8 bytes, for the tokenizer's speed): for
-    readers outside the data pipeline, eval_glue's IMDB split and tools/score_text.py."""
+    """read_local's documents as str, for eval_glue's IMDB split and tools/score_text.py."""
     for doc in read_local(path, text_column):
         yield doc.decode('utf-8') if isinstance(doc, (bytes, bytearray)) else doc
 
 
 def read_hub(name, split, text_column, streaming):
-    """A Hugging Face hub dataset (a streamed one connects at its first read). Offline this fails,
-    after datasets' retries: say so in one line."""
+    """A Hugging Face hub dataset (a streamed one connects at its first read); offline: one line."""
     import datasets
     try:
         yield from texts_of(datasets.load_dataset(name, split=split, streaming=streaming), text_column,
                             f"{name} (split {split})")
-    except InputError:
-        raise
     except Exception as e:  # noqa: BLE001 - connection, auth, missing repo or split: same advice
         raise InputError(f"could not load the hub dataset '{name}' ({common.first_line(e)}) and there is no local "
                          f"file of that name; offline? use --dataset=pydocs or a local .txt/.jsonl/.parquet file or "
@@ -309,41 +275,30 @@ def corpus_name(dataset):
     return {'minipile': 'JeanKaddour/minipile'}.get(dataset, dataset).split('/')[-1]
 
 
-# ----------------------------------------------------------------------------------------------
-# writing the data directory
-
 def spool_corpus(docs, tmp, val_fraction, seed):
-    """The reading pass: every non-empty document to its split's spool file (8-byte length, UTF-8),
-    the split decided by a hash of (seed, index): reproducible, and needs no look-ahead (streaming).
-    -> per-split doc and char counts, and the sha256 of all documents in corpus order."""
-    sha = hashlib.sha256()
-    stats = {s: {'docs': 0, 'chars': 0} for s in common.SPLITS}
-    last = {}  # split -> (offset, chars) of its last record, to move one if a split stays empty
-    files = {s: open(os.path.join(tmp, f'{s}.spool'), 'w+b') for s in common.SPLITS}
-    try:
-        index = 0
-        for doc in tqdm(docs, desc='reading corpus', unit=' docs', mininterval=1.0):
-            if not doc:
-                continue
+    """Each non-empty document to its split's spool file (8-byte length, UTF-8), the split drawn by a hash of
+    (seed, index): reproducible, no look-ahead. -> per-split docs and chars, the sha256 of the corpus."""
+    sha, stats, last = hashlib.sha256(), {s: Counter(docs=0, chars=0) for s in common.SPLITS}, {}
+    with open(os.path.join(tmp, 'train.spool'), 'w+b') as train, open(os.path.join(tmp, 'val.spool'), 'w+b') as val:
+        files = {'train': train, 'val': val}
+        for index, doc in enumerate(doc for doc in tqdm(docs, desc='reading corpus', unit=' docs', mininterval=1.0)
+                                    if doc):
             if isinstance(doc, str):
                 data, chars = doc.encode('utf-8', 'replace'), len(doc)  # 'replace': lone surrogates from JSON
             else:  # UTF-8 bytes (.txt): the characters are the bytes that continue none, counted in chunks
                 view, step = np.frombuffer(doc, np.uint8), 1 << 22
                 data, chars = doc, len(doc) - (0 if doc.isascii() else sum(
                     int(np.count_nonzero((view[a:a + step] & 0xC0) == 0x80)) for a in range(0, len(doc), step)))
-            header = len(data).to_bytes(8, 'little')
-            sha.update(header)
-            sha.update(data)
             h = hashlib.blake2b(f'{seed}:{index}'.encode(), digest_size=8).digest()
             s = 'val' if int.from_bytes(h, 'little') < val_fraction * 2 ** 64 else 'train'
             last[s] = (files[s].tell(), chars)
-            files[s].write(header)
-            files[s].write(data)
-            stats[s]['docs'] += 1
-            stats[s]['chars'] += chars
-            index += 1
-        if index < 2:
-            raise InputError(f"the corpus has {index} non-empty document{'s' * (index != 1)}; need at least 2 "
+            for part in (len(data).to_bytes(8, 'little'), data):
+                sha.update(part)
+                files[s].write(part)
+            stats[s].update(docs=1, chars=chars)
+        n_docs = stats['train']['docs'] + stats['val']['docs']
+        if n_docs < 2:
+            raise InputError(f"the corpus has {n_docs} non-empty document{'s' * (n_docs != 1)}; need at least 2 "
                              f"(one for train, one for val)")
         for src, dst in (('train', 'val'), ('val', 'train')):
             if stats[dst]['docs'] == 0:  # all landed in src: move src's last document (the corpus's last)
@@ -351,18 +306,14 @@ def spool_corpus(docs, tmp, val_fraction, seed):
                 files[src].seek(offset)
                 files[dst].write(files[src].read())
                 files[src].truncate(offset)
-                stats[src]['docs'], stats[src]['chars'] = stats[src]['docs'] - 1, stats[src]['chars'] - chars
-                stats[dst]['docs'], stats[dst]['chars'] = 1, chars
-    finally:
-        for f in files.values():
-            f.close()
+                stats[src].subtract(docs=1, chars=chars)
+                stats[dst].update(docs=1, chars=chars)
     return stats, sha.hexdigest()
 
 
 def spooled_texts(path, max_chars=None):
-    """(text, ends_document) of a spool file's documents in order, up to the first document that
-    starts past max_chars characters. A long document (a book) comes in pieces of at least
-    _PART_CHARS characters cut at _CUT, read and decoded chunk by chunk: never held whole."""
+    """(text, ends_document) of a spool file's documents, up to the first that starts past max_chars
+    characters. A book comes in pieces of at least _PART_CHARS characters cut at _CUT, never held whole."""
     chars = 0
     with open(path, 'rb') as f:
         while (header := f.read(8)) and (max_chars is None or chars < max_chars):
@@ -382,28 +333,27 @@ def spooled_texts(path, max_chars=None):
 
 
 def encode_split(tok, tmp, split, n_docs, dtype, executor, num_threads, bar):
-    """The encoding pass of one split, from its spool in tmp to its .bin and _docs.npy there: parts
-    of about _PART_CHARS characters are encoded on the executor's threads and appended in order, a
-    few parts in flight, so memory stays bounded and no thread waits. -> the number of tokens."""
+    """One split's spool in tmp to its .bin and _docs.npy: parts of about _PART_CHARS characters encoded on
+    the executor's threads, appended in order, a few in flight (bounded memory). -> the number of tokens."""
     eod = np.array([tok.eod_id], dtype=dtype)
 
     def encode_part(part):  # encode_to_numpy: no Python int per token, and the GIL released (threads run)
         return np.concatenate([ids for text, ends in part for ids in
                                (tok.enc.encode_to_numpy(text, disallowed_special=()).astype(dtype), eod[:ends])])
 
-    n_tokens = written = start = 0
-    # plain writes, not a memmap: on a full disk a write raises OSError, a memmap store is a SIGBUS
+    n_tokens = start = 0
     path = os.path.join(tmp, split)
+    # plain writes, not a memmap: on a full disk a write raises OSError, a memmap store is a SIGBUS
     with open(f'{path}.bin', 'wb') as out, open(f'{path}_docs.npy', 'wb') as docs_out:
         np.lib.format.write_array_header_1_0(docs_out, {'descr': '<i8', 'fortran_order': False, 'shape': (n_docs,)})
 
         def write(ids):  # a document starts after each <|endofdoc|> (the next one may end in a later part)
-            nonlocal n_tokens, written, start
+            nonlocal n_tokens, start
             out.write(ids.tobytes())
             ends = n_tokens + 1 + np.flatnonzero(ids == tok.eod_id)
             if len(ends):
                 docs_out.write(np.append(start, ends[:-1]).astype('<i8').tobytes())
-                start, written = int(ends[-1]), written + len(ends)
+                start = int(ends[-1])
                 bar.update(len(ends))
             n_tokens += len(ids)
 
@@ -420,14 +370,13 @@ def encode_split(tok, tmp, split, n_docs, dtype, executor, num_threads, bar):
             pending.append(executor.submit(encode_part, part))
         while pending:
             write(pending.popleft().result())
-    assert written == n_docs, (written, n_docs)
     os.remove(f'{path}.spool')
     return n_tokens
 
 
 def make_tokenizer(tokenizer, base, vocab_size, name, tmp, bpe_max_chars):
-    """A BPE trained with rustbpe on tmp's train spool (ranks saved to tmp in tiktoken's format), or
-    the named tiktoken encoding base; either with the special tokens on top."""
+    """A BPE trained with rustbpe on tmp's train spool (its ranks saved there), or the tiktoken encoding
+    base; either with the special tokens on top."""
     n_special = len(common.SPECIALS)
     if tokenizer == 'bpe':
         t0, trainer = time.time(), rustbpe.Tokenizer()
@@ -464,9 +413,8 @@ def check_replaceable(data_dir):
 def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe', vocab_size=8192, data_dir='',
             val_fraction=0.01, seed=1337, max_docs=0, num_threads=2, bpe_max_chars=1_000_000_000,
             hub_streaming=True):
-    """Write the data directory of a corpus (see the module docstring) -> its path. It is built beside
-    data_dir and renamed into place at the end (meta.json written last): a failed or killed run never
-    leaves a directory that looks valid, nor changes the one that was there."""
+    """Write the data directory of a corpus -> its path. It is built beside data_dir and renamed into
+    place: a failed or killed run never leaves one that looks valid, nor changes the old one."""
     t_start = time.time()
     common.check_settings({'seed': seed, 'val_fraction': val_fraction, 'bpe_max_chars': bpe_max_chars})
     for key, value, ok, want in (
@@ -494,23 +442,19 @@ def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe'
 
     def build(tmp):
         os.makedirs(tmp)
-        # 1. read the corpus once, into train/val spools
         stats, fingerprint = spool_corpus(islice(source_docs, max_docs or None), tmp, val_fraction, seed)
         n_docs, chars = stats['train']['docs'] + stats['val']['docs'], stats['train']['chars'] + stats['val']['chars']
         print(f"corpus: {n_docs:,} documents, {chars / 1e6:.1f}M characters ({stats['train']['docs']:,} train / "
               f"{stats['val']['docs']:,} val) in {time.time() - t_start:.1f}s")
-        # 2. the tokenizer
         t0 = time.time()
         tok = make_tokenizer(tokenizer, base, vocab_size, corpus_name(dataset), tmp, bpe_max_chars)
         dtype = common.token_dtype(tok.vocab_size)
         seconds['tokenizer'], t0 = time.time() - t0, time.time()
-        # 3. encode both splits into .bin + doc offsets
         with ThreadPoolExecutor(num_threads) as executor, \
                 tqdm(total=n_docs, desc='encoding', unit=' docs', mininterval=1.0) as bar:
             for s in common.SPLITS:
                 stats[s]['tokens'] = encode_split(tok, tmp, s, stats[s]['docs'], dtype, executor, num_threads, bar)
         seconds['encoding'] = time.time() - t0
-        # 4. meta.json last
         source = {'dataset': dataset, 'kind': kind, 'docs': n_docs, 'chars': chars, 'fingerprint': fingerprint,
                   'max_docs': max_docs, **({'text_column': text_column} if kind != 'pydocs' else {}),
                   **({'split': split} if kind == 'hub' else {})}
@@ -536,8 +480,6 @@ def prepare(dataset='pydocs', text_column='text', split='train', tokenizer='bpe'
           f" tokens/s on {num_threads} threads)")
     return data_dir
 
-
-# ----------------------------------------------------------------------------------------------
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())

@@ -1,14 +1,10 @@
 """
-Generate text with a trained diffusion checkpoint: start from [MASK]s (after an optional prompt)
-and let ConceptDiffusion.generate() unmask them over a number of steps.
+Generate text with a trained diffusion checkpoint (and its tokenizer): ConceptDiffusion.generate() unmasks
+[MASK]s after an optional prompt. Stdout holds the samples only; their speed and notes go to stderr.
 
-    python sample.py --ckpt=out/tiny_diffusion/ckpt.pt --prompt="Return the number of" --steps=32 --num_samples=3
-    python sample.py --ckpt=out/tiny_diffusion/ckpt.pt --show_steps=True     # watch the text form
-    python sample.py --ckpt=... --text="The ___ of the ___ is returned."      # infill every ___
+    python sample.py --ckpt=out/tiny_diffusion/ckpt.pt --prompt="Return the number of" --show_steps=True
+    python sample.py --ckpt=... --text="The ___ of the ___ is returned." --steps=32    # infill every ___
     python sample.py --ckpt=... --out=samples.json && python tools/sample_quality.py --samples=samples.json
-
-The tokenizer comes from the checkpoint (its recipe and the data directory it was trained on).
-Stdout holds the samples only; the speed (tokens/s of finished text) and notes go to stderr.
 """
 import json
 import os
@@ -21,7 +17,6 @@ import torch
 import common
 from model import ConceptDiffusion
 
-# ----------------------------------------------------------------------------------------------
 ckpt = 'out/tiny_diffusion/ckpt.pt'
 prompt = ''              # text the samples continue (kept unchanged)
 text = ''                # infilling: a text whose '___' marks are masked and filled (overrides prompt)
@@ -31,14 +26,14 @@ steps = 32               # denoising steps: more steps, better text
 temperature = 1.0        # 0: always the most likely token
 top_k = 0                # 0: no top-k filtering
 block_len = 0            # >0: semi-autoregressive, fill blocks of this many positions left to right
-remasking = 'random'     # which masked positions a step commits: 'random' (MDLM; logits there only) | 'confidence' (LLaDA)
+remasking = 'random'     # the masked positions a step fills: 'random' (MDLM; logits there only) | 'confidence' (LLaDA)
 show_steps = False       # print the sequence after every step, masks shown as '_'
 seed = 1337
 device = 'cpu'
 data_dir = ''            # where the tokenizer lives if the checkpoint's data directory has moved
 out = ''                 # write the samples (ids, text, settings) here as JSON, for tools/sample_quality.py
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-# ----------------------------------------------------------------------------------------------
+
 LEAST = {'length': 1, 'num_samples': 1, 'steps': 1, 'temperature': 0, 'top_k': 0, 'block_len': 0}
 settings = {k: globals()[k] for k in ('prompt', 'text', *LEAST, 'remasking', 'seed', 'device', 'data_dir')}
 common.check_settings(settings)  # finite numbers, the seed's range
@@ -55,11 +50,10 @@ model, checkpoint = common.load_model(ckpt, ckpt, device)
 if not isinstance(model, ConceptDiffusion):
     raise common.InputError(f"{ckpt} is a {checkpoint.get('stage')} checkpoint; sample.py needs one from "
                             f"train_diffusion.py")
-tok = common.checkpoint_tokenizer(checkpoint, data_dir)
-mask_id, block_size = model.cfg.mask_id, model.cfg.block_size
-if length > block_size:
-    print(f"note: length={length} is past the model's training window of {block_size} tokens", file=sys.stderr)
-
+tok, mask_id = common.checkpoint_tokenizer(checkpoint, data_dir), model.cfg.mask_id
+if length > model.cfg.block_size:
+    print(f"note: length={length} is past the model's training window of {model.cfg.block_size} tokens",
+          file=sys.stderr)
 if text:  # infilling: each '___' becomes 4 masks
     pieces = text.split('___')
     ids = [i for k, piece in enumerate(pieces) for i in tok.encode(piece) + [mask_id] * 4 * (k < len(pieces) - 1)]
@@ -72,7 +66,7 @@ if text:  # infilling: each '___' becomes 4 masks
         print(f"note: --text is {len(ids)} tokens with its masks; only the first {length} are used", file=sys.stderr)
     ids = ids[:length]
 else:
-    ids = tok.encode(prompt) if prompt else []
+    ids = tok.encode(prompt)
     if len(ids) >= length:
         raise common.InputError(f"the prompt is {len(ids)} tokens and fills the whole length={length}, leaving "
                                 f"nothing to generate; raise --length or shorten the prompt")
@@ -80,9 +74,8 @@ else:
 
 
 def render(ids):
-    """Text of ids with every [MASK] shown as '_'; the runs between masks decode together, so that
-    a multi-byte character survives."""
-    return ''.join('_' * len(list(run)) if masked else tok.decode(list(run))
+    """ids as text, each [MASK] as '_'; the runs between masks decode whole (a multi-byte character survives)."""
+    return ''.join('_' * len(list(run)) if masked else tok.decode(run)
                    for masked, run in groupby(ids, lambda i: i == mask_id))
 
 
@@ -91,7 +84,8 @@ trajectory = [] if show_steps else None
 t0 = time.perf_counter()
 try:
     samples = model.generate(x, steps=steps, temperature=temperature, top_k=top_k, block_len=block_len,
-                             remasking=remasking, generator=torch.Generator(device=device).manual_seed(seed), trajectory=trajectory).tolist()
+                             remasking=remasking, generator=torch.Generator(device=device).manual_seed(seed),
+                             trajectory=trajectory).tolist()
 except KeyboardInterrupt:
     common.interrupted("no samples written")
 seconds = time.perf_counter() - t0
@@ -100,8 +94,7 @@ if show_steps:
         print(f"step {s:2d}: {render(frame[0].tolist())}")
     print('-' * 80)
 for sample in samples:
-    print(render(sample))
-    print('-' * 80, flush=True)  # before the speed line on stderr
+    print(render(sample), '-' * 80, sep='\n', flush=True)  # flushed before the speed line on stderr
 print(f"{num_samples} x {length} tokens in {seconds:.2f} s: {num_samples * length / seconds:,.0f} tokens/s "
       f"({device}, {steps} steps)", file=sys.stderr)
 if out:
