@@ -32,7 +32,6 @@ n_embd = 512
 n_concepts = 128
 ffn_size = 1024
 n_dec_layer = 1                  # MLM / TSDAE decoder layers (the diffusion decoder uses 2)
-shared_token_kv = False          # the concept encoder's ablation flag (model.py): one token K/V projection
 vocab_size = 8192
 seq_lens = '512,2048,8192'       # comma-separated sequence lengths
 stages = 'mlm,tsdae,diffusion'   # and 'generate' (sampling speed; not in the default)
@@ -117,7 +116,6 @@ def measure(model_name, stage, N):
         cfg = ConceptConfig(encoder=model_name, vocab_size=vocab_size, block_size=N, n_layer=n_layer, n_head=n_head,
                             n_embd=n_embd, n_concepts=n_concepts, ffn_size=ffn_size, pad_id=PAD_ID, mask_id=MASK_ID,
                             n_dec_layer=2 if stage in ('diffusion', 'generate') else n_dec_layer,
-                            shared_token_kv=shared_token_kv and model_name == 'concept',
                             decoder={'mlm': 'perceiver', 'tsdae': 'posonly'}.get(stage, 'diffusion'))
         model = (ConceptMLM if stage in ('mlm', 'tsdae') else ConceptDiffusion)(cfg).to(device)
         noise = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731 (the same noise at every step)
@@ -240,7 +238,7 @@ if out:
                'tokens_per_batch': tokens_per_batch, 'cpu_count': os.cpu_count(),
                'torch': torch.__version__, 'threads': torch.get_num_threads(), 'compile': compile,
                'shape': dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_concepts=n_concepts,
-                             ffn_size=ffn_size, vocab_size=vocab_size, shared_token_kv=shared_token_kv)}
+                             ffn_size=ffn_size, vocab_size=vocab_size)}
     common.write_text(out, json.dumps({'machine': machine, 'peak_flops': {dtype: peak}, 'rows': rows}, indent=2))
     print(f"wrote {out}")
 if stopped:
