@@ -2,6 +2,7 @@
 helper that runs a stage script the way a user does."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,6 +10,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# A test run started in the background (`make test &`, nohup) inherits SIGINT ignored, and so would every
+# script a test starts: the Ctrl-C tests need Python's own handler there, which a handled SIGINT here gives
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # the tiny shape used by script tests: the smallest model that still learns on real text
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--n_concepts=8', '--ffn_size=64', '--block_size=64',
