@@ -20,7 +20,7 @@ import tiktoken
 import torch
 import torch.distributed as dist
 
-from model import RETIRED_ARGS, ConceptConfig, ConceptDiffusion, ConceptMLM
+from model import CONDITIONS, ENCODERS, RETIRED_ARGS, ConceptConfig, ConceptDiffusion, ConceptMLM
 
 
 class InputError(SystemExit):
@@ -39,8 +39,8 @@ NON_NEGATIVE = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight
                 'recursive_iters', 'local_window', 'concept_loss_weight', 'concept_loss_warmup', 'max_minutes',
                 'epochs', 'head_learning_rate', 'max_train_examples', 'max_eval_examples')
 FRACTIONS = ('dropout', 'beta1', 'beta2', 'deletion_rate', 't_min', 'label_smoothing')
-CHOICES = {'encoder': ('concept', 'standard'), 'dtype': ('float32', 'bfloat16', 'float16'),
-           'deletion_mode': ('hide', 'drop'), 'condition': ('noisy', 'clean', 'prefix')}
+CHOICES = {'encoder': ENCODERS, 'dtype': ('float32', 'bfloat16', 'float16'), 'deletion_mode': ('hide', 'drop'),
+           'condition': CONDITIONS}
 MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes a 64-bit integer
 
 
