@@ -260,9 +260,10 @@ class Encoder(nn.Module):
         self.wpe = Positions(cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def embed(self, idx):
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, N, H)
+    def embed(self, idx, pos=None):
+        """idx (..., N) ids at pos (N,), by default 0 .. N-1 -> (..., N, H)."""
+        pos = torch.arange(idx.shape[-1], device=idx.device) if pos is None else pos
+        return self.drop(self.wte(idx) + self.wpe(pos))
 
 
 class ConceptEncoder(Encoder):
@@ -285,26 +286,40 @@ class ConceptEncoder(Encoder):
     def n_iters(self):
         return self.cfg.recursive_iters if self.cfg.recursive_iters > 0 else self.cfg.n_layer
 
-    def forward(self, idx, attn_mask=None, n_iters=None):
+    def forward(self, idx, attn_mask=None, n_iters=None, token_kv=None):
         """idx (B, N); attn_mask (B, N) bool, False for padding and TSDAE-deleted tokens; n_iters
-        overrides recursive_iters at inference."""
+        overrides recursive_iters at inference; token_kv: this idx's token_kv(), if already at hand."""
         B, N = idx.shape
-        x = self.ln_tok(self.embed(idx))
         c = self.concepts.expand(B, -1, -1)  # (B, C, H)
         if self.cfg.recursive_iters > 0:
             layer_seq = [self.layers[0]] * (n_iters or self.cfg.recursive_iters)
         else:
             layer_seq = self.layers
         if self.cfg.bixt:
+            x = self.ln_tok(self.embed(idx))
             for i, layer in enumerate(layer_seq):
                 c, x = layer(c, x, attn_mask, update_tokens=(i < len(layer_seq) - 1))
-        else:  # static tokens: the recursive layer projects them to K/V once (2·H²·N MACs saved per iteration)
-            token_kv = None
-            for layer in layer_seq:
-                if token_kv is None or self.cfg.recursive_iters == 0:
-                    token_kv = layer.cross_attn.project_kv(x)
-                c = layer(c, token_kv, attn_mask)
+        else:  # static tokens: the recursive layer's keys/values are projected once, not per iteration
+            token_kv = self.token_kv(idx) if token_kv is None else token_kv
+            for i, layer in enumerate(layer_seq):
+                c = layer(c, token_kv[i % len(token_kv)], attn_mask)
         return self.ln_f(c)
+
+    def token_kv(self, idx, cache=None, changed=None):
+        """Each distinct layer's token keys and values, [2 x (B, nh, N, hs)], for static tokens (no BiXT).
+        A token's keys/values depend on its id and position alone, so given the cache of an earlier
+        call and the (rows, cols) of the ids that changed since, only those are projected and written
+        into it: generate() commits N / steps tokens a step and pays 2·H²·N MACs per layer once."""
+        if cache is None:
+            x = self.ln_tok(self.embed(idx))  # (B, N, H)
+            return [layer.cross_attn.project_kv(x) for layer in self.layers]
+        rows, cols = changed  # (M,) each
+        x = self.ln_tok(self.embed(idx[rows, cols], cols))[None]  # (1, M, H)
+        for (k, v), layer in zip(cache, self.layers):
+            k_new, v_new = layer.cross_attn.project_kv(x)  # 2 x (1, nh, M, hs)
+            k[rows, :, cols] = k_new[0].transpose(0, 1).to(k.dtype)  # (M, nh, hs)
+            v[rows, :, cols] = v_new[0].transpose(0, 1).to(v.dtype)
+        return cache
 
 
 def adaln_modulation(adaLN, cond, packing=None):
@@ -978,7 +993,8 @@ class ConceptDiffusion(StageModel):
     @torch.no_grad()
     def generate(self, idx, steps=32, temperature=1.0, top_k=0, block_len=0, remasking='random', attn_mask=None,
                  generator=None, trajectory=None):
-        """Fill every [MASK] of idx (B, N) in `steps` steps. Each step re-encodes the sequence and commits
+        """Fill every [MASK] of idx (B, N) in `steps` steps. Each step re-encodes the sequence (the concept
+        encoder's token keys/values only where the last step committed) and commits
         remaining / steps-left of the masked positions of the current block. remasking='random' picks
         them uniformly (MDLM's ancestral sampler): logits are computed there only, so a step costs the
         encoder and the committed positions, linear in N; 'confidence' (LLaDA) samples every candidate
@@ -997,6 +1013,8 @@ class ConceptDiffusion(StageModel):
         n_blocks = max(1, math.ceil(int(to_fill.sum(1).max()) / block_len)) if block_len > 0 else 1
         block_of = torch.where(to_fill, (to_fill.cumsum(1) - 1) // block_len if block_len > 0 else 0, -1)
         steps_per_block = [max(1, steps // n_blocks + (b < steps % n_blocks)) for b in range(n_blocks)]  # >= 1 each
+        token_kv = None  # the concept encoder's static tokens: their keys/values, updated where committed
+        rows = cols = None
         for block, block_steps in enumerate(steps_per_block):
             for s in range(block_steps):
                 masked = x == self.cfg.mask_id
@@ -1004,7 +1022,11 @@ class ConceptDiffusion(StageModel):
                 if not eligible.any():
                     break
                 t = masked.sum(1) / n_real  # the model's noise level: the masked fraction
-                memory = self.encode(x, x, t, attn_mask)
+                if self.standard or self.cfg.bixt:
+                    memory = self.encode(x, x, t, attn_mask)
+                else:
+                    token_kv = self.encoder.token_kv(x, token_kv, (rows, cols))
+                    memory = self.encoder(x, attn_mask, token_kv=token_kv)
                 quota = -(-eligible.sum(1) // (block_steps - s))  # (B,) ceil(eligible / steps left)
                 candidates = eligible
                 if remasking == 'random':
@@ -1036,24 +1058,37 @@ def top_per_row(score, allowed, quota):
 
 def sample_tokens(logits, temperature, top_k, never, generator=None):
     """logits (M, V) float32 -> tokens (M,) drawn from softmax(logits / temperature) (the argmax at 0)
-    after top_k filtering, never an id of `never`; and each token's probability at temperature 1.
-    One uniform per row against the float64 running sum of the float32 probabilities: exact to
-    float32's rounding of each probability (docs/LOG.md checks it against the exact distribution;
-    float32 Gumbel noise would cut the tail, and an exponential per token costs 40 ns each)."""
+    after top_k filtering, never an id of `never`; and each token's probability at temperature 1."""
     logits[:, never] = -math.inf
     if top_k > 0:
         logits = logits.masked_fill(logits < torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:],
                                     -math.inf)
     probs = F.softmax(logits, dim=-1)
     if temperature > 0:
-        wide = widest_float(probs.device)  # float64, but float32 on MPS, which has none
-        cdf = (probs if temperature == 1 else F.softmax(logits / temperature, dim=-1)).to(wide).cumsum(-1)  # (M, V)
-        u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=wide) * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, u, right=True).squeeze(1)  # right: a token of probability 0 never wins
-        tokens = torch.where(tokens < cdf.shape[1], tokens, logits.argmax(-1))  # u rounded up to the total
+        tokens = inverse_cdf_draw(probs if temperature == 1 else F.softmax(logits / temperature, dim=-1), generator)
     else:
         tokens = logits.argmax(-1)
     return tokens, probs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def inverse_cdf_draw(probs, generator=None, block=128):
+    """One id per row of probs (M, V), by one uniform against running sums in two levels: the
+    float64 running sum of the masses of blocks of `block` ids, then within the chosen block the float64
+    running sum of its probabilities. Each block's mass is a float32 sum of its own ids, so a rare id
+    keeps its chance to float32's relative precision wherever it lies (a float32 running sum over V
+    would round the tail away; float32 Gumbel noise cuts it; docs/LOG.md checks the draws against the
+    exact distribution), and no (M, V) float64 tensor is made: the draw reads the probabilities once."""
+    M, V = probs.shape
+    wide = widest_float(probs.device)  # float64, but float32 on MPS, which has none
+    blocks = F.pad(probs, (0, -V % block)).view(M, -1, block)  # (M, V / block, block)
+    cdf = blocks.sum(-1).to(wide).cumsum(-1)                   # (M, V / block)
+    u = torch.rand(M, 1, generator=generator, device=probs.device, dtype=wide) * cdf[:, -1:]
+    # right=True: a block or id of probability 0 never wins; u rounded up to a total takes the last that can
+    b = torch.minimum(torch.searchsorted(cdf, u, right=True), torch.searchsorted(cdf, cdf[:, -1:].contiguous()))  # (M, 1)
+    u = u - torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, b[..., None].expand(M, 1, block))[:, 0].to(wide).cumsum(-1)  # (M, block)
+    i = torch.minimum(torch.searchsorted(inner, u, right=True), torch.searchsorted(inner, inner[:, -1:].contiguous()))
+    return (b * block + i).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -207,6 +207,29 @@ def test_generate_fills_every_mask_keeps_given_tokens_and_padding_and_is_seeded(
     assert torch.equal(out, run(3)) and not torch.equal(out, run(4))
 
 
+@pytest.mark.parametrize('arch', [{}, {'recursive_iters': 3}, {'bixt': True}])
+def test_generate_reencodes_only_the_committed_tokens_and_gets_what_a_full_encode_gets(arch):
+    """Static tokens: generate() keeps their keys/values and projects only the tokens each step
+    commits; the concepts it decodes from must be those of encoding the whole sequence afresh.
+    BiXT updates its tokens, so it re-encodes everything every step."""
+    model = tiny_model(**arch)
+    idx, attn_mask = text_batch(B=3, N=40)
+    x = idx.clone()
+    x[attn_mask & (torch.arange(40) >= 4)] = SPECIAL['mask_id']  # a 4-token prompt, 16 to fill per row
+    seen, projected = [], []
+    denoise = model.denoise
+    model.denoise = lambda memory, noisy, *a: seen.append((memory, noisy.clone())) or denoise(memory, noisy, *a)
+    project = model.encoder.layers[0].cross_attn.project_kv if not arch.get('bixt') else None
+    if project:
+        model.encoder.layers[0].cross_attn.project_kv = lambda ctx: projected.append(ctx.shape[:2]) or project(ctx)
+    model.generate(x, steps=4, attn_mask=attn_mask, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 4
+    for memory, noisy in seen:
+        torch.testing.assert_close(memory, model.encoder(noisy, attn_mask), rtol=1e-5, atol=1e-5)
+    if project:  # the whole sequence once, then the 3 rows x 4 tokens each step committed, from the generate call
+        assert projected[:4] == [(3, 40), (1, 12), (1, 12), (1, 12)]
+
+
 def stub_head(model, vocab=100):
     """The denoiser's hidden state at a position is the position itself, and the head puts the peak
     p/4 on token p: every prediction and its confidence is known. Records the rows decoded per step."""
@@ -245,12 +268,13 @@ def test_random_remasking_decodes_only_the_positions_it_commits():
     assert first[:5] != list(range(5)) and first[:5] != first[5:]
 
 
-def test_sampled_tokens_follow_the_exact_distribution():
-    """sample_tokens' float32 probabilities and float64 running sum: a chi-square test of 200,000 draws
+@pytest.mark.parametrize('V', [1024, 1000])  # 1,000: the last block of ids is padded
+def test_sampled_tokens_follow_the_exact_distribution(V):
+    """sample_tokens' float32 probabilities and two-level running sums: a chi-square test of 200,000 draws
     against a Zipf distribution whose tail holds 15% of the mass; ids of probability 0 (the specials,
     the top_k cut) are never drawn; temperature 0 is the argmax."""
     from model import sample_tokens
-    V, n = 1024, 200_000
+    n = 200_000
     p = 1.0 / torch.arange(1, V + 1).double() ** 1.1
     p[-5:] = 0
     p /= p.sum()
@@ -266,6 +290,24 @@ def test_sampled_tokens_follow_the_exact_distribution():
     top, _ = sample_tokens(p.log().float().expand(1000, V).clone(), 1.0, 3, [], torch.Generator().manual_seed(1))
     assert set(top.tolist()) == {0, 1, 2}
     assert sample_tokens(p.log().float()[None].clone(), 0.0, 0, [], None)[0].item() == 0
+
+
+def test_the_two_level_draw_is_the_inverse_cdf_of_one_float64_running_sum():
+    """The same uniforms give the same ids as one float64 running sum over the whole row, but where a
+    uniform falls within rounding of a block's edge; mass only at either end of a row, or in one id."""
+    from model import inverse_cdf_draw
+    g = torch.Generator().manual_seed(0)
+    probs = F.softmax(torch.randn(5000, 1000, generator=g) * 4, dim=-1)
+    probs[:3] = 0
+    probs[0, 0] = probs[1, -1] = 1.0
+    probs[2, 990:] = 0.1
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(5000, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * cdf[:, -1:]
+    exact = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    drawn = inverse_cdf_draw(probs, torch.Generator().manual_seed(1))
+    assert (drawn == exact).float().mean() > 0.999
+    assert drawn[0] == 0 and drawn[1] == 999 and 990 <= drawn[2] <= 999
+    assert (probs.gather(1, drawn[:, None]) > 0).all()
 
 
 @pytest.mark.parametrize('remasking', ['random', 'confidence'])
