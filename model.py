@@ -1080,7 +1080,7 @@ def inverse_cdf_draw(probs, generator=None, block=128):
     exact distribution), and no (M, V) float64 tensor is made: the draw reads the probabilities once."""
     M, V = probs.shape
     wide = widest_float(probs.device)  # float64, but float32 on MPS, which has none
-    blocks = F.pad(probs, (0, -V % block)).view(M, -1, block)  # (M, V / block, block)
+    blocks = (F.pad(probs, (0, -V % block)) if V % block else probs).view(M, -1, block)  # (M, V / block, block)
     cdf = blocks.sum(-1).to(wide).cumsum(-1)                   # (M, V / block)
     u = torch.rand(M, 1, generator=generator, device=probs.device, dtype=wide) * cdf[:, -1:]
     # right=True: a block or id of probability 0 never wins; u rounded up to a total takes the last that can
