@@ -644,6 +644,11 @@ def summarise(runs, seeds, name, first, metrics):
     return {**entry, 'seeds': seeds}
 
 
+def per_seed(runs, seeds, name):
+    """Each seed's scores per epoch and training losses, kept as produced, so runs split across seeds combine."""
+    return {str(s): {'scores': [e[name] for e in h], 'train_loss': loss} for s, (h, loss, _) in zip(seeds, runs)}
+
+
 def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, device='cpu', autocast=nullcontext(),
                   progress=False, dtype='float32', control=''):
     """The head run once per seed, summarised with the controls beside every score: {eval name: {metric:
@@ -676,7 +681,7 @@ def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, devi
         entry = {**summarise(runs, used_seeds, name, first, metrics),
                  'majority': majority(train['label'], ev['label'], n_labels, metrics), 'bow': bow[name][0]}
         if controls:
-            entry['random_init'] = summarise(*controls, name, first, metrics)
+            entry['random_init'] = {**summarise(*controls, name, first, metrics), 'per_seed': per_seed(*controls, name)}
         entry.update({'n_train': 0 if head == 'cosine' else len(train['label']), 'n_eval': len(ev['label']),
                       'seconds': seconds, 'head': head, 'control': control or None,
                       'epochs': 0 if is_frozen else len(runs[0][0]), 'skipped': data['skipped'],
@@ -684,8 +689,7 @@ def evaluate_task(checkpoint, tok, data, head='pool', seeds=(42,), hp=None, devi
         if head == 'probe':
             entry['probe_lambda'] = [lam for _, _, lam in runs]
         if not is_frozen:
-            entry['per_seed'] = {str(s): {'scores': [e[name] for e in h], 'train_loss': loss}
-                                 for s, (h, loss, _) in zip(used_seeds, runs)}
+            entry['per_seed'] = per_seed(runs, used_seeds, name)
         results[name] = entry
     return results
 

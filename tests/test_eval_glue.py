@@ -606,6 +606,8 @@ def test_probe_and_bow_learn_a_synthetic_task_with_every_control(ckpts):
         assert res['seeds'] == [0] and res['std']['accuracy'] == 0.0  # a pretrained probe is deterministic
         rand = res['random_init']
         assert rand['seeds'] == [0, 1] and math.isfinite(rand['accuracy'])
+        last = [rand['per_seed'][s]['scores'][-1]['accuracy'] for s in ('0', '1')]  # kept, to combine split runs
+        assert abs(sum(last) / 2 - rand['accuracy']) < 1e-3
         assert res['majority']['accuracy'] < 65 and res['head'] == 'probe' and res['control'] == 'random_init'
     res = G.evaluate_task(checkpoint, tok, synthetic_data(regression=True), 'probe')['synthetic']
     assert res['pearson'] > 50 and res['bow']['pearson'] > 90 and 'random_init' not in res
