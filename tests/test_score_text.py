@@ -46,13 +46,21 @@ def test_a_text_file_is_read_through_the_checkpoints_tokenizer(runs, tmp_path):
     assert 'book.txt.gz' in res.stdout
 
 
+def test_the_defaults_score_a_checkpoint_of_short_windows(runs, data_dir):
+    # the context defaults to the checkpoint's 64-token window, and the scored span to that context
+    res = run_script(TOOL, f'--ckpt={runs["mlm"]}/ckpt.pt', f'--data_dir={data_dir}', '--n_spans=2')
+    assert re.search(r'context +64: masked-token loss [\d.]+ nats/token', res.stdout)
+    assert '2 spans of 64' in res.stdout
+
+
 def test_bad_requests_are_one_line(runs, data_dir, tmp_path):
     ckpt = f'--ckpt={runs["mlm"]}/ckpt.pt'
     (tmp_path / 'short.txt').write_text('Only a few words here.\n')
     cases = [([], 'give the text to score'),
              ([f'--data_dir={data_dir}', '--contexts=8', '--span_len=16'], 'must hold the span_len=16'),
              ([f'--text={tmp_path}/short.txt', '--contexts=64', '--span_len=16'], 'fewer than the longest context of 64'),
-             ([f'--data_dir={data_dir}', '--n_spans=0'], 'n_spans=0 must be >= 1')]
+             ([f'--data_dir={data_dir}', '--n_spans=0'], 'n_spans=0 must be >= 1'),
+             ([f'--data_dir={data_dir}', '--span_len=-1'], 'span_len=-1 must be >= 1')]
     for args, message in cases:
         res = run_script(TOOL, ckpt, *args, check=False)
         assert res.returncode == 1 and message in res.stderr and 'Traceback' not in res.stderr, (args, res.stderr)

@@ -27,7 +27,7 @@ split = 'val'            # split
 max_tokens = 2_000_000   # read at most this many tokens of the text
 contexts = ''            # comma-separated window lengths; '' = the checkpoint's block_size
 n_spans = 16             # scored spans, spread evenly over the text, each in the middle of its windows ...
-span_len = 256           # ... of this many tokens
+span_len = 0             # ... of this many tokens; 0 = the shortest context, at most 256
 mask_prob = 0.15         # MLM checkpoints: the share of a window's tokens masked, as in training
 bound_levels = 8         # diffusion checkpoints: levels of t of the bound's midpoint rule
 device = 'cpu'
@@ -39,7 +39,9 @@ exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 settings = {k: globals()[k] for k in ('max_tokens', 'n_spans', 'span_len', 'mask_prob', 'bound_levels', 'seed',
                                       'dtype', 'contexts')}
 common.check_settings(settings)
-for key in ('max_tokens', 'n_spans', 'span_len'):
+if span_len < 0:
+    raise common.InputError(f"span_len={span_len} must be >= 1, or 0 for the shortest context (at most 256)")
+for key in ('max_tokens', 'n_spans'):
     if not settings[key] >= 1:
         raise common.InputError(f"{key}={settings[key]!r} must be >= 1")
 if bool(text) == bool(data_dir):
@@ -50,8 +52,10 @@ if out:
 device = common.resolve_device(device)
 model, checkpoint = common.load_model(ckpt, ckpt, device)
 context_list = [int(c) for c in contexts.split(',') if c.strip()] if contexts else [model.cfg.block_size]
+span_len = settings['span_len'] = span_len or min(256, *context_list)
 if not all(c >= span_len for c in context_list):
-    raise common.InputError(f"contexts={contexts!r}: every context must hold the span_len={span_len} scored tokens")
+    raise common.InputError(f"contexts={','.join(map(str, context_list))}: every context must hold the "
+                            f"span_len={span_len} scored tokens; give a shorter --span_len or longer --contexts")
 if data_dir:
     meta = common.load_meta(data_dir)
     common.check_vocab(checkpoint, meta, ckpt, data_dir)
