@@ -37,7 +37,7 @@ POSITIVE = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_int
             'max_nonfinite_steps', 'bound_levels', 'eval_batch_size', 'max_len')
 NON_NEGATIVE = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip', 'seed',
                 'recursive_iters', 'local_window', 'concept_loss_weight', 'concept_loss_warmup', 'max_minutes',
-                'epochs', 'head_learning_rate', 'max_train_examples', 'max_eval_examples')
+                'epochs', 'head_learning_rate', 'max_train_examples', 'max_eval_examples', 'span_len')
 FRACTIONS = ('dropout', 'beta1', 'beta2', 'deletion_rate', 't_min', 'label_smoothing')
 CHOICES = {'encoder': ENCODERS, 'dtype': ('float32', 'bfloat16', 'float16'), 'deletion_mode': ('hide', 'drop'),
            'condition': CONDITIONS}

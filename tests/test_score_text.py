@@ -60,7 +60,7 @@ def test_bad_requests_are_one_line(runs, data_dir, tmp_path):
              ([f'--data_dir={data_dir}', '--contexts=8', '--span_len=16'], 'must hold the span_len=16'),
              ([f'--text={tmp_path}/short.txt', '--contexts=64', '--span_len=16'], 'fewer than the longest context of 64'),
              ([f'--data_dir={data_dir}', '--n_spans=0'], 'n_spans=0 must be >= 1'),
-             ([f'--data_dir={data_dir}', '--span_len=-1'], 'span_len=-1 must be >= 1')]
+             ([f'--data_dir={data_dir}', '--span_len=-1'], 'span_len=-1 must be >= 0')]
     for args, message in cases:
         res = run_script(TOOL, ckpt, *args, check=False)
         assert res.returncode == 1 and message in res.stderr and 'Traceback' not in res.stderr, (args, res.stderr)

@@ -39,8 +39,6 @@ exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 settings = {k: globals()[k] for k in ('max_tokens', 'n_spans', 'span_len', 'mask_prob', 'bound_levels', 'seed',
                                       'dtype', 'contexts')}
 common.check_settings(settings)
-if span_len < 0:
-    raise common.InputError(f"span_len={span_len} must be >= 1, or 0 for the shortest context (at most 256)")
 for key in ('max_tokens', 'n_spans'):
     if not settings[key] >= 1:
         raise common.InputError(f"{key}={settings[key]!r} must be >= 1")
